@@ -1,0 +1,148 @@
+// GeM forward and backward on the CPU: work split over (batch, channel block) items; the inner
+// loops are the ISA kernels (float32 accumulation), or plain double loops for float64.
+#include "cpu/gem.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/threads.h"
+
+namespace plm::cpu {
+
+namespace {
+
+constexpr int64_t kRowsPerItem = 32;     // channels per work item, spatial axis contiguous
+constexpr int64_t kColsPerItem = 256;    // channels per work item, channel axis contiguous
+
+enum class Layout { rows, cols };
+
+Layout layout_of(const GemArgs& a) {
+  if (a.shw == 1 || a.HW == 1) return Layout::rows;
+  if (a.sc == 1 || a.C == 1) return Layout::cols;
+  throw std::invalid_argument(
+      "x: GeM needs a contiguous spatial axis (NCHW) or channel axis (channels_last)");
+}
+
+int pick_threads(const GemArgs& a, int64_t items) {
+  int t = a.threads > 0 ? a.threads : get_num_threads();
+  const int64_t elems = a.B * a.C * a.HW;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({t, items, elems >> 16})));
+}
+
+template <class Fn>
+void for_items(const GemArgs& a, int64_t per_item, Fn&& fn) {
+  const int64_t cblocks = (a.C + per_item - 1) / per_item;
+  const int64_t items = a.B * cblocks;
+  WorkQueue work(items);
+  parallel_for(pick_threads(a, items), [&](int) {
+    long long it;
+    while (work.next(&it)) {
+      const int64_t b = it / cblocks, c0 = (it % cblocks) * per_item;
+      fn(b, c0, std::min(a.C, c0 + per_item));
+    }
+  });
+}
+
+const unsigned char* at(const GemArgs& a, const void* base, int64_t b, int64_t c) {
+  return static_cast<const unsigned char*>(base) + (b * a.sb + c * a.sc) * dtype_size(a.dtype);
+}
+
+void forward_f64(const GemArgs& a, double* y) {
+  const double* x = static_cast<const double*>(a.x);
+  for_items(a, kRowsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double sum = 0.0;
+      for (int64_t s = 0; s < a.HW; ++s)
+        sum += std::pow(std::max(x[b * a.sb + c * a.sc + s * a.shw], a.eps), a.p);
+      y[b * a.C + c] = std::pow(sum / static_cast<double>(a.HW), 1.0 / a.p);
+    }
+  });
+}
+
+double backward_f64(const GemArgs& a, const double* gy, const double* y, double* dx, bool want_dp) {
+  const double* x = static_cast<const double*>(a.x);
+  std::vector<double> terms(a.B * a.C, 0.0);
+  for_items(a, kRowsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t bc = b * a.C + c;
+      const double coef = gy[bc] * std::pow(y[bc], 1.0 - a.p) / static_cast<double>(a.HW);
+      double s = 0.0;
+      for (int64_t hw = 0; hw < a.HW; ++hw) {
+        const int64_t off = b * a.sb + c * a.sc + hw * a.shw;
+        const double xc = std::max(x[off], a.eps);
+        dx[off] = x[off] >= a.eps ? coef * std::pow(xc, a.p - 1.0) : 0.0;
+        if (want_dp) s += std::pow(xc, a.p) * std::log(xc);
+      }
+      if (want_dp) {
+        const double m = std::pow(y[bc], a.p);
+        terms[bc] = gy[bc] * y[bc] * (-std::log(y[bc]) / a.p + s / (a.HW * a.p * m));
+      }
+    }
+  });
+  double dp = 0.0;
+  for (double t : terms) dp += t;
+  return dp;
+}
+
+}  // namespace
+
+void gem_forward(const GemArgs& a, void* y) {
+  if (a.B * a.C == 0) return;
+  if (a.dtype == DType::f64) return forward_f64(a, static_cast<double*>(y));
+  const KernelTable& K = active_kernels();
+  const float p = static_cast<float>(a.p), eps = static_cast<float>(a.eps);
+  float* yf = static_cast<float*>(y);
+  if (layout_of(a) == Layout::rows) {
+    for_items(a, kRowsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
+      K.gem_fwd_rows(at(a, a.x, b, c0), a.dtype, c1 - c0, a.sc, a.HW, p, eps, yf + b * a.C + c0);
+    });
+    return;
+  }
+  for_items(a, kColsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
+    float acc[kColsPerItem] = {};
+    K.gem_fwd_cols(at(a, a.x, b, c0), a.dtype, c1 - c0, a.HW, a.shw, p, eps, acc);
+    for (int64_t c = c0; c < c1; ++c)
+      yf[b * a.C + c] = std::pow(acc[c - c0] / static_cast<float>(a.HW), 1.0f / p);
+  });
+}
+
+double gem_backward(const GemArgs& a, const void* gy, const void* y, void* dx, bool want_dp) {
+  if (a.B * a.C == 0) return 0.0;
+  if (a.dtype == DType::f64)
+    return backward_f64(a, static_cast<const double*>(gy), static_cast<const double*>(y),
+                        static_cast<double*>(dx), want_dp);
+  const KernelTable& K = active_kernels();
+  const float p = static_cast<float>(a.p), eps = static_cast<float>(a.eps);
+  const float* gyf = static_cast<const float*>(gy);
+  const float* yf = static_cast<const float*>(y);
+  const int64_t BC = a.B * a.C;
+  std::vector<float> coef(BC), s(want_dp ? BC : 0, 0.0f);
+  for (int64_t i = 0; i < BC; ++i)
+    coef[i] = gyf[i] * std::pow(yf[i], 1.0f - p) / static_cast<float>(a.HW);
+  float* sp = want_dp ? s.data() : nullptr;
+  if (layout_of(a) == Layout::rows) {
+    for_items(a, kRowsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
+      const int64_t bc = b * a.C + c0;
+      K.gem_bwd_rows(at(a, a.x, b, c0), a.dtype, c1 - c0, a.sc, a.HW, p, eps, coef.data() + bc,
+                     const_cast<unsigned char*>(at(a, dx, b, c0)), sp ? sp + bc : nullptr);
+    });
+  } else {
+    for_items(a, kColsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
+      const int64_t bc = b * a.C + c0;
+      K.gem_bwd_cols(at(a, a.x, b, c0), a.dtype, c1 - c0, a.HW, a.shw, p, eps, coef.data() + bc,
+                     const_cast<unsigned char*>(at(a, dx, b, c0)), sp ? sp + bc : nullptr);
+    });
+  }
+  if (!want_dp) return 0.0;
+  double dp = 0.0;
+  for (int64_t i = 0; i < BC; ++i) {
+    const double yv = yf[i], m = std::pow(yv, a.p);
+    dp += gyf[i] * yv * (-std::log(yv) / a.p + s[i] / (a.HW * a.p * m));
+  }
+  return dp;
+}
+
+}  // namespace plm::cpu

@@ -1,0 +1,387 @@
+// Search and GeM inner loops for one instruction set (see kernels.h). CMake compiles this file
+// once per ISA with PLM_ISA_NS naming the namespace; nothing here allocates or throws.
+#include "cpu/kernels.h"
+
+#include <cstdint>
+
+#if defined(PLM_ISA_avx512) || defined(PLM_ISA_avx2)
+#include <immintrin.h>  // before the namespace: simd.h is included inside it
+#endif
+
+#ifndef PLM_ISA_NS
+#error "PLM_ISA_NS must name the ISA namespace"
+#endif
+#define PLM_CAT2(a, b) a##b
+#define PLM_CAT(a, b) PLM_CAT2(a, b)
+
+namespace plm::cpu {
+namespace PLM_ISA_NS {
+
+#include "cpu/simd.h"
+
+// ---- packing ------------------------------------------------------------------------------
+
+template <int DT>
+static void pack_rows_t(const void* src, int64_t row_stride, int64_t rows, int64_t D, int64_t Dp,
+                        float* dst, float* inv_norms) {
+  const int64_t esize = elem_size<DT>();
+  const int64_t full = D - D % W;
+  for (int64_t r = 0; r < rows; ++r) {
+    const void* row = static_cast<const unsigned char*>(src) + r * row_stride * esize;
+    float* out = dst + r * Dp;
+    vf sq = vf{};
+    int64_t d = 0;
+    for (; d < full; d += W) {
+      vf v = load_as_float<DT>(row, d);
+      sq += v * v;
+      vstore(out + d, v);
+    }
+    if (d < D) {
+      vf v = load_tail<DT>(row, d, D - d);
+      sq += v * v;
+      vstore(out + d, v);
+      d += W;
+    }
+    for (; d < Dp; d += W) vstore(out + d, vf{});
+    if (inv_norms) {
+      float n2 = hsum(sq);
+      inv_norms[r] = n2 > 0.0f ? 1.0f / __builtin_sqrtf(n2) : 0.0f;
+    }
+  }
+}
+
+static void pack_rows(const void* src, DType dt, int64_t row_stride, int64_t rows, int64_t D,
+                      int64_t Dp, float* dst, float* inv_norms) {
+  switch (dt) {
+    case DType::f16: return pack_rows_t<1>(src, row_stride, rows, D, Dp, dst, inv_norms);
+    case DType::bf16: return pack_rows_t<2>(src, row_stride, rows, D, Dp, dst, inv_norms);
+    default: return pack_rows_t<0>(src, row_stride, rows, D, Dp, dst, inv_norms);
+  }
+}
+
+// ---- dot-product micro-kernels --------------------------------------------------------------
+// MR queries x NR rows of accumulators, each a vector over d; reduced once at the end.
+#if PLM_W == 16
+constexpr int kTileMR = 6, kTileNR = 4;
+#else
+constexpr int kTileMR = 3, kTileNR = 3;
+#endif
+
+template <int MR, int NR>
+static inline void micro_tile(const float* const* q, const float* const* t, int64_t Dp,
+                              float* out, int64_t ld, int64_t mr, int64_t nr) {
+  vf acc[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[i][j] = vf{};
+  for (int64_t d = 0; d < Dp; d += W) {
+    vf b[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) b[j] = vload(t[j] + d);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      vf a = vload(q[i] + d);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) acc[i][j] += a * b[j];
+    }
+  }
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) out[i * ld + j] = hsum(acc[i][j]);
+}
+
+static void scores_tile(const float* q, int64_t nq, const float* tile, int64_t nt, int64_t Dp,
+                        float* out) {
+  for (int64_t i0 = 0; i0 < nq; i0 += kTileMR) {
+    const int64_t mr = imin(kTileMR, nq - i0);
+    const float* qr[kTileMR];
+    for (int i = 0; i < kTileMR; ++i) qr[i] = q + (i0 + (i < mr ? i : 0)) * Dp;
+    for (int64_t j0 = 0; j0 < nt; j0 += kTileNR) {
+      const int64_t nr = imin(kTileNR, nt - j0);
+      const float* tr[kTileNR];
+      for (int j = 0; j < kTileNR; ++j) tr[j] = tile + (j0 + (j < nr ? j : 0)) * Dp;
+      micro_tile<kTileMR, kTileNR>(qr, tr, Dp, out + i0 * nt + j0, nt, mr, nr);
+    }
+  }
+}
+
+// Few queries: stream the db rows once, converting on the fly, with the row norms in the same pass.
+constexpr int kDirectMaxQ = 4;
+constexpr int kDirectNR = 4;
+
+template <int DT, int MR, bool NORMS>
+static inline void micro_direct(const float* q, int64_t Dp, const void* const* rows, int64_t D,
+                                float* out, int64_t ld, int64_t nr, float* inv_norms) {
+  vf acc[MR][kDirectNR];
+  vf sq[kDirectNR];
+#pragma GCC unroll 8
+  for (int j = 0; j < kDirectNR; ++j) {
+    sq[j] = vf{};
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) acc[i][j] = vf{};
+  }
+  const int64_t full = D - D % W;
+  auto step = [&](int64_t d, const vf* b) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      vf a = vload(q + i * Dp + d);
+#pragma GCC unroll 8
+      for (int j = 0; j < kDirectNR; ++j) acc[i][j] += a * b[j];
+    }
+    if (NORMS) {
+#pragma GCC unroll 8
+      for (int j = 0; j < kDirectNR; ++j) sq[j] += b[j] * b[j];
+    }
+  };
+  for (int64_t d = 0; d < full; d += W) {
+    vf b[kDirectNR];
+#pragma GCC unroll 8
+    for (int j = 0; j < kDirectNR; ++j) b[j] = load_as_float<DT>(rows[j], d);
+    step(d, b);
+  }
+  if (full < D) {
+    vf b[kDirectNR];
+    for (int j = 0; j < kDirectNR; ++j) b[j] = load_tail<DT>(rows[j], full, D - full);
+    step(full, b);
+  }
+  for (int j = 0; j < nr; ++j) {
+    for (int i = 0; i < MR; ++i) out[i * ld + j] = hsum(acc[i][j]);
+    if (NORMS) {
+      float n2 = hsum(sq[j]);
+      inv_norms[j] = n2 > 0.0f ? 1.0f / __builtin_sqrtf(n2) : 0.0f;
+    }
+  }
+}
+
+template <int DT, int MR, bool NORMS>
+static void scores_direct_t(const float* q, const void* db, int64_t row_stride, int64_t nt,
+                            int64_t D, float* out, float* inv_norms) {
+  const int64_t Dp = padded_dim(D);
+  const auto* base = static_cast<const unsigned char*>(db);
+  const int64_t row_bytes = row_stride * elem_size<DT>();
+  for (int64_t j0 = 0; j0 < nt; j0 += kDirectNR) {
+    const int64_t nr = imin(kDirectNR, nt - j0);
+    const void* rows[kDirectNR];
+    for (int j = 0; j < kDirectNR; ++j) rows[j] = base + (j0 + (j < nr ? j : 0)) * row_bytes;
+    micro_direct<DT, MR, NORMS>(q, Dp, rows, D, out + j0, nt, nr, inv_norms ? inv_norms + j0 : nullptr);
+  }
+}
+
+template <int DT>
+static void scores_direct_dt(const float* q, int64_t nq, const void* db, int64_t row_stride,
+                             int64_t nt, int64_t D, float* out, float* inv_norms) {
+#define PLM_DIRECT_CASE(MR)                                                                 \
+  case MR:                                                                                  \
+    return inv_norms ? scores_direct_t<DT, MR, true>(q, db, row_stride, nt, D, out, inv_norms) \
+                     : scores_direct_t<DT, MR, false>(q, db, row_stride, nt, D, out, nullptr);
+  switch (nq) {
+    PLM_DIRECT_CASE(1)
+    PLM_DIRECT_CASE(2)
+    PLM_DIRECT_CASE(3)
+    PLM_DIRECT_CASE(4)
+    default: return;
+  }
+#undef PLM_DIRECT_CASE
+}
+
+static void scores_direct(const float* q, int64_t nq, const void* db, DType dt,
+                          int64_t row_stride, int64_t nt, int64_t D, float* out,
+                          float* inv_norms) {
+  switch (dt) {
+    case DType::f16: return scores_direct_dt<1>(q, nq, db, row_stride, nt, D, out, inv_norms);
+    case DType::bf16: return scores_direct_dt<2>(q, nq, db, row_stride, nt, D, out, inv_norms);
+    default: return scores_direct_dt<0>(q, nq, db, row_stride, nt, D, out, inv_norms);
+  }
+}
+
+// ---- GeM ------------------------------------------------------------------------------------
+
+template <bool CUBE>
+static inline vf pow_p(vf x, float p) {
+  if (CUBE) return x * x * x;
+  return vexp(vlog(x) * p);
+}
+
+static inline vf clamp_min(vf x, float eps) { return x < eps ? vbroadcast(eps) : x; }
+
+template <int DT, bool CUBE>
+static void gem_fwd_rows_t(const void* x, int64_t rows, int64_t row_stride, int64_t n, float p,
+                           float eps, float* y) {
+  const int64_t full = n - n % W;
+  const auto* base = static_cast<const unsigned char*>(x);
+  for (int64_t r = 0; r < rows; ++r) {
+    const void* row = base + r * row_stride * elem_size<DT>();
+    vf acc = vf{};
+    for (int64_t i = 0; i < full; i += W) acc += pow_p<CUBE>(clamp_min(load_as_float<DT>(row, i), eps), p);
+    float sum = hsum(acc);
+    if (full < n) {
+      vf t = pow_p<CUBE>(clamp_min(load_tail<DT>(row, full, n - full), eps), p);
+      for (int64_t i = 0; i < n - full; ++i) sum += t[i];
+    }
+    y[r] = __builtin_powf(sum / static_cast<float>(n), 1.0f / p);
+  }
+}
+
+template <int DT, bool CUBE>
+static void gem_fwd_cols_t(const void* x, int64_t C, int64_t n, int64_t pos_stride, float p,
+                           float eps, float* acc) {
+  const int64_t full = C - C % W;
+  const auto* base = static_cast<const unsigned char*>(x);
+  for (int64_t s = 0; s < n; ++s) {
+    const void* pos = base + s * pos_stride * elem_size<DT>();
+    int64_t c = 0;
+    for (; c < full; c += W)
+      vstore(acc + c, vload(acc + c) + pow_p<CUBE>(clamp_min(load_as_float<DT>(pos, c), eps), p));
+    if (c < C) {
+      vf t = pow_p<CUBE>(clamp_min(load_tail<DT>(pos, c, C - c), eps), p);
+      for (int64_t i = 0; i < C - c; ++i) acc[c + i] += t[i];
+    }
+  }
+}
+
+// One element vector of the backward pass: returns dx and adds x^p ln x to s_acc when WANT_S.
+template <bool CUBE, bool WANT_S>
+static inline vf gem_bwd_vec(vf xv, float p, float eps, vf coef, vf* s_acc) {
+  vf xc = clamp_min(xv, eps);
+  vf pass = (vf)((vi)(xv >= eps) & (vi)vbroadcast(1.0f));  // 1.0 where the clamp passes gradient
+  vf t;  // x^(p-1)
+  if (CUBE) {
+    t = xc * xc;
+    if (WANT_S) *s_acc += xc * t * vlog(xc);
+  } else {
+    vf l = vlog(xc);
+    t = vexp(l * (p - 1.0f));
+    if (WANT_S) *s_acc += xc * t * l;
+  }
+  return coef * t * pass;
+}
+
+template <int DT, bool CUBE, bool WANT_S>
+static void gem_bwd_rows_t(const void* x, int64_t rows, int64_t row_stride, int64_t n, float p,
+                           float eps, const float* coef, void* dx, float* s) {
+  const int64_t full = n - n % W;
+  const int64_t es = elem_size<DT>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const void* row = static_cast<const unsigned char*>(x) + r * row_stride * es;
+    void* drow = static_cast<unsigned char*>(dx) + r * row_stride * es;
+    const vf c = vbroadcast(coef[r]);
+    vf s_acc = vf{};
+    int64_t i = 0;
+    for (; i < full; i += W)
+      store_from_float<DT>(drow, i, gem_bwd_vec<CUBE, WANT_S>(load_as_float<DT>(row, i), p, eps, c, &s_acc));
+    float s_tail = 0.0f;
+    if (i < n) {
+      vf tail_acc = vf{};
+      vf d = gem_bwd_vec<CUBE, WANT_S>(load_tail<DT>(row, i, n - i), p, eps, c, &tail_acc);
+      store_tail<DT>(drow, i, n - i, d);
+      for (int64_t k = 0; k < n - i; ++k) s_tail += tail_acc[k];
+    }
+    if (WANT_S) s[r] = hsum(s_acc) + s_tail;
+  }
+}
+
+template <int DT, bool CUBE, bool WANT_S>
+static void gem_bwd_cols_t(const void* x, int64_t C, int64_t n, int64_t pos_stride, float p,
+                           float eps, const float* coef, void* dx, float* s) {
+  const int64_t full = C - C % W;
+  const int64_t es = elem_size<DT>();
+  for (int64_t sp = 0; sp < n; ++sp) {
+    const void* pos = static_cast<const unsigned char*>(x) + sp * pos_stride * es;
+    void* dpos = static_cast<unsigned char*>(dx) + sp * pos_stride * es;
+    int64_t c = 0;
+    for (; c < full; c += W) {
+      vf s_acc = vf{};
+      vf d = gem_bwd_vec<CUBE, WANT_S>(load_as_float<DT>(pos, c), p, eps, vload(coef + c), &s_acc);
+      store_from_float<DT>(dpos, c, d);
+      if (WANT_S) vstore(s + c, vload(s + c) + s_acc);
+    }
+    if (c < C) {
+      alignas(64) float cbuf[W] = {};
+      for (int64_t k = 0; k < C - c; ++k) cbuf[k] = coef[c + k];
+      vf s_acc = vf{};
+      vf d = gem_bwd_vec<CUBE, WANT_S>(load_tail<DT>(pos, c, C - c), p, eps, vload(cbuf), &s_acc);
+      store_tail<DT>(dpos, c, C - c, d);
+      if (WANT_S)
+        for (int64_t k = 0; k < C - c; ++k) s[c + k] += s_acc[k];
+    }
+  }
+}
+
+// Expands (dtype, p == 3, want_s) into template arguments.
+#define PLM_GEM_DISPATCH_DT(FN, DT, ...)                     \
+  (cube ? FN<DT, true PLM_GEM_S>(__VA_ARGS__) : FN<DT, false PLM_GEM_S>(__VA_ARGS__))
+#define PLM_GEM_DISPATCH(FN, ...)                                 \
+  switch (dt) {                                                   \
+    case DType::f16: PLM_GEM_DISPATCH_DT(FN, 1, __VA_ARGS__); break; \
+    case DType::bf16: PLM_GEM_DISPATCH_DT(FN, 2, __VA_ARGS__); break; \
+    default: PLM_GEM_DISPATCH_DT(FN, 0, __VA_ARGS__); break;     \
+  }
+
+static void gem_fwd_rows(const void* x, DType dt, int64_t rows, int64_t row_stride, int64_t n,
+                         float p, float eps, float* y) {
+  const bool cube = p == 3.0f;
+#define PLM_GEM_S
+  PLM_GEM_DISPATCH(gem_fwd_rows_t, x, rows, row_stride, n, p, eps, y)
+#undef PLM_GEM_S
+}
+
+static void gem_fwd_cols(const void* x, DType dt, int64_t C, int64_t n, int64_t pos_stride,
+                         float p, float eps, float* acc) {
+  const bool cube = p == 3.0f;
+#define PLM_GEM_S
+  PLM_GEM_DISPATCH(gem_fwd_cols_t, x, C, n, pos_stride, p, eps, acc)
+#undef PLM_GEM_S
+}
+
+static void gem_bwd_rows(const void* x, DType dt, int64_t rows, int64_t row_stride, int64_t n,
+                         float p, float eps, const float* coef, void* dx, float* s) {
+  const bool cube = p == 3.0f;
+  if (s) {
+#define PLM_GEM_S , true
+    PLM_GEM_DISPATCH(gem_bwd_rows_t, x, rows, row_stride, n, p, eps, coef, dx, s)
+#undef PLM_GEM_S
+  } else {
+#define PLM_GEM_S , false
+    PLM_GEM_DISPATCH(gem_bwd_rows_t, x, rows, row_stride, n, p, eps, coef, dx, s)
+#undef PLM_GEM_S
+  }
+}
+
+static void gem_bwd_cols(const void* x, DType dt, int64_t C, int64_t n, int64_t pos_stride,
+                         float p, float eps, const float* coef, void* dx, float* s) {
+  const bool cube = p == 3.0f;
+  if (s) {
+#define PLM_GEM_S , true
+    PLM_GEM_DISPATCH(gem_bwd_cols_t, x, C, n, pos_stride, p, eps, coef, dx, s)
+#undef PLM_GEM_S
+  } else {
+#define PLM_GEM_S , false
+    PLM_GEM_DISPATCH(gem_bwd_cols_t, x, C, n, pos_stride, p, eps, coef, dx, s)
+#undef PLM_GEM_S
+  }
+}
+
+}  // namespace PLM_ISA_NS
+
+#if defined(PLM_ISA_avx512)
+#define PLM_ISA_NAME "avx512"
+#elif defined(PLM_ISA_avx2)
+#define PLM_ISA_NAME "avx2"
+#else
+#define PLM_ISA_NAME "generic"
+#endif
+
+extern const KernelTable PLM_CAT(kernels_, PLM_ISA_NS);
+const KernelTable PLM_CAT(kernels_, PLM_ISA_NS) = {
+    PLM_ISA_NAME,
+    PLM_ISA_NS::kDirectMaxQ,
+    PLM_ISA_NS::pack_rows,
+    PLM_ISA_NS::scores_tile,
+    PLM_ISA_NS::scores_direct,
+    PLM_ISA_NS::gem_fwd_rows,
+    PLM_ISA_NS::gem_fwd_cols,
+    PLM_ISA_NS::gem_bwd_rows,
+    PLM_ISA_NS::gem_bwd_cols,
+};
+
+}  // namespace plm::cpu

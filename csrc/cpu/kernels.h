@@ -1,0 +1,69 @@
+// The per-instruction-set kernel table. kernels.cpp is compiled once per ISA (generic, avx2,
+// avx512) into its own namespace; dispatch.cpp picks the best table the CPU supports.
+//
+// Conventions: "Dp" is D rounded up to a multiple of 16 floats; packed float32 rows are Dp long
+// and zero padded, so dot products over Dp equal those over D.
+#pragma once
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace plm::cpu {
+
+constexpr int64_t kPad = 16;
+inline int64_t padded_dim(int64_t d) { return (d + kPad - 1) / kPad * kPad; }
+
+struct KernelTable {
+  const char* name;
+  int direct_max_q;  // scores_direct takes at most this many queries
+
+  // src: rows x D elements of dt, rows row_stride elements apart -> dst: rows x Dp float32.
+  // inv_norms (optional, rows): 1/||row||_2, 0 for an all-zero row.
+  void (*pack_rows)(const void* src, DType dt, int64_t row_stride, int64_t rows, int64_t D,
+                    int64_t Dp, float* dst, float* inv_norms);
+
+  // out[i*nt + j] = <q_i, tile_j>; q: nq x Dp and tile: nt x Dp, both packed float32.
+  void (*scores_tile)(const float* q, int64_t nq, const float* tile, int64_t nt, int64_t Dp,
+                      float* out);
+
+  // As scores_tile but reads nt db rows (dt, row_stride apart, D long) directly; nq <= direct_max_q.
+  // inv_norms (optional, nt) is filled from the same pass over the rows.
+  void (*scores_direct)(const float* q, int64_t nq, const void* db, DType dt, int64_t row_stride,
+                        int64_t nt, int64_t D, float* out, float* inv_norms);
+
+  // GeM over rows of n contiguous elements (row r at x + r*row_stride elements):
+  // y[r] = (mean_i max(x_ri, eps)^p)^(1/p).
+  void (*gem_fwd_rows)(const void* x, DType dt, int64_t rows, int64_t row_stride, int64_t n,
+                       float p, float eps, float* y);
+  // GeM sums over a contiguous channel axis: C channels at x + s*pos_stride for s in [0, n);
+  // acc[c] += sum_s max(x, eps)^p (acc is float32, C long).
+  void (*gem_fwd_cols)(const void* x, DType dt, int64_t C, int64_t n, int64_t pos_stride,
+                       float p, float eps, float* acc);
+
+  // GeM backward, rows layout: dx_ri = coef[r] * max(x_ri, eps)^(p-1) * [x_ri >= eps] written
+  // in dt; if s, s[r] = sum_i max(x_ri, eps)^p * ln max(x_ri, eps) (for dL/dp).
+  void (*gem_bwd_rows)(const void* x, DType dt, int64_t rows, int64_t row_stride, int64_t n,
+                       float p, float eps, const float* coef, void* dx, float* s);
+  // Columns layout: coef and s are C long (s accumulated, +=); dx has x's layout.
+  void (*gem_bwd_cols)(const void* x, DType dt, int64_t C, int64_t n, int64_t pos_stride,
+                       float p, float eps, const float* coef, void* dx, float* s);
+};
+
+#if defined(PLM_HAVE_GENERIC)
+extern const KernelTable kernels_isa_generic;
+#endif
+#if defined(PLM_HAVE_AVX2)
+extern const KernelTable kernels_isa_avx2;
+#endif
+#if defined(PLM_HAVE_AVX512)
+extern const KernelTable kernels_isa_avx512;
+#endif
+
+// The table in use (best supported, or as set by set_isa / PYLANDMARK_CPU_ISA).
+const KernelTable& active_kernels();
+// Names of the tables this CPU can run, best first.
+const char* const* supported_isas(int* count);
+// Switch to a supported table by name; throws std::invalid_argument otherwise.
+void set_isa(const char* name);
+
+}  // namespace plm::cpu

@@ -1,0 +1,176 @@
+// Exact batched top-k search on the CPU: cache-blocked scoring with the ISA kernels, bounded
+// heaps per query, work split across threads by query blocks (many queries) or by db ranges
+// (few queries) and merged. Working memory: the packed queries, per-thread tiles and heaps;
+// nothing scales with N.
+#include "cpu/search.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/threads.h"
+#include "cpu/topk.h"
+
+namespace plm::cpu {
+
+namespace {
+
+constexpr int64_t kQueryBlockBytes = 1 << 20;  // packed queries kept hot while the db streams
+constexpr int64_t kTileBytes = 256 << 10;      // one packed db tile
+constexpr int64_t kDirectRows = 256;           // rows scored per call on the few-query path
+constexpr int64_t kMinRowsPerThread = 2048;
+constexpr int64_t kMinQueriesPerThread = 48;   // below this, threads split the db instead
+
+struct Plan {
+  const KernelTable* kernels;
+  const SearchArgs* args;
+  int64_t Dp;
+  const float* queries;  // Q x Dp, unit norm for cosine
+  bool direct;
+  int64_t query_block;
+  int64_t tile_rows;
+};
+
+const unsigned char* db_row(const SearchArgs& a, int64_t n) {
+  return static_cast<const unsigned char*>(a.db) + n * a.db_row_stride * dtype_size(a.db_dtype);
+}
+
+// Offers scores[i * ld + j] (times inv_norms[j] for cosine) for queries [0, nq) and rows
+// [n0, n0 + nt) to lists[0..nq).
+void offer_block(const float* scores, int64_t ld, int64_t nq, int64_t nt, int64_t n0,
+                 const float* inv_norms, TopKList* lists) {
+  for (int64_t i = 0; i < nq; ++i) {
+    const float* row = scores + i * ld;
+    TopKList& list = lists[i];
+    float thr = list.threshold();
+    for (int64_t j = 0; j < nt; ++j) {
+      float s = inv_norms ? row[j] * inv_norms[j] : row[j];
+      if (s > thr) {
+        list.offer(s, n0 + j);
+        thr = list.threshold();
+      }
+    }
+  }
+}
+
+// Scores queries [q0, q1) against db rows [n0, n1) into lists (one per query, q0 first).
+void scan(const Plan& p, int64_t q0, int64_t q1, int64_t n0, int64_t n1, TopKList* lists) {
+  const SearchArgs& a = *p.args;
+  const KernelTable& K = *p.kernels;
+  if (n1 <= n0 || q1 <= q0) return;
+  if (p.direct) {
+    std::vector<float> scores((q1 - q0) * kDirectRows), inv(kDirectRows);
+    for (int64_t n = n0; n < n1; n += kDirectRows) {
+      const int64_t nt = std::min(kDirectRows, n1 - n);
+      K.scores_direct(p.queries + q0 * p.Dp, q1 - q0, db_row(a, n), a.db_dtype, a.db_row_stride,
+                      nt, a.D, scores.data(), a.cosine ? inv.data() : nullptr);
+      offer_block(scores.data(), nt, q1 - q0, nt, n, a.cosine ? inv.data() : nullptr, lists);
+    }
+    return;
+  }
+  std::vector<float> tile(p.tile_rows * p.Dp), inv(p.tile_rows);
+  std::vector<float> scores(p.query_block * p.tile_rows);
+  for (int64_t qb = q0; qb < q1; qb += p.query_block) {
+    const int64_t nq = std::min(p.query_block, q1 - qb);
+    for (int64_t n = n0; n < n1; n += p.tile_rows) {
+      const int64_t nt = std::min(p.tile_rows, n1 - n);
+      K.pack_rows(db_row(a, n), a.db_dtype, a.db_row_stride, nt, a.D, p.Dp, tile.data(),
+                  a.cosine ? inv.data() : nullptr);
+      K.scores_tile(p.queries + qb * p.Dp, nq, tile.data(), nt, p.Dp, scores.data());
+      offer_block(scores.data(), nt, nq, nt, n, a.cosine ? inv.data() : nullptr, lists + (qb - q0));
+    }
+  }
+}
+
+std::vector<TopKList> make_lists(float* scores, int64_t* indices, int64_t Q, int64_t k) {
+  std::vector<TopKList> lists(Q);
+  for (int64_t i = 0; i < Q; ++i) {
+    lists[i] = {scores + i * k, indices + i * k, k};
+    lists[i].clear();
+  }
+  return lists;
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+}  // namespace
+
+void search(const SearchArgs& a) {
+  if (a.Q == 0) return;
+  const KernelTable& K = active_kernels();
+  const int64_t Dp = padded_dim(a.D);
+
+  std::vector<float> queries(a.Q * Dp);
+  std::vector<float> qinv(a.Q);
+  K.pack_rows(a.queries, a.query_dtype, a.query_row_stride, a.Q, a.D, Dp, queries.data(), qinv.data());
+  for (int64_t i = 0; i < a.Q; ++i) {
+    const float* row = queries.data() + i * Dp;
+    for (int64_t d = 0; d < a.D; ++d)
+      if (std::isnan(row[d]))
+        throw std::invalid_argument("queries: row " + std::to_string(i) + " contains NaN; "
+                                    "replace or drop such rows before searching");
+  }
+  if (a.cosine)
+    for (int64_t i = 0; i < a.Q; ++i)
+      for (int64_t d = 0; d < a.D; ++d) queries[i * Dp + d] *= qinv[i];
+
+  Plan p;
+  p.kernels = &K;
+  p.args = &a;
+  p.Dp = Dp;
+  p.queries = queries.data();
+  p.direct = a.Q <= K.direct_max_q;
+  p.query_block = std::clamp<int64_t>(kQueryBlockBytes / (Dp * 4), 6, 512) / 6 * 6;
+  p.tile_rows = std::max<int64_t>(8, std::min<int64_t>(512, kTileBytes / (Dp * 4)) / 4 * 4);
+
+  int threads = a.threads > 0 ? a.threads : get_num_threads();
+  const int64_t flops = a.Q * a.N * std::max<int64_t>(a.D, 16);
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, flops >> 22)));
+
+  if (!p.direct && a.Q >= threads * kMinQueriesPerThread) {
+    // Many queries: each thread owns whole query blocks, streams the db once per block, and
+    // keeps its lists in the output arrays.
+    p.query_block = std::min(p.query_block, round_up((a.Q + threads - 1) / threads, 6));
+    auto lists = make_lists(a.scores, a.indices, a.Q, a.k);
+    const int64_t nblocks = (a.Q + p.query_block - 1) / p.query_block;
+    WorkQueue work(nblocks);
+    parallel_for(threads, [&](int) {
+      long long b;
+      while (work.next(&b)) {
+        const int64_t q0 = b * p.query_block, q1 = std::min(a.Q, q0 + p.query_block);
+        scan(p, q0, q1, 0, a.N, lists.data() + q0);
+        for (int64_t i = q0; i < q1; ++i) lists[i].sort();
+      }
+    });
+    return;
+  }
+
+  // Few queries: each thread scans one db range into private lists, merged afterwards.
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, a.N / kMinRowsPerThread)));
+  const int64_t chunk = round_up((a.N + threads - 1) / threads, p.tile_rows);
+  std::vector<float> part_scores(static_cast<size_t>(threads) * a.Q * a.k);
+  std::vector<int64_t> part_indices(part_scores.size());
+  std::vector<std::vector<TopKList>> parts(threads);
+  for (int t = 0; t < threads; ++t)
+    parts[t] = make_lists(part_scores.data() + t * a.Q * a.k, part_indices.data() + t * a.Q * a.k, a.Q, a.k);
+  parallel_for(threads, [&](int t) {
+    const int64_t n0 = std::min(a.N, t * chunk), n1 = std::min(a.N, n0 + chunk);
+    scan(p, 0, a.Q, n0, n1, parts[t].data());
+  });
+  auto out = make_lists(a.scores, a.indices, a.Q, a.k);
+  for (int64_t i = 0; i < a.Q; ++i) {
+    // Each part's entries were offered in increasing index order within its range, and ranges
+    // increase with t, so offering part by part keeps ties going to the lower index.
+    for (int t = 0; t < threads; ++t) {
+      TopKList& src = parts[t][i];
+      src.sort();
+      for (int64_t j = 0; j < a.k && src.index[j] >= 0; ++j) out[i].offer(src.score[j], src.index[j]);
+    }
+    out[i].sort();
+  }
+}
+
+}  // namespace plm::cpu

@@ -1,0 +1,166 @@
+// pybind11 bindings only: argument conversion, shape checks, GIL release, error translation.
+// pylandmark/ops.py allocates outputs and prepares the array specs (see array.h).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "array.h"
+#include "cpu/gem.h"
+#include "cpu/kernels.h"
+#include "cpu/search.h"
+#include "cpu/threads.h"
+#if defined(PLM_WITH_CUDA)
+#include "cuda/runtime.h"
+#endif
+
+namespace py = pybind11;
+using plm::ArrayView;
+using plm::DType;
+
+namespace {
+
+void require_cpu(const ArrayView& a) {
+  if (a.device != plm::Device::cpu)
+    throw py::value_error(a.name + " is on a CUDA device, but this build of pylandmark has no "
+                          "CUDA search/GeM kernels yet; pass CPU arrays");
+}
+
+void search(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& scores_spec,
+            const py::tuple& idx_spec, int64_t k, bool cosine) {
+  ArrayView q = plm::view_from_spec(q_spec, "queries");
+  ArrayView db = plm::view_from_spec(db_spec, "db");
+  ArrayView scores = plm::view_from_spec(scores_spec, "scores");
+  ArrayView idx = plm::view_from_spec(idx_spec, "indices");
+  plm::require_ndim(q, 2);
+  plm::require_ndim(db, 2);
+  plm::require_dtype_float(q);
+  plm::require_dtype_float(db);
+  plm::require_unit_last_stride(q);
+  plm::require_unit_last_stride(db);
+  plm::require_same_device(q, db);
+  require_cpu(q);
+  if (q.shape[1] != db.shape[1])
+    throw py::value_error("queries have D=" + std::to_string(q.shape[1]) + " but db has D=" +
+                          std::to_string(db.shape[1]) + "; both must describe vectors of the same length");
+  if (db.shape[0] < 1) throw py::value_error("db is empty (N=0); add descriptors before searching");
+  if (q.shape[1] < 1) throw py::value_error("queries: D must be at least 1");
+  if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
+  plm::require_dtype(scores, DType::f32);
+  plm::require_dtype(idx, DType::i64);
+  for (const ArrayView* out : {&scores, &idx}) {
+    plm::require_ndim(*out, 2);
+    plm::require_contiguous(*out);
+    plm::require_writable(*out);
+    if (out->shape[0] != q.shape[0] || out->shape[1] != k)
+      throw py::value_error(out->name + " must have shape (Q, k)");
+  }
+  plm::cpu::SearchArgs args{q.data,          q.dtype,     q.strides[0], db.data,
+                            db.dtype,        db.strides[0], q.shape[0], db.shape[0],
+                            db.shape[1],     k,           cosine,       static_cast<float*>(scores.data),
+                            static_cast<int64_t*>(idx.data), 0};
+  py::gil_scoped_release nogil;
+  plm::cpu::search(args);
+}
+
+plm::cpu::GemArgs gem_args(const ArrayView& x, double p, double eps) {
+  plm::require_ndim(x, 4);
+  if (x.dtype != DType::f64) plm::require_dtype_float(x);
+  require_cpu(x);
+  const int64_t H = x.shape[2], Wd = x.shape[3];
+  if (H * Wd == 0) throw py::value_error("x: H and W must be at least 1, got " + x.describe());
+  if (H > 1 && Wd > 1 && x.strides[2] != Wd * x.strides[3])
+    throw py::value_error("x: the H and W axes must be mergeable (H stride = W * W stride)");
+  if (!(p > 0.0)) throw py::value_error("p must be > 0, got " + std::to_string(p));
+  if (!(eps > 0.0)) throw py::value_error("eps must be > 0, got " + std::to_string(eps));
+  const int64_t shw = Wd > 1 ? x.strides[3] : (H > 1 ? x.strides[2] : 1);
+  return {x.data, x.dtype, x.shape[0], x.shape[1], H * Wd, x.strides[0], x.strides[1], shw, p, eps, 0};
+}
+
+void check_gem_out(const ArrayView& y, const ArrayView& x) {
+  plm::require_ndim(y, 2);
+  plm::require_contiguous(y);
+  plm::require_writable(y);
+  plm::require_dtype(y, x.dtype == DType::f64 ? DType::f64 : DType::f32);
+  if (y.shape[0] != x.shape[0] || y.shape[1] != x.shape[1])
+    throw py::value_error(y.name + " must have shape (B, C)");
+}
+
+void gem_forward(const py::tuple& x_spec, const py::tuple& y_spec, double p, double eps) {
+  ArrayView x = plm::view_from_spec(x_spec, "x");
+  ArrayView y = plm::view_from_spec(y_spec, "y");
+  auto args = gem_args(x, p, eps);
+  check_gem_out(y, x);
+  py::gil_scoped_release nogil;
+  plm::cpu::gem_forward(args, y.data);
+}
+
+double gem_backward(const py::tuple& x_spec, const py::tuple& gy_spec, const py::tuple& y_spec,
+                    const py::tuple& dx_spec, double p, double eps, bool want_dp) {
+  ArrayView x = plm::view_from_spec(x_spec, "x");
+  ArrayView gy = plm::view_from_spec(gy_spec, "grad_output");
+  ArrayView y = plm::view_from_spec(y_spec, "y");
+  ArrayView dx = plm::view_from_spec(dx_spec, "grad_input");
+  auto args = gem_args(x, p, eps);
+  check_gem_out(y, x);
+  check_gem_out(gy, x);
+  plm::require_writable(dx);
+  plm::require_dtype(dx, x.dtype);
+  for (int i = 0; i < 4; ++i)
+    if (dx.shape[i] != x.shape[i] || (dx.shape[i] > 1 && dx.strides[i] != x.strides[i]))
+      throw py::value_error("grad_input must have the shape and strides of x");
+  py::gil_scoped_release nogil;
+  return plm::cpu::gem_backward(args, gy.data, y.data, dx.data, want_dp);
+}
+
+py::dict build_info() {
+  py::dict d;
+#if defined(PLM_WITH_CUDA)
+  d["cuda"] = true;
+  d["cuda_runtime_version"] = plm::cuda::runtime_version();
+#else
+  d["cuda"] = false;
+#endif
+  int n = 0;
+  const char* const* names = plm::cpu::supported_isas(&n);
+  py::list isas;
+  for (int i = 0; i < n; ++i) isas.append(names[i]);
+  d["cpu_isas"] = isas;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pylandmark native kernels (private; use the pylandmark package)";
+  py::register_exception_translator([](std::exception_ptr e) {
+    try {
+      if (e) std::rethrow_exception(e);
+    } catch (const std::invalid_argument& ex) {
+      PyErr_SetString(PyExc_ValueError, ex.what());
+    }
+  });
+  m.def("search", &search, py::arg("queries"), py::arg("db"), py::arg("scores"), py::arg("indices"),
+        py::arg("k"), py::arg("cosine"));
+  m.def("gem_forward", &gem_forward, py::arg("x"), py::arg("y"), py::arg("p"), py::arg("eps"));
+  m.def("gem_backward", &gem_backward, py::arg("x"), py::arg("grad_output"), py::arg("y"),
+        py::arg("grad_input"), py::arg("p"), py::arg("eps"), py::arg("want_dp"));
+  m.def("get_num_threads", &plm::cpu::get_num_threads);
+  m.def("set_num_threads", &plm::cpu::set_num_threads, py::arg("n"));
+  m.def("cpu_isa", [] { return std::string(plm::cpu::active_kernels().name); });
+  m.def("set_cpu_isa", [](const std::string& name) { plm::cpu::set_isa(name.c_str()); }, py::arg("name"));
+  m.def("build_info", &build_info);
+  m.def("cuda_device_count", [] {
+#if defined(PLM_WITH_CUDA)
+    std::string err;
+    int n = plm::cuda::device_count(&err);
+    return py::make_tuple(n, err);
+#else
+    return py::make_tuple(0, std::string("pylandmark was built without CUDA"));
+#endif
+  });
+#ifdef PLM_VERSION_INFO
+  m.attr("__version__") = PLM_VERSION_INFO;
+#endif
+}

@@ -1,0 +1,139 @@
+"""Turn numpy / torch / cupy / DLPack arrays into the specs the native extension reads.
+
+A spec is ``(ptr, dtype, shape, strides_in_elements, device_type, device_id, readonly)``; the
+extension never imports a framework, so any of them (or none but numpy) can be installed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+CPU, CUDA = 1, 2
+SUPPORTED = ("float16", "bfloat16", "float32")
+
+
+def framework_of(x: Any) -> str:
+    """'numpy', 'torch', 'cupy', or 'dlpack' for other objects exposing __dlpack__."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    module = type(x).__module__.split(".")[0]
+    if module == "torch":
+        return "torch"
+    if module == "cupy":
+        return "cupy"
+    if hasattr(x, "__dlpack__"):
+        return "dlpack"
+    return "other"
+
+
+@dataclass
+class Array:
+    """An input array with its framework, seen through one interface."""
+
+    obj: Any  # the numpy array / torch tensor / cupy array actually passed to _C
+    framework: str
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.obj.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.obj.shape)
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.obj)
+
+    @property
+    def device(self) -> tuple[int, int]:
+        if self.framework == "torch":
+            dev = self.obj.device
+            return (CUDA, dev.index or 0) if dev.type == "cuda" else (CPU, 0)
+        if self.framework == "cupy":
+            return CUDA, int(self.obj.device.id)
+        return CPU, 0
+
+    def device_str(self) -> str:
+        kind, idx = self.device
+        return "cpu" if kind == CPU else f"cuda:{idx}"
+
+    def strides(self) -> tuple[int, ...]:
+        """Strides in elements; raises ValueError when a byte stride is not a whole element."""
+        if self.framework == "torch":
+            return tuple(self.obj.stride())
+        itemsize = self.obj.dtype.itemsize
+        out = []
+        for s in self.obj.strides:
+            if s % itemsize:
+                raise ValueError(f"{self.name}: strides that are not a multiple of the element size "
+                                 "are not supported; pass a contiguous copy")
+            out.append(s // itemsize)
+        return tuple(out)
+
+    def spec(self) -> tuple:
+        x = self.obj
+        if self.framework == "torch":
+            ptr, readonly = x.data_ptr(), False
+        elif self.framework == "cupy":
+            ptr, readonly = int(x.data.ptr), False
+        else:
+            ptr, readonly = x.__array_interface__["data"]
+        kind, idx = self.device
+        return (int(ptr), self.dtype, self.shape, self.strides(), kind, idx, bool(readonly))
+
+
+def dtype_name(x: Any) -> str:
+    name = str(x.dtype)
+    return name[len("torch."):] if name.startswith("torch.") else name
+
+
+def as_array(x: Any, name: str) -> Array:
+    """Wrap x without copying; numpy-convertible objects with __dlpack__ become numpy arrays."""
+    fw = framework_of(x)
+    if fw == "torch":
+        return Array(x.detach(), fw, name)
+    if fw in ("numpy", "cupy"):
+        return Array(x, fw, name)
+    if fw == "dlpack":
+        try:
+            return Array(np.from_dlpack(x), "numpy", name)
+        except (TypeError, BufferError, RuntimeError) as err:
+            raise TypeError(f"{name}: could not read {type(x).__name__} through DLPack ({err}); "
+                            "pass a numpy array, a torch tensor or a cupy array") from err
+    raise TypeError(f"{name} must be a numpy array, torch tensor or cupy array, "
+                    f"got {type(x).__name__}; wrap lists with np.asarray(..., dtype=np.float32)")
+
+
+def require_float(a: Array) -> None:
+    if a.dtype not in SUPPORTED:
+        raise TypeError(f"{a.name} has dtype {a.dtype}; supported are float16, bfloat16 and float32 "
+                        f"(convert with .astype(np.float32) or .float())")
+
+
+def empty_like_framework(ref: Array, shape: tuple[int, ...], dtype: str) -> Any:
+    """A new C-contiguous array of `dtype` in ref's framework and on ref's device."""
+    if ref.framework == "torch":
+        import torch
+
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=ref.obj.device)
+    if ref.framework == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(ref.device[1]):
+            return cupy.empty(shape, dtype=dtype)
+    return np.empty(shape, dtype=dtype)
+
+
+def contiguous(a: Array) -> Array:
+    x = a.obj
+    if a.framework == "torch":
+        return Array(x.contiguous(), a.framework, a.name)
+    if a.framework == "cupy":
+        import cupy
+
+        return Array(cupy.ascontiguousarray(x), a.framework, a.name)
+    return Array(np.ascontiguousarray(x), a.framework, a.name)

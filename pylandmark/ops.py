@@ -1,0 +1,149 @@
+"""The native operators: exact top-k search and GeM pooling.
+
+Input checks and output allocation live here; the loops live in ``pylandmark._C``.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+from . import _C
+from ._array import Array, as_array, contiguous, empty_like_framework, require_float
+
+METRICS = ("cosine", "ip")
+
+
+def search(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> tuple[Any, Any]:
+    """Exact top-k search of ``queries`` against the rows of ``db``.
+
+    Args:
+        queries: (Q, D) or (D,) float16/bfloat16/float32; numpy, torch or cupy.
+        db: (N, D) float16/bfloat16/float32, in the same framework family and on the same device.
+            Rows may be strided (e.g. ``db[::2]``) and read-only or memory-mapped.
+        k: number of neighbours (>= 1). Beyond N the result is padded with index -1, score -inf.
+        metric: "cosine" (norms computed on the fly; zero vectors score 0) or "ip".
+
+    Returns:
+        scores (Q, k) float32, best first, and indices (Q, k) int64 into db, ties going to the
+        lower index; in the framework and on the device of ``queries``. 1-d queries give 1-d
+        results.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    q = as_array(queries, "queries")
+    d = as_array(db, "db")
+    require_float(q)
+    require_float(d)
+    if q.ndim not in (1, 2):
+        raise ValueError(f"queries must be (Q, D) or (D,), got shape {q.shape}")
+    if d.ndim != 2:
+        raise ValueError(f"db must be (N, D), got shape {d.shape}")
+    if q.device != d.device:
+        raise ValueError(f"queries are on {q.device_str()} but db is on {d.device_str()}; "
+                         "move both to the same device")
+    one = q.ndim == 1
+    if one:
+        q = Array(q.obj.reshape(1, -1), q.framework, q.name)
+    if q.shape[1] != d.shape[1]:
+        raise ValueError(f"queries have D={q.shape[1]} but db has D={d.shape[1]}")
+    if d.shape[0] == 0:
+        raise ValueError("db is empty (N=0); add descriptors before searching")
+    if q.shape[1] == 0:
+        raise ValueError("queries: D must be at least 1")
+    if not _unit_last_stride(q):
+        q = contiguous(q)
+    if not _unit_last_stride(d):
+        raise ValueError("db: the last axis must be contiguous (element stride 1); pass a "
+                         "contiguous copy (np.ascontiguousarray / .contiguous())")
+    scores = as_array(empty_like_framework(q, (q.shape[0], k), "float32"), "scores")
+    indices = as_array(empty_like_framework(q, (q.shape[0], k), "int64"), "indices")
+    _C.search(q.spec(), d.spec(), scores.spec(), indices.spec(), k, metric == "cosine")
+    if one:
+        return scores.obj[0], indices.obj[0]
+    return scores.obj, indices.obj
+
+
+def _unit_last_stride(a: Array) -> bool:
+    return a.shape[-1] <= 1 or a.strides()[-1] == 1
+
+
+def gem(x: Any, p: Any = 3.0, eps: float = 1e-6) -> Any:
+    """Generalized-mean pooling: ``(mean_hw max(x, eps)^p)^(1/p)``.
+
+    Args:
+        x: (B, C, H, W), NCHW or channels_last; float16/bfloat16/float32 (float32 accumulation)
+            or float64. numpy arrays or torch tensors.
+        p: float, or a 0-d / 1-element torch tensor (learnable: gradients flow to it).
+        eps: clamp floor, > 0.
+
+    Returns:
+        (B, C) in x's dtype and framework. Differentiable for torch inputs (x and p).
+    """
+    eps = float(eps)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    fw = type(x).__module__.split(".")[0]
+    if fw == "torch":
+        from .nn.functional import gem_torch
+
+        return gem_torch(x, p, eps)
+    a = as_array(x, "x")
+    pf = _p_value(p)
+    a = gem_layout(a)
+    out_dtype = "float64" if a.dtype == "float64" else "float32"
+    y = as_array(np.empty(a.shape[:2], dtype=out_dtype), "y")
+    _C.gem_forward(a.spec(), y.spec(), pf, eps)
+    return y.obj.astype(a.obj.dtype, copy=False)
+
+
+def _p_value(p: Any) -> float:
+    try:
+        pf = float(p)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"p must be a float or a 1-element tensor, got {type(p).__name__}") from err
+    if not pf > 0 or not np.isfinite(pf):
+        raise ValueError(f"p must be a finite number > 0, got {pf}")
+    return pf
+
+
+def gem_layout(a: Array) -> Array:
+    """Checks a (B, C, H, W) input and returns it, or a contiguous copy when neither the spatial
+    nor the channel axis is contiguous."""
+    if a.ndim != 4:
+        raise ValueError(f"x must be (B, C, H, W), got shape {a.shape}")
+    if a.dtype not in ("float16", "bfloat16", "float32", "float64"):
+        raise TypeError(f"x has dtype {a.dtype}; supported are float16, bfloat16, float32 and float64")
+    B, C, H, W = a.shape
+    if H * W == 0:
+        raise ValueError(f"x must have H, W >= 1, got shape {a.shape}")
+    sb, sc, sh, sw = a.strides()
+    mergeable = H == 1 or W == 1 or sh == W * sw
+    shw = sw if W > 1 else (sh if H > 1 else 1)
+    if mergeable and (shw == 1 or H * W == 1 or sc == 1 or C == 1):
+        return a
+    return contiguous(a)
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels use (all cores this process may run on, unless set)."""
+    return _C.get_num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the CPU kernels' thread count; 0 restores the default (all cores)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    _C.set_num_threads(int(n))
+
+
+def cuda_available() -> bool:
+    """True when this build has CUDA and the runtime sees at least one device."""
+    count, _ = _C.cuda_device_count()
+    return count > 0
