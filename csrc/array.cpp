@@ -28,6 +28,7 @@ int64_t ArrayView::numel() const {
 }
 
 bool ArrayView::contiguous() const {
+  if (numel() == 0) return true;
   int64_t expected = 1;
   for (int i = ndim - 1; i >= 0; --i) {
     if (shape[i] != 1 && strides[i] != expected) return false;
@@ -100,7 +101,7 @@ void require_contiguous(const ArrayView& a) {
 }
 
 void require_unit_last_stride(const ArrayView& a) {
-  if (a.ndim > 0 && a.shape[a.ndim - 1] > 1 && a.strides[a.ndim - 1] != 1)
+  if (a.numel() > 0 && a.shape[a.ndim - 1] > 1 && a.strides[a.ndim - 1] != 1)
     throw py::value_error(a.name + ": the last dimension must be contiguous (stride 1); " +
                           "make a contiguous copy first");
 }

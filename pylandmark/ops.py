@@ -57,7 +57,7 @@ def search(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> tuple[A
         raise ValueError("db is empty (N=0); add descriptors before searching")
     if q.shape[1] == 0:
         raise ValueError("queries: D must be at least 1")
-    if not _unit_last_stride(q):
+    if q.shape[0] and not _unit_last_stride(q):
         q = contiguous(q)
     if not _unit_last_stride(d):
         raise ValueError("db: the last axis must be contiguous (element stride 1); pass a "

@@ -1,6 +1,7 @@
 """Shared fixtures. Tests that need ../shared data skip cleanly where it is absent."""
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,4 +21,21 @@ def shared_data() -> Path:
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """A fresh generator per test, seeded from the test's name (reproducible, not shared)."""
-    return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**32))
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """Runs the test under one of the CPU kernel variants this machine supports, then restores."""
+    from pylandmark import _C
+
+    name = request.param
+    if name not in _C.build_info()["cpu_isas"]:
+        pytest.skip(f"this CPU cannot run the {name} kernels")
+    before = _C.cpu_isa()
+    _C.set_cpu_isa(name)
+    yield name
+    _C.set_cpu_isa(before)
+
+
+ALL_ISAS = ["generic", "avx2", "avx512"]

@@ -50,6 +50,13 @@ const unsigned char* at(const GemArgs& a, const void* base, int64_t b, int64_t c
   return static_cast<const unsigned char*>(base) + (b * a.sb + c * a.sc) * dtype_size(a.dtype);
 }
 
+// gy * dy/dp for y = m^(1/p), m = mean(xc^p):  dy/dp = y / (p m HW) * sum xc^p (ln xc - ln y),
+// where s is that centred sum.
+double dy_dp_times_grad(double gy, double y, double s, const GemArgs& a) {
+  const double m = std::pow(y, a.p);
+  return gy * y * s / (a.p * m * static_cast<double>(a.HW));
+}
+
 void forward_f64(const GemArgs& a, double* y) {
   const double* x = static_cast<const double*>(a.x);
   for_items(a, kRowsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
@@ -69,17 +76,15 @@ double backward_f64(const GemArgs& a, const double* gy, const double* y, double*
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t bc = b * a.C + c;
       const double coef = gy[bc] * std::pow(y[bc], 1.0 - a.p) / static_cast<double>(a.HW);
+      const double log_y = std::log(y[bc]);
       double s = 0.0;
       for (int64_t hw = 0; hw < a.HW; ++hw) {
         const int64_t off = b * a.sb + c * a.sc + hw * a.shw;
         const double xc = std::max(x[off], a.eps);
         dx[off] = x[off] >= a.eps ? coef * std::pow(xc, a.p - 1.0) : 0.0;
-        if (want_dp) s += std::pow(xc, a.p) * std::log(xc);
+        if (want_dp) s += std::pow(xc, a.p) * (std::log(xc) - log_y);
       }
-      if (want_dp) {
-        const double m = std::pow(y[bc], a.p);
-        terms[bc] = gy[bc] * y[bc] * (-std::log(y[bc]) / a.p + s / (a.HW * a.p * m));
-      }
+      if (want_dp) terms[bc] = dy_dp_times_grad(gy[bc], y[bc], s, a);
     }
   });
   double dp = 0.0;
@@ -119,29 +124,28 @@ double gem_backward(const GemArgs& a, const void* gy, const void* y, void* dx, b
   const float* gyf = static_cast<const float*>(gy);
   const float* yf = static_cast<const float*>(y);
   const int64_t BC = a.B * a.C;
-  std::vector<float> coef(BC), s(want_dp ? BC : 0, 0.0f);
-  for (int64_t i = 0; i < BC; ++i)
+  std::vector<float> coef(BC), log_y(BC), s(want_dp ? BC : 0, 0.0f);
+  for (int64_t i = 0; i < BC; ++i) {
     coef[i] = gyf[i] * std::pow(yf[i], 1.0f - p) / static_cast<float>(a.HW);
+    log_y[i] = std::log(yf[i]);
+  }
   float* sp = want_dp ? s.data() : nullptr;
   if (layout_of(a) == Layout::rows) {
     for_items(a, kRowsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
       const int64_t bc = b * a.C + c0;
       K.gem_bwd_rows(at(a, a.x, b, c0), a.dtype, c1 - c0, a.sc, a.HW, p, eps, coef.data() + bc,
-                     const_cast<unsigned char*>(at(a, dx, b, c0)), sp ? sp + bc : nullptr);
+                     log_y.data() + bc, const_cast<unsigned char*>(at(a, dx, b, c0)), sp ? sp + bc : nullptr);
     });
   } else {
     for_items(a, kColsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
       const int64_t bc = b * a.C + c0;
       K.gem_bwd_cols(at(a, a.x, b, c0), a.dtype, c1 - c0, a.HW, a.shw, p, eps, coef.data() + bc,
-                     const_cast<unsigned char*>(at(a, dx, b, c0)), sp ? sp + bc : nullptr);
+                     log_y.data() + bc, const_cast<unsigned char*>(at(a, dx, b, c0)), sp ? sp + bc : nullptr);
     });
   }
   if (!want_dp) return 0.0;
   double dp = 0.0;
-  for (int64_t i = 0; i < BC; ++i) {
-    const double yv = yf[i], m = std::pow(yv, a.p);
-    dp += gyf[i] * yv * (-std::log(yv) / a.p + s[i] / (a.HW * a.p * m));
-  }
+  for (int64_t i = 0; i < BC; ++i) dp += dy_dp_times_grad(gyf[i], yf[i], s[i], a);
   return dp;
 }
 

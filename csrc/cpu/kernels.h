@@ -41,12 +41,15 @@ struct KernelTable {
                        float p, float eps, float* acc);
 
   // GeM backward, rows layout: dx_ri = coef[r] * max(x_ri, eps)^(p-1) * [x_ri >= eps] written
-  // in dt; if s, s[r] = sum_i max(x_ri, eps)^p * ln max(x_ri, eps) (for dL/dp).
+  // in dt; if s, s[r] = sum_i xc^p * (ln xc - log_y[r]) with xc = max(x_ri, eps), the centred
+  // sum that dL/dp needs (centring on ln y avoids the cancellation of the uncentred form).
   void (*gem_bwd_rows)(const void* x, DType dt, int64_t rows, int64_t row_stride, int64_t n,
-                       float p, float eps, const float* coef, void* dx, float* s);
-  // Columns layout: coef and s are C long (s accumulated, +=); dx has x's layout.
+                       float p, float eps, const float* coef, const float* log_y, void* dx,
+                       float* s);
+  // Columns layout: coef, log_y and s are C long (s accumulated, +=); dx has x's layout.
   void (*gem_bwd_cols)(const void* x, DType dt, int64_t C, int64_t n, int64_t pos_stride,
-                       float p, float eps, const float* coef, void* dx, float* s);
+                       float p, float eps, const float* coef, const float* log_y, void* dx,
+                       float* s);
 };
 
 #if defined(PLM_HAVE_GENERIC)

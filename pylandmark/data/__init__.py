@@ -6,6 +6,22 @@ from typing import Any
 
 # public name -> submodule of pylandmark.data that defines it; add one line per export
 _EXPORTS: dict[str, str] = {
+    "load_image": "images",
+    "open_image": "images",
+    "to_rgb": "images",
+    "resize_image": "images",
+    "resized_size": "images",
+    "crop_box": "images",
+    "to_tensor": "images",
+    "prepare_image": "images",
+    "list_images": "images",
+    "ImageList": "images",
+    "ImageLoadError": "images",
+    "LoadFailure": "images",
+    "RevisitedDataset": "revisited",
+    "download_revisited": "revisited",
+    "load_gnd": "revisited",
+    "LabelledFolder": "folders",
 }
 
 __all__ = sorted(_EXPORTS)
