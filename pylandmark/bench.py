@@ -1,0 +1,86 @@
+"""Search speed on this machine next to numpy's, on generated unit-norm descriptors."""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .ops import get_num_threads, search
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchConfig:
+    n: int = 200_000          # database rows
+    dim: int = 1024           # descriptor length
+    queries: tuple[int, ...] = (1, 64, 1024)
+    k: int = 5
+    repeat: int = 5
+    seed: int = 0
+
+
+@dataclass
+class BenchRow:
+    queries: int
+    k: int
+    pylandmark_ms: float
+    numpy_ms: float
+    same_results: bool
+    speedup: float = field(init=False)
+
+    def __post_init__(self):
+        self.speedup = self.numpy_ms / self.pylandmark_ms
+
+
+def _median_ms(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _numpy_topk(q: np.ndarray, db32: np.ndarray, k: int) -> np.ndarray:
+    s = q @ db32.T
+    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+def run_bench(cfg: BenchConfig) -> list[BenchRow]:
+    """Times pylandmark (float16 db, cosine) and numpy (float32 copy, matmul + argpartition)."""
+    if cfg.n < 1 or cfg.dim < 1 or cfg.k < 1 or not cfg.queries or min(cfg.queries) < 1:
+        raise ValueError("n, dim, k and every queries value must be >= 1")
+    if cfg.k > cfg.n:
+        raise ValueError(f"k={cfg.k} must not exceed n={cfg.n}")
+    rng = np.random.default_rng(cfg.seed)
+    db = rng.standard_normal((cfg.n, cfg.dim), dtype=np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    db16 = db.astype(np.float16)
+    db32 = db16.astype(np.float32)
+    rows = []
+    for nq in cfg.queries:
+        q = rng.standard_normal((nq, cfg.dim), dtype=np.float32)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        ours = _median_ms(lambda: search(q, db16, k=cfg.k), cfg.repeat)
+        theirs = _median_ms(lambda: _numpy_topk(q, db32, cfg.k), cfg.repeat)
+        _, idx = search(q, db16, k=cfg.k)
+        same = bool(np.array_equal(idx, _numpy_topk(q, db32, cfg.k)))
+        rows.append(BenchRow(nq, cfg.k, ours, theirs, same))
+        log.info("bench Q=%d: %s", nq, asdict(rows[-1]))
+    return rows
+
+
+def format_rows(cfg: BenchConfig, rows: list[BenchRow]) -> str:
+    lines = [f"exact top-{cfg.k} search, N={cfg.n} x D={cfg.dim} float16 db, {get_num_threads()} threads",
+             f"{'Q':>6} {'pylandmark ms':>14} {'numpy ms':>10} {'speed-up':>9} {'queries/s':>11}  same top-k"]
+    for r in rows:
+        lines.append(f"{r.queries:>6} {r.pylandmark_ms:>14.2f} {r.numpy_ms:>10.2f} {r.speedup:>8.2f}x "
+                     f"{r.queries / r.pylandmark_ms * 1e3:>11.0f}  {'yes' if r.same_results else 'no'}")
+    return "\n".join(lines)
