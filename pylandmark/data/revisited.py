@@ -1,0 +1,405 @@
+"""Revisited Oxford and Paris (Radenovic et al., CVPR 2018): ground truth, image paths, query
+crops, optional revisitop 1M distractors, and downloads of the official files.
+
+Layout under ``root`` (as the official download script makes it)::
+
+    <root>/roxford5k/gnd_roxford5k.pkl, <root>/roxford5k/jpg/<name>.jpg
+    <root>/rparis6k/gnd_rparis6k.pkl,   <root>/rparis6k/jpg/<name>.jpg
+    <root>/revisitop1m/jpg/...          (distractors, optional)
+
+A ground-truth file directly in ``root`` (``<root>/gnd_<name>.pkl``) is found too; images are then
+looked for in ``<root>/jpg``.
+
+The ground-truth pickles are read with a restricted unpickler: the official files only hold
+dicts, lists, str, int and float, so no class or function may be loaded from them (numpy arrays
+are allowed, for re-saved copies); anything else is refused before it can run.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from ..download import download_url
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RevisitedDataset", "download_revisited", "load_gnd", "DATASETS"]
+
+DATASETS = ("roxford5k", "rparis6k")
+DISTRACTORS = "revisitop1m"
+
+GND_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
+GND_MD5 = {"roxford5k": "f2b67579f625a587b5b0828dbf2e8eb0",
+           "rparis6k": "2feae0a8257a5c6ca1b31b8eb73c8571"}
+IMAGE_URLS = {
+    "roxford5k": ("https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz",),
+    "rparis6k": ("https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz",
+                 "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_2-v1.tgz"),
+}
+DISTRACTOR_URL = "http://ptak.felk.cvut.cz/revisitop/revisitop1m/jpg/revisitop1m.{i}.tar.gz"
+DISTRACTOR_PARTS = 100
+EXPECTED_SIZES = {"roxford5k": (4993, 70), "rparis6k": (6322, 70)}
+
+# the only globals a ground-truth pickle may reference: numpy array reconstruction
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles (numpy array data)
+    ("builtins", "bytes"),
+    ("__builtin__", "bytes"),
+}
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global that a ground-truth file never needs."""
+
+
+class _GndUnpickler(pickle.Unpickler):
+    """Loads plain containers and numpy arrays only; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise _Refused(
+            f"refusing to load {module}.{name}: a revisited ground-truth file holds only dicts, "
+            "lists, strings and numbers (or numpy arrays); this file is not one, or was tampered "
+            "with")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _Refused("refusing persistent ids in a ground-truth file")
+
+
+def load_gnd(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a ``gnd_<dataset>.pkl`` file without executing pickle code.
+
+    Args:
+        path: the ground-truth pickle.
+
+    Returns:
+        ``{"imlist": list[str], "qimlist": list[str], "gnd": list[dict]}`` where each gnd entry
+        has ``"bbx"`` (x1, y1, x2, y2 floats, 0-based) and ``"easy"``, ``"hard"``, ``"junk"``
+        (int64 arrays of indices into imlist).
+
+    Raises:
+        pickle.UnpicklingError: the file references code or is not a pickle.
+        ValueError: the content does not have the ground-truth structure.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        cfg = _GndUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except _Refused as err:
+        raise pickle.UnpicklingError(f"{path}: {err}") from None
+    except Exception as err:  # malformed streams raise many kinds of errors
+        raise pickle.UnpicklingError(f"{path} is not a readable ground-truth pickle: {err}") from err
+    if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
+        raise ValueError(f"{path}: expected a dict with 'imlist', 'qimlist' and 'gnd'")
+    imlist = [str(x) for x in _seq(cfg["imlist"], path, "imlist")]
+    qimlist = [str(x) for x in _seq(cfg["qimlist"], path, "qimlist")]
+    entries = _seq(cfg["gnd"], path, "gnd")
+    if len(entries) != len(qimlist):
+        raise ValueError(f"{path}: {len(entries)} gnd entries but {len(qimlist)} queries")
+    gnd = []
+    for q, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise ValueError(f"{path}: gnd[{q}] is not a dict")
+        item: dict[str, Any] = {}
+        for key in ("easy", "hard", "junk"):
+            arr = np.asarray(e.get(key, []))
+            if arr.size and arr.dtype.kind not in "iu":
+                raise ValueError(f"{path}: gnd[{q}][{key!r}] must hold integer indices")
+            arr = arr.astype(np.int64).reshape(-1)
+            if arr.size and (arr.min() < 0 or arr.max() >= len(imlist)):
+                raise ValueError(f"{path}: gnd[{q}][{key!r}] holds indices outside imlist")
+            item[key] = arr
+        if "bbx" in e and e["bbx"] is not None:
+            bbx = np.asarray(e["bbx"], dtype=np.float64).reshape(-1)
+            if bbx.size != 4:
+                raise ValueError(f"{path}: gnd[{q}]['bbx'] must be [x1, y1, x2, y2]")
+            item["bbx"] = tuple(float(v) for v in bbx)
+        else:
+            item["bbx"] = None
+        gnd.append(item)
+    return {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
+
+
+def _seq(x: Any, path: Path, key: str) -> Sequence[Any]:
+    if isinstance(x, np.ndarray):
+        return list(x)
+    if not isinstance(x, (list, tuple)):
+        raise ValueError(f"{path}: {key!r} must be a list")
+    return x
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or name.lower() not in DATASETS:
+        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    return name.lower()
+
+
+class RevisitedDataset:
+    """Revisited Oxford (``"roxford5k"``) or Paris (``"rparis6k"``).
+
+    Args:
+        name: "roxford5k" or "rparis6k".
+        root: folder holding ``<name>/gnd_<name>.pkl`` and ``<name>/jpg/`` (or
+            ``gnd_<name>.pkl`` and ``jpg/`` directly).
+        distractors: add the revisitop 1M distractors after the database images: True reads
+            ``<root>/revisitop1m/`` (image list ``revisitop1m.txt`` of paths relative to its
+            ``jpg/`` folder if present, else every ``*.jpg`` under ``jpg/``, sorted); a path
+            names that folder instead.
+
+    Attributes:
+        name, root, dir (the folder of the ground truth), imlist, qimlist, gnd (as
+        :func:`load_gnd` returns; pass it to :func:`pylandmark.evaluate.revisited`),
+        distractor_paths (list of Path).
+    """
+
+    def __init__(self, name: str, root: str | os.PathLike, *,
+                 distractors: bool | str | os.PathLike = False) -> None:
+        self.name = _check_name(name)
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a path, got {type(root).__name__}")
+        self.root = Path(root).expanduser()
+        fname = f"gnd_{self.name}.pkl"
+        candidates = [self.root / self.name / fname, self.root / fname]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(
+                f"ground truth for {self.name} not found at {candidates[0]} (or {candidates[1]}); "
+                f"run pylandmark.data.download_revisited({self.name!r}, {str(self.root)!r}) or "
+                f"put {fname} there by hand")
+        self.dir = found.parent
+        cfg = load_gnd(found)
+        self.imlist: list[str] = cfg["imlist"]
+        self.qimlist: list[str] = cfg["qimlist"]
+        self.gnd: list[dict[str, Any]] = cfg["gnd"]
+        expected = EXPECTED_SIZES[self.name]
+        if (len(self.imlist), len(self.qimlist)) != expected:
+            logger.warning("%s: %d database images and %d queries, expected %d and %d", found,
+                           len(self.imlist), len(self.qimlist), *expected)
+        self.distractor_paths: list[Path] = []
+        if distractors is not False and distractors is not None:
+            folder = (self.root / DISTRACTORS if distractors is True
+                      else Path(distractors).expanduser())
+            self.distractor_paths = _list_distractors(folder)
+
+    @property
+    def n_db(self) -> int:
+        """Database size including distractors."""
+        return len(self.imlist) + len(self.distractor_paths)
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.qimlist)
+
+    def image_path(self, i: int) -> Path:
+        """Path of database image i (distractors follow the dataset's own images)."""
+        n = len(self.imlist)
+        if not -self.n_db <= i < self.n_db:
+            raise IndexError(f"database index {i} out of range [0, {self.n_db})")
+        i %= self.n_db
+        return self.dir / "jpg" / f"{self.imlist[i]}.jpg" if i < n else self.distractor_paths[i - n]
+
+    @property
+    def images(self) -> list[Path]:
+        """(n_db,) database image paths: imlist order, then the distractors."""
+        return [self.dir / "jpg" / f"{n}.jpg" for n in self.imlist] + list(self.distractor_paths)
+
+    @property
+    def query_paths(self) -> list[Path]:
+        """(Q,) full query image paths (crop them with :meth:`load_query`)."""
+        return [self.dir / "jpg" / f"{n}.jpg" for n in self.qimlist]
+
+    def query_bbox(self, i: int) -> tuple[float, float, float, float]:
+        """(x1, y1, x2, y2) of query i in pixels, 0-based, as in the ground truth."""
+        bbx = self.gnd[i]["bbx"]
+        if bbx is None:
+            raise ValueError(f"query {i} has no bounding box in the ground truth")
+        return bbx
+
+    def load_query(self, i: int, crop: bool = True) -> tuple[Any, tuple[int, int]]:
+        """Load query i as RGB, cropped to its bounding box.
+
+        The box is rounded to whole pixels (as PIL's crop does) and clipped to the image.
+
+        Returns:
+            (image, (W, H) of the full image): the PIL image (cropped unless ``crop=False``) and
+            the full size, needed to keep the crop's scale when resizing
+            (``1024 * max(crop side) / max(full side)``).
+        """
+        from PIL import Image
+
+        with Image.open(self.query_paths[i]) as im:
+            im = im.convert("RGB")
+        full = im.size
+        if not crop:
+            return im, full
+        box = _crop_box(self.query_bbox(i), full)
+        return im.crop(box), full
+
+    def evaluate(self, ranks: Any, kappas: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+        """:func:`pylandmark.evaluate.revisited` with this dataset's ground truth."""
+        from ..evaluate import revisited
+
+        return revisited(ranks, self.gnd, kappas)
+
+    def __repr__(self) -> str:
+        return (f"RevisitedDataset({self.name!r}, root={str(self.root)!r}, db={self.n_db}, "
+                f"queries={self.n_queries})")
+
+
+def _crop_box(bbx: Sequence[float], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Round (x1, y1, x2, y2) to whole pixels and clip it to an image of ``size`` (W, H)."""
+    w, h = size
+    x1, y1, x2, y2 = (int(round(float(v))) for v in bbx)
+    x1, x2 = max(0, min(x1, w)), max(0, min(x2, w))
+    y1, y2 = max(0, min(y1, h)), max(0, min(y2, h))
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"bounding box {tuple(bbx)} is empty inside an image of size {size}")
+    if (x1, y1, x2, y2) != tuple(int(round(float(v))) for v in bbx):
+        logger.debug("bounding box %s clipped to the image (%d x %d)", tuple(bbx), w, h)
+    return x1, y1, x2, y2
+
+
+def _list_distractors(folder: Path) -> list[Path]:
+    jpg = folder / "jpg"
+    listing = folder / f"{DISTRACTORS}.txt"
+    if listing.is_file():
+        names = [ln.strip() for ln in listing.read_text().splitlines() if ln.strip()]
+        paths = [jpg / (n if n.lower().endswith(".jpg") else n + ".jpg") for n in names]
+    elif jpg.is_dir():
+        paths = sorted(p for p in jpg.rglob("*") if p.suffix.lower() == ".jpg" and p.is_file())
+    else:
+        raise FileNotFoundError(f"distractors not found: neither {listing} nor {jpg} exists; run "
+                                "download_revisited(..., distractors=True) or pass the folder")
+    logger.info("%d distractor images from %s", len(paths), folder)
+    return paths
+
+
+# --------------------------------------------------------------------------------- downloads
+
+
+def _safe_member_path(name: str) -> PurePosixPath | None:
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        return None
+    return p
+
+
+def _extract_jpgs(archive: Path, out: Path, *, flat: bool) -> int:
+    """Extract the .jpg regular files of a tar archive into ``out`` (by basename when ``flat``,
+    else by their relative path). Links, devices and paths escaping ``out`` are skipped.
+    Returns the number of files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar:
+            if not member.isreg() or not member.name.lower().endswith(".jpg"):
+                continue
+            rel = _safe_member_path(member.name)
+            if rel is None:
+                logger.warning("%s: skipping unsafe member %r", archive, member.name)
+                continue
+            target = out / (rel.name if flat else Path(*rel.parts))
+            if target.is_file() and target.stat().st_size == member.size:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            if src is None:
+                continue
+            tmp = target.with_name(target.name + ".tmp")
+            with src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, target)
+            written += 1
+    return written
+
+
+def download_revisited(name: str, root: str | os.PathLike, *, images: bool = True,
+                       distractors: bool = False, keep_archives: bool = False,
+                       progress: bool = True, timeout: float = 60) -> Path:
+    """Fetch the official revisited Oxford / Paris files into ``<root>/<name>/``.
+
+    The ground truth is checked against its known md5; image archives are checked against the
+    size the server announces, and their .jpg files extracted into ``<root>/<name>/jpg/``
+    (flat, as the ground truth names them). Work already done is skipped: a verified ground
+    truth, a complete ``jpg/`` folder, distractor parts marked done.
+
+    Args:
+        name: "roxford5k" or "rparis6k".
+        root: the data root (created if missing).
+        images: also fetch and extract the images.
+        distractors: also fetch the 100 revisitop 1M distractor archives into
+            ``<root>/revisitop1m/jpg/`` (about 1M images; large).
+        keep_archives: keep the downloaded .tgz files after extraction.
+        progress: show download progress bars.
+        timeout: network timeout in seconds.
+
+    Returns:
+        the dataset folder ``<root>/<name>``.
+
+    Raises:
+        pylandmark.download.DownloadError: no network or an interrupted download (the message
+            says which URL failed and where to put the file by hand).
+        pylandmark.download.ChecksumError: the ground truth has the wrong md5.
+    """
+    name = _check_name(name)
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a path, got {type(root).__name__}")
+    root = Path(root).expanduser()
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    gnd_path = download_url(GND_URL.format(name=name), folder / f"gnd_{name}.pkl",
+                            md5=GND_MD5[name], progress=progress, timeout=timeout)
+    if images:
+        cfg = load_gnd(gnd_path)
+        jpg = folder / "jpg"
+        wanted = cfg["imlist"] + cfg["qimlist"]
+        missing = [n for n in wanted if not (jpg / f"{n}.jpg").is_file()]
+        if not missing:
+            logger.info("%s: all %d images present in %s", name, len(wanted), jpg)
+        else:
+            for url in IMAGE_URLS[name]:
+                archive = download_url(url, folder / url.rsplit("/", 1)[-1], progress=progress,
+                                       timeout=timeout)
+                n = _extract_jpgs(archive, jpg, flat=True)
+                logger.info("extracted %d images from %s", n, archive.name)
+                if not keep_archives:
+                    archive.unlink()
+            missing = [n for n in wanted if not (jpg / f"{n}.jpg").is_file()]
+            if missing:
+                logger.warning("%s: %d of %d images named by the ground truth are missing from "
+                               "%s (first: %s)", name, len(missing), len(wanted), jpg, missing[0])
+    if distractors:
+        dfolder = root / DISTRACTORS
+        djpg = dfolder / "jpg"
+        for i in range(1, DISTRACTOR_PARTS + 1):
+            marker = djpg / f".done_{i}"
+            if marker.is_file():
+                continue
+            url = DISTRACTOR_URL.format(i=i)
+            archive = download_url(url, dfolder / url.rsplit("/", 1)[-1], progress=progress,
+                                   timeout=timeout)
+            n = _extract_jpgs(archive, djpg, flat=False)
+            marker.write_text(f"{n}\n")
+            logger.info("distractors part %d/%d: %d images", i, DISTRACTOR_PARTS, n)
+            if not keep_archives:
+                archive.unlink()
+    return folder

@@ -1,0 +1,256 @@
+"""Downloads with resume and integrity checks, and the local cache directory.
+
+``download_url`` streams to ``<dest>.part``, resumes an interrupted download with an HTTP Range
+request, checks the size the server announced and the expected hashes, and only then renames
+the file into place. Without network access it fails with a message naming the URL and the
+path where the file can be put by hand.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["cache_dir", "download_url", "DownloadError", "ChecksumError"]
+
+_CHUNK = 1 << 20
+_SCHEMES = ("http", "https", "ftp", "file")
+
+
+class DownloadError(OSError):
+    """A file could not be fetched (no network, HTTP error, interrupted transfer)."""
+
+
+class ChecksumError(ValueError):
+    """A downloaded file does not have the expected size or hash; it was deleted."""
+
+
+def cache_dir() -> Path:
+    """The pylandmark cache: ``$PYLANDMARK_CACHE`` if set, else ``~/.cache/pylandmark``.
+
+    The directory is not created here.
+    """
+    env = os.environ.get("PYLANDMARK_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "pylandmark"
+
+
+def _check_hex(value: str | None, length: int, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(rf"[0-9a-fA-F]{{{length}}}", value):
+        raise ValueError(f"{name} must be a {length}-character hex digest, got {value!r}")
+    return value.lower()
+
+
+def _hashers(sha256: str | None, md5: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if sha256:
+        out["sha256"] = hashlib.sha256()
+    if md5:
+        out["md5"] = hashlib.md5(usedforsecurity=False)
+    return out
+
+
+def _hash_into(path: Path, hashers: dict[str, Any]) -> None:
+    if not hashers:
+        return
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            for h in hashers.values():
+                h.update(block)
+
+
+def _mismatch(hashers: dict[str, Any], expected: dict[str, str | None]) -> str | None:
+    for name, h in hashers.items():
+        got = h.hexdigest()
+        if got != expected[name]:
+            return f"{name} {got}, expected {expected[name]}"
+    return None
+
+
+def _hint(url: str, dest: Path, expected: dict[str, str | None]) -> str:
+    sums = ", ".join(f"{k} {v}" for k, v in expected.items() if v)
+    return (f"Without network access, fetch {url} by other means and put it at {dest}"
+            + (f" ({sums})" if sums else ""))
+
+
+def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | None = None,
+                 progress: bool = True, timeout: float = 60) -> Path:
+    """Download ``url`` to ``dest`` unless a verified copy is already there.
+
+    Args:
+        url: http(s), ftp or file URL.
+        dest: the file to write (its folder is created). An existing directory means
+            ``dest/<last part of the URL>``.
+        sha256, md5: expected hex digests (either, both or none).
+        progress: show a tqdm progress bar.
+        timeout: seconds to wait for the connection and for each read.
+
+    Returns:
+        the path of the verified file.
+
+    Behaviour:
+        An existing ``dest`` that matches the given hashes (or any existing ``dest`` when no hash
+        is given) is returned without a request; one that does not match is downloaded again.
+        Data go to ``<dest>.part``; an existing part is resumed with ``Range: bytes=<size>-``
+        (servers that ignore the range send the whole file, which is then written from the
+        start). The size is checked against the server's Content-Length / Content-Range and
+        the hashes against the expected ones before an atomic rename to ``dest``.
+
+    Raises:
+        DownloadError: the URL could not be fetched or the transfer broke off (the part is kept,
+            so running again resumes); the message names the URL and where to put the file.
+        ChecksumError: the complete file has the wrong hash (the part is deleted).
+        ValueError: a malformed url, sha256 or md5.
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a str, got {type(url).__name__}")
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in _SCHEMES:
+        raise ValueError(f"url must be an http(s), ftp or file URL, got {url!r}")
+    if not isinstance(dest, (str, os.PathLike)):
+        raise TypeError(f"dest must be a path, got {type(dest).__name__}")
+    expected = {"sha256": _check_hex(sha256, 64, "sha256"), "md5": _check_hex(md5, 32, "md5")}
+    if not timeout or timeout <= 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    dest = Path(dest).expanduser()
+    if dest.is_dir():
+        name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
+        if not name:
+            raise ValueError(f"dest {dest} is a directory and url {url!r} names no file; "
+                             "pass the file path as dest")
+        dest = dest / name
+
+    if dest.is_file():
+        hashers = _hashers(expected["sha256"], expected["md5"])
+        if not hashers:
+            logger.debug("%s exists (no hash given to check); not downloading", dest)
+            return dest
+        _hash_into(dest, hashers)
+        bad = _mismatch(hashers, expected)
+        if bad is None:
+            logger.debug("%s exists and matches its hash; not downloading", dest)
+            return dest
+        logger.warning("%s exists but does not match (%s); downloading it again", dest, bad)
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(2):
+        restart = _fetch(url, dest, part, expected, progress, timeout)
+        if not restart:
+            break
+        if attempt:
+            raise DownloadError(f"could not resume {url}: the server's answers to a range "
+                                f"request do not fit {part}. {_hint(url, dest, expected)}")
+        part.unlink(missing_ok=True)
+
+    hashers = _hashers(expected["sha256"], expected["md5"])
+    _hash_into(part, hashers)
+    bad = _mismatch(hashers, expected)
+    if bad is not None:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(f"the file downloaded from {url} has {bad}; deleted the partial file "
+                            f"{part}. The server may serve a different version or the transfer "
+                            "was corrupted; run again, or check the URL and the expected hash")
+    os.replace(part, dest)
+    logger.info("downloaded %s to %s", url, dest)
+    return dest
+
+
+def _fetch(url: str, dest: Path, part: Path, expected: dict[str, str | None], progress: bool,
+           timeout: float) -> bool:
+    """Fill ``part`` with the whole file. Returns True when the part must be discarded and the
+    download restarted from zero."""
+    offset = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": "pylandmark", "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:
+            total = _content_range_total(err.headers.get("Content-Range"))
+            err.close()
+            if total == offset:
+                logger.debug("%s: the partial file is already complete", part)
+                return False
+            logger.info("%s: the server cannot resume from byte %d; starting again", url, offset)
+            return True
+        err.close()
+        raise DownloadError(f"could not download {url}: HTTP {err.code} {err.reason}. "
+                            f"{_hint(url, dest, expected)}") from err
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise DownloadError(f"could not download {url}: {reason}. "
+                            f"{_hint(url, dest, expected)}") from err
+
+    with response:
+        status = getattr(response, "status", None) or 200
+        length = response.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        if offset and status == 206:
+            start, total = _content_range(response.headers.get("Content-Range"))
+            if start is not None and start != offset:
+                logger.info("%s: the server resumed at byte %s instead of %d; starting again",
+                            url, start, offset)
+                return True
+            if total is None and length is not None:
+                total = offset + length
+            mode = "ab"
+            logger.info("resuming %s at byte %d", url, offset)
+        else:
+            if offset:
+                logger.info("%s: the server ignored the range request; downloading from the "
+                            "start", url)
+            offset, total, mode = 0, length, "wb"
+        done = offset
+        bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=dest.name, disable=not progress, leave=False)
+        try:
+            with open(part, mode) as f:
+                while True:
+                    try:
+                        block = response.read(_CHUNK)
+                    except (OSError, http.client.HTTPException) as err:
+                        raise DownloadError(
+                            f"the download of {url} broke off after {done} bytes ({err!r}); "
+                            f"run again to resume from {part}. {_hint(url, dest, expected)}"
+                        ) from err
+                    if not block:
+                        break
+                    f.write(block)
+                    done += len(block)
+                    bar.update(len(block))
+        finally:
+            bar.close()
+    if total is not None and done != total:
+        raise DownloadError(f"the download of {url} is incomplete ({done} of {total} bytes); run "
+                            f"again to resume from {part}. {_hint(url, dest, expected)}")
+    return False
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """``bytes start-end/total`` -> (start, total); unknown parts are None."""
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value or "")
+    if not m:
+        return None, None
+    return int(m.group(1)), (None if m.group(3) == "*" else int(m.group(3)))
+
+
+def _content_range_total(value: str | None) -> int | None:
+    m = re.fullmatch(r"\s*bytes\s+\*/(\d+)\s*", value or "")
+    return int(m.group(1)) if m else None

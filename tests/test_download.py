@@ -1,0 +1,215 @@
+"""download_url against a local HTTP server on 127.0.0.1 (never the network)."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import re
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from pylandmark.download import ChecksumError, DownloadError, cache_dir, download_url
+
+
+class Server:
+    """Serves ``files`` (name -> bytes) with optional Range support; records every request."""
+
+    def __init__(self, files):
+        self.files = dict(files)
+        self.requests = []  # (path, Range header or None)
+        self.sent = 0  # body bytes sent
+        self.honour_range = True
+        self.cut_after = None  # send only this many body bytes, then close
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                name = self.path.lstrip("/")
+                rng = self.headers.get("Range")
+                outer.requests.append((name, rng))
+                if name not in outer.files:
+                    self.send_error(404, "not here")
+                    return
+                body = outer.files[name]
+                start, status = 0, 200
+                if rng and outer.honour_range:
+                    m = re.fullmatch(r"bytes=(\d+)-", rng)
+                    start = int(m.group(1))
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    status = 206
+                part = body[start:]
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(part)))
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.end_headers()
+                if outer.cut_after is not None:
+                    part = part[: outer.cut_after]
+                    self.close_connection = True
+                self.wfile.write(part)
+                outer.sent += len(part)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                       daemon=True)
+        self.thread.start()
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def payload(rng):
+    return rng.integers(0, 256, size=3 * (1 << 20) + 12345, dtype="uint8").tobytes()
+
+
+@pytest.fixture
+def server(payload):
+    s = Server({"data.bin": payload})
+    yield s
+    s.close()
+
+
+def sums(b):
+    return hashlib.sha256(b).hexdigest(), hashlib.md5(b).hexdigest()
+
+
+def test_download_verifies_and_skips_existing(server, payload, tmp_path):
+    sha, md5 = sums(payload)
+    dest = tmp_path / "sub" / "data.bin"
+    out = download_url(server.url("data.bin"), dest, sha256=sha, md5=md5, progress=False)
+    assert out == dest and dest.read_bytes() == payload
+    assert not (tmp_path / "sub" / "data.bin.part").exists()
+    assert server.requests == [("data.bin", None)]
+    # a verified file is returned without a request
+    assert download_url(server.url("data.bin"), dest, sha256=sha, progress=False) == dest
+    assert len(server.requests) == 1
+    # a directory as dest takes the URL's file name
+    assert download_url(server.url("data.bin"), tmp_path / "sub", md5=md5, progress=False) == dest
+    assert len(server.requests) == 1
+
+
+def test_existing_file_with_wrong_hash_is_downloaded_again(server, payload, tmp_path):
+    dest = tmp_path / "data.bin"
+    dest.write_bytes(b"stale")
+    out = download_url(server.url("data.bin"), dest, sha256=sums(payload)[0], progress=False)
+    assert out.read_bytes() == payload and len(server.requests) == 1
+
+
+def test_resume_with_range(server, payload, tmp_path):
+    dest = tmp_path / "data.bin"
+    half = len(payload) // 2 + 7
+    (tmp_path / "data.bin.part").write_bytes(payload[:half])
+    download_url(server.url("data.bin"), dest, sha256=sums(payload)[0], progress=False)
+    assert dest.read_bytes() == payload
+    assert server.requests == [("data.bin", f"bytes={half}-")]
+    assert server.sent == len(payload) - half  # only the rest travelled
+
+
+def test_server_ignoring_range_sends_whole_file(server, payload, tmp_path):
+    server.honour_range = False
+    (tmp_path / "data.bin.part").write_bytes(b"garbage that must be overwritten")
+    out = download_url(server.url("data.bin"), tmp_path / "data.bin", md5=sums(payload)[1],
+                       progress=False)
+    assert out.read_bytes() == payload and server.sent == len(payload)
+
+
+def test_complete_part_is_finished_after_416(server, payload, tmp_path):
+    (tmp_path / "data.bin.part").write_bytes(payload)
+    out = download_url(server.url("data.bin"), tmp_path / "data.bin", sha256=sums(payload)[0],
+                       progress=False)
+    assert out.read_bytes() == payload and server.sent == 0
+
+
+def test_interrupted_download_keeps_part_and_resumes(server, payload, tmp_path):
+    dest = tmp_path / "data.bin"
+    server.cut_after = 1 << 20
+    with pytest.raises(DownloadError, match="resume") as err:
+        download_url(server.url("data.bin"), dest, sha256=sums(payload)[0], progress=False,
+                     timeout=10)
+    assert server.url("data.bin") in str(err.value)
+    part = tmp_path / "data.bin.part"
+    assert part.stat().st_size == 1 << 20 and not dest.exists()
+    server.cut_after = None
+    download_url(server.url("data.bin"), dest, sha256=sums(payload)[0], progress=False)
+    assert dest.read_bytes() == payload
+    assert server.requests[-1] == ("data.bin", f"bytes={1 << 20}-")
+
+
+def test_hash_mismatch_deletes_part(server, payload, tmp_path):
+    dest = tmp_path / "data.bin"
+    with pytest.raises(ChecksumError, match="sha256") as err:
+        download_url(server.url("data.bin"), dest, sha256="0" * 64, progress=False)
+    assert server.url("data.bin") in str(err.value)
+    assert not dest.exists() and not (tmp_path / "data.bin.part").exists()
+    with pytest.raises(ChecksumError, match="md5"):
+        download_url(server.url("data.bin"), dest, md5="f" * 32, progress=False)
+
+
+def test_http_error_and_no_network_name_url_and_destination(server, tmp_path):
+    dest = tmp_path / "x.bin"
+    with pytest.raises(DownloadError, match="404") as err:
+        download_url(server.url("missing.bin"), dest, progress=False)
+    assert str(dest) in str(err.value)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/gnd.pkl"
+    with pytest.raises(DownloadError) as err:
+        download_url(url, dest, md5="a" * 32, progress=False, timeout=5)
+    msg = str(err.value)
+    assert url in msg and str(dest) in msg and "a" * 32 in msg and "by other means" in msg
+    assert isinstance(err.value, OSError)
+
+
+def test_file_url(payload, tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(payload)
+    out = download_url(src.as_uri(), tmp_path / "out" / "copy.bin", sha256=sums(payload)[0],
+                       progress=False)
+    assert out.read_bytes() == payload
+    # a stale part is overwritten (file:// has no ranges)
+    (tmp_path / "out" / "copy2.bin.part").write_bytes(b"xx")
+    out = download_url(src.as_uri(), tmp_path / "out" / "copy2.bin", md5=sums(payload)[1],
+                       progress=False)
+    assert out.read_bytes() == payload
+    with pytest.raises(DownloadError, match="nope"):
+        download_url((tmp_path / "nope").as_uri(), tmp_path / "n", progress=False)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"url": "gopher://x/y"}, "url"),
+    ({"url": "relative/path"}, "url"),
+    ({"sha256": "abc"}, "sha256"),
+    ({"md5": "z" * 32}, "md5"),
+    ({"timeout": 0}, "timeout"),
+])
+def test_bad_arguments(tmp_path, kwargs, pattern):
+    args = {"url": "http://127.0.0.1:9/x", "dest": tmp_path / "x"} | kwargs
+    with pytest.raises(ValueError, match=pattern):
+        download_url(args.pop("url"), args.pop("dest"), **args)
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYLANDMARK_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("PYLANDMARK_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir() == Path(tmp_path) / ".cache" / "pylandmark"
