@@ -12,6 +12,7 @@
 #include "cpu/search.h"
 #include "cpu/threads.h"
 #if defined(PLM_WITH_CUDA)
+#include "cuda/gem.h"
 #include "cuda/runtime.h"
 #endif
 
@@ -67,7 +68,6 @@ void search(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& 
 plm::cpu::GemArgs gem_args(const ArrayView& x, double p, double eps) {
   plm::require_ndim(x, 4);
   if (x.dtype != DType::f64) plm::require_dtype_float(x);
-  require_cpu(x);
   const int64_t H = x.shape[2], Wd = x.shape[3];
   if (H * Wd == 0) throw py::value_error("x: H and W must be at least 1, got " + x.describe());
   if (H > 1 && Wd > 1 && x.strides[2] != Wd * x.strides[3])
@@ -90,6 +90,7 @@ void check_gem_out(const ArrayView& y, const ArrayView& x) {
 void gem_forward(const py::tuple& x_spec, const py::tuple& y_spec, double p, double eps) {
   ArrayView x = plm::view_from_spec(x_spec, "x");
   ArrayView y = plm::view_from_spec(y_spec, "y");
+  require_cpu(x);
   auto args = gem_args(x, p, eps);
   check_gem_out(y, x);
   py::gil_scoped_release nogil;
@@ -102,6 +103,7 @@ double gem_backward(const py::tuple& x_spec, const py::tuple& gy_spec, const py:
   ArrayView gy = plm::view_from_spec(gy_spec, "grad_output");
   ArrayView y = plm::view_from_spec(y_spec, "y");
   ArrayView dx = plm::view_from_spec(dx_spec, "grad_input");
+  require_cpu(x);
   auto args = gem_args(x, p, eps);
   check_gem_out(y, x);
   check_gem_out(gy, x);
@@ -113,6 +115,68 @@ double gem_backward(const py::tuple& x_spec, const py::tuple& gy_spec, const py:
   py::gil_scoped_release nogil;
   return plm::cpu::gem_backward(args, gy.data, y.data, dx.data, want_dp);
 }
+
+#if defined(PLM_WITH_CUDA)
+// GeM on CUDA arrays: p is a 1-element float32 array on x's device; `stream` is the caller's
+// current stream (cudaStream_t as an integer); nothing here synchronises.
+plm::cuda::GemDeviceArgs gem_device_args(const ArrayView& x, const py::tuple& p_spec, double eps,
+                                         uintptr_t stream) {
+  ArrayView p = plm::view_from_spec(p_spec, "p");
+  if (x.device != plm::Device::cuda) throw py::value_error("x must be a CUDA array here");
+  if (x.dtype == DType::f64) throw py::type_error("x: GeM on the GPU takes float16, bfloat16 or float32");
+  plm::require_same_device(p, x);
+  plm::require_dtype(p, DType::f32);
+  if (p.numel() != 1) throw py::value_error("p must hold exactly one value");
+  auto c = gem_args(x, 1.0, eps);
+  return {c.x, c.dtype, c.B, c.C, c.HW, c.sb, c.sc, c.shw, static_cast<const float*>(p.data),
+          static_cast<float>(eps), x.device_id, reinterpret_cast<cudaStream_t>(stream)};
+}
+
+void check_same_device(const ArrayView& a, const ArrayView& x) { plm::require_same_device(a, x); }
+
+void gem_forward_cuda(const py::tuple& x_spec, const py::tuple& y_spec, const py::tuple& p_spec,
+                      double eps, uintptr_t stream) {
+  ArrayView x = plm::view_from_spec(x_spec, "x");
+  ArrayView y = plm::view_from_spec(y_spec, "y");
+  auto args = gem_device_args(x, p_spec, eps, stream);
+  check_gem_out(y, x);
+  check_same_device(y, x);
+  py::gil_scoped_release nogil;
+  plm::cuda::gem_forward(args, static_cast<float*>(y.data));
+}
+
+void gem_backward_cuda(const py::tuple& x_spec, const py::tuple& gy_spec, const py::tuple& y_spec,
+                       const py::tuple& dx_spec, const py::object& terms_spec,
+                       const py::tuple& p_spec, double eps, uintptr_t stream) {
+  ArrayView x = plm::view_from_spec(x_spec, "x");
+  ArrayView gy = plm::view_from_spec(gy_spec, "grad_output");
+  ArrayView y = plm::view_from_spec(y_spec, "y");
+  ArrayView dx = plm::view_from_spec(dx_spec, "grad_input");
+  auto args = gem_device_args(x, p_spec, eps, stream);
+  for (const ArrayView* v : {&gy, &y}) {
+    check_gem_out(*v, x);
+    check_same_device(*v, x);
+  }
+  check_same_device(dx, x);
+  plm::require_writable(dx);
+  plm::require_dtype(dx, x.dtype);
+  for (int i = 0; i < 4; ++i)
+    if (dx.shape[i] != x.shape[i] || (dx.shape[i] > 1 && dx.strides[i] != x.strides[i]))
+      throw py::value_error("grad_input must have the shape and strides of x");
+  float* terms = nullptr;
+  if (!terms_spec.is_none()) {
+    ArrayView t = plm::view_from_spec(terms_spec.cast<py::tuple>(), "terms");
+    plm::require_dtype(t, DType::f32);
+    plm::require_contiguous(t);
+    check_same_device(t, x);
+    if (t.numel() != x.shape[0] * x.shape[1]) throw py::value_error("terms must hold B*C values");
+    terms = static_cast<float*>(t.data);
+  }
+  py::gil_scoped_release nogil;
+  plm::cuda::gem_backward(args, static_cast<const float*>(gy.data), static_cast<const float*>(y.data),
+                          dx.data, terms);
+}
+#endif
 
 py::dict build_info() {
   py::dict d;
@@ -146,6 +210,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("gem_forward", &gem_forward, py::arg("x"), py::arg("y"), py::arg("p"), py::arg("eps"));
   m.def("gem_backward", &gem_backward, py::arg("x"), py::arg("grad_output"), py::arg("y"),
         py::arg("grad_input"), py::arg("p"), py::arg("eps"), py::arg("want_dp"));
+#if defined(PLM_WITH_CUDA)
+  m.def("gem_forward_cuda", &gem_forward_cuda, py::arg("x"), py::arg("y"), py::arg("p"), py::arg("eps"),
+        py::arg("stream"));
+  m.def("gem_backward_cuda", &gem_backward_cuda, py::arg("x"), py::arg("grad_output"), py::arg("y"),
+        py::arg("grad_input"), py::arg("terms"), py::arg("p"), py::arg("eps"), py::arg("stream"));
+#endif
   m.def("get_num_threads", &plm::cpu::get_num_threads);
   m.def("set_num_threads", &plm::cpu::set_num_threads, py::arg("n"));
   m.def("cpu_isa", [] { return std::string(plm::cpu::active_kernels().name); });

@@ -97,10 +97,26 @@ def gem(x: Any, p: Any = 3.0, eps: float = 1e-6) -> Any:
     a = as_array(x, "x")
     pf = _p_value(p)
     a = gem_layout(a)
+    if a.framework == "cupy":
+        return _gem_cupy(a, pf, eps)
     out_dtype = "float64" if a.dtype == "float64" else "float32"
     y = as_array(np.empty(a.shape[:2], dtype=out_dtype), "y")
     _C.gem_forward(a.spec(), y.spec(), pf, eps)
     return y.obj.astype(a.obj.dtype, copy=False)
+
+
+def _gem_cupy(a: Array, p: float, eps: float) -> Any:
+    import cupy
+
+    if not hasattr(_C, "gem_forward_cuda"):
+        raise ValueError("x is a cupy array, but this build of pylandmark has no CUDA kernels; "
+                         "reinstall with nvcc available (PYLANDMARK_CUDA=ON)")
+    with cupy.cuda.Device(a.device[1]):
+        y = cupy.empty(a.shape[:2], dtype=cupy.float32)
+        p_dev = cupy.full((1,), p, dtype=cupy.float32)
+        stream = cupy.cuda.get_current_stream().ptr
+        _C.gem_forward_cuda(a.spec(), as_array(y, "y").spec(), as_array(p_dev, "p").spec(), eps, stream)
+    return y.astype(a.obj.dtype, copy=False)
 
 
 def _p_value(p: Any) -> float:
