@@ -16,33 +16,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from typing import Callable
 
 import numpy as np
 
 import pylandmark as plm
-
-
-def timeit(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
-    """Median wall time in ms."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def numpy_search(q32, db32, k):
-    s = q32 @ db32.T
-    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    ps = np.take_along_axis(s, part, axis=1)
-    order = np.argsort(-ps, axis=1, kind="stable")
-    return np.take_along_axis(ps, order, 1), np.take_along_axis(part, order, 1)
+from pylandmark.bench import median_ms, numpy_topk
 
 
 def exact_topk(q, db, k):
@@ -66,7 +45,7 @@ def search_rows(args, rng):
     tdb = torch.from_numpy(db32)
     methods: dict[str, Callable] = {
         "pylandmark fp16": lambda q, k: plm.search(q, db16, k=k, metric="cosine"),
-        "numpy fp32 matmul+argpartition": lambda q, k: numpy_search(q, db32, k),
+        "numpy fp32 matmul+argpartition": lambda q, k: (None, numpy_topk(q, db32, k)),
         "torch fp32 matmul+topk": lambda q, k: torch.topk(torch.from_numpy(q) @ tdb.T, k, dim=1),
     }
     try:
@@ -94,7 +73,7 @@ def search_rows(args, rng):
             for name, fn in methods.items():
                 _, idx = fn(sample, k)
                 rec = recall(idx.numpy() if hasattr(idx, "numpy") else idx, ref)
-                times[name] = (timeit(lambda: fn(q, k), repeat=repeat), rec)
+                times[name] = (median_ms(lambda: fn(q, k), repeat=repeat), rec)
             ours = times["pylandmark fp16"][0]
             for name, (ms, rec) in times.items():
                 rows.append(dict(op="search", N=N, D=D, Q=Q, k=k, method=name, ms=ms,
@@ -141,10 +120,10 @@ def gem_rows(args):
             if mode == "forward":
                 with torch.no_grad():
                     err = (f(x, p.detach()).double() - ref).abs().max().item()
-                    ms = timeit(lambda: f(x, p.detach()), repeat=10, warmup=2)
+                    ms = median_ms(lambda: f(x, p.detach()), repeat=10, warmup=2)
             else:
                 err = float("nan")
-                ms = timeit(fwd_bwd(f), repeat=5, warmup=2)
+                ms = median_ms(fwd_bwd(f), repeat=5, warmup=2)
             times[name] = (ms, err)
         ours = times["pylandmark"][0]
         for name, (ms, err) in times.items():

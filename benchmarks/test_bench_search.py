@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import pylandmark as plm
+from pylandmark.bench import numpy_topk
 
 N, D = 200_000, 1024
 
@@ -20,13 +21,6 @@ def data():
     db /= np.linalg.norm(db, axis=1, keepdims=True)
     db16 = db.astype(np.float16)
     return db16, db16.astype(np.float32), rng
-
-
-def numpy_topk(q, db32, k):
-    s = q @ db32.T
-    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
 
 
 def make_method(name, db16, db32):
