@@ -1,0 +1,301 @@
+"""Batched, multi-scale global descriptor extraction.
+
+Images are decoded and resized in DataLoader worker processes and grouped by their resized
+shape, so that every batch holds images of one shape (never padded: padding would change GeM).
+The network runs on an inference copy of the model (BatchNorm folded into the convolutions,
+channels_last; float16 autocast on the GPU), so the caller's model is left as it was.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data.images import (IMAGENET_MEAN, IMAGENET_STD, ImageList, LoadFailure, list_images,
+                          prepare_image, to_rgb)
+from .models.layers import fold_batchnorm, l2n
+
+__all__ = ["extract", "LoadFailure", "multiscale_combine", "prepare_inference_model"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SCALES_MS = (1.0, 1.0 / math.sqrt(2.0), 0.5)
+
+
+class _DatasetAdapter(torch.utils.data.Dataset):
+    """Wraps a user Dataset: items may be a (3, H, W) tensor, a PIL image, or a tuple whose
+    first element is one of those; yields ``(index, tensor | LoadFailure)``."""
+
+    def __init__(self, dataset: Any, image_size: float | None, mean: Sequence[float],
+                 std: Sequence[float], on_error: str):
+        self.dataset, self.image_size, self.mean, self.std = dataset, image_size, mean, std
+        self.on_error = on_error
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | LoadFailure]:
+        try:
+            item = self.dataset[index]
+            if isinstance(item, (tuple, list)):
+                item = item[0]
+            if isinstance(item, torch.Tensor):
+                if item.dim() != 3 or item.shape[0] != 3 or not item.is_floating_point():
+                    raise ValueError(f"dataset item {index} must be a float (3, H, W) tensor, got "
+                                     f"{item.dtype} {tuple(item.shape)}")
+                return index, item
+            from PIL import Image
+
+            if isinstance(item, Image.Image):
+                return index, prepare_image(to_rgb(item), self.image_size, None, self.mean, self.std)
+            raise TypeError(f"dataset item {index} is a {type(item).__name__}; expected a (3, H, W) "
+                            "tensor, a PIL image, or a tuple starting with one")
+        except Exception as err:  # noqa: BLE001 - reported per item in skip mode
+            if self.on_error == "raise":
+                raise
+            return index, LoadFailure(index, f"{type(self.dataset).__name__}[{index}]", str(err))
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding and resizing do not need intra-op threads
+
+
+def prepare_inference_model(model: nn.Module, device: torch.device, channels_last: bool = True) -> nn.Module:
+    """An eval-mode copy of ``model`` on ``device`` with BatchNorm folded into the convolutions
+    (same outputs up to float rounding; the caller's model is not modified)."""
+    m = copy.deepcopy(model).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    fold_batchnorm(m)
+    m = m.to(device)
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    return m
+
+
+def multiscale_combine(descriptors: torch.Tensor, p: float) -> torch.Tensor:
+    """Combines per-scale descriptors (S, B, D) -> (B, D): ``L2N((mean_s v_s^p)^(1/p))``."""
+    if descriptors.dim() != 3:
+        raise ValueError(f"descriptors must be (S, B, D), got shape {tuple(descriptors.shape)}")
+    if not p > 0:
+        raise ValueError(f"p must be > 0, got {p}")
+    v = descriptors.float()
+    if p != 1.0:
+        v = v.clamp(min=0).pow(p).mean(0).pow(1.0 / p)
+    else:
+        v = v.mean(0)
+    return l2n(v)
+
+
+def _scaled(x: torch.Tensor, s: float) -> torch.Tensor:
+    if s == 1.0:
+        return x
+    h, w = x.shape[-2:]
+    if math.floor(h * s) >= 1 and math.floor(w * s) >= 1:
+        return F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+    size = (max(1, math.floor(h * s)), max(1, math.floor(w * s)))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _check_scales(scales: Any) -> tuple[float, ...]:
+    if isinstance(scales, (int, float)) and not isinstance(scales, bool):
+        scales = (scales,)
+    try:
+        out = tuple(float(s) for s in scales)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"scales must be a sequence of numbers, got {scales!r}") from err
+    if not out or not all(math.isfinite(s) and 0 < s <= 4 for s in out):
+        raise ValueError(f"scales must be a non-empty sequence of numbers in (0, 4], got {scales!r}; "
+                         "the paper's multi-scale setting is (1, 1/sqrt(2), 1/2)")
+    return out
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _as_dataset(images: Any, image_size: float | None, bboxes: Any, mean: Sequence[float],
+                std: Sequence[float], on_error: str) -> torch.utils.data.Dataset:
+    if isinstance(images, torch.utils.data.Dataset) and not isinstance(images, ImageList):
+        if bboxes is not None:
+            raise ValueError("bboxes applies to paths and folders; crop inside your Dataset instead")
+        return _DatasetAdapter(images, image_size, mean, std, on_error)
+    if isinstance(images, ImageList):
+        return images
+    if isinstance(images, (str, os.PathLike)):
+        p = Path(images)
+        if p.is_dir():
+            paths = list_images(p)
+            if not paths:
+                raise ValueError(f"images: no image files found under the folder {p}")
+        elif p.is_file():
+            raise TypeError(f"images is a single file ({p}); pass a list of paths, e.g. [{str(p)!r}]")
+        else:
+            raise FileNotFoundError(f"images: no folder or file at {p}")
+    elif isinstance(images, Sequence) or (hasattr(images, "__iter__")
+                                          and not isinstance(images, (bytes, dict))):
+        paths = list(images)
+        bad = next((x for x in paths if not isinstance(x, (str, os.PathLike))), None)
+        if bad is not None:
+            raise TypeError(f"images must be file paths (str or Path), a folder or a Dataset; got an "
+                            f"item of type {type(bad).__name__}")
+    else:
+        raise TypeError(f"images must be a list of paths, a folder or a torch Dataset, got "
+                        f"{type(images).__name__}")
+    return ImageList(paths, image_size, bboxes, mean=mean, std=std, on_error=on_error)
+
+
+def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
+            scales: Sequence[float] = (1.0,), bboxes: Sequence[Any] | None = None, batch_size: int = 16,
+            num_workers: int = 0, device: str | torch.device | None = None, amp: bool | None = None,
+            output: str = "numpy", on_error: str = "raise", progress: bool = True,
+            max_buffered: int | None = None) -> Any:
+    """Global descriptors of a set of images, (N, D) float16, unit L2 norm.
+
+    Args:
+        model: a :class:`~pylandmark.models.LandmarkNet` (or any module mapping normalised
+            (B, 3, H, W) images to (B, D) descriptors). It is not modified: an eval-mode copy
+            with BatchNorm folded runs on ``device``.
+        images: a list of image paths, a folder (searched recursively, sorted by path), an
+            :class:`~pylandmark.data.ImageList`, or a torch Dataset whose items are (3, H, W)
+            normalised tensors or PIL images (or tuples starting with one).
+        image_size: longer side after resizing (LANCZOS, never upscaled); None keeps the size.
+            Not applied to tensors coming from a Dataset.
+        scales: image scales; the descriptors are combined as ``(mean_s v_s^p)^(1/p)`` with p
+            the model's ``multiscale_p`` (its GeM p; 1 with whitening), then L2-normalised. The
+            paper's multi-scale setting is ``(1, 1/sqrt(2), 1/2)``.
+        bboxes: one (x1, y1, x2, y2) or None per path: the query crop, resized so it keeps its
+            scale relative to the full image.
+        batch_size: images per forward pass; a batch only ever holds images of one shape.
+        num_workers: DataLoader worker processes for decoding and resizing (0: in-process).
+        device: where the network runs; default the model's device.
+        amp: autocast (float16 on CUDA, bfloat16 on CPU); default on for CUDA, off for CPU.
+        output: "numpy" (a float16 numpy array) or "torch" (a float16 tensor on ``device``).
+        on_error: "raise" (default): an unreadable image raises FileNotFoundError /
+            ImageLoadError naming the file. "skip": unreadable images are left out with a
+            warning, and the result becomes ``(descriptors, skipped)``, ``skipped`` being a list
+            of :class:`~pylandmark.data.LoadFailure` (index, source, message) and the
+            descriptors holding the kept images in input order.
+        progress: show a tqdm progress bar.
+        max_buffered: most images held while waiting for same-shape batch mates (default
+            ``2 * batch_size``); beyond that the emptiest group is run as a partial batch.
+
+    Returns:
+        (N, D) float16 descriptors, or ``(descriptors, skipped)`` with ``on_error="skip"``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    scales = _check_scales(scales)
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    num_workers = _check_int(num_workers, "num_workers", 0)
+    if max_buffered is None:
+        max_buffered = 2 * batch_size
+    max_buffered = _check_int(max_buffered, "max_buffered", batch_size)
+    if output not in ("numpy", "torch"):
+        raise ValueError(f"output must be 'numpy' or 'torch', got {output!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, float))
+                                   or not image_size >= 1):
+        raise ValueError(f"image_size must be a number >= 1 or None, got {image_size!r}")
+    param = next(model.parameters(), None)
+    if device is not None:
+        dev = torch.device(device)
+    else:
+        dev = param.device if param is not None else torch.device("cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device is {dev} but torch sees no CUDA device; pass device='cpu'")
+    use_amp = (dev.type == "cuda") if amp is None else bool(amp)
+    amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+
+    cfg = getattr(model, "config", None)
+    mean = tuple(getattr(cfg, "mean", IMAGENET_MEAN))
+    std = tuple(getattr(cfg, "std", IMAGENET_STD))
+    dataset = _as_dataset(images, image_size, bboxes, mean, std, on_error)
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("images is empty: nothing to extract")
+    ms_p = float(getattr(model, "multiscale_p", 1.0))
+    net = prepare_inference_model(model, dev)
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+        pin_memory=dev.type == "cuda", worker_init_fn=_worker_init if num_workers > 0 else None)
+    results: dict[int, torch.Tensor] = {}
+    skipped: list[LoadFailure] = []
+    buckets: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    buffered = 0
+    bar = tqdm(total=n, disable=not progress, unit="img", desc="extract", leave=False)
+
+    def run(shape: tuple[int, int]) -> None:
+        nonlocal buffered
+        items = buckets.pop(shape)
+        buffered -= len(items)
+        x = torch.stack([t for _, t in items]).to(dev, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last)
+        per_scale = []
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+            for s in scales:
+                v = net(_scaled(x, s))
+                if v.dim() != 2 or v.shape[0] != x.shape[0]:
+                    raise ValueError(f"model must return (B, D) descriptors, got shape {tuple(v.shape)}")
+                per_scale.append(v.float())
+        v = multiscale_combine(torch.stack(per_scale), ms_p if len(scales) > 1 else 1.0)
+        for (i, _), row in zip(items, v):
+            results[i] = row
+        bar.update(len(items))
+
+    batches = iter(loader)
+    try:
+        with torch.inference_mode():
+            for index, item in batches:
+                if isinstance(item, LoadFailure):
+                    skipped.append(item)
+                    bar.update(1)
+                    continue
+                shape = (int(item.shape[-2]), int(item.shape[-1]))
+                buckets.setdefault(shape, []).append((int(index), item))
+                buffered += 1
+                if len(buckets[shape]) >= batch_size:
+                    run(shape)
+                elif buffered > max_buffered:
+                    # the emptiest group (oldest first on ties): the full-ish ones keep filling
+                    run(min(buckets, key=lambda k: len(buckets[k])))
+            for shape in sorted(buckets, key=lambda k: -len(buckets[k])):
+                run(shape)
+    finally:
+        bar.close()
+        # stop the workers now: an exception's traceback keeps the iterator alive in a reference
+        # cycle, and shutting down from the garbage collector takes seconds per worker
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    if skipped:
+        names = ", ".join(f"{f.source} ({f.message})" for f in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        msg = f"extract: skipped {len(skipped)} of {n} images that could not be read: {names}{more}"
+        logger.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    kept = sorted(results)
+    if kept:
+        desc = torch.stack([results[i] for i in kept]).to(torch.float16)
+    else:
+        dim = int(getattr(model, "dim", 0))
+        desc = torch.empty((0, dim), dtype=torch.float16, device=dev)
+    out: Any = desc if output == "torch" else desc.cpu().numpy()
+    logger.info("extracted %d descriptors of size %d (%d skipped)", len(kept), desc.shape[1], len(skipped))
+    if on_error == "skip":
+        return out, skipped
+    return out

@@ -1,0 +1,171 @@
+"""End-to-end pipelines from image files: describe, build and grow an index, search, recognise,
+evaluate on revisited Oxford/Paris. Each `pylandmark` sub-command calls one function here."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .index import Index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractOptions:
+    """How images become descriptors (kept in an index's metadata so later queries match)."""
+
+    image_size: int = 1024
+    scales: tuple[float, ...] = (1.0,)
+    batch_size: int = 16
+    num_workers: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def metadata(self) -> dict:
+        return {"image_size": self.image_size, "scales": list(self.scales)}
+
+
+def expand_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given and image files found under folders (sorted); errors on missing paths."""
+    from .data.images import list_images
+
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                raise FileNotFoundError(f"no images (.jpg, .png, ...) under {p}")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {p}")
+    if not out:
+        raise ValueError("no images given")
+    return out
+
+
+def describe(network, images: Sequence[Path], opts: ExtractOptions, *, skip_bad: bool = False,
+             bboxes: Sequence[Any] | None = None) -> tuple[np.ndarray, list[Path], list[str]]:
+    """(N, D) float16 descriptors of the images that could be read, their paths, and one message
+    per skipped image (empty unless skip_bad)."""
+    from .extraction import extract
+
+    result = extract(network, [str(p) for p in images], image_size=opts.image_size, scales=opts.scales,
+                     bboxes=bboxes, batch_size=opts.batch_size, num_workers=opts.num_workers,
+                     device=opts.device, progress=opts.progress, on_error="skip" if skip_bad else "raise")
+    if not skip_bad:
+        return result, list(images), []
+    desc, failures = result
+    bad = {f.index for f in failures}
+    kept = [p for i, p in enumerate(images) if i not in bad]
+    for f in failures:
+        log.warning("skipped %s: %s", f.source, f.message)
+    return desc, kept, [f"{f.source}: {f.message}" for f in failures]
+
+
+def build_index(network, folder: str | Path, opts: ExtractOptions, *, labels_from_folders: bool = True,
+                weights: str = "") -> tuple[Index, list[str]]:
+    """An index of every image under `folder`; with labels_from_folders, <folder>/<class>/... names
+    each image's label. Unreadable images are skipped and reported."""
+    from .data.folders import LabelledFolder
+
+    if labels_from_folders:
+        ds = LabelledFolder(folder)
+        paths, labels = [Path(p) for p in ds.paths], list(ds.labels)
+    else:
+        paths, labels = expand_images([folder]), None
+    desc, kept, skipped = describe(network, paths, opts, skip_bad=True)
+    if labels is not None:
+        keep = set(map(str, kept))
+        labels = [lab for p, lab in zip(paths, labels) if str(p) in keep]
+    index = Index(int(desc.shape[1]), metadata={"weights": weights, **opts.metadata()})
+    index.add(desc, labels=labels, paths=[str(p) for p in kept])
+    return index, skipped
+
+
+def add_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions,
+               label: str | None = None, labels_from_folders: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Describes and appends images; the label is one for all, or each image's parent folder."""
+    desc, kept, skipped = describe(network, images, opts, skip_bad=True)
+    labels = None
+    if labels_from_folders:
+        labels = [p.parent.name for p in kept]
+    elif label is not None:
+        labels = [label] * len(kept)
+    ids = index.add(desc, labels=labels, paths=[str(p) for p in kept])
+    return ids, skipped
+
+
+def index_options(index: Index, **overrides: Any) -> ExtractOptions:
+    """Extraction options recorded in the index, with explicit overrides (None = keep)."""
+    meta = index.metadata
+    opts = ExtractOptions(image_size=int(meta.get("image_size", 1024)), scales=tuple(meta.get("scales", (1.0,))))
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(opts, key, tuple(value) if key == "scales" else value)
+    return opts
+
+
+def search_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5) -> list[dict]:
+    """For each query image: its top-k neighbours (score, id, label, path)."""
+    desc, _, _ = describe(network, images, opts)
+    scores, rows = index.search_rows(desc, k=k)
+    labels, paths, ids = index.labels, index.paths, index.ids
+    out = []
+    for img, srow, rrow in zip(images, np.asarray(scores), np.asarray(rows)):
+        hits = [{"rank": r + 1, "score": float(s), "id": int(ids[i]),
+                 "label": None if labels is None else labels[i], "path": None if paths is None else paths[i]}
+                for r, (s, i) in enumerate(zip(srow, rrow)) if i >= 0]
+        out.append({"query": str(img), "neighbours": hits})
+    return out
+
+
+def recognize_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5,
+                     vote: str = "majority", min_score: float | None = None) -> list[dict]:
+    """For each query image: the recognised label, its confidence and the neighbours that voted."""
+    from .recognition import recognize
+
+    if index.labels is None:
+        raise ValueError("this index has no labels; build it with --labels-from-folders or add labels")
+    desc, _, _ = describe(network, images, opts)
+    res = recognize(index, desc, k=k, vote=vote, min_score=min_score)
+    paths, ids = index.paths, index.ids
+    out = []
+    for q, img in enumerate(images):
+        hits = [{"score": float(res.scores[q, j]), "id": int(ids[r]), "label": res.neighbor_labels[q, j],
+                 "path": None if paths is None else paths[r]}
+                for j, r in enumerate(res.neighbors[q]) if r >= 0]
+        out.append({"query": str(img), "label": _plain(res.labels[q]), "known": bool(res.known[q]),
+                    "confidence": float(res.confidences[q]), "votes": int(res.votes[q]), "neighbours": hits})
+    return out
+
+
+def evaluate_revisited(network, names: Sequence[str], data_root: str | Path, opts: ExtractOptions, *,
+                       qe_k: int = 0, qe_alpha: float = 3.0, dba_k: int = 0, dba_alpha: float = 3.0) -> dict:
+    """mAP and mP@k (easy / medium / hard) per dataset, with optional alpha-QE and DBA."""
+    from .data.revisited import RevisitedDataset
+    from .ops import search
+    from .rerank import rerank
+
+    results = {}
+    for name in names:
+        ds = RevisitedDataset(name, Path(data_root) / name)
+        db, _, _ = describe(network, ds.images, opts)
+        bboxes = [ds.query_bbox(i) for i in range(ds.n_queries)]
+        q, _, _ = describe(network, ds.query_paths, opts, bboxes=bboxes)
+        if qe_k or dba_k:
+            q, db = rerank(q, db, qe_k=qe_k, qe_alpha=qe_alpha, dba_k=dba_k, dba_alpha=dba_alpha)
+        _, ranks = search(q, db, k=len(db))
+        res = ds.evaluate(ranks)
+        results[name] = {"options": {**asdict(opts), "qe_k": qe_k, "dba_k": dba_k}, **res}
+    return results
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v

@@ -1,0 +1,179 @@
+"""End-to-end `pylandmark` commands on the PNU landmark photos, checked against the Python API
+and a float64 brute-force search."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pylandmark as plm
+from pylandmark.cli import main
+from pylandmark.models import LandmarkNet
+
+TINY = {"depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 24, 32, 48]}
+SIZE = "160"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return LandmarkNet(backbone_args=TINY).save(tmp_path_factory.mktemp("net") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pnu(shared_data) -> Path:
+    return shared_data / "pnu_landmarks"
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def built(pnu, weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("index") / "pnu.plmi"
+    assert main(["index", "build", str(pnu / "train"), "--labels-from-folders", "--out", str(out),
+                 "--weights", str(weights), "--image-size", SIZE, "--quiet", "--json"]) == 0
+    return out
+
+
+def brute_force(weights, index_path, queries):
+    """float64 cosine scores of the query photos against the stored index rows, (Q, N)."""
+    net = LandmarkNet.from_pretrained(weights)
+    db = plm.Index.load(index_path).descriptors.astype(np.float64)
+    q = plm.extract(net, [str(p) for p in queries], image_size=int(SIZE), progress=False).astype(np.float64)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return q @ db.T
+
+
+def check_topk(hits, srow, paths, k):
+    """hits hold an exact top-k of srow (ties within float32 rounding may swap places)."""
+    best = np.sort(srow)[::-1][:k]
+    rows = [paths.index(h["path"]) for h in hits]
+    assert len(set(rows)) == k
+    np.testing.assert_allclose([h["score"] for h in hits], best, atol=1e-5)
+    np.testing.assert_allclose(srow[rows], best, atol=1e-5)
+    return rows
+
+
+def test_index_build_and_info(built, capsys):
+    code, out, _ = run(capsys, "index", "info", built, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["count"] == 35 and info["classes"] == 5 and info["labelled"]
+    assert info["metadata"]["image_size"] == int(SIZE)
+
+
+def test_search_json_matches_brute_force(built, weights, pnu, capsys):
+    queries = sorted((pnu / "test").rglob("*.png"))
+    code, out, _ = run(capsys, "search", built, pnu / "test", "-k", 4, "--json", "--quiet")
+    results = json.loads(out)
+    assert code == 0 and [r["query"] for r in results] == [str(p) for p in queries]
+    paths = list(plm.Index.load(built).paths)
+    s = brute_force(weights, built, queries)
+    for r, srow in zip(results, s):
+        check_topk(r["neighbours"], srow, paths, 4)
+        assert [h["label"] for h in r["neighbours"]] == [Path(h["path"]).parent.name for h in r["neighbours"]]
+
+
+def test_recognize_json_is_the_majority_of_the_top5(built, weights, pnu, capsys):
+    queries = sorted((pnu / "test").rglob("*.png"))
+    code, out, _ = run(capsys, "recognize", built, *queries, "--json", "--quiet")
+    results = json.loads(out)
+    assert code == 0 and len(results) == 15
+    paths = list(plm.Index.load(built).paths)
+    s = brute_force(weights, built, queries)
+    for r, srow in zip(results, s):
+        check_topk(r["neighbours"], srow, paths, 5)
+        labels = [Path(h["path"]).parent.name for h in r["neighbours"]]
+        scores = [h["score"] for h in r["neighbours"]]
+        counts = Counter(labels)
+        best = max(counts.values())
+        tied = {lab for lab, c in counts.items() if c == best}
+        # ties: larger summed similarity, then the nearer neighbour
+        sums = {lab: sum(sc for sc, l2 in zip(scores, labels) if l2 == lab) for lab in tied}
+        top = max(sums.values())
+        expected = next(lab for lab in labels if lab in tied and sums[lab] == top)
+        assert r["label"] == expected and r["known"]
+        assert r["votes"] == best and r["confidence"] == pytest.approx(best / 5)
+    code, text, _ = run(capsys, "recognize", built, queries[0], "--quiet")
+    assert code == 0 and text.splitlines()[0].startswith(f"{queries[0]}: ")
+
+
+def test_index_add_grows_the_file(built, pnu, tmp_path, capsys):
+    path = tmp_path / "grow.plmi"
+    shutil.copy(built, path)
+    code, out, _ = run(capsys, "index", "add", path, pnu / "test" / "hh", "--label", "hh", "--json", "--quiet")
+    assert code == 0 and json.loads(out)["added"] == 3
+    index = plm.Index.load(path)
+    assert len(index) == 38 and list(index.labels[-3:]) == ["hh"] * 3
+    assert index.paths[-1].endswith("hh/00000002.png")
+
+
+def test_extract_writes_npy_equal_to_the_api(weights, pnu, tmp_path, capsys):
+    out = tmp_path / "d.npy"
+    code, text, _ = run(capsys, "extract", pnu / "test" / "rg", "--out", out, "--weights", weights,
+                        "--image-size", SIZE, "--json", "--quiet")
+    assert code == 0 and json.loads(text)["count"] == 3
+    got = np.load(out)
+    paths = (tmp_path / "d.paths.txt").read_text().split()
+    ref = plm.extract(LandmarkNet.from_pretrained(weights), paths, image_size=int(SIZE), progress=False)
+    assert got.dtype == np.float16 and got.shape == (3, 48)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_extract_skips_bad_files_when_asked(weights, pnu, tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    good = pnu / "test" / "wb" / "00000000.png"
+    code, _, err = run(capsys, "extract", good, bad, "--out", tmp_path / "x.npy", "--weights", weights,
+                       "--image-size", SIZE, "--quiet")
+    assert code == 2 and "broken.jpg" in err and err.count("\n") == 1
+    code, text, _ = run(capsys, "extract", good, bad, "--out", tmp_path / "x.npy", "--weights", weights,
+                        "--image-size", SIZE, "--skip-bad", "--json", "--quiet")
+    payload = json.loads(text)
+    assert code == 0 and payload["count"] == 1 and "broken.jpg" in payload["skipped"][0]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["search", "missing.plmi", "x.jpg"], "no index file"),
+    (["index", "info", "{bad}"], "not a pylandmark index"),
+    (["extract", "{pnu}/test/cse", "--out", "o.npy", "--weights", "cspdarknet53-gem"], "pylandmark train"),
+    (["extract", "{pnu}/test/cse", "--out", "o.npy"], "--weights is required"),
+    (["extract", "no/such/dir", "--out", "o.npy", "--weights", "random"], "no such image or folder"),
+])
+def test_errors_are_one_line_with_nonzero_exit(argv, words, pnu, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYLANDMARK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.plmi"
+    bad.write_bytes(b"GIF89a" + b"\0" * 100)
+    argv = [a.format(bad=bad, pnu=pnu) for a in argv]
+    code, _, err = run(capsys, *argv, "--quiet")
+    assert code == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_random_weights_warn(pnu, tmp_path, capsys):
+    with pytest.warns(UserWarning, match="results mean nothing"):
+        from pylandmark.pretrained import load_network
+
+        net = load_network("random")
+    assert isinstance(net, LandmarkNet) and not net.training
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "pylandmark", "--help"], capture_output=True, text=True,
+                         check=True, cwd="/").stdout
+    for name in ("extract", "index", "search", "recognize", "evaluate", "train", "bench"):
+        assert name in out
+    sub = subprocess.run([sys.executable, "-m", "pylandmark", "recognize", "--help"], capture_output=True,
+                         text=True, check=True, cwd="/").stdout
+    assert "examples:" in sub and "--min-score" in sub

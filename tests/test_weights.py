@@ -1,0 +1,279 @@
+"""load_backbone_weights: timm / torchvision / cirtorch checkpoints, prefixes, classifier keys,
+missing / unexpected keys, hashes, and the URL path (file:// and a local HTTP server only)."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import re
+import socket
+import threading
+
+import pytest
+import torch
+
+from pylandmark.models import (CSPDarknet53, LandmarkNet, ResNet, ResNetCfg, load_backbone_weights)
+
+TINY_CSP = {"depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 16, 24, 32]}
+
+
+def parse_state_dict_txt(path) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"(\S+) \(([\d, ]*)\)", line.strip())
+        assert m, line
+        out.append((m.group(1), tuple(int(v) for v in m.group(2).replace(" ", "").split(",") if v)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def timm_checkpoint(shared_data) -> dict[str, torch.Tensor]:
+    """A checkpoint built only from the published key/shape list (not from our model), with
+    distinct random values so a misplaced tensor is caught."""
+    g = torch.Generator().manual_seed(11)
+    sd = {}
+    for key, shape in parse_state_dict_txt(shared_data / "cspdarknet53_state_dict.txt"):
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.tensor(1234, dtype=torch.int64)
+        elif key.endswith("running_var"):
+            sd[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            sd[key] = torch.randn(shape, generator=g)
+    assert len(sd) == 404
+    return sd
+
+
+def save_safetensors(sd, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def assert_backbone_equals(model, sd):
+    own = model.state_dict()
+    for key, value in sd.items():
+        if key.startswith("head."):
+            continue
+        assert torch.equal(own[key], value.to(own[key].dtype)), key
+
+
+def test_strict_load_of_timm_checkpoint(tmp_path, timm_checkpoint):
+    path = save_safetensors(timm_checkpoint, tmp_path / "model.safetensors")
+    model = CSPDarknet53()
+    report = load_backbone_weights(model, path)
+    assert report.ok and len(report.loaded) == 402
+    assert sorted(report.dropped) == ["head.fc.bias", "head.fc.weight"]
+    assert report.missing == [] and report.unexpected == []
+    assert_backbone_equals(model, timm_checkpoint)
+    assert "loaded 402 tensors" in str(report) and "head.fc.weight" in str(report)
+    # with the classifier the head loads too
+    full = CSPDarknet53(num_classes=1000)
+    report = load_backbone_weights(full, path)
+    assert len(report.loaded) == 404 and report.dropped == []
+    assert torch.equal(full.head.fc.weight, timm_checkpoint["head.fc.weight"])
+    # plain torch loading of the same dict is strict too (our names are timm's names)
+    CSPDarknet53(num_classes=1000).load_state_dict(timm_checkpoint, strict=True)
+
+
+def test_loaded_features_match_reference_forward(timm_checkpoint):
+    """After loading, the network computes what the checkpoint prescribes: compare the stem and
+    the first stage with a functional forward written from the checkpoint alone."""
+    import torch.nn.functional as F
+
+    sd = timm_checkpoint
+    model = CSPDarknet53().double().eval()
+    load_backbone_weights(model, sd)
+
+    def cna(prefix, x, stride=1):
+        w = sd[f"{prefix}.conv.weight"].double()
+        y = F.conv2d(x, w, stride=stride, padding=w.shape[-1] // 2)
+        bn = {n: sd[f"{prefix}.bn.{n}"].double() for n in ("running_mean", "running_var", "weight", "bias")}
+        y = F.batch_norm(y, bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"], False, 0.0, 1e-5)
+        return F.leaky_relu(y, 0.01)
+
+    x = torch.randn(1, 3, 37, 29, dtype=torch.float64)
+    ref = cna("stem.conv1", x)
+    ref = cna("stages.0.conv_exp", cna("stages.0.conv_down", ref, stride=2))
+    a, b = ref[:, :64], ref[:, 64:]
+    b = b + cna("stages.0.blocks.0.conv2", cna("stages.0.blocks.0.conv1", b))
+    ref = cna("stages.0.conv_transition", torch.cat([a, cna("stages.0.conv_transition_b", b)], 1))
+    with torch.no_grad():
+        got = model.stages[0](model.stem(x))
+    assert got.shape == (1, 64, 19, 15)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "backbone.", "module.backbone.", "model."])
+def test_prefixed_checkpoints(tmp_path, timm_checkpoint, prefix):
+    sd = {prefix + k: v for k, v in timm_checkpoint.items()}
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": sd, "epoch": 3, "arch": "cspdarknet53"}, path)  # nested, as trainers do
+    net = LandmarkNet()  # loads into net.backbone
+    report = load_backbone_weights(net, path)
+    assert report.ok and report.renamed == 402
+    assert sorted(report.dropped) == sorted(prefix + k for k in ("head.fc.weight", "head.fc.bias"))
+    assert_backbone_equals(net.backbone, timm_checkpoint)
+    assert float(net.pool.p.detach()) == 3.0  # untouched
+
+
+def test_landmarknet_checkpoint_round_trip_into_backbone(tmp_path):
+    torch.manual_seed(0)
+    src = LandmarkNet(backbone_args=TINY_CSP, whitening=True)
+    state = src.state_dict()
+    dst = LandmarkNet(backbone_args=TINY_CSP)
+    report = load_backbone_weights(dst, state)
+    assert report.ok
+    assert sorted(report.dropped) == ["pool.p", "whiten.bias", "whiten.weight"]
+    for k, v in src.backbone.state_dict().items():
+        assert torch.equal(dst.backbone.state_dict()[k], v)
+
+
+def test_torchvision_and_cirtorch_resnet_keys(tmp_path):
+    torch.manual_seed(1)
+    cfg = ResNetCfg(layers=(1, 2, 1, 1), width=8)
+    src = ResNet(cfg, num_classes=10)
+    tv = src.state_dict()  # torchvision names, with fc
+    dst = ResNet(cfg)
+    report = load_backbone_weights(dst, tv)
+    assert report.ok and sorted(report.dropped) == ["fc.bias", "fc.weight"]
+    # cirtorch: features = [conv1, bn1, relu, maxpool, layer1..layer4], plus GeM p and whitening
+    index = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
+    cir = {}
+    for k, v in tv.items():
+        head, rest = k.split(".", 1)
+        if head in index:
+            cir[f"features.{index[head]}.{rest}"] = v
+    cir["pool.p"] = torch.tensor([3.1])
+    cir["whiten.weight"] = torch.randn(4, 32)
+    cir["whiten.bias"] = torch.randn(4)
+    path = tmp_path / "retrievalSfM120k-resnet.pth"
+    torch.save({"state_dict": cir, "meta": {"architecture": "resnet101", "pooling": "gem"}}, path)
+    dst2 = ResNet(cfg)
+    report = load_backbone_weights(dst2, path)
+    assert report.ok and len(report.loaded) == len(dst2.state_dict())
+    assert sorted(report.dropped) == ["pool.p", "whiten.bias", "whiten.weight"]
+    x = torch.randn(1, 3, 45, 61)
+    src.eval(), dst2.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dst2.forward_features(x), src.forward_features(x), rtol=0, atol=0)
+
+
+def test_missing_unexpected_and_mismatched_keys(timm_checkpoint):
+    sd = dict(timm_checkpoint)
+    del sd["stages.2.blocks.3.conv1.conv.weight"]
+    sd["stages.9.extra.weight"] = torch.zeros(3)
+    sd["stem.conv1.bn.weight"] = torch.zeros(31)
+    model = CSPDarknet53()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        load_backbone_weights(model, sd)
+    msg = str(info.value)
+    assert "stages.2.blocks.3.conv1.conv.weight" in msg and "stages.9.extra.weight" in msg
+    assert "stem.conv1.bn.weight checkpoint (31,) vs model (32,)" in msg and "strict=False" in msg
+    for k, v in model.state_dict().items():  # strict failure loads nothing
+        assert torch.equal(v, before[k]), k
+    report = load_backbone_weights(model, sd, strict=False)
+    assert report.missing == ["stem.conv1.bn.weight", "stages.2.blocks.3.conv1.conv.weight"]  # model order
+    assert report.unexpected == ["stages.9.extra.weight"]
+    assert report.mismatched == [("stem.conv1.bn.weight", (31,), (32,))]
+    assert torch.equal(model.state_dict()["stages.4.conv_transition.conv.weight"],
+                       timm_checkpoint["stages.4.conv_transition.conv.weight"])
+    assert torch.equal(model.state_dict()["stages.2.blocks.3.conv1.conv.weight"],
+                       before["stages.2.blocks.3.conv1.conv.weight"])
+
+
+def test_missing_num_batches_tracked_is_tolerated(timm_checkpoint):
+    sd = {k: v for k, v in timm_checkpoint.items() if not k.endswith("num_batches_tracked")}
+    report = load_backbone_weights(CSPDarknet53(), sd)
+    assert report.ok and len(report.loaded) == 402 - 67  # 67 ConvNormAct layers
+
+
+def test_wrong_architecture_is_rejected(timm_checkpoint):
+    with pytest.raises(ValueError, match="no key .* matches ResNet"):
+        load_backbone_weights(ResNet(ResNetCfg(layers=(1, 1, 1, 1), width=8)), timm_checkpoint, strict=False)
+
+
+def test_sha256_checks_and_local_file_errors(tmp_path, timm_checkpoint):
+    path = save_safetensors(timm_checkpoint, tmp_path / "w.safetensors")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert load_backbone_weights(CSPDarknet53(), path, sha256=digest).ok
+    assert load_backbone_weights(CSPDarknet53(), path, sha256=digest[:10].upper()).ok
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        load_backbone_weights(CSPDarknet53(), path, sha256=wrong)
+    with pytest.raises(ValueError, match="sha256 must be a hex digest"):
+        load_backbone_weights(CSPDarknet53(), path, sha256="xyz")
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_backbone_weights(CSPDarknet53(), tmp_path / "nope.safetensors")
+    with pytest.raises(TypeError, match="source"):
+        load_backbone_weights(CSPDarknet53(), 123)
+    with pytest.raises(TypeError, match="model"):
+        load_backbone_weights("cspdarknet53", path)
+    bad = tmp_path / "garbage.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="garbage.pth"):
+        load_backbone_weights(CSPDarknet53(), bad)
+
+
+def test_file_url_is_downloaded_once_into_cache(tmp_path, timm_checkpoint, monkeypatch):
+    import pylandmark.download as download
+
+    src = save_safetensors(timm_checkpoint, tmp_path / "cspdarknet53_ra.safetensors")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(download, "cache_dir", lambda: cache)
+    calls = []
+    real = download.download_url
+    monkeypatch.setattr(download, "download_url", lambda *a, **k: calls.append(a) or real(*a, **k))
+    url = src.as_uri()
+    model = CSPDarknet53()
+    assert load_backbone_weights(model, url, sha256=digest, progress=False).ok
+    cached = cache / "checkpoints" / "cspdarknet53_ra.safetensors"
+    assert cached.is_file() and hashlib.sha256(cached.read_bytes()).hexdigest() == digest
+    assert len(calls) == 1
+    src.unlink()  # second time the cache is used, no download
+    report = load_backbone_weights(CSPDarknet53(), url, sha256=digest, progress=False)
+    assert report.source == str(cached) and len(calls) == 1
+    assert_backbone_equals(model, timm_checkpoint)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):  # no request logging on stderr
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_url_and_offline_error(tmp_path, http_server):
+    root, base = http_server
+    torch.manual_seed(2)
+    src = ResNet(ResNetCfg(layers=(1, 1, 1, 1), width=8), num_classes=5)
+    torch.save(src.state_dict(), root / "resnet_tiny.pth")
+    dst = ResNet(ResNetCfg(layers=(1, 1, 1, 1), width=8))
+    report = load_backbone_weights(dst, f"{base}/resnet_tiny.pth", cache_dir=tmp_path / "c", progress=False)
+    assert report.ok and (tmp_path / "c" / "resnet_tiny.pth").is_file()
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k])
+    # nothing listens on this port: the error says where to put the file by hand
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dest = tmp_path / "c" / "weights.pth"
+    with pytest.raises(OSError) as info:
+        load_backbone_weights(dst, f"http://127.0.0.1:{port}/weights.pth", cache_dir=tmp_path / "c",
+                              progress=False)
+    assert str(dest) in str(info.value) and "put it at" in str(info.value)
