@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <type_traits>
 
 #include "cuda/check.h"
 #include "cuda/gem.h"
@@ -196,6 +197,26 @@ unsigned rows_grid(int64_t rows) {
   return static_cast<unsigned>(blocks);
 }
 
+// Launches the rows or the columns variant of a GeM kernel for x's layout; `tail` are the
+// kernel arguments after (p, eps).
+template <class T, class RowsKernel, class ColsKernel, class... Tail>
+void launch(const GemDeviceArgs& a, RowsKernel rows_kernel, ColsKernel cols_kernel, Tail... tail) {
+  const T* x = static_cast<const T*>(a.x);
+  if (rows_layout(a)) {
+    rows_kernel<<<rows_grid(a.B * a.C), kRowWarpsPerBlock * 32, 0, a.stream>>>(
+        x, a.B, a.C, a.HW, a.sb, a.sc, a.p, a.eps, tail...);
+    PLM_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  const dim3 block(kColChannels, kColRows);
+  for (int64_t b0 = 0; b0 < a.B; b0 += kMaxGridY) {  // grid.y is limited to 65535 images
+    const dim3 grid(static_cast<unsigned>((a.C + kColChannels - 1) / kColChannels),
+                    static_cast<unsigned>(std::min(kMaxGridY, a.B - b0)));
+    cols_kernel<<<grid, block, 0, a.stream>>>(x, b0, a.C, a.HW, a.sb, a.shw, a.p, a.eps, tail...);
+    PLM_CUDA_CHECK_LAUNCH();
+  }
+}
+
 }  // namespace
 
 void gem_forward(const GemDeviceArgs& a, float* y) {
@@ -203,20 +224,7 @@ void gem_forward(const GemDeviceArgs& a, float* y) {
   DeviceGuard guard(a.device);
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    const T* x = static_cast<const T*>(a.x);
-    if (rows_layout(a)) {
-      gem_fwd_rows<T><<<rows_grid(a.B * a.C), kRowWarpsPerBlock * 32, 0, a.stream>>>(
-          x, a.B, a.C, a.HW, a.sb, a.sc, a.p, a.eps, y);
-      PLM_CUDA_CHECK_LAUNCH();
-      return;
-    }
-    const dim3 block(kColChannels, kColRows);
-    for (int64_t b0 = 0; b0 < a.B; b0 += kMaxGridY) {
-      const dim3 grid(static_cast<unsigned>((a.C + kColChannels - 1) / kColChannels),
-                      static_cast<unsigned>(std::min(kMaxGridY, a.B - b0)));
-      gem_fwd_cols<T><<<grid, block, 0, a.stream>>>(x, b0, a.C, a.HW, a.sb, a.shw, a.p, a.eps, y);
-      PLM_CUDA_CHECK_LAUNCH();
-    }
+    launch<T>(a, gem_fwd_rows<T>, gem_fwd_cols<T>, y);
   });
 }
 
@@ -225,21 +233,7 @@ void gem_backward(const GemDeviceArgs& a, const float* gy, const float* y, void*
   DeviceGuard guard(a.device);
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    const T* x = static_cast<const T*>(a.x);
-    T* d = static_cast<T*>(dx);
-    if (rows_layout(a)) {
-      gem_bwd_rows<T><<<rows_grid(a.B * a.C), kRowWarpsPerBlock * 32, 0, a.stream>>>(
-          x, a.B, a.C, a.HW, a.sb, a.sc, a.p, a.eps, gy, y, d, terms);
-      PLM_CUDA_CHECK_LAUNCH();
-      return;
-    }
-    const dim3 block(kColChannels, kColRows);
-    for (int64_t b0 = 0; b0 < a.B; b0 += kMaxGridY) {
-      const dim3 grid(static_cast<unsigned>((a.C + kColChannels - 1) / kColChannels),
-                      static_cast<unsigned>(std::min(kMaxGridY, a.B - b0)));
-      gem_bwd_cols<T><<<grid, block, 0, a.stream>>>(x, b0, a.C, a.HW, a.sb, a.shw, a.p, a.eps, gy, y, d, terms);
-      PLM_CUDA_CHECK_LAUNCH();
-    }
+    launch<T>(a, gem_bwd_rows<T>, gem_bwd_cols<T>, gy, y, static_cast<T*>(dx), terms);
   });
 }
 
