@@ -87,6 +87,15 @@ void check_gem_out(const ArrayView& y, const ArrayView& x) {
     throw py::value_error(y.name + " must have shape (B, C)");
 }
 
+// dx is written in place of x's gradient: same dtype, shape and strides.
+void check_grad_input(const ArrayView& dx, const ArrayView& x) {
+  plm::require_writable(dx);
+  plm::require_dtype(dx, x.dtype);
+  for (int i = 0; i < 4; ++i)
+    if (dx.shape[i] != x.shape[i] || (dx.shape[i] > 1 && dx.strides[i] != x.strides[i]))
+      throw py::value_error("grad_input must have the shape and strides of x");
+}
+
 void gem_forward(const py::tuple& x_spec, const py::tuple& y_spec, double p, double eps) {
   ArrayView x = plm::view_from_spec(x_spec, "x");
   ArrayView y = plm::view_from_spec(y_spec, "y");
@@ -107,11 +116,7 @@ double gem_backward(const py::tuple& x_spec, const py::tuple& gy_spec, const py:
   auto args = gem_args(x, p, eps);
   check_gem_out(y, x);
   check_gem_out(gy, x);
-  plm::require_writable(dx);
-  plm::require_dtype(dx, x.dtype);
-  for (int i = 0; i < 4; ++i)
-    if (dx.shape[i] != x.shape[i] || (dx.shape[i] > 1 && dx.strides[i] != x.strides[i]))
-      throw py::value_error("grad_input must have the shape and strides of x");
+  check_grad_input(dx, x);
   py::gil_scoped_release nogil;
   return plm::cpu::gem_backward(args, gy.data, y.data, dx.data, want_dp);
 }
@@ -158,11 +163,7 @@ void gem_backward_cuda(const py::tuple& x_spec, const py::tuple& gy_spec, const 
     check_same_device(*v, x);
   }
   check_same_device(dx, x);
-  plm::require_writable(dx);
-  plm::require_dtype(dx, x.dtype);
-  for (int i = 0; i < 4; ++i)
-    if (dx.shape[i] != x.shape[i] || (dx.shape[i] > 1 && dx.strides[i] != x.strides[i]))
-      throw py::value_error("grad_input must have the shape and strides of x");
+  check_grad_input(dx, x);
   float* terms = nullptr;
   if (!terms_spec.is_none()) {
     ArrayView t = plm::view_from_spec(terms_spec.cast<py::tuple>(), "terms");
