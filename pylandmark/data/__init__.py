@@ -22,6 +22,12 @@ _EXPORTS: dict[str, str] = {
     "download_revisited": "revisited",
     "load_gnd": "revisited",
     "LabelledFolder": "folders",
+    "SfM120k": "sfm120k",
+    "WhiteningPairs": "sfm120k",
+    "download_sfm120k": "sfm120k",
+    "load_sfm_pickle": "sfm120k",
+    "make_sfm_dataset": "synthetic",
+    "make_revisited_dataset": "synthetic",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,388 @@
+"""SfM-120k: the training data of the unsupervised fine-tuning (Radenovic et al., TPAMI 2018).
+
+Layout under ``root`` (what :func:`download_sfm120k` makes)::
+
+    <root>/retrieval-SfM-120k.pkl          {'train': {...}, 'val': {...}}
+    <root>/retrieval-SfM-120k-whiten.pkl   {'cids', 'qidxs', 'pidxs'} (learned whitening pairs)
+    <root>/retrieval-SfM-30k-whiten.pkl    (optional, same format)
+    <root>/ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>     JPEG images without extension
+
+The pickles may also sit in ``<root>/dbs/``. Each split holds ``cids`` (image ids),
+``cluster`` (the 3D model id of every image), and the parallel lists ``qidxs`` / ``pidxs``
+(query and positive image indices into ``cids``).
+
+The pickles are read with a restricted unpickler: the official files hold only dicts, lists,
+strings and ints, so no global (class or function) may be loaded from them; anything else is
+refused before it can run.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..download import download_url
+
+__all__ = ["SfM120k", "WhiteningPairs", "download_sfm120k", "load_sfm_pickle", "cid_to_path",
+           "SFM_URL", "SPLITS", "EXPECTED_COUNTS"]
+
+logger = logging.getLogger(__name__)
+
+SFM_URL = "http://cmp.felk.cvut.cz/cnnimageretrieval/data/train/"
+DB_NAME = "retrieval-SfM-120k"
+WHITEN_NAMES = ("retrieval-SfM-120k-whiten", "retrieval-SfM-30k-whiten")
+IMS_ARCHIVE = "ims/ims.tar.gz"
+SPLITS = ("train", "val")
+#: (images, pairs) of the official retrieval-SfM-120k.pkl, per split
+EXPECTED_COUNTS = {"train": (91642, 181697), "val": (6403, 1691)}
+_DONE_MARKER = ".ims_extracted"
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle needed a global; the SfM-120k files never do."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads dicts, lists, tuples, strings, bytes, numbers only: every global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise _Refused(f"refusing to load {module}.{name}: an SfM-120k file holds only dicts, lists, "
+                       "strings and numbers; this file is not one, or was tampered with")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _Refused("refusing a persistent id: not an SfM-120k file")
+
+
+def load_sfm_pickle(path: str | os.PathLike) -> Any:
+    """Reads an SfM-120k pickle (``retrieval-SfM-*.pkl``) without executing code from it.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a plain pickle of containers and numbers (or is corrupt).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"SfM-120k file not found: {p}")
+    data = p.read_bytes()
+    try:
+        return _PlainUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except _Refused as err:
+        raise ValueError(f"{p}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(f"{p} is not a readable SfM-120k pickle: {err}") from err
+
+
+def cid_to_path(root: str | os.PathLike, cid: str) -> Path:
+    """Image file of ``cid``: ``<root>/ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>``."""
+    if not isinstance(cid, str) or len(cid) < 6:
+        raise ValueError(f"cid must be an image id string of at least 6 characters, got {cid!r}")
+    return Path(root) / "ims" / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
+
+
+def _find_db(root: Path, name: str) -> Path:
+    candidates = [root / f"{name}.pkl", root / "dbs" / f"{name}.pkl"]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"{name}.pkl not found in {root} (nor in {root / 'dbs'}); run "
+                                f"pylandmark.data.download_sfm120k({str(root)!r}) or put the file there")
+    return found
+
+
+def _as_index_array(values: Any, where: str, n: int | None) -> np.ndarray:
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where} must be a list of ints: {err}") from err
+    if arr.ndim != 1:
+        raise ValueError(f"{where} must be a flat list of ints, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{where} must hold ints, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if n is not None and (arr.min() < 0 or arr.max() >= n):
+        raise ValueError(f"{where} holds an index outside [0, {n}) (min {arr.min()}, max {arr.max()})")
+    return arr
+
+
+def _check_cids(cids: Any, where: str) -> list[str]:
+    if not isinstance(cids, (list, tuple)):
+        raise ValueError(f"{where}['cids'] must be a list of image ids, got {type(cids).__name__}")
+    out = [c.decode("latin1") if isinstance(c, bytes) else c for c in cids]
+    bad = next((c for c in out if not isinstance(c, str) or len(c) < 6), None)
+    if bad is not None:
+        raise ValueError(f"{where}['cids'] holds {bad!r}; image ids are strings of >= 6 characters")
+    return out
+
+
+class SfM120k:
+    """One split of SfM-120k (or of any file in its format, e.g. the synthetic one).
+
+    Args:
+        root: folder with ``<name>.pkl`` (or ``dbs/<name>.pkl``) and ``ims/``.
+        split: "train" or "val".
+        name: base name of the pickle (default ``retrieval-SfM-120k``).
+        check_images: verify that every image file exists (one stat per image).
+
+    Attributes:
+        root, split, name, db_path.
+        cids: (N,) image ids.
+        clusters: (N,) int64 cluster (3D model) id per image.
+        qidxs, pidxs: (P,) int64 query / positive image indices (parallel).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", *, name: str = DB_NAME,
+                 check_images: bool = False):
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a path, got {type(root).__name__}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.root = Path(root).expanduser()
+        self.split, self.name = split, name
+        self.db_path = _find_db(self.root, name)
+        db = load_sfm_pickle(self.db_path)
+        if not isinstance(db, Mapping) or split not in db:
+            keys = sorted(db) if isinstance(db, Mapping) else type(db).__name__
+            raise ValueError(f"{self.db_path} must be a dict with 'train' and 'val' entries, got {keys}")
+        entry = db[split]
+        where = f"{self.db_path.name}[{split!r}]"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where} must be a dict, got {type(entry).__name__}")
+        missing = [k for k in ("cids", "cluster", "qidxs", "pidxs") if k not in entry]
+        if missing:
+            raise ValueError(f"{where} lacks {missing}; expected keys cids, cluster, qidxs, pidxs")
+        self.cids = _check_cids(entry["cids"], where)
+        n = len(self.cids)
+        self.clusters = _as_index_array(entry["cluster"], f"{where}['cluster']", None)
+        if self.clusters.size != n:
+            raise ValueError(f"{where}: 'cluster' has {self.clusters.size} entries but 'cids' has {n}")
+        self.qidxs = _as_index_array(entry["qidxs"], f"{where}['qidxs']", n)
+        self.pidxs = _as_index_array(entry["pidxs"], f"{where}['pidxs']", n)
+        if self.qidxs.size != self.pidxs.size:
+            raise ValueError(f"{where}: 'qidxs' ({self.qidxs.size}) and 'pidxs' ({self.pidxs.size}) "
+                             "must be parallel lists of the same length")
+        if self.qidxs.size == 0:
+            raise ValueError(f"{where} has no (query, positive) pairs")
+        cross = int(np.count_nonzero(self.clusters[self.qidxs] != self.clusters[self.pidxs]))
+        if cross:
+            logger.warning("%s: %d of %d pairs join images of different clusters", where, cross,
+                           self.qidxs.size)
+        expected = EXPECTED_COUNTS[split]
+        if name == DB_NAME and (n, self.qidxs.size) != expected:
+            logger.info("%s: %d images and %d pairs (the official file has %d and %d)", where, n,
+                        self.qidxs.size, *expected)
+        if check_images:
+            absent = [c for c in self.cids if not cid_to_path(self.root, c).is_file()]
+            if absent:
+                raise FileNotFoundError(f"{len(absent)} of {n} images of {where} are missing, e.g. "
+                                        f"{cid_to_path(self.root, absent[0])}")
+
+    def __len__(self) -> int:
+        return len(self.cids)
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.qidxs.size)
+
+    def image_path(self, i: int) -> Path:
+        """Path of image ``i``."""
+        return cid_to_path(self.root, self.cids[i])
+
+    @property
+    def images(self) -> list[Path]:
+        """(N,) image paths in ``cids`` order."""
+        return [cid_to_path(self.root, c) for c in self.cids]
+
+    def load_image(self, i: int, image_size: float | None = 362) -> Any:
+        """Image ``i`` as a normalised (3, H, W) float32 tensor, longer side ``image_size``
+        (never upscaled)."""
+        from .images import load_image
+
+        return load_image(self.image_path(i), image_size)
+
+    def __repr__(self) -> str:
+        return (f"SfM120k(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, "
+                f"pairs={self.n_pairs}, clusters={np.unique(self.clusters).size})")
+
+
+class WhiteningPairs:
+    """Matching pairs for learned whitening (``retrieval-SfM-120k-whiten.pkl`` or
+    ``retrieval-SfM-30k-whiten.pkl``): top-level ``cids``, ``qidxs``, ``pidxs``.
+
+    Attributes:
+        root, name, path, cids, qidxs, pidxs (int64 arrays), images (paths).
+    """
+
+    def __init__(self, root: str | os.PathLike, name: str = WHITEN_NAMES[0]):
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a path, got {type(root).__name__}")
+        self.root = Path(root).expanduser()
+        self.name = name
+        self.path = _find_db(self.root, name)
+        db = load_sfm_pickle(self.path)
+        if not isinstance(db, Mapping):
+            raise ValueError(f"{self.path} must hold a dict with cids, qidxs, pidxs")
+        missing = [k for k in ("cids", "qidxs", "pidxs") if k not in db]
+        if missing:
+            raise ValueError(f"{self.path} lacks {missing}; expected top-level cids, qidxs, pidxs")
+        self.cids = _check_cids(db["cids"], self.path.name)
+        n = len(self.cids)
+        self.qidxs = _as_index_array(db["qidxs"], f"{self.path.name}['qidxs']", n)
+        self.pidxs = _as_index_array(db["pidxs"], f"{self.path.name}['pidxs']", n)
+        if self.qidxs.size != self.pidxs.size or self.qidxs.size == 0:
+            raise ValueError(f"{self.path}: qidxs ({self.qidxs.size}) and pidxs ({self.pidxs.size}) must "
+                             "be non-empty parallel lists")
+
+    def __len__(self) -> int:
+        return len(self.cids)
+
+    @property
+    def images(self) -> list[Path]:
+        return [cid_to_path(self.root, c) for c in self.cids]
+
+    def __repr__(self) -> str:
+        return f"WhiteningPairs({str(self.path)!r}, images={len(self)}, pairs={self.qidxs.size})"
+
+
+# --------------------------------------------------------------------------------- download
+
+
+def _safe_member(name: str) -> PurePosixPath | None:
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        return None
+    parts = [q for q in p.parts if q not in (".", "")]
+    if parts and parts[0] == "ims":  # archives that carry the ims/ folder itself
+        parts = parts[1:]
+    return PurePosixPath(*parts) if parts else None
+
+
+def _extract_images(archive: Path, ims: Path) -> int:
+    """Extracts the regular files of ``archive`` into ``ims`` (paths kept, a leading ``ims/``
+    dropped); links, devices and paths escaping ``ims`` are skipped. Returns files written."""
+    written = 0
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            rel = _safe_member(member.name)
+            if rel is None:
+                logger.warning("%s: skipping unsafe member %r", archive, member.name)
+                continue
+            target = ims.joinpath(*rel.parts)
+            if target.is_file() and target.stat().st_size == member.size:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            if src is None:
+                continue
+            tmp = target.with_name(target.name + ".tmp")
+            with src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, target)
+            written += 1
+    return written
+
+
+def _verify_db(path: Path, expected: Mapping[str, tuple[int, int]] | None) -> None:
+    db = load_sfm_pickle(path)
+    if not isinstance(db, Mapping) or any(s not in db for s in SPLITS):
+        raise ValueError(f"{path} is not an SfM-120k db (no 'train' / 'val' entries)")
+    for split, (n_img, n_pairs) in (expected or {}).items():
+        try:
+            got = (len(db[split]["cids"]), len(db[split]["qidxs"]))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}: the {split!r} entry lacks 'cids' / 'qidxs' ({err})") from err
+        if got != (n_img, n_pairs):
+            raise ValueError(f"{path}: {split} has {got[0]} images and {got[1]} pairs, the official "
+                             f"file has {n_img} and {n_pairs}; delete it and download again")
+
+
+def download_sfm120k(root: str | os.PathLike, *, images: bool = True, whitening: bool = True,
+                     keep_archive: bool = False, checksums: Mapping[str, str] | None = None,
+                     base_url: str = SFM_URL,
+                     expected_counts: Mapping[str, tuple[int, int]] | None = EXPECTED_COUNTS,
+                     progress: bool = True, timeout: float = 60) -> Path:
+    """Fetches the official SfM-120k files into ``root``.
+
+    Downloads ``dbs/retrieval-SfM-120k.pkl`` (and, with ``whitening``, the two whitening-pair
+    files) into ``root``, and ``ims/ims.tar.gz`` extracted into ``root/ims``. Every download
+    resumes an interrupted transfer and checks the size the server announces
+    (:func:`pylandmark.download.download_url`); the db is then checked for the published image
+    and pair counts (train 91,642 / 181,697; val 6,403 / 1,691). Finished work is skipped: an
+    existing verified file, and an image archive already extracted (marker ``ims/.ims_extracted``).
+
+    Args:
+        root: destination folder (created).
+        images: fetch and extract the images (about 20 GB).
+        whitening: fetch the whitening-pair files.
+        keep_archive: keep ``ims.tar.gz`` after extraction.
+        checksums: optional ``{file name: "md5:<hex>" or "sha256:<hex>"}`` for extra checks.
+        base_url: where the files live (a mirror, or a ``file://`` folder).
+        expected_counts: ``{split: (images, pairs)}`` the db must have (default: the official
+            counts); None checks only the structure.
+        progress: show download bars.
+        timeout: network timeout in seconds.
+
+    Returns:
+        ``root``.
+
+    Raises:
+        pylandmark.download.DownloadError: the network failed (running again resumes).
+        pylandmark.download.ChecksumError / ValueError: a file has the wrong hash or content.
+    """
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a path, got {type(root).__name__}")
+    if not isinstance(base_url, str) or not base_url:
+        raise ValueError(f"base_url must be a URL string, got {base_url!r}")
+    base = base_url if base_url.endswith("/") else base_url + "/"
+    sums = dict(checksums or {})
+    for key, value in sums.items():
+        if not isinstance(value, str) or ":" not in value or value.split(":", 1)[0] not in ("md5", "sha256"):
+            raise ValueError(f"checksums[{key!r}] must be 'md5:<hex>' or 'sha256:<hex>', got {value!r}")
+
+    def hashes(fname: str) -> dict[str, str]:
+        if fname not in sums:
+            return {}
+        kind, digest = sums[fname].split(":", 1)
+        return {kind: digest}
+
+    out = Path(root).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    names = [DB_NAME] + (list(WHITEN_NAMES) if whitening else [])
+    for nm in names:
+        fname = f"{nm}.pkl"
+        path = download_url(f"{base}dbs/{fname}", out / fname, progress=progress, timeout=timeout,
+                            **hashes(fname))
+        if nm == DB_NAME:
+            try:
+                _verify_db(path, expected_counts)
+            except ValueError:
+                path.unlink()
+                raise
+    if images:
+        ims = out / "ims"
+        marker = ims / _DONE_MARKER
+        if marker.is_file():
+            logger.info("SfM-120k images already extracted in %s", ims)
+        else:
+            ims.mkdir(parents=True, exist_ok=True)
+            archive = download_url(f"{base}{IMS_ARCHIVE}", out / "ims.tar.gz", progress=progress,
+                                   timeout=timeout, **hashes("ims.tar.gz"))
+            n = _extract_images(archive, ims)
+            marker.write_text(f"{n}\n")
+            logger.info("extracted %d SfM-120k images into %s", n, ims)
+            if not keep_archive:
+                archive.unlink()
+        db = load_sfm_pickle(out / f"{DB_NAME}.pkl")
+        absent = sum(not cid_to_path(out, c).is_file() for s in SPLITS for c in db[s]["cids"])
+        if absent:
+            logger.warning("%d SfM-120k images named by the db are missing under %s", absent, ims)
+    return out

@@ -1,0 +1,115 @@
+"""Contrastive and triplet losses against hand-computed values and hand-derived gradients."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pylandmark.losses import ContrastiveLoss, TripletLoss, contrastive_loss, make_loss, triplet_loss
+
+
+def _case():
+    # one tuple in 2-d: q = (1, 0), p = (0.6, 0.8), negatives n1 = (0, 1), n2 = (0.8, 0.6)
+    q = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    p = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    n = torch.tensor([[[0.0, 1.0], [0.8, 0.6]]], dtype=torch.float64)
+    return q, p, n
+
+
+def test_contrastive_hand_computed():
+    q, p, n = _case()
+    # ||q - p||^2 = 0.4^2 + 0.8^2 = 0.8 -> positive term 0.4
+    # ||q - n1|| = sqrt(2) = 1.414 > 0.7 -> 0
+    # ||q - n2||^2 = 0.2^2 + 0.6^2 = 0.4, D = 0.6324555320 -> 0.5 * (0.7 - 0.6324555320)^2 = 0.0022811266
+    expected = 0.4 + 0.0022811266
+    got = contrastive_loss(q, p, n, margin=0.7)
+    assert got.item() == pytest.approx(expected, abs=1e-9)
+    # with margin 0.85 (the reference command) n2 contributes 0.5 * (0.85 - 0.6324555320)^2 = 0.0236628
+    assert contrastive_loss(q, p, n, margin=0.85).item() == pytest.approx(0.4 + 0.0236628, abs=1e-7)
+    # margin 0: negatives never contribute
+    assert contrastive_loss(q, p, n, margin=0.0).item() == pytest.approx(0.4, abs=1e-12)
+
+
+def test_contrastive_sums_over_tuples_and_respects_mask():
+    q, p, n = _case()
+    # second tuple: q = p exactly (no positive loss), one negative at distance 0.5, one padded slot
+    q2 = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    n2 = torch.tensor([[[0.0, 0.5], [0.0, 1.0]]], dtype=torch.float64)
+    qs, ps, ns = torch.cat([q, q2]), torch.cat([p, q2]), torch.cat([n, n2])
+    mask = torch.tensor([[True, True], [True, False]])
+    # tuple 2: 0.5 * (0.7 - 0.5)^2 = 0.02; the masked slot (equal to the query, D = 0) would add 0.245
+    got = contrastive_loss(qs, ps, ns, margin=0.7, neg_mask=mask)
+    assert got.item() == pytest.approx(0.4022811266 + 0.02, abs=1e-9)
+    unmasked = contrastive_loss(qs, ps, ns, margin=0.7)
+    assert unmasked.item() == pytest.approx(0.4022811266 + 0.02 + 0.245, abs=1e-6)
+    # the module form agrees
+    assert ContrastiveLoss(0.7)(qs, ps, ns, mask).item() == pytest.approx(got.item(), abs=1e-12)
+
+
+def test_contrastive_gradient_matches_hand_derivation(rng):
+    b, k, d, margin = 3, 4, 7, 0.9
+    q = torch.tensor(rng.normal(size=(b, d)), dtype=torch.float64, requires_grad=True)
+    p = torch.tensor(rng.normal(size=(b, d)), dtype=torch.float64)
+    # negatives: some inside the margin, some outside
+    n = q.detach().unsqueeze(1) + torch.tensor(rng.normal(size=(b, k, d)) * rng.uniform(0.05, 0.6, (b, k, 1)))
+    loss = contrastive_loss(q, p, n, margin=margin)
+    loss.backward()
+    qn, pn, nn_ = q.detach().numpy(), p.numpy(), n.numpy()
+    # d/dq [0.5 |q-p|^2] = q - p ; d/dq [0.5 (m - D)^2] = -(m - D) (q - n) / D for D < m
+    grad = qn - pn
+    value = 0.5 * ((qn - pn) ** 2).sum()
+    for i in range(b):
+        for j in range(k):
+            diff = qn[i] - nn_[i, j]
+            dist = math.sqrt((diff ** 2).sum())
+            if dist < margin:
+                grad[i] -= (margin - dist) * diff / dist
+                value += 0.5 * (margin - dist) ** 2
+    assert loss.item() == pytest.approx(value, rel=1e-12)
+    np.testing.assert_allclose(q.grad.numpy(), grad, rtol=1e-10, atol=1e-12)
+
+
+def test_contrastive_gradient_finite_when_negative_equals_query():
+    q = torch.tensor([[0.6, 0.8]], requires_grad=True)
+    n = q.detach().clone().reshape(1, 1, 2)
+    loss = contrastive_loss(q, q.detach(), n, margin=0.7)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5 * 0.7 ** 2, abs=1e-6)
+    assert torch.isfinite(q.grad).all()
+
+
+def test_triplet_hand_computed():
+    q, p, n = _case()
+    # ||q-p||^2 = 0.8; ||q-n1||^2 = 2.0 -> max(0, 0.1 + 0.8 - 2.0) = 0; ||q-n2||^2 = 0.4 -> 0.1 + 0.8 - 0.4 = 0.5
+    assert triplet_loss(q, p, n, margin=0.1).item() == pytest.approx(0.5, abs=1e-12)
+    assert TripletLoss(0.3)(q, p, n).item() == pytest.approx(0.7, abs=1e-12)
+    mask = torch.tensor([[True, False]])
+    assert triplet_loss(q, p, n, margin=0.1, neg_mask=mask).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_half_inputs_are_computed_in_float32():
+    q, p, n = (t.to(torch.float16) for t in _case())
+    got = contrastive_loss(q, p, n, margin=0.7)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(0.4022811266, abs=2e-3)
+
+
+@pytest.mark.parametrize("fn", [contrastive_loss, triplet_loss])
+def test_bad_inputs(fn):
+    q, p, n = _case()
+    with pytest.raises(ValueError, match="positive"):
+        fn(q, p[:, :1], n)
+    with pytest.raises(ValueError, match="negatives"):
+        fn(q, p, n[0])
+    with pytest.raises(ValueError, match="margin"):
+        fn(q, p, n, margin=-1.0)
+    with pytest.raises(TypeError, match="neg_mask"):
+        fn(q, p, n, neg_mask=torch.ones(1, 2))
+    with pytest.raises(ValueError, match="neg_mask"):
+        fn(q, p, n, neg_mask=torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="query"):
+        fn(q.numpy(), p, n)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        make_loss("hinge", 0.5)
