@@ -164,3 +164,28 @@ def test_fallback_reference_matches_native():
 def test_isa_switch_rejects_unknown_names():
     with pytest.raises(ValueError, match="not available"):
         _C.set_cpu_isa("sse9")
+
+
+@pytest.mark.parametrize("cpu_isa", ALL_ISAS, indirect=True)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("scale,p0", [(1e-7, 12.0), (3e-6, 9.0), (1e4, 12.0), (1e-7, 3.0)])
+def test_extreme_values_neither_underflow_nor_overflow(cpu_isa, channels_last, scale, p0):
+    """x^p beyond float32's range (large p near eps, or huge activations) must still give the
+    float64 answer and finite gradients: the kernels fall back to the scaled form."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand((2, 19, 5, 7), generator=g, dtype=torch.float64) * scale).float()
+    x[0, 0] = 0.0  # one channel entirely below eps
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    p = torch.tensor([p0], requires_grad=True)
+    y = gem_torch(x, p)
+    y.sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    p64 = p.detach().double().requires_grad_()
+    y64 = reference(x64, p64)
+    y64.sum().backward()
+    torch.testing.assert_close(y.double(), y64, rtol=1e-4, atol=0)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(p.grad).all()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-3, atol=1e-6 * float(x64.grad.abs().max()))
+    torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-3, atol=1e-6)

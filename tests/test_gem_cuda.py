@@ -98,3 +98,22 @@ def test_cupy_input():
     ref = ((cupy.maximum(x.astype(cupy.float64), 1e-6) ** 2.5).mean(axis=(2, 3))) ** (1 / 2.5)
     assert isinstance(y, cupy.ndarray)
     cupy.testing.assert_allclose(y, ref, rtol=2e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("scale,p0", [(1e-7, 12.0), (1e4, 12.0)])
+def test_extreme_values_use_the_scaled_form(channels_last, scale, p0):
+    x = (make((2, 19, 5, 7), torch.float64, seed=5) * scale).float()
+    x[0, 0] = 0.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    p = torch.tensor([p0], device="cuda", requires_grad=True)
+    gem_torch(x, p).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    p64 = p.detach().double().requires_grad_()
+    y64 = reference(x64, p64)
+    y64.sum().backward()
+    torch.testing.assert_close(gem_torch(x.detach(), p.detach()).double(), y64.detach(), rtol=1e-4, atol=0)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(p.grad).all()
+    torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-3, atol=1e-6)

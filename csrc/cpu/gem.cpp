@@ -50,11 +50,22 @@ const unsigned char* at(const GemArgs& a, const void* base, int64_t b, int64_t c
   return static_cast<const unsigned char*>(base) + (b * a.sb + c * a.sc) * dtype_size(a.dtype);
 }
 
-// gy * dy/dp for y = m^(1/p), m = mean(xc^p):  dy/dp = y / (p m HW) * sum xc^p (ln xc - ln y),
-// where s is that centred sum.
+// gy * dy/dp for y = m^(1/p), m = mean(xc^p), from the ratio-form sum
+// s = sum xc^p/y^p ln(xc/y):  dy/dp = y s / (p HW).
 double dy_dp_times_grad(double gy, double y, double s, const GemArgs& a) {
-  const double m = std::pow(y, a.p);
-  return gy * y * s / (a.p * m * static_cast<double>(a.HW));
+  return gy * y * s / (a.p * static_cast<double>(a.HW));
+}
+
+// y = M (mean (xc/M)^p)^(1/p) with M = max xc: the scaled form never under- or overflows. The
+// fast kernels use the plain form and fall back to this where their sum was 0 or infinite
+// (large p with values near eps, or huge activations).
+double gem_scaled(const float* xc_values, int64_t stride, int64_t n, double p, double eps) {
+  double m = eps;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, static_cast<double>(xc_values[i * stride]));
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i)
+    sum += std::pow(std::max(static_cast<double>(xc_values[i * stride]), eps) / m, p);
+  return m * std::pow(sum / static_cast<double>(n), 1.0 / p);
 }
 
 void forward_f64(const GemArgs& a, double* y) {
@@ -75,14 +86,14 @@ double backward_f64(const GemArgs& a, const double* gy, const double* y, double*
   for_items(a, kRowsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t bc = b * a.C + c;
-      const double coef = gy[bc] * std::pow(y[bc], 1.0 - a.p) / static_cast<double>(a.HW);
-      const double log_y = std::log(y[bc]);
+      const double coef = gy[bc] / static_cast<double>(a.HW);
       double s = 0.0;
       for (int64_t hw = 0; hw < a.HW; ++hw) {
         const int64_t off = b * a.sb + c * a.sc + hw * a.shw;
-        const double xc = std::max(x[off], a.eps);
-        dx[off] = x[off] >= a.eps ? coef * std::pow(xc, a.p - 1.0) : 0.0;
-        if (want_dp) s += std::pow(xc, a.p) * (std::log(xc) - log_y);
+        const double ratio = std::max(x[off], a.eps) / y[bc];
+        const double t = std::pow(ratio, a.p - 1.0);
+        dx[off] = x[off] >= a.eps ? coef * t : 0.0;
+        if (want_dp) s += t * ratio * std::log(ratio);
       }
       if (want_dp) terms[bc] = dy_dp_times_grad(gy[bc], y[bc], s, a);
     }
@@ -100,17 +111,25 @@ void gem_forward(const GemArgs& a, void* y) {
   const KernelTable& K = active_kernels();
   const float p = static_cast<float>(a.p), eps = static_cast<float>(a.eps);
   float* yf = static_cast<float*>(y);
-  if (layout_of(a) == Layout::rows) {
-    for_items(a, kRowsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
-      K.gem_fwd_rows(at(a, a.x, b, c0), a.dtype, c1 - c0, a.sc, a.HW, p, eps, yf + b * a.C + c0);
-    });
-    return;
-  }
-  for_items(a, kColsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
-    float acc[kColsPerItem] = {};
-    K.gem_fwd_cols(at(a, a.x, b, c0), a.dtype, c1 - c0, a.HW, a.shw, p, eps, acc);
-    for (int64_t c = c0; c < c1; ++c)
-      yf[b * a.C + c] = std::pow(acc[c - c0] / static_cast<float>(a.HW), 1.0f / p);
+  const bool rows = layout_of(a) == Layout::rows;
+  for_items(a, rows ? kRowsPerItem : kColsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
+    float* out = yf + b * a.C + c0;
+    if (rows) {
+      K.gem_fwd_rows(at(a, a.x, b, c0), a.dtype, c1 - c0, a.sc, a.HW, p, eps, out);
+    } else {
+      float acc[kColsPerItem] = {};
+      K.gem_fwd_cols(at(a, a.x, b, c0), a.dtype, c1 - c0, a.HW, a.shw, p, eps, acc);
+      for (int64_t c = c0; c < c1; ++c) out[c - c0] = std::pow(acc[c - c0] / static_cast<float>(a.HW), 1.0f / p);
+    }
+    std::vector<float> values;
+    for (int64_t c = c0; c < c1; ++c) {
+      if (out[c - c0] > 0.0f && std::isfinite(out[c - c0])) continue;
+      // rare: the float32 sum under- or overflowed; redo this channel in the scaled form
+      values.resize(a.HW * kPad);
+      const int64_t elem_stride = rows ? 1 : a.shw;
+      K.pack_rows(at(a, a.x, b, c), a.dtype, elem_stride, a.HW, 1, kPad, values.data(), nullptr);
+      out[c - c0] = static_cast<float>(gem_scaled(values.data(), kPad, a.HW, a.p, a.eps));
+    }
   });
 }
 
@@ -124,9 +143,10 @@ double gem_backward(const GemArgs& a, const void* gy, const void* y, void* dx, b
   const float* gyf = static_cast<const float*>(gy);
   const float* yf = static_cast<const float*>(y);
   const int64_t BC = a.B * a.C;
-  std::vector<float> coef(BC), log_y(BC), s(want_dp ? BC : 0, 0.0f);
+  std::vector<float> coef(BC), inv_y(BC), log_y(BC), s(want_dp ? BC : 0, 0.0f);
   for (int64_t i = 0; i < BC; ++i) {
-    coef[i] = gyf[i] * std::pow(yf[i], 1.0f - p) / static_cast<float>(a.HW);
+    coef[i] = gyf[i] / static_cast<float>(a.HW);
+    inv_y[i] = 1.0f / yf[i];
     log_y[i] = std::log(yf[i]);
   }
   float* sp = want_dp ? s.data() : nullptr;
@@ -134,13 +154,13 @@ double gem_backward(const GemArgs& a, const void* gy, const void* y, void* dx, b
     for_items(a, kRowsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
       const int64_t bc = b * a.C + c0;
       K.gem_bwd_rows(at(a, a.x, b, c0), a.dtype, c1 - c0, a.sc, a.HW, p, eps, coef.data() + bc,
-                     log_y.data() + bc, const_cast<unsigned char*>(at(a, dx, b, c0)), sp ? sp + bc : nullptr);
+                     inv_y.data() + bc, log_y.data() + bc, const_cast<unsigned char*>(at(a, dx, b, c0)), sp ? sp + bc : nullptr);
     });
   } else {
     for_items(a, kColsPerItem, [&](int64_t b, int64_t c0, int64_t c1) {
       const int64_t bc = b * a.C + c0;
       K.gem_bwd_cols(at(a, a.x, b, c0), a.dtype, c1 - c0, a.HW, a.shw, p, eps, coef.data() + bc,
-                     log_y.data() + bc, const_cast<unsigned char*>(at(a, dx, b, c0)), sp ? sp + bc : nullptr);
+                     inv_y.data() + bc, log_y.data() + bc, const_cast<unsigned char*>(at(a, dx, b, c0)), sp ? sp + bc : nullptr);
     });
   }
   if (!want_dp) return 0.0;

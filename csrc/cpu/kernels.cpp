@@ -253,42 +253,44 @@ static void gem_fwd_cols_t(const void* x, int64_t C, int64_t n, int64_t pos_stri
   }
 }
 
-// One element vector of the backward pass: returns dx and adds x^p (ln x - log_y) to s_acc
-// when WANT_S.
+// One element vector of the backward pass in ratio form (see kernels.h): returns dx and adds
+// (xc / y)^p ln(xc / y) to s_acc when WANT_S.
 template <bool CUBE, bool WANT_S>
-static inline vf gem_bwd_vec(vf xv, float p, float eps, vf coef, vf log_y, vf* s_acc) {
+static inline vf gem_bwd_vec(vf xv, float p, float eps, vf coef, vf inv_y, vf log_y, vf* s_acc) {
   vf xc = clamp_min(xv, eps);
   vf pass = (vf)((vi)(xv >= eps) & (vi)vbroadcast(1.0f));  // 1.0 where the clamp passes gradient
-  vf t;  // x^(p-1)
+  vf r = xc * inv_y;
+  vf t;  // (xc / y)^(p-1)
   if (CUBE) {
-    t = xc * xc;
-    if (WANT_S) *s_acc += xc * t * (vlog(xc) - log_y);
+    t = r * r;
+    if (WANT_S) *s_acc += t * r * (vlog(xc) - log_y);
   } else {
-    vf l = vlog(xc);
-    t = vexp(l * (p - 1.0f));
-    if (WANT_S) *s_acc += xc * t * (l - log_y);
+    vf d = vlog(xc) - log_y;
+    t = vexp(d * (p - 1.0f));
+    if (WANT_S) *s_acc += t * r * d;
   }
   return coef * t * pass;
 }
 
 template <int DT, bool CUBE, bool WANT_S>
 static void gem_bwd_rows_t(const void* x, int64_t rows, int64_t row_stride, int64_t n, float p,
-                           float eps, const float* coef, const float* log_y, void* dx, float* s) {
+                           float eps, const float* coef, const float* inv_y, const float* log_y,
+                           void* dx, float* s) {
   const int64_t full = n - n % W;
   const int64_t es = elem_size<DT>();
   for (int64_t r = 0; r < rows; ++r) {
-    const vf ly = vbroadcast(WANT_S ? log_y[r] : 0.0f);
+    const vf ly = vbroadcast(log_y[r]), iy = vbroadcast(inv_y[r]);
     const void* row = static_cast<const unsigned char*>(x) + r * row_stride * es;
     void* drow = static_cast<unsigned char*>(dx) + r * row_stride * es;
     const vf c = vbroadcast(coef[r]);
     vf s_acc = vf{};
     int64_t i = 0;
     for (; i < full; i += W)
-      store_from_float<DT>(drow, i, gem_bwd_vec<CUBE, WANT_S>(load_as_float<DT>(row, i), p, eps, c, ly, &s_acc));
+      store_from_float<DT>(drow, i, gem_bwd_vec<CUBE, WANT_S>(load_as_float<DT>(row, i), p, eps, c, iy, ly, &s_acc));
     float s_tail = 0.0f;
     if (i < n) {
       vf tail_acc = vf{};
-      vf d = gem_bwd_vec<CUBE, WANT_S>(load_tail<DT>(row, i, n - i), p, eps, c, ly, &tail_acc);
+      vf d = gem_bwd_vec<CUBE, WANT_S>(load_tail<DT>(row, i, n - i), p, eps, c, iy, ly, &tail_acc);
       store_tail<DT>(drow, i, n - i, d);
       for (int64_t k = 0; k < n - i; ++k) s_tail += tail_acc[k];
     }
@@ -298,7 +300,8 @@ static void gem_bwd_rows_t(const void* x, int64_t rows, int64_t row_stride, int6
 
 template <int DT, bool CUBE, bool WANT_S>
 static void gem_bwd_cols_t(const void* x, int64_t C, int64_t n, int64_t pos_stride, float p,
-                           float eps, const float* coef, const float* log_y, void* dx, float* s) {
+                           float eps, const float* coef, const float* inv_y, const float* log_y,
+                           void* dx, float* s) {
   const int64_t full = C - C % W;
   const int64_t es = elem_size<DT>();
   for (int64_t sp = 0; sp < n; ++sp) {
@@ -307,19 +310,21 @@ static void gem_bwd_cols_t(const void* x, int64_t C, int64_t n, int64_t pos_stri
     int64_t c = 0;
     for (; c < full; c += W) {
       vf s_acc = vf{};
-      const vf ly = WANT_S ? vload(log_y + c) : vf{};
-      vf d = gem_bwd_vec<CUBE, WANT_S>(load_as_float<DT>(pos, c), p, eps, vload(coef + c), ly, &s_acc);
+      vf d = gem_bwd_vec<CUBE, WANT_S>(load_as_float<DT>(pos, c), p, eps, vload(coef + c),
+                                       vload(inv_y + c), vload(log_y + c), &s_acc);
       store_from_float<DT>(dpos, c, d);
       if (WANT_S) vstore(s + c, vload(s + c) + s_acc);
     }
     if (c < C) {
-      alignas(64) float cbuf[W] = {}, lbuf[W] = {};
+      alignas(64) float cbuf[W] = {}, ibuf[W] = {}, lbuf[W] = {};
       for (int64_t k = 0; k < C - c; ++k) {
         cbuf[k] = coef[c + k];
-        if (WANT_S) lbuf[k] = log_y[c + k];
+        ibuf[k] = inv_y[c + k];
+        lbuf[k] = log_y[c + k];
       }
       vf s_acc = vf{};
-      vf d = gem_bwd_vec<CUBE, WANT_S>(load_tail<DT>(pos, c, C - c), p, eps, vload(cbuf), vload(lbuf), &s_acc);
+      vf d = gem_bwd_vec<CUBE, WANT_S>(load_tail<DT>(pos, c, C - c), p, eps, vload(cbuf), vload(ibuf),
+                                       vload(lbuf), &s_acc);
       store_tail<DT>(dpos, c, C - c, d);
       if (WANT_S)
         for (int64_t k = 0; k < C - c; ++k) s[c + k] += s_acc[k];
@@ -354,31 +359,31 @@ static void gem_fwd_cols(const void* x, DType dt, int64_t C, int64_t n, int64_t 
 }
 
 static void gem_bwd_rows(const void* x, DType dt, int64_t rows, int64_t row_stride, int64_t n,
-                         float p, float eps, const float* coef, const float* log_y, void* dx,
-                         float* s) {
+                         float p, float eps, const float* coef, const float* inv_y,
+                         const float* log_y, void* dx, float* s) {
   const bool cube = p == 3.0f;
   if (s) {
 #define PLM_GEM_S , true
-    PLM_GEM_DISPATCH(gem_bwd_rows_t, x, rows, row_stride, n, p, eps, coef, log_y, dx, s)
+    PLM_GEM_DISPATCH(gem_bwd_rows_t, x, rows, row_stride, n, p, eps, coef, inv_y, log_y, dx, s)
 #undef PLM_GEM_S
   } else {
 #define PLM_GEM_S , false
-    PLM_GEM_DISPATCH(gem_bwd_rows_t, x, rows, row_stride, n, p, eps, coef, log_y, dx, s)
+    PLM_GEM_DISPATCH(gem_bwd_rows_t, x, rows, row_stride, n, p, eps, coef, inv_y, log_y, dx, s)
 #undef PLM_GEM_S
   }
 }
 
 static void gem_bwd_cols(const void* x, DType dt, int64_t C, int64_t n, int64_t pos_stride,
-                         float p, float eps, const float* coef, const float* log_y, void* dx,
-                         float* s) {
+                         float p, float eps, const float* coef, const float* inv_y,
+                         const float* log_y, void* dx, float* s) {
   const bool cube = p == 3.0f;
   if (s) {
 #define PLM_GEM_S , true
-    PLM_GEM_DISPATCH(gem_bwd_cols_t, x, C, n, pos_stride, p, eps, coef, log_y, dx, s)
+    PLM_GEM_DISPATCH(gem_bwd_cols_t, x, C, n, pos_stride, p, eps, coef, inv_y, log_y, dx, s)
 #undef PLM_GEM_S
   } else {
 #define PLM_GEM_S , false
-    PLM_GEM_DISPATCH(gem_bwd_cols_t, x, C, n, pos_stride, p, eps, coef, log_y, dx, s)
+    PLM_GEM_DISPATCH(gem_bwd_cols_t, x, C, n, pos_stride, p, eps, coef, inv_y, log_y, dx, s)
 #undef PLM_GEM_S
   }
 }

@@ -40,16 +40,17 @@ struct KernelTable {
   void (*gem_fwd_cols)(const void* x, DType dt, int64_t C, int64_t n, int64_t pos_stride,
                        float p, float eps, float* acc);
 
-  // GeM backward, rows layout: dx_ri = coef[r] * max(x_ri, eps)^(p-1) * [x_ri >= eps] written
-  // in dt; if s, s[r] = sum_i xc^p * (ln xc - log_y[r]) with xc = max(x_ri, eps), the centred
-  // sum that dL/dp needs (centring on ln y avoids the cancellation of the uncentred form).
+  // GeM backward, rows layout, in ratio form so that no power of y can overflow:
+  // dx_ri = coef[r] * (xc / y_r)^(p-1) * [x_ri >= eps] written in dt, with xc = max(x_ri, eps)
+  // and coef = dL/dy / n; if s, s[r] = sum_i (xc / y_r)^p * ln(xc / y_r), from which
+  // dL/dp = sum_r dL/dy_r * y_r * s[r] / (p n).
   void (*gem_bwd_rows)(const void* x, DType dt, int64_t rows, int64_t row_stride, int64_t n,
-                       float p, float eps, const float* coef, const float* log_y, void* dx,
-                       float* s);
-  // Columns layout: coef, log_y and s are C long (s accumulated, +=); dx has x's layout.
+                       float p, float eps, const float* coef, const float* inv_y,
+                       const float* log_y, void* dx, float* s);
+  // Columns layout: coef, inv_y, log_y and s are C long (s accumulated, +=); dx has x's layout.
   void (*gem_bwd_cols)(const void* x, DType dt, int64_t C, int64_t n, int64_t pos_stride,
-                       float p, float eps, const float* coef, const float* log_y, void* dx,
-                       float* s);
+                       float p, float eps, const float* coef, const float* inv_y,
+                       const float* log_y, void* dx, float* s);
 };
 
 #if defined(PLM_HAVE_GENERIC)

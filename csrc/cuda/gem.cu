@@ -46,9 +46,9 @@ __device__ __forceinline__ float pow_p(float x, float p, bool cube) {
   return cube ? x * x * x : exp2f(p * log2f(x));
 }
 
-// x^(p-1) for the backward pass.
-__device__ __forceinline__ float pow_pm1(float x, float p, bool cube) {
-  return cube ? x * x : exp2f((p - 1.0f) * log2f(x));
+// (xc/y)^(p-1) for the backward pass (ratio form: no power of y alone can overflow).
+__device__ __forceinline__ float ratio_pm1(float r, float p, bool cube) {
+  return cube ? r * r : exp2f((p - 1.0f) * log2f(r));
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -56,6 +56,16 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+// The plain sum of xc^p under- or overflowed (large p with values near eps, or huge values):
+// y = M (mean (xc/M)^p)^(1/p) with M = max xc cannot.
+__device__ __forceinline__ bool needs_scaling(float sum) { return !(sum > 0.0f) || isinf(sum); }
 
 template <class T>
 __global__ void gem_fwd_rows(const T* __restrict__ x, int64_t B, int64_t C, int64_t HW, int64_t sb,
@@ -76,6 +86,16 @@ __global__ void gem_fwd_rows(const T* __restrict__ x, int64_t B, int64_t C, int6
   }
   for (; i < HW; i += 32) acc += pow_p(fmaxf(load_f(base + i), eps), p, cube);
   acc = warp_sum(acc);
+  if (needs_scaling(acc)) {  // warp-uniform: every lane holds the same sum
+    float m = eps;
+    for (int64_t j = lane; j < HW; j += 32) m = fmaxf(m, load_f(base + j));
+    m = warp_max(m);
+    float scaled = 0.0f;
+    for (int64_t j = lane; j < HW; j += 32) scaled += powf(fmaxf(load_f(base + j), eps) / m, p);
+    scaled = warp_sum(scaled);
+    if (lane == 0) y[row] = m * powf(scaled / static_cast<float>(HW), 1.0f / p);
+    return;
+  }
   if (lane == 0) y[row] = powf(acc / static_cast<float>(HW), 1.0f / p);
 }
 
@@ -99,14 +119,23 @@ __global__ void gem_fwd_cols(const T* __restrict__ x, int64_t b0, int64_t C, int
     float sum = 0.0f;
 #pragma unroll
     for (int r = 0; r < kColRows; ++r) sum += part[r][threadIdx.x];
-    y[b * C + c] = powf(sum / static_cast<float>(HW), 1.0f / p);
+    if (needs_scaling(sum)) {  // rare: one thread redoes this channel in the scaled form
+      const T* base = x + b * sb + c;
+      float m = eps;
+      for (int64_t s = 0; s < HW; ++s) m = fmaxf(m, load_f(base + s * shw));
+      float scaled = 0.0f;
+      for (int64_t s = 0; s < HW; ++s) scaled += powf(fmaxf(load_f(base + s * shw), eps) / m, p);
+      y[b * C + c] = m * powf(scaled / static_cast<float>(HW), 1.0f / p);
+    } else {
+      y[b * C + c] = powf(sum / static_cast<float>(HW), 1.0f / p);
+    }
   }
 }
 
-// dx = gy * y^(1-p) / HW * xc^(p-1) * [x >= eps]; terms = gy * y * sum xc^p (ln xc - ln y) / (p m HW).
+// Ratio form: dx = gy / HW * (xc/y)^(p-1) * [x >= eps];
+// terms = gy * y * sum (xc/y)^p ln(xc/y) / (p HW), whose sum over (b, c) is dL/dp.
 __device__ __forceinline__ float dp_term(float gy, float y, float s, float p, int64_t HW) {
-  const float m = powf(y, p);
-  return gy * y * s / (p * m * static_cast<float>(HW));
+  return gy * y * s / (p * static_cast<float>(HW));
 }
 
 template <class T>
@@ -120,18 +149,17 @@ __global__ void gem_bwd_rows(const T* __restrict__ x, int64_t B, int64_t C, int6
   const float p = *p_ptr;
   const bool cube = p == 3.0f;
   const float yv = y[row], g = gy[row];
-  const float coef = g * powf(yv, 1.0f - p) / static_cast<float>(HW);
-  const float log_y = logf(yv);
+  const float coef = g / static_cast<float>(HW), inv_y = 1.0f / yv;
   const int64_t off = (row / C) * sb + (row % C) * sc;
   const T* xb = x + off;
   T* db = dx + off;
   float s = 0.0f;
   for (int64_t i = lane; i < HW; i += 32) {
     const float xv = load_f(xb + i);
-    const float xc = fmaxf(xv, eps);
-    const float t = pow_pm1(xc, p, cube);
+    const float r = fmaxf(xv, eps) * inv_y;
+    const float t = ratio_pm1(r, p, cube);
     store_f(db + i, xv >= eps ? coef * t : 0.0f);
-    if (terms) s += xc * t * (logf(xc) - log_y);
+    if (terms) s += t * r * logf(r);
   }
   if (terms) {
     s = warp_sum(s);
@@ -153,15 +181,14 @@ __global__ void gem_bwd_cols(const T* __restrict__ x, int64_t b0, int64_t C, int
   if (c < C) {
     yv = y[b * C + c];
     g = gy[b * C + c];
-    const float coef = g * powf(yv, 1.0f - p) / static_cast<float>(HW);
-    const float log_y = logf(yv);
+    const float coef = g / static_cast<float>(HW), inv_y = 1.0f / yv;
     const int64_t off = b * sb + c;
     for (int64_t sp = threadIdx.y; sp < HW; sp += kColRows) {
       const float xv = load_f(x + off + sp * shw);
-      const float xc = fmaxf(xv, eps);
-      const float t = pow_pm1(xc, p, cube);
+      const float r = fmaxf(xv, eps) * inv_y;
+      const float t = ratio_pm1(r, p, cube);
       store_f(dx + off + sp * shw, xv >= eps ? coef * t : 0.0f);
-      if (terms) s += xc * t * (logf(xc) - log_y);
+      if (terms) s += t * r * logf(r);
     }
   }
   if (!terms) return;
