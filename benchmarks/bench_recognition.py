@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import pylandmark as plm
 from pylandmark.bench import median_ms, numpy_topk
-from pylandmark.data.images import load_image
 from pylandmark.models import LandmarkNet
 from pylandmark.pipelines import ExtractOptions, build_index, recognize_images
 
@@ -43,8 +43,10 @@ def pnu_rows(pnu: Path, image_size: int) -> list[tuple]:
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
     def baseline(path):
-        img = load_image(path, image_size)  # PIL decode + resize, same as ours
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+        with Image.open(path) as im:  # what a user writes: PIL decode + thumbnail, normalise
+            im = im.convert("RGB")
+            im.thumbnail((image_size, image_size), Image.LANCZOS)
+            x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
         x = ((x - mean) / std)[None]
         with torch.no_grad():
             f = net.backbone.forward_features(x)

@@ -177,3 +177,35 @@ def test_help_lists_every_command():
     sub = subprocess.run([sys.executable, "-m", "pylandmark", "recognize", "--help"], capture_output=True,
                          text=True, check=True, cwd="/").stdout
     assert "examples:" in sub and "--min-score" in sub
+
+
+def test_evaluate_on_a_revisited_layout_matches_the_api(weights, tmp_path, capsys):
+    """`pylandmark evaluate` on data in the real revisited layout equals extract + search +
+    evaluate.revisited done by hand; with QE and DBA too."""
+    from pylandmark.data import RevisitedDataset, make_revisited_dataset
+    from pylandmark.evaluate import revisited
+    from pylandmark.rerank import rerank
+
+    make_revisited_dataset(tmp_path, "roxford5k", n_clusters=3, db_per_cluster=4, image_size=64, seed=1)
+    out = tmp_path / "res.json"
+    code, text, _ = run(capsys, "evaluate", "roxford5k", "--weights", weights, "--data-root", tmp_path,
+                        "--image-size", 64, "--out", out, "--quiet")
+    assert code == 0 and "mAP" in text
+    saved = json.loads(out.read_text())["roxford5k"]
+
+    ds = RevisitedDataset("roxford5k", tmp_path / "roxford5k")
+    net = LandmarkNet.from_pretrained(weights)
+    db = plm.extract(net, [str(p) for p in ds.images], image_size=64, progress=False)
+    q = plm.extract(net, [str(p) for p in ds.query_paths], image_size=64, progress=False,
+                    bboxes=[ds.query_bbox(i) for i in range(ds.n_queries)])
+    ref = revisited(np.argsort(-(q.astype(np.float64) @ db.astype(np.float64).T), axis=1, kind="stable"), ds.gnd)
+    for proto in ("easy", "medium", "hard"):
+        assert saved[proto]["map"] == pytest.approx(ref[proto]["map"], abs=1e-9)
+
+    code, _, _ = run(capsys, "evaluate", "roxford5k", "--weights", weights, "--data-root", tmp_path,
+                     "--image-size", 64, "--qe", 2, "--dba", 2, "--out", out, "--quiet")
+    q2, db2 = rerank(q, db, qe_k=2, dba_k=2)
+    ref2 = revisited(np.argsort(-(np.asarray(q2, np.float64) @ np.asarray(db2, np.float64).T), axis=1,
+                                kind="stable"), ds.gnd)
+    saved2 = json.loads(out.read_text())["roxford5k"]
+    assert code == 0 and saved2["medium"]["map"] == pytest.approx(ref2["medium"]["map"], abs=1e-9)
