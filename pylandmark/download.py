@@ -12,11 +12,13 @@ import http.client
 import logging
 import os
 import re
+import shutil
+import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -254,3 +256,42 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
 def _content_range_total(value: str | None) -> int | None:
     m = re.fullmatch(r"\s*bytes\s+\*/(\d+)\s*", value or "")
     return int(m.group(1)) if m else None
+
+
+def extract_tar(archive: str | Path, out: str | Path,
+                target: Callable[[PurePosixPath], PurePosixPath | None]) -> int:
+    """Extracts regular files of a tar archive under ``out``, resumably and safely.
+
+    ``target(member_path)`` says where each member goes, relative to ``out`` (None: skip it).
+    Absolute paths, ``..``, links and devices are skipped with a warning; files already present
+    with the member's size are kept; each file is written under a temporary name and renamed, so
+    an interrupted extraction never leaves a truncated file under the real name. Returns the
+    number of files written.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            path = PurePosixPath(member.name)
+            if path.is_absolute() or ".." in path.parts or not path.parts:
+                logger.warning("%s: skipping unsafe member %r", archive, member.name)
+                continue
+            rel = target(path)
+            if rel is None or not rel.parts:
+                continue
+            dest = out.joinpath(*rel.parts)
+            if dest.is_file() and dest.stat().st_size == member.size:
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            if src is None:
+                continue
+            tmp = dest.with_name(dest.name + ".tmp")
+            with src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, dest)
+            written += 1
+    return written

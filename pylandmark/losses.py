@@ -14,6 +14,8 @@ divide by the number of tuples for a mean.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -84,38 +86,41 @@ def triplet_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.T
     return torch.where(mask, per, torch.zeros_like(per)).sum()
 
 
-class ContrastiveLoss(nn.Module):
+class _MarginLoss(nn.Module):
+    """A tuple loss function with a fixed margin, as a module."""
+
+    loss_fn: Callable[..., torch.Tensor]
+
+    def __init__(self, margin: float):
+        super().__init__()
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+            raise ValueError(f"margin must be a number >= 0, got {margin!r}")
+        self.margin = float(margin)
+
+    def forward(self, query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
+                neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return type(self).loss_fn(query, positive, negatives, self.margin, neg_mask)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}"
+
+
+class ContrastiveLoss(_MarginLoss):
     """:func:`contrastive_loss` as a module with a fixed margin."""
 
+    loss_fn = staticmethod(contrastive_loss)
+
     def __init__(self, margin: float = 0.7):
-        super().__init__()
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
-            raise ValueError(f"margin must be a number >= 0, got {margin!r}")
-        self.margin = float(margin)
-
-    def forward(self, query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-                neg_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return contrastive_loss(query, positive, negatives, self.margin, neg_mask)
-
-    def extra_repr(self) -> str:
-        return f"margin={self.margin}"
+        super().__init__(margin)
 
 
-class TripletLoss(nn.Module):
+class TripletLoss(_MarginLoss):
     """:func:`triplet_loss` as a module with a fixed margin."""
 
+    loss_fn = staticmethod(triplet_loss)
+
     def __init__(self, margin: float = 0.1):
-        super().__init__()
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
-            raise ValueError(f"margin must be a number >= 0, got {margin!r}")
-        self.margin = float(margin)
-
-    def forward(self, query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-                neg_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return triplet_loss(query, positive, negatives, self.margin, neg_mask)
-
-    def extra_repr(self) -> str:
-        return f"margin={self.margin}"
+        super().__init__(margin)
 
 
 LOSSES = {"contrastive": ContrastiveLoss, "triplet": TripletLoss}

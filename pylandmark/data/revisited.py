@@ -20,15 +20,13 @@ import io
 import logging
 import os
 import pickle
-import shutil
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from ..download import download_url
+from ..download import download_url, extract_tar
 
 logger = logging.getLogger(__name__)
 
@@ -296,40 +294,15 @@ def _list_distractors(folder: Path) -> list[Path]:
 # --------------------------------------------------------------------------------- downloads
 
 
-def _safe_member_path(name: str) -> PurePosixPath | None:
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts or not p.parts:
-        return None
-    return p
-
-
 def _extract_jpgs(archive: Path, out: Path, *, flat: bool) -> int:
-    """Extract the .jpg regular files of a tar archive into ``out`` (by basename when ``flat``,
-    else by their relative path). Links, devices and paths escaping ``out`` are skipped.
-    Returns the number of files written."""
-    out.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            if not member.isreg() or not member.name.lower().endswith(".jpg"):
-                continue
-            rel = _safe_member_path(member.name)
-            if rel is None:
-                logger.warning("%s: skipping unsafe member %r", archive, member.name)
-                continue
-            target = out / (rel.name if flat else Path(*rel.parts))
-            if target.is_file() and target.stat().st_size == member.size:
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tar.extractfile(member)
-            if src is None:
-                continue
-            tmp = target.with_name(target.name + ".tmp")
-            with src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            os.replace(tmp, target)
-            written += 1
-    return written
+    """Extract the .jpg files of a tar archive into ``out`` (by basename when ``flat``, else by
+    their relative path). Returns the number of files written."""
+    def target(path: PurePosixPath) -> PurePosixPath | None:
+        if not path.name.lower().endswith(".jpg"):
+            return None
+        return PurePosixPath(path.name) if flat else path
+
+    return extract_tar(archive, out, target)
 
 
 def download_revisited(name: str, root: str | os.PathLike, *, images: bool = True,

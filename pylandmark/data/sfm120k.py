@@ -21,14 +21,12 @@ import io
 import logging
 import os
 import pickle
-import shutil
-import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..download import download_url
+from ..download import download_url, extract_tar
 
 __all__ = ["SfM120k", "WhiteningPairs", "download_sfm120k", "load_sfm_pickle", "cid_to_path",
            "SFM_URL", "SPLITS", "EXPECTED_COUNTS"]
@@ -254,41 +252,17 @@ class WhiteningPairs:
 # --------------------------------------------------------------------------------- download
 
 
-def _safe_member(name: str) -> PurePosixPath | None:
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts or not p.parts:
-        return None
-    parts = [q for q in p.parts if q not in (".", "")]
-    if parts and parts[0] == "ims":  # archives that carry the ims/ folder itself
+def _ims_path(path: PurePosixPath) -> PurePosixPath | None:
+    """Member path below ims/ (archives may or may not carry the ims/ folder itself)."""
+    parts = [q for q in path.parts if q not in (".", "")]
+    if parts and parts[0] == "ims":
         parts = parts[1:]
     return PurePosixPath(*parts) if parts else None
 
 
 def _extract_images(archive: Path, ims: Path) -> int:
-    """Extracts the regular files of ``archive`` into ``ims`` (paths kept, a leading ``ims/``
-    dropped); links, devices and paths escaping ``ims`` are skipped. Returns files written."""
-    written = 0
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            rel = _safe_member(member.name)
-            if rel is None:
-                logger.warning("%s: skipping unsafe member %r", archive, member.name)
-                continue
-            target = ims.joinpath(*rel.parts)
-            if target.is_file() and target.stat().st_size == member.size:
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tar.extractfile(member)
-            if src is None:
-                continue
-            tmp = target.with_name(target.name + ".tmp")
-            with src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            os.replace(tmp, target)
-            written += 1
-    return written
+    """Extracts the image files of ``archive`` into ``ims``. Returns files written."""
+    return extract_tar(archive, ims, _ims_path)
 
 
 def _verify_db(path: Path, expected: Mapping[str, tuple[int, int]] | None) -> None:
