@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import JsonConfig
 from .losses import LOSSES, make_loss
 from .mining import Tuples, describe, mine_tuples
 
@@ -82,7 +83,7 @@ _RUNTIME_FIELDS = {"epochs", "device", "workers", "progress", "tensorboard", "va
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Everything a training run needs; the defaults are the paper's recipe (REFERENCE §1) with
     the paper's network (CSPDarknet-53 + GeM) and the reference command's margin and lr.
 
@@ -227,18 +228,6 @@ class TrainConfig:
             v = getattr(self, n)
             if isinstance(v, os.PathLike):
                 setattr(self, n, os.fspath(v))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["recall_ks"], d["test_datasets"] = list(self.recall_ks), list(self.test_datasets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
-        return cls(**d)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from .layers import ConvNormAct, init_conv_bn
+from ..config import JsonConfig
 
 __all__ = ["CspDarknetCfg", "CSPDARKNET_PRESETS", "CSPDarknet", "CSPDarknet53", "DarkBlock",
            "CrossStage"]
@@ -28,7 +29,7 @@ def _tuple(value: Any, name: str, kind: type) -> tuple:
 
 
 @dataclass
-class CspDarknetCfg:
+class CspDarknetCfg(JsonConfig):
     """Architecture of a CSPDarknet (defaults: timm's ``cspdarknet53``).
 
     Per-stage tuples have one entry per stage. A stage's block width is half its expanded
@@ -78,17 +79,6 @@ class CspDarknetCfg:
                                  f"out_chs={out}, expand_ratio={er}")
         if self.stem_chs < 1 or self.in_chans < 1:
             raise ValueError("stem_chs and in_chans must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CspDarknetCfg":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown CspDarknetCfg fields {sorted(unknown)}")
-        return cls(**d)
 
 
 #: Named architectures. ``cspdarknet53`` is timm's (26,617,184 parameters without a classifier).

@@ -20,6 +20,7 @@ from ..nn import GeM
 from .cspdarknet import CSPDARKNET_PRESETS, CSPDarknet, CspDarknetCfg
 from .layers import l2n
 from .resnet import RESNET_PRESETS, ResNet, ResNetCfg
+from ..config import JsonConfig
 
 __all__ = ["LandmarkNetConfig", "LandmarkNet", "LANDMARKNET_PRESETS", "BACKBONES", "create_backbone",
            "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -71,7 +72,7 @@ def create_backbone(name: str, backbone_args: Mapping[str, Any] | None = None) -
 
 
 @dataclass
-class LandmarkNetConfig:
+class LandmarkNetConfig(JsonConfig):
     """Configuration of a :class:`LandmarkNet` (defaults: the paper's CSPDarknet-53 network).
 
     Attributes:
@@ -120,19 +121,6 @@ class LandmarkNetConfig:
             setattr(self, name, v)
         if min(self.std) <= 0:
             raise ValueError(f"std entries must be > 0, got {self.std}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict."""
-        d = dataclasses.asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LandmarkNetConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown LandmarkNetConfig fields {sorted(unknown)}")
-        return cls(**d)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "LandmarkNetConfig":

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from .layers import init_conv_bn
+from ..config import JsonConfig
 
 __all__ = ["ResNetCfg", "RESNET_PRESETS", "ResNet", "Bottleneck", "resnet50", "resnet101"]
 
 
 @dataclass
-class ResNetCfg:
+class ResNetCfg(JsonConfig):
     """Architecture of a bottleneck ResNet (defaults: ResNet-50).
 
     Attributes:
@@ -45,16 +45,6 @@ class ResNetCfg:
             raise ValueError(f"layers must be 4 ints >= 1, got {self.layers}")
         if self.width < 1 or self.expansion < 1 or self.in_chans < 1:
             raise ValueError("width, expansion and in_chans must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ResNetCfg":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown ResNetCfg fields {sorted(unknown)}")
-        return cls(**d)
 
 
 #: Named architectures (parameters without ``fc``: 23,508,032 / 42,500,160 / 58,143,808).
