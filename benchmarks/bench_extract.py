@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 
 import pylandmark as plm
+from pylandmark.bench import cuda_median_ms
 from pylandmark.extraction import prepare_inference_model
 from pylandmark.models import LandmarkNet
 
@@ -99,21 +99,6 @@ def bench_cpu(args: argparse.Namespace) -> None:
     print(f"\nagreement with the baseline: min cosine {min(cos):.5f} (float16 output)")
 
 
-def _time_cuda(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def bench_gpu(args: argparse.Namespace) -> None:
     dev = torch.device("cuda")
     print(f"\nGPU: {torch.cuda.get_device_name(dev)}, batch {args.gpu_batch} at 1024x768, float16 "
@@ -132,7 +117,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
             def run(m=m):
                 with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
                     m(x)
-            res.append(_time_cuda(run, args.reps) / args.gpu_batch)
+            res.append(cuda_median_ms(run, repeat=args.reps, warmup=3) / args.gpu_batch)
         print(f"| {preset} | {res[0]:.3f} | {res[1]:.3f} | {res[0] / res[1]:.2f}x |")
         del eager, ours, net
         torch.cuda.empty_cache()

@@ -10,31 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 
 import pylandmark as plm
+from pylandmark.bench import cuda_median_ms
 from pylandmark.nn.functional import HAVE_CUDA_KERNELS
 
 SHAPES = [(64, 1024, 32, 24), (256, 1024, 12, 12), (8, 2048, 64, 48)]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.5e-2}
-
-
-def cuda_time(fn, warmup=5, repeat=30) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def eager(x, p, eps=1e-6):
@@ -58,7 +44,7 @@ def gem_rows(use_compile: bool):
                     if mode == "forward":
                         with torch.no_grad():
                             err = ((f(x, p).double() - ref).abs() / ref.abs()).max().item()
-                            ms = cuda_time(lambda: f(x, p))
+                            ms = cuda_median_ms(lambda: f(x, p))
                         moved = nbytes
                     else:
                         xg = x.detach().requires_grad_()
@@ -67,7 +53,7 @@ def gem_rows(use_compile: bool):
                             f(xg, p).float().sum().backward()
 
                         err = float("nan")
-                        ms = cuda_time(step)
+                        ms = cuda_median_ms(step)
                         moved = 3 * nbytes
                     res[name] = (ms, err, moved / ms / 1e9)
                 ours = res["pylandmark"][0]

@@ -48,6 +48,24 @@ def median_ms(fn, repeat: int, warmup: int = 1) -> float:
     return statistics.median(times) * 1e3
 
 
+def cuda_median_ms(fn, repeat: int = 30, warmup: int = 5) -> float:
+    """Median time of fn() on the current CUDA stream in milliseconds (CUDA events), after
+    `warmup` untimed calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def numpy_topk(q: np.ndarray, db32: np.ndarray, k: int) -> np.ndarray:
     """What a numpy user writes: float32 matmul, argpartition, then sort the k (indices (Q, k))."""
     s = q @ db32.T

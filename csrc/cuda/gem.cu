@@ -99,6 +99,19 @@ __global__ void gem_fwd_rows(const T* __restrict__ x, int64_t B, int64_t C, int6
   if (lane == 0) y[row] = powf(acc / static_cast<float>(HW), 1.0f / p);
 }
 
+// Sums v over the kColRows thread rows of a columns-layout block (shared memory); every thread
+// must call it. The result is meaningful in thread row 0.
+__device__ __forceinline__ float column_sum(float (*part)[kColChannels + 1], float v) {
+  part[threadIdx.y][threadIdx.x] = v;
+  __syncthreads();
+  float sum = 0.0f;
+  if (threadIdx.y == 0) {
+#pragma unroll
+    for (int r = 0; r < kColRows; ++r) sum += part[r][threadIdx.x];
+  }
+  return sum;
+}
+
 template <class T>
 __global__ void gem_fwd_cols(const T* __restrict__ x, int64_t b0, int64_t C, int64_t HW, int64_t sb,
                              int64_t shw, const float* __restrict__ p_ptr, float eps,
@@ -113,12 +126,8 @@ __global__ void gem_fwd_cols(const T* __restrict__ x, int64_t b0, int64_t C, int
     const T* base = x + b * sb + c;
     for (int64_t s = threadIdx.y; s < HW; s += kColRows) acc += pow_p(fmaxf(load_f(base + s * shw), eps), p, cube);
   }
-  part[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
+  const float sum = column_sum(part, acc);
   if (threadIdx.y == 0 && c < C) {
-    float sum = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kColRows; ++r) sum += part[r][threadIdx.x];
     if (needs_scaling(sum)) {  // rare: one thread redoes this channel in the scaled form
       const T* base = x + b * sb + c;
       float m = eps;
@@ -192,14 +201,8 @@ __global__ void gem_bwd_cols(const T* __restrict__ x, int64_t b0, int64_t C, int
     }
   }
   if (!terms) return;
-  part[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    float sum = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kColRows; ++r) sum += part[r][threadIdx.x];
-    terms[b * C + c] = dp_term(g, yv, sum, p, HW);
-  }
+  const float sum = column_sum(part, s);
+  if (threadIdx.y == 0 && c < C) terms[b * C + c] = dp_term(g, yv, sum, p, HW);
 }
 
 bool rows_layout(const GemDeviceArgs& a) {
