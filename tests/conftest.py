@@ -1,6 +1,7 @@
 """Shared fixtures. Tests that need ../shared data skip cleanly where it is absent."""
 from __future__ import annotations
 
+import re
 import zlib
 from pathlib import Path
 
@@ -16,6 +17,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared test data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def timm_keys(shared_data) -> list[tuple[str, tuple[int, ...]]]:
+    """(key, shape) of every tensor in timm's cspdarknet53 checkpoint, from the published list."""
+    out = []
+    for line in (shared_data / "cspdarknet53_state_dict.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"(\S+) \(([\d, ]*)\)", line.strip())
+        assert m, line
+        out.append((m.group(1), tuple(int(v) for v in m.group(2).replace(" ", "").split(",") if v)))
+    return out
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ against hand-written functional references, and checkpoint round trips."""
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -15,22 +14,6 @@ from pylandmark.models import (CSPDarknet, CSPDarknet53, CspDarknetCfg, Landmark
                                ResNet, ResNetCfg, fold_batchnorm)
 
 TINY_CSP = {"depths": [1, 2, 1, 1, 1], "out_chs": [8, 16, 16, 24, 32]}
-
-
-def parse_state_dict_txt(path) -> list[tuple[str, tuple[int, ...]]]:
-    out = []
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        m = re.fullmatch(r"(\S+) \(([\d, ]*)\)", line.strip())
-        assert m, line
-        out.append((m.group(1), tuple(int(v) for v in m.group(2).replace(" ", "").split(",") if v)))
-    return out
-
-
-@pytest.fixture(scope="module")
-def timm_keys(shared_data) -> list[tuple[str, tuple[int, ...]]]:
-    return parse_state_dict_txt(shared_data / "cspdarknet53_state_dict.txt")
 
 
 def randomize_bn(model: torch.nn.Module, seed: int) -> None:
@@ -229,6 +212,12 @@ def test_landmarknet_default_is_the_papers_network():
     assert isinstance(r.backbone, ResNet) and r.dim == 2048
 
 
+def numpy_gem_l2n(fmap: np.ndarray, p: float) -> np.ndarray:
+    """Reference GeM then L2N of a (B, C, H, W) feature map, in float64 numpy."""
+    g = (np.maximum(fmap, 1e-6) ** p).mean(axis=(2, 3)) ** (1 / p)
+    return g / (np.linalg.norm(g, axis=1, keepdims=True) + 1e-6)
+
+
 def test_landmarknet_forward_matches_numpy_reference():
     torch.manual_seed(4)
     net = LandmarkNet(backbone_args=TINY_CSP, p=2.7).double().eval()
@@ -237,8 +226,7 @@ def test_landmarknet_forward_matches_numpy_reference():
     with torch.no_grad():
         fmap = net.forward_features(x).numpy()
         got = net(x).numpy()
-    g = (np.maximum(fmap, 1e-6) ** 2.7).mean(axis=(2, 3)) ** (1 / 2.7)
-    ref = g / (np.linalg.norm(g, axis=1, keepdims=True) + 1e-6)
+    ref = numpy_gem_l2n(fmap, 2.7)
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-9)
     assert got.shape == (3, 32)
 
@@ -256,8 +244,7 @@ def test_landmarknet_whitening_layer():
     with torch.no_grad():
         fmap = net.forward_features(x).numpy()
         got = net(x).numpy()
-    g = (np.maximum(fmap, 1e-6) ** 3).mean(axis=(2, 3)) ** (1 / 3)
-    g = g / (np.linalg.norm(g, axis=1, keepdims=True) + 1e-6)
+    g = numpy_gem_l2n(fmap, 3.0)
     w = g @ net.whiten.weight.detach().numpy().T + net.whiten.bias.detach().numpy()
     ref = w / (np.linalg.norm(w, axis=1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-9)

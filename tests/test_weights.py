@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import re
 import socket
 import threading
 
@@ -17,24 +16,13 @@ from pylandmark.models import (CSPDarknet53, LandmarkNet, ResNet, ResNetCfg, loa
 TINY_CSP = {"depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 16, 24, 32]}
 
 
-def parse_state_dict_txt(path) -> list[tuple[str, tuple[int, ...]]]:
-    out = []
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        m = re.fullmatch(r"(\S+) \(([\d, ]*)\)", line.strip())
-        assert m, line
-        out.append((m.group(1), tuple(int(v) for v in m.group(2).replace(" ", "").split(",") if v)))
-    return out
-
-
 @pytest.fixture(scope="module")
-def timm_checkpoint(shared_data) -> dict[str, torch.Tensor]:
+def timm_checkpoint(timm_keys) -> dict[str, torch.Tensor]:
     """A checkpoint built only from the published key/shape list (not from our model), with
     distinct random values so a misplaced tensor is caught."""
     g = torch.Generator().manual_seed(11)
     sd = {}
-    for key, shape in parse_state_dict_txt(shared_data / "cspdarknet53_state_dict.txt"):
+    for key, shape in timm_keys:
         if key.endswith("num_batches_tracked"):
             sd[key] = torch.tensor(1234, dtype=torch.int64)
         elif key.endswith("running_var"):
