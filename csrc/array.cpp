@@ -15,6 +15,7 @@ DType parse_dtype(const std::string& s, const char* name) {
   if (s == "bfloat16") return DType::bf16;
   if (s == "float64") return DType::f64;
   if (s == "int64") return DType::i64;
+  if (s == "uint8") return DType::u8;
   throw py::type_error(std::string(name) + ": unsupported dtype " + s +
                        "; use float16, bfloat16 or float32");
 }

@@ -5,7 +5,7 @@
 
 namespace plm {
 
-enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3, i64 = 4 };
+enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3, i64 = 4, u8 = 5 };
 enum class Device : int { cpu = 1, cuda = 2 };
 
 inline std::size_t dtype_size(DType t) {
@@ -15,6 +15,7 @@ inline std::size_t dtype_size(DType t) {
     case DType::bf16: return 2;
     case DType::f64: return 8;
     case DType::i64: return 8;
+    case DType::u8: return 1;
   }
   return 0;
 }
@@ -26,6 +27,7 @@ inline const char* dtype_name(DType t) {
     case DType::bf16: return "bfloat16";
     case DType::f64: return "float64";
     case DType::i64: return "int64";
+    case DType::u8: return "uint8";
   }
   return "?";
 }

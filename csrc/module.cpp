@@ -14,6 +14,7 @@
 #if defined(PLM_WITH_CUDA)
 #include "cuda/gem.h"
 #include "cuda/runtime.h"
+#include "cuda/search.h"
 #endif
 
 namespace py = pybind11;
@@ -24,16 +25,12 @@ namespace {
 
 void require_cpu(const ArrayView& a) {
   if (a.device != plm::Device::cpu)
-    throw py::value_error(a.name + " is on a CUDA device, but this build of pylandmark has no "
-                          "CUDA search/GeM kernels yet; pass CPU arrays");
+    throw py::value_error(a.name + " is on a CUDA device; this entry point takes CPU arrays");
 }
 
-void search(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& scores_spec,
-            const py::tuple& idx_spec, int64_t k, bool cosine) {
-  ArrayView q = plm::view_from_spec(q_spec, "queries");
-  ArrayView db = plm::view_from_spec(db_spec, "db");
-  ArrayView scores = plm::view_from_spec(scores_spec, "scores");
-  ArrayView idx = plm::view_from_spec(idx_spec, "indices");
+// The checks every search makes, CPU or GPU; outputs must be (Q, k) float32 / int64.
+void check_search(const ArrayView& q, const ArrayView& db, const ArrayView& scores, const ArrayView& idx,
+                  int64_t k) {
   plm::require_ndim(q, 2);
   plm::require_ndim(db, 2);
   plm::require_dtype_float(q);
@@ -41,7 +38,6 @@ void search(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& 
   plm::require_unit_last_stride(q);
   plm::require_unit_last_stride(db);
   plm::require_same_device(q, db);
-  require_cpu(q);
   if (q.shape[1] != db.shape[1])
     throw py::value_error("queries have D=" + std::to_string(q.shape[1]) + " but db has D=" +
                           std::to_string(db.shape[1]) + "; both must describe vectors of the same length");
@@ -54,9 +50,20 @@ void search(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& 
     plm::require_ndim(*out, 2);
     plm::require_contiguous(*out);
     plm::require_writable(*out);
+    plm::require_same_device(*out, q);
     if (out->shape[0] != q.shape[0] || out->shape[1] != k)
       throw py::value_error(out->name + " must have shape (Q, k)");
   }
+}
+
+void search(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& scores_spec,
+            const py::tuple& idx_spec, int64_t k, bool cosine) {
+  ArrayView q = plm::view_from_spec(q_spec, "queries");
+  ArrayView db = plm::view_from_spec(db_spec, "db");
+  ArrayView scores = plm::view_from_spec(scores_spec, "scores");
+  ArrayView idx = plm::view_from_spec(idx_spec, "indices");
+  require_cpu(q);
+  check_search(q, db, scores, idx, k);
   plm::cpu::SearchArgs args{q.data,          q.dtype,     q.strides[0], db.data,
                             db.dtype,        db.strides[0], q.shape[0], db.shape[0],
                             db.shape[1],     k,           cosine,       static_cast<float*>(scores.data),
@@ -177,6 +184,63 @@ void gem_backward_cuda(const py::tuple& x_spec, const py::tuple& gy_spec, const 
   plm::cuda::gem_backward(args, static_cast<const float*>(gy.data), static_cast<const float*>(y.data),
                           dx.data, terms);
 }
+
+// Search on CUDA arrays: the caller allocates the outputs and a uint8 workspace of
+// search_cuda_workspace(...) bytes on the data's device, and passes its current stream.
+plm::cuda::SearchDeviceArgs search_device_args(const ArrayView& q, const ArrayView& db, int64_t k, bool cosine,
+                                               uintptr_t stream) {
+  if (q.device != plm::Device::cuda) throw py::value_error("queries must be a CUDA array here");
+  if (k > plm::cuda::max_search_k())
+    throw py::value_error("k must be at most " + std::to_string(plm::cuda::max_search_k()) +
+                          " on the GPU, got " + std::to_string(k) + "; search CPU copies for larger k");
+  return {q.data,      q.dtype,     q.strides[0], db.data, db.dtype, db.strides[0], q.shape[0], db.shape[0],
+          db.shape[1], k,           cosine,       q.device_id, reinterpret_cast<cudaStream_t>(stream)};
+}
+
+ArrayView cuda_search_inputs(const py::tuple& q_spec, const py::tuple& db_spec, ArrayView* db) {
+  ArrayView q = plm::view_from_spec(q_spec, "queries");
+  *db = plm::view_from_spec(db_spec, "db");
+  plm::require_ndim(q, 2);
+  plm::require_ndim(*db, 2);
+  plm::require_dtype_float(q);
+  plm::require_dtype_float(*db);
+  plm::require_same_device(q, *db);
+  return q;
+}
+
+size_t search_cuda_workspace(const py::tuple& q_spec, const py::tuple& db_spec, int64_t k, bool cosine) {
+  ArrayView db;
+  ArrayView q = cuda_search_inputs(q_spec, db_spec, &db);
+  auto args = search_device_args(q, db, k, cosine, 0);
+  py::gil_scoped_release nogil;
+  return plm::cuda::search_workspace_bytes(args);
+}
+
+std::string search_cuda_kernel(const py::tuple& q_spec, const py::tuple& db_spec, int64_t k, bool cosine) {
+  ArrayView db;
+  ArrayView q = cuda_search_inputs(q_spec, db_spec, &db);
+  auto args = search_device_args(q, db, k, cosine, 0);
+  py::gil_scoped_release nogil;
+  return plm::cuda::search_kernel_name(args);
+}
+
+void search_cuda(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& scores_spec,
+                 const py::tuple& idx_spec, const py::tuple& ws_spec, int64_t k, bool cosine, uintptr_t stream) {
+  ArrayView q = plm::view_from_spec(q_spec, "queries");
+  ArrayView db = plm::view_from_spec(db_spec, "db");
+  ArrayView scores = plm::view_from_spec(scores_spec, "scores");
+  ArrayView idx = plm::view_from_spec(idx_spec, "indices");
+  ArrayView ws = plm::view_from_spec(ws_spec, "workspace");
+  check_search(q, db, scores, idx, k);
+  plm::require_dtype(ws, DType::u8);
+  plm::require_contiguous(ws);
+  plm::require_writable(ws);
+  plm::require_same_device(ws, q);
+  auto args = search_device_args(q, db, k, cosine, stream);
+  py::gil_scoped_release nogil;
+  plm::cuda::search(args, ws.data, static_cast<size_t>(ws.numel()), static_cast<float*>(scores.data),
+                    static_cast<int64_t*>(idx.data));
+}
 #endif
 
 py::dict build_info() {
@@ -216,6 +280,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"));
   m.def("gem_backward_cuda", &gem_backward_cuda, py::arg("x"), py::arg("grad_output"), py::arg("y"),
         py::arg("grad_input"), py::arg("terms"), py::arg("p"), py::arg("eps"), py::arg("stream"));
+  m.def("search_cuda", &search_cuda, py::arg("queries"), py::arg("db"), py::arg("scores"), py::arg("indices"),
+        py::arg("workspace"), py::arg("k"), py::arg("cosine"), py::arg("stream"));
+  m.def("search_cuda_workspace", &search_cuda_workspace, py::arg("queries"), py::arg("db"), py::arg("k"),
+        py::arg("cosine"));
+  m.def("search_cuda_kernel", &search_cuda_kernel, py::arg("queries"), py::arg("db"), py::arg("k"),
+        py::arg("cosine"));
+  m.attr("SEARCH_CUDA_MAX_K") = plm::cuda::max_search_k();
 #endif
   m.def("get_num_threads", &plm::cpu::get_num_threads);
   m.def("set_num_threads", &plm::cpu::set_num_threads, py::arg("n"));

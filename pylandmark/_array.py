@@ -128,6 +128,20 @@ def empty_like_framework(ref: Array, shape: tuple[int, ...], dtype: str) -> Any:
     return np.empty(shape, dtype=dtype)
 
 
+def current_stream(a: Array) -> int:
+    """The caller's current CUDA stream (cudaStream_t as an int) on the device holding a."""
+    if a.framework == "torch":
+        import torch
+
+        return torch.cuda.current_stream(a.obj.device).cuda_stream
+    if a.framework == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(a.device[1]):
+            return cupy.cuda.get_current_stream().ptr
+    raise ValueError(f"{a.name} is not a CUDA array")
+
+
 def contiguous(a: Array) -> Array:
     x = a.obj
     if a.framework == "torch":

@@ -125,7 +125,7 @@ def mine_negatives(query_desc: Any, pool_desc: Any, query_clusters: Any, pool_cl
         ``(positions, scores)``: (Q, negatives) int64 pool positions (-1 where the pool holds too
         few other clusters) and their float32 cosine similarities (NaN for -1).
     """
-    from .ops import cuda_available, search
+    from .ops import SEARCH_CUDA_MAX_K, cuda_available, search
 
     if isinstance(query_desc, torch.Tensor) and query_desc.is_cuda and not cuda_available():
         # this build has no CUDA search kernels: rank on the CPU
@@ -147,7 +147,10 @@ def mine_negatives(query_desc: Any, pool_desc: Any, query_clusters: Any, pool_cl
         sel = torch.as_tensor(short) if isinstance(query_desc, torch.Tensor) else short
         if isinstance(query_desc, torch.Tensor):
             sel = sel.to(query_desc.device)
-        s2, i2 = search(query_desc[sel], pool_desc, k=m, metric="cosine")
+        sub, pool = query_desc[sel], pool_desc
+        if isinstance(pool, torch.Tensor) and pool.is_cuda and m > SEARCH_CUDA_MAX_K:
+            sub, pool = sub.cpu(), pool.cpu()  # the GPU search stops at k = 1024
+        s2, i2 = search(sub, pool, k=m, metric="cosine")
         pos[short] = select_negatives(_numpy(i2), qc[short], pc, negatives)
         full_scores = np.full((q, m), np.nan, dtype=np.float32)
         full_idx = np.full((q, m), -1, dtype=np.int64)

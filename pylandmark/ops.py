@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from ._array import Array, as_array, contiguous, empty_like_framework, require_float
+from ._array import CUDA, Array, as_array, contiguous, current_stream, empty_like_framework, require_float
 
 METRICS = ("cosine", "ip")
+SEARCH_CUDA_MAX_K = getattr(_C, "SEARCH_CUDA_MAX_K", 1024)  # largest k of the GPU search
 
 
 def search(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> tuple[Any, Any]:
@@ -64,10 +65,42 @@ def search(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> tuple[A
                          "contiguous copy (np.ascontiguousarray / .contiguous())")
     scores = as_array(empty_like_framework(q, (q.shape[0], k), "float32"), "scores")
     indices = as_array(empty_like_framework(q, (q.shape[0], k), "int64"), "indices")
-    _C.search(q.spec(), d.spec(), scores.spec(), indices.spec(), k, metric == "cosine")
+    if q.device[0] == CUDA:
+        _search_cuda(q, d, scores, indices, k, metric == "cosine")
+    else:
+        _C.search(q.spec(), d.spec(), scores.spec(), indices.spec(), k, metric == "cosine")
     if one:
         return scores.obj[0], indices.obj[0]
     return scores.obj, indices.obj
+
+
+def _search_cuda(q: Array, d: Array, scores: Array, indices: Array, k: int, cosine: bool) -> None:
+    """Queues the GPU search on the caller's current stream of the data's device."""
+    if not hasattr(_C, "search_cuda"):
+        raise ValueError("queries and db are on a CUDA device, but this build of pylandmark has no "
+                         "CUDA kernels; reinstall with nvcc available (PYLANDMARK_CUDA=ON) or search "
+                         "CPU copies")
+    if k > SEARCH_CUDA_MAX_K:
+        raise ValueError(f"k must be at most {SEARCH_CUDA_MAX_K} on the GPU, got {k}; search CPU "
+                         "copies for larger k")
+    if q.shape[0] == 0:
+        return
+    qs, ds = q.spec(), d.spec()
+    nbytes = _C.search_cuda_workspace(qs, ds, k, cosine)
+    workspace = as_array(empty_like_framework(q, (max(nbytes, 1),), "uint8"), "workspace")
+    _C.search_cuda(qs, ds, scores.spec(), indices.spec(), workspace.spec(), k, cosine, current_stream(q))
+
+
+def search_kernel(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> str:
+    """Which GPU scan kernel :func:`search` runs for these CUDA arrays: "mma_small" or
+    "mma_wide" (tensor cores; float16/bfloat16 db with rows 16-byte aligned, compute capability
+    8.0+) or "simt" (everything else)."""
+    q, d = as_array(queries, "queries"), as_array(db, "db")
+    if q.ndim == 1:
+        q = Array(q.obj.reshape(1, -1), q.framework, q.name)
+    if q.device[0] != CUDA or not hasattr(_C, "search_cuda_kernel"):
+        raise ValueError("search_kernel() describes the GPU search; pass CUDA arrays to a CUDA build")
+    return _C.search_cuda_kernel(q.spec(), d.spec(), int(k), metric == "cosine")
 
 
 def _unit_last_stride(a: Array) -> bool:
@@ -114,8 +147,8 @@ def _gem_cupy(a: Array, p: float, eps: float) -> Any:
     with cupy.cuda.Device(a.device[1]):
         y = cupy.empty(a.shape[:2], dtype=cupy.float32)
         p_dev = cupy.full((1,), p, dtype=cupy.float32)
-        stream = cupy.cuda.get_current_stream().ptr
-        _C.gem_forward_cuda(a.spec(), as_array(y, "y").spec(), as_array(p_dev, "p").spec(), eps, stream)
+        _C.gem_forward_cuda(a.spec(), as_array(y, "y").spec(), as_array(p_dev, "p").spec(), eps,
+                            current_stream(a))
     return y.astype(a.obj.dtype, copy=False)
 
 

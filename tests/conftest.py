@@ -1,7 +1,13 @@
 """Shared fixtures. Tests that need ../shared data skip cleanly where it is absent."""
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import os
 import re
+import shutil
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -53,3 +59,52 @@ def cpu_isa(request):
 
 
 ALL_ISAS = ["generic", "avx2", "avx512"]
+
+
+EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
+CSRC = EMU_DIR.parents[1] / "csrc"
+
+
+def cuda_include_dir() -> Path | None:
+    """Where cuda_fp16.h lives (CUDA_HOME, CUDA_PATH, /usr/local/cuda, or next to nvcc)."""
+    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    candidates.append(Path("/usr/local/cuda/include"))
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(nvcc).resolve().parent.parent / "include")
+    return next((c for c in candidates if (c / "cuda_fp16.h").is_file() and (c / "cuda_bf16.h").is_file()), None)
+
+
+@pytest.fixture(scope="session")
+def emu_library(tmp_path_factory):
+    """emu_library("name.cpp") -> ctypes.CDLL of tests/cuda_emu/name.cpp compiled by g++ against
+    the host CUDA emulator (csrc/ and tests/cuda_emu/ on the include path). Skips without g++ or
+    the CUDA headers; cached per session by the hash of every source it can include."""
+    if sys.platform != "linux":
+        pytest.skip("the CUDA emulator uses Linux ucontext fibers")
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found on PATH")
+    cuda_inc = cuda_include_dir()
+    if cuda_inc is None:
+        pytest.skip("CUDA headers (cuda_fp16.h) not found: set CUDA_HOME or put nvcc on PATH")
+    cache = tmp_path_factory.mktemp("cuda_emu")
+    loaded: dict[str, ctypes.CDLL] = {}
+
+    def build(source: str) -> ctypes.CDLL:
+        if source in loaded:
+            return loaded[source]
+        cmd = [cxx, "-std=c++17", "-O1", "-g0", "-shared", "-fPIC", "-DPLM_CUDA_EMULATE", f"-I{CSRC}",
+               f"-I{EMU_DIR}", f"-I{cuda_inc}", "-Wno-unknown-pragmas", str(EMU_DIR / source)]
+        h = hashlib.sha256(" ".join(cmd).encode())
+        for f in sorted([*EMU_DIR.glob("*"), *CSRC.glob("cuda/*"), CSRC / "dtype.h"]):
+            h.update(f.read_bytes())
+        lib = cache / f"{Path(source).stem}-{h.hexdigest()[:16]}.so"
+        if not lib.is_file():
+            proc = subprocess.run([*cmd, "-o", str(lib)], check=False, capture_output=True, text=True)
+            if proc.returncode != 0:
+                pytest.fail(f"compiling {source} against the CUDA emulator failed:\n{proc.stderr[-4000:]}")
+        loaded[source] = ctypes.CDLL(str(lib))
+        return loaded[source]
+
+    return build

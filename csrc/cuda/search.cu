@@ -1,0 +1,98 @@
+// GPU search entry points: device limits and occupancy from the CUDA runtime, launches on the
+// caller's stream, every launch checked.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cuda/check.h"
+#include "cuda/search.h"
+#include "cuda/search_launch.cuh"
+
+namespace plm::cuda {
+
+namespace {
+
+launch::DeviceLimits device_limits(int device) {
+  launch::DeviceLimits d{};
+  int major = 0, minor = 0, optin = 0;
+  PLM_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
+  PLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  PLM_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  PLM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  d.compute_capability = major * 10 + minor;
+  d.smem_per_block = static_cast<size_t>(optin);
+  d.max_chunk = launch::kMaxChunk;
+  return d;
+}
+
+// Kernels above 48 KiB of dynamic shared memory must opt in (per device, per kernel).
+template <class Kernel>
+void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes > (48u << 10))
+    PLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+}
+
+launch::Problem problem_of(const SearchDeviceArgs& a) {
+  if (a.k < 1 || a.k > max_search_k())
+    throw std::invalid_argument("k must be between 1 and " + std::to_string(max_search_k()) +
+                                " on the GPU, got " + std::to_string(a.k));
+  if (a.N > INT32_MAX) throw std::invalid_argument("db: the GPU search takes at most 2^31 - 1 rows");
+  if (a.D > (1 << 20)) throw std::invalid_argument("queries/db: D must be at most 1048576 on the GPU");
+  return {a.query_dtype, a.db_dtype, a.Q, a.N, a.D, a.k, a.query_stride, a.db_stride, a.cosine,
+          reinterpret_cast<uintptr_t>(a.db)};
+}
+
+launch::Plan plan_for(const SearchDeviceArgs& a) {
+  const launch::Problem pr = problem_of(a);
+  return launch::make_plan(pr, device_limits(a.device), [&](const launch::Plan& p) {
+    int blocks = 0;
+    launch::with_scan_kernel(p, a.db_dtype, [&](auto kernel) {
+      allow_smem(kernel, p.smem);
+      PLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, launch::kThreads, p.smem));
+    });
+    return blocks;
+  });
+}
+
+struct StreamLauncher {
+  cudaStream_t stream;
+  template <class Kernel, class... Args>
+  void operator()(Kernel kernel, unsigned grid_x, unsigned grid_y, size_t smem, Args... args) const {
+    if (grid_x == 0 || grid_y == 0) return;
+    allow_smem(kernel, smem);
+    kernel<<<dim3(grid_x, grid_y), launch::kThreads, smem, stream>>>(args...);
+    PLM_CUDA_CHECK_LAUNCH();
+  }
+};
+
+}  // namespace
+
+size_t search_workspace_bytes(const SearchDeviceArgs& a) {
+  if (a.Q == 0) return 0;
+  DeviceGuard guard(a.device);
+  return plan_for(a).workspace_bytes;
+}
+
+const char* search_kernel_name(const SearchDeviceArgs& a) {
+  DeviceGuard guard(a.device);
+  switch (plan_for(a).scan) {
+    case launch::Scan::mma_small: return "mma_small";
+    case launch::Scan::mma_wide: return "mma_wide";
+    default: return "simt";
+  }
+}
+
+void search(const SearchDeviceArgs& a, void* workspace, size_t workspace_bytes, float* scores,
+            int64_t* indices) {
+  if (a.Q == 0) return;
+  DeviceGuard guard(a.device);
+  const launch::Plan plan = plan_for(a);
+  if (workspace_bytes < plan.workspace_bytes)
+    throw std::invalid_argument("workspace holds " + std::to_string(workspace_bytes) + " bytes; the search needs " +
+                                std::to_string(plan.workspace_bytes));
+  launch::run_search(plan, problem_of(a), a.queries, a.db, workspace, scores, indices, StreamLauncher{a.stream});
+}
+
+}  // namespace plm::cuda

@@ -1,0 +1,41 @@
+// Exact top-k search on the GPU (see search_kernels.cuh for the algorithm).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace plm::cuda {
+
+// queries (Q x D) and db (N x D) live on `device`; rows have unit element stride and the given
+// row strides in elements. Work is queued on `stream`; nothing synchronises.
+struct SearchDeviceArgs {
+  const void* queries;
+  DType query_dtype;
+  int64_t query_stride;
+  const void* db;
+  DType db_dtype;
+  int64_t db_stride;
+  int64_t Q, N, D, k;  // k <= max_search_k()
+  bool cosine;
+  int device;
+  cudaStream_t stream;
+};
+
+constexpr int64_t max_search_k() { return 1024; }
+
+// Bytes of device workspace search() needs for these arguments.
+size_t search_workspace_bytes(const SearchDeviceArgs& a);
+
+// scores (Q x k float32) and indices (Q x k int64), contiguous on the device; workspace holds
+// at least search_workspace_bytes(a) bytes. Best first, ties to the lower index, -inf / -1
+// padding where k > N; a query row holding NaN or inf gets NaN scores and index -1.
+void search(const SearchDeviceArgs& a, void* workspace, size_t workspace_bytes, float* scores,
+            int64_t* indices);
+
+// "mma_small", "mma_wide" or "simt": the scan kernel search() picks for these arguments.
+const char* search_kernel_name(const SearchDeviceArgs& a);
+
+}  // namespace plm::cuda

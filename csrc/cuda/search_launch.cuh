@@ -1,0 +1,269 @@
+// Planning and launching a GPU search: which scan kernel, how the db is split across blocks,
+// how queries are chunked, where the workspace pieces go. The launch sequence is written once
+// against a `Launcher` (search.cu: CUDA launches on the caller's stream; tests/cuda_emu: the
+// host emulator), so the tests run the very sequence the GPU runs.
+#pragma once
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "cuda/search_kernels.cuh"
+#include "dtype.h"
+
+namespace plm::cuda::launch {
+
+using kernels::kThreads;
+using kernels::kTileRows;
+using kernels::kWarps;
+
+constexpr int kMaxK = 1024;
+constexpr int64_t kMaxChunk = 65536;                 // queries per chunk
+constexpr size_t kPlanesBudget = size_t{128} << 20;  // bytes of prepared queries per chunk
+constexpr size_t kListsBudget = size_t{256} << 20;   // bytes of partial lists per chunk
+
+enum class Scan { simt, mma_small, mma_wide };
+
+struct Problem {
+  DType query_dtype, db_dtype;
+  int64_t Q, N, D, k;
+  int64_t query_stride, db_stride;  // elements
+  bool cosine;
+  uintptr_t db_address;             // for the 16-byte alignment test
+};
+
+struct DeviceLimits {
+  int sm_count;
+  int compute_capability;  // major * 10 + minor
+  size_t smem_per_block;   // opt-in maximum
+  int64_t max_chunk;       // queries per chunk at most (kMaxChunk; tests lower it)
+};
+
+struct Plan {
+  Scan scan;
+  int terms;  // query planes for the tensor-core scan
+  int K;      // list length: a power of two >= k
+  int bq;     // queries per block
+  int64_t dpad;
+  size_t smem;
+  int64_t chunk;  // queries per chunk (multiple of bq)
+  int slots;      // blocks resident at once on the device
+  size_t planes_bytes, qmul_offset, lists_offset, lists_bytes, workspace_bytes;
+};
+
+// Splitting of the db for one chunk of queries.
+struct Split {
+  int splits;
+  int64_t rows_per_split;
+};
+
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+
+inline int list_length(int64_t k) { return k <= 32 ? 32 : (k <= 128 ? 128 : 1024); }
+
+template <class F>
+void with_list_length(int K, F&& f) {
+  switch (K) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return f(std::integral_constant<int, 1024>{});
+  }
+}
+
+template <class F>
+void with_terms(int terms, F&& f) {
+  switch (terms) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 3>{});
+  }
+}
+
+template <class F>
+void with_float_type(DType t, F&& f) {
+  switch (t) {
+    case DType::f16: return f(TypeTag<__half>{});
+    case DType::bf16: return f(TypeTag<__nv_bfloat16>{});
+    default: return f(TypeTag<float>{});
+  }
+}
+
+// Calls f(kernel pointer) with the scan kernel of the plan for a db of type db_dtype.
+template <class F>
+void with_scan_kernel(const Plan& p, DType db_dtype, F&& f) {
+  with_list_length(p.K, [&](auto kc) {
+    constexpr int K = decltype(kc)::value;
+    with_float_type(db_dtype, [&](auto tc) {
+      using T = typename decltype(tc)::type;
+      if constexpr (std::is_same_v<T, float>) {
+        f(&kernels::search_simt<float, K>);
+      } else {
+        if (p.scan == Scan::simt) return f(&kernels::search_simt<T, K>);
+        with_terms(p.terms, [&](auto tc2) {
+          constexpr int TERMS = decltype(tc2)::value;
+          if (p.scan == Scan::mma_small) f(&kernels::search_mma<T, TERMS, kernels::SmallTile, K>);
+          else f(&kernels::search_mma<T, TERMS, kernels::WideTile, K>);
+        });
+      }
+    });
+  });
+}
+
+inline size_t scan_smem(Scan scan, int terms, int K) {
+  size_t bytes = 0;
+  with_list_length(K, [&](auto kc) {
+    constexpr int KK = decltype(kc)::value;
+    with_terms(terms, [&](auto tc) {
+      constexpr int TERMS = decltype(tc)::value;
+      switch (scan) {
+        case Scan::simt: bytes = kernels::simt_smem_bytes<KK>(); break;
+        case Scan::mma_small: bytes = kernels::mma_smem_bytes<kernels::SmallTile, TERMS, KK>(); break;
+        case Scan::mma_wide: bytes = kernels::mma_smem_bytes<kernels::WideTile, TERMS, KK>(); break;
+      }
+    });
+  });
+  return bytes;
+}
+
+inline size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// How a chunk of `qtiles` query tiles splits the db: enough blocks to fill the device, no
+// split shorter than a tile, and no more lists than the workspace holds.
+inline Split split_db(const Plan& p, int64_t N, int64_t qtiles) {
+  int64_t splits = ceil_div(p.slots, qtiles);
+  const int64_t fit = static_cast<int64_t>(p.lists_bytes / (sizeof(uint64_t) * p.K * qtiles * p.bq));
+  splits = std::min<int64_t>({splits, ceil_div(N, kTileRows), int64_t{65535}, std::max<int64_t>(fit, 1)});
+  splits = std::max<int64_t>(splits, 1);
+  const int64_t rows = ceil_div(ceil_div(N, splits), kTileRows) * kTileRows;
+  return {static_cast<int>(ceil_div(N, rows)), rows};
+}
+
+// blocks_per_sm(plan) reports how many scan blocks of the plan fit on one SM (0: none).
+inline Plan make_plan(const Problem& pr, const DeviceLimits& dev,
+                      const std::function<int(const Plan&)>& blocks_per_sm) {
+  Plan p{};
+  p.K = list_length(pr.k);
+  const bool half_db = pr.db_dtype == DType::f16 || pr.db_dtype == DType::bf16;
+  const bool aligned = pr.D % 8 == 0 && pr.db_stride % 8 == 0 && pr.db_address % 16 == 0;
+  // Query planes that hold the query exactly: a half plane holds a (scaled) bfloat16 query,
+  // two hold a float32 one; bfloat16 planes need two for a half query, three for float32.
+  if (pr.db_dtype == DType::f16) p.terms = pr.query_dtype == DType::f32 ? 2 : 1;
+  else p.terms = pr.query_dtype == DType::bf16 ? 1 : (pr.query_dtype == DType::f16 ? 2 : 3);
+  p.scan = Scan::simt;
+  if (dev.compute_capability >= 80 && half_db && aligned) {
+    if (pr.Q > kernels::SmallTile::BQ && scan_smem(Scan::mma_wide, p.terms, p.K) <= dev.smem_per_block)
+      p.scan = Scan::mma_wide;
+    else if (scan_smem(Scan::mma_small, p.terms, p.K) <= dev.smem_per_block)
+      p.scan = Scan::mma_small;
+  }
+  if (p.scan == Scan::simt) p.terms = 1;
+  int bk = kernels::kSimtBK;
+  p.bq = kernels::kSimtBQ;
+  if (p.scan == Scan::mma_small) {
+    p.bq = kernels::SmallTile::BQ;
+    bk = kernels::SmallTile::BK;
+  } else if (p.scan == Scan::mma_wide) {
+    p.bq = kernels::WideTile::BQ;
+    bk = kernels::WideTile::BK;
+  }
+  p.dpad = ceil_div(pr.D, bk) * bk;
+  p.smem = scan_smem(p.scan, p.terms, p.K);
+  if (p.smem > dev.smem_per_block)
+    throw std::runtime_error("this GPU has " + std::to_string(dev.smem_per_block) +
+                             " bytes of shared memory per block; the search kernel needs " +
+                             std::to_string(p.smem) + "; search on the CPU instead");
+  const int per_sm = blocks_per_sm(p);
+  if (per_sm < 1) throw std::runtime_error("the search kernel cannot be resident on this GPU");
+  p.slots = per_sm * dev.sm_count;
+
+  const size_t plane_bytes = p.scan == Scan::simt ? 4 * p.dpad : size_t(2) * p.terms * p.dpad;
+  int64_t cap = std::min<int64_t>(dev.max_chunk, static_cast<int64_t>(kPlanesBudget / plane_bytes));
+  cap = std::min<int64_t>(cap, static_cast<int64_t>(kListsBudget / (sizeof(uint64_t) * p.K)));
+  cap = std::max<int64_t>(cap / p.bq * p.bq, p.bq);
+  p.chunk = std::min<int64_t>(ceil_div(pr.Q, p.bq) * p.bq, cap);
+
+  // Lists: room for the first chunk split as it wants, and for any smaller last chunk (whose
+  // query tiles times splits stays below 2 * slots).
+  const int64_t qtiles = p.chunk / p.bq;
+  const int64_t want = std::min<int64_t>(ceil_div(p.slots, qtiles), ceil_div(pr.N, kTileRows));
+  const int64_t tiles_x_splits = std::max<int64_t>(qtiles * std::max<int64_t>(want, 1), 2 * int64_t{p.slots});
+  p.lists_bytes = sizeof(uint64_t) * p.K * p.bq * tiles_x_splits;
+  p.planes_bytes = plane_bytes * p.chunk;
+  p.qmul_offset = align256(p.planes_bytes);
+  p.lists_offset = align256(p.qmul_offset + sizeof(float) * p.chunk);
+  p.workspace_bytes = p.lists_offset + p.lists_bytes;
+  return p;
+}
+
+// Runs the whole search for the plan: per chunk, prepare queries, scan, merge. `launch` is
+// called as launch(kernel, grid_x, grid_y, smem_bytes, args...) with kThreads threads per block.
+template <class Launcher>
+void run_search(const Plan& p, const Problem& pr, const void* queries, const void* db, void* workspace,
+                float* scores, int64_t* indices, Launcher&& launch) {
+  auto* ws = static_cast<unsigned char*>(workspace);
+  void* planes = ws;
+  auto* qmul = reinterpret_cast<float*>(ws + p.qmul_offset);
+  auto* lists = reinterpret_cast<uint64_t*>(ws + p.lists_offset);
+  const size_t qsize = dtype_size(pr.query_dtype);
+  for (int64_t q0 = 0; q0 < pr.Q; q0 += p.chunk) {
+    const int64_t qc = std::min<int64_t>(p.chunk, pr.Q - q0);
+    const int64_t qpad = ceil_div(qc, p.bq) * p.bq;
+    const void* qsrc = static_cast<const unsigned char*>(queries) + q0 * pr.query_stride * qsize;
+
+    with_float_type(pr.query_dtype, [&](auto qt) {
+      using QT = typename decltype(qt)::type;
+      const auto* qtyped = static_cast<const QT*>(qsrc);
+      const auto grid = static_cast<unsigned>(ceil_div(qpad, kWarps));
+      const int D = static_cast<int>(pr.D), Dpad = static_cast<int>(p.dpad);
+      if (p.scan == Scan::simt) {
+        launch(&kernels::prep_queries<QT, float, 1>, grid, 1u, size_t{0}, qtyped, pr.query_stride, qc, qpad,
+               D, Dpad, pr.cosine, static_cast<float*>(planes), qmul);
+        return;
+      }
+      with_float_type(pr.db_dtype, [&](auto dt) {
+        using T = typename decltype(dt)::type;
+        if constexpr (!std::is_same_v<T, float>) {
+          with_terms(p.terms, [&](auto tc) {
+            constexpr int TERMS = decltype(tc)::value;
+            launch(&kernels::prep_queries<QT, T, TERMS>, grid, 1u, size_t{0}, qtyped, pr.query_stride, qc,
+                   qpad, D, Dpad, pr.cosine, static_cast<T*>(planes), qmul);
+          });
+        }
+      });
+    });
+
+    const Split sp = split_db(p, pr.N, qpad / p.bq);
+    kernels::ScanArgs args{planes,
+                           qmul,
+                           db,
+                           pr.db_stride,
+                           pr.N,
+                           static_cast<int>(pr.D),
+                           static_cast<int>(p.dpad),
+                           qc,
+                           qpad,
+                           sp.rows_per_split,
+                           sp.splits,
+                           lists,
+                           static_cast<int>(pr.k),
+                           pr.cosine};
+    with_scan_kernel(p, pr.db_dtype, [&](auto kernel) {
+      launch(kernel, static_cast<unsigned>(qpad / p.bq), static_cast<unsigned>(sp.splits), p.smem, args);
+    });
+    with_list_length(p.K, [&](auto kc) {
+      constexpr int K = decltype(kc)::value;
+      launch(&kernels::merge_lists<K>, static_cast<unsigned>(ceil_div(qc, kWarps)), 1u, size_t{0},
+             static_cast<const uint64_t*>(lists), sp.splits, qc, static_cast<const float*>(qmul),
+             static_cast<int>(pr.k), scores + q0 * pr.k, indices + q0 * pr.k);
+    });
+  }
+}
+
+}  // namespace plm::cuda::launch

@@ -1,0 +1,185 @@
+"""The GPU search, run on the host CUDA emulator (tests/cuda_emu), against a float64 reference.
+
+tests/cuda_emu/search_emu.cpp compiles csrc/cuda/search_launch.cuh (plan, query preparation,
+tensor-core and SIMT scan kernels, merge) with g++ against the emulator, which runs every CUDA
+thread as a fiber, implements cp.async / ldmatrix / mma.sync from the PTX ISA, fills shared memory
+and the workspace with garbage, and fails on divergent barriers. The device limits are arguments,
+so each test picks the scan kernel, the number of db splits and the query chunk size. This is
+the logic of the GPU path, not its timing or its memory model: tests/test_search_cuda.py runs
+the same checks on a real GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+from search_checks import check, check_matches_cpu, make, reference, tolerance
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # plm::DType
+H100 = {"cc": 90, "smem": 227 * 1024}
+
+
+@pytest.fixture(scope="module")
+def emu_search(emu_library):
+    """search(q, db, k, metric, **device) -> (scores, indices, info) on the emulator."""
+    fn = emu_library("search_emu.cpp").plm_emu_search
+    fn.restype = ctypes.c_int
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    fn.argtypes = [ptr, i32, i64, ptr, i32, i64, i64, i64, i64, i64, i32, i32, i32, i64, i32, i64,
+                   ctypes.c_uint64, ptr, ptr, ctypes.c_char_p, i32]
+
+    def search(q, db, k, metric="cosine", *, cc=90, smem=227 * 1024, sms=3, blocks_per_sm=1,
+               max_chunk=65536, seed=0):
+        Q, N = q.shape[0], db.shape[0]
+        assert q.stride(1) == 1 and db.stride(1) == 1
+        scores = torch.empty((Q, k), dtype=torch.float32)
+        indices = torch.empty((Q, k), dtype=torch.int64)
+        info = ctypes.create_string_buffer(512)
+        rc = fn(q.data_ptr(), DTYPE_CODES[q.dtype], q.stride(0), db.data_ptr(), DTYPE_CODES[db.dtype],
+                db.stride(0), Q, N, db.shape[1], k, int(metric == "cosine"), sms, cc, smem, blocks_per_sm,
+                max_chunk, seed, scores.data_ptr(), indices.data_ptr(), info, len(info))
+        if rc:
+            raise RuntimeError(info.value.decode())
+        return scores, indices, info.value.decode()
+
+    return search
+
+
+def run_and_check(emu_search, q, db, k, metric="cosine", kernel=None, **device):
+    """Searches on the emulator under two thread schedules, checks the exact top-k against the
+    float64 reference and the CPU kernel; returns (scores, indices, info)."""
+    scores, idx, info = emu_search(q, db, k, metric, **device)
+    if kernel:
+        assert info.split()[0] == kernel, info
+    again, idx2, _ = emu_search(q, db, k, metric, seed=7, **device)
+    assert torch.equal(idx, idx2) and torch.equal(scores.nan_to_num(), again.nan_to_num()), \
+        "results depend on the thread schedule (a shared-memory race)"
+    atol = tolerance(str(q.dtype).removeprefix("torch."), str(db.dtype).removeprefix("torch."))
+    ref = reference(q, db, metric)
+    check(scores, idx, ref, k, atol)
+    check_matches_cpu(q, db, idx, ref, k, metric, atol)
+    return scores, idx, info
+
+
+F16, BF16, F32 = "float16", "bfloat16", "float32"
+# (Q, N, D, k, query dtype, db dtype, metric, kernel): the tensor-core scans need a half or
+# bfloat16 db with 16-byte aligned rows (D % 8 == 0); more than 16 queries take the wide tile.
+CASES = [
+    (1, 300, 64, 5, F16, F16, "cosine", "mma_small"),
+    (16, 777, 72, 33, F32, F16, "ip", "mma_small"),
+    (5, 1000, 8, 129, BF16, BF16, "cosine", "mma_small"),
+    (3, 2000, 64, 1000, F32, BF16, "cosine", "mma_small"),
+    (2, 1, 64, 40, F16, F16, "cosine", "mma_small"),
+    (2, 50, 128, 1024, F16, BF16, "cosine", "mma_small"),
+    (17, 500, 64, 1, F16, F16, "cosine", "mma_wide"),
+    (64, 640, 32, 32, BF16, F16, "ip", "mma_wide"),
+    (65, 300, 96, 100, F32, F16, "cosine", "mma_wide"),
+    (130, 1200, 64, 128, F16, BF16, "cosine", "mma_wide"),
+    (20, 1500, 64, 1000, F32, BF16, "cosine", "mma_wide"),
+    (3, 300, 17, 5, F16, F16, "cosine", "simt"),
+    (40, 500, 33, 100, F32, F32, "cosine", "simt"),
+    (2, 700, 64, 129, BF16, F32, "ip", "simt"),
+    (9, 130, 1, 31, F16, F16, "cosine", "simt"),
+]
+
+
+@pytest.mark.parametrize("Q,N,D,k,qdtype,dbdtype,metric,kernel", CASES)
+def test_exact_top_k(emu_search, rng, Q, N, D, k, qdtype, dbdtype, metric, kernel):
+    q, db = make(rng, (Q, D), qdtype, "cpu"), make(rng, (N, D), dbdtype, "cpu")
+    run_and_check(emu_search, q, db, k, metric, kernel)
+
+
+def test_gpus_before_sm80_take_the_simt_scan(emu_search, rng):
+    q, db = make(rng, (33, 64), F16, "cpu"), make(rng, (400, 64), F16, "cpu")
+    run_and_check(emu_search, q, db, 5, kernel="simt", cc=75, smem=64 * 1024)
+
+
+def test_small_shared_memory_falls_back_to_the_small_tile(emu_search, rng):
+    """sm_86 has 99 KiB per block: too little for the wide tile, enough for the small one."""
+    q, db = make(rng, (40, 64), F16, "cpu"), make(rng, (400, 64), F16, "cpu")
+    run_and_check(emu_search, q, db, 100, kernel="mma_small", cc=86, smem=99 * 1024)
+
+
+def test_too_little_shared_memory_is_an_error(emu_search, rng):
+    q, db = make(rng, (4, 64), F16, "cpu"), make(rng, (400, 64), F16, "cpu")
+    with pytest.raises(RuntimeError, match="shared memory per block"):
+        emu_search(q, db, 5, cc=75, smem=16 * 1024)
+
+
+@pytest.mark.parametrize("Q,kernel", [(3, "mma_small"), (40, "mma_wide")])
+@pytest.mark.parametrize("dbdtype", [F16, F32])
+def test_duplicate_rows_in_different_splits_tie_to_the_lower_index(emu_search, rng, Q, kernel, dbdtype):
+    if dbdtype == F32:
+        kernel = "simt"
+    db = make(rng, (1500, 64), dbdtype, "cpu")
+    copies = [3, 400, 401, 1100, 1499]  # several db splits of 128-row tiles
+    db[copies] = db[700].clone()
+    q = make(rng, (Q, 64), F16, "cpu")
+    q[0] = db[700].to(q.dtype)
+    scores, idx, info = run_and_check(emu_search, q, db, 8, kernel=kernel, sms=8)
+    assert int(info.split("splits=")[1].split()[0]) > 1, info
+    assert idx[0, :6].tolist() == sorted([700, *copies])
+    assert torch.unique(scores[0, :6]).numel() == 1
+
+
+def test_zero_rows_and_zero_queries_score_zero(emu_search, rng):
+    db = make(rng, (600, 64), F16, "cpu")
+    db[[5, 77, 300]] = 0
+    q = make(rng, (5, 64), F16, "cpu")
+    q[2] = 0
+    scores, idx, _ = run_and_check(emu_search, q, db, 10)
+    assert idx[2].tolist() == list(range(10)) and (scores[2] == 0).all()
+
+
+@pytest.mark.parametrize("kernel,dbdtype,qdtype", [("mma_small", F16, F32), ("simt", F32, F16)])
+def test_non_finite_query_rows_give_nan_and_minus_one(emu_search, rng, kernel, dbdtype, qdtype):
+    q, db = make(rng, (6, 64), qdtype, "cpu"), make(rng, (500, 64), dbdtype, "cpu")
+    q[1, 3], q[4, 0] = float("nan"), float("inf")
+    scores, idx, info = emu_search(q, db, 7)
+    assert info.startswith(kernel)
+    bad = [1, 4]
+    assert torch.isnan(scores[bad]).all() and (idx[bad] == -1).all()
+    good = [0, 2, 3, 5]
+    ref = reference(q[good], db, "cosine")
+    check(scores[good], idx[good], ref, 7, tolerance(qdtype, dbdtype))
+
+
+@pytest.mark.parametrize("Q,max_chunk", [(150, 64), (150, 128), (300, 64)])
+def test_query_chunks_give_the_unchunked_result(emu_search, rng, Q, max_chunk):
+    q, db = make(rng, (Q, 64), F32, "cpu"), make(rng, (700, 64), F16, "cpu")
+    whole, whole_idx, _ = emu_search(q, db, 9)
+    scores, idx, info = run_and_check(emu_search, q, db, 9, max_chunk=max_chunk)
+    assert f"chunk={max_chunk}" in info
+    assert torch.equal(idx, whole_idx) and torch.equal(scores, whole)
+
+
+@pytest.mark.parametrize("extra,kernel", [(8, "mma_small"), (3, "simt")])
+def test_strided_db_rows(emu_search, rng, extra, kernel):
+    """Rows farther apart than D: a stride that keeps rows 16-byte aligned stays on tensor cores."""
+    base = make(rng, (900, 64 + extra), F16, "cpu")
+    db = base[:, :64]
+    run_and_check(emu_search, make(rng, (4, 64), F16, "cpu"), db, 12, kernel=kernel)
+
+
+def test_many_splits_and_resident_blocks(emu_search, rng):
+    """32 resident blocks for one query tile: 5000 rows in splits of two 128-row tiles."""
+    q, db = make(rng, (2, 64), BF16, "cpu"), make(rng, (5000, 64), BF16, "cpu")
+    _, _, info = run_and_check(emu_search, q, db, 50, sms=16, blocks_per_sm=2)
+    assert "splits=20" in info, info
+
+
+def test_more_neighbours_than_rows_pad_every_kernel(emu_search, rng):
+    for dbdtype, D in ((F16, 64), (F32, 64), (F16, 30)):
+        q, db = make(rng, (20, D), F16, "cpu"), make(rng, (70, D), dbdtype, "cpu")
+        scores, idx, _ = run_and_check(emu_search, q, db, 200)
+        assert (idx[:, 70:] == -1).all() and torch.isneginf(scores[:, 70:]).all()
+
+
+def test_workspace_garbage_never_reaches_the_results(emu_search, rng):
+    """The workspace starts as 0xA5 bytes (search_emu.cpp): lists a block never fills would show
+    up as huge scores or wild indices."""
+    q, db = make(rng, (3, 64), F16, "cpu"), make(rng, (129, 64), F16, "cpu")
+    scores, idx, _ = run_and_check(emu_search, q, db, 5, sms=64)
+    assert ((idx >= 0) & (idx < 129)).all() and np.isfinite(scores.numpy()).all()
