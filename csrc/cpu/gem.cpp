@@ -56,9 +56,13 @@ double dy_dp_times_grad(double gy, double y, double s, const GemArgs& a) {
   return gy * y * s / (a.p * static_cast<double>(a.HW));
 }
 
+// Below this the float32 sum of xc^p may hold terms that underflowed into subnormals.
+constexpr double kMinPlainSum = 0x1p-80;
+
 // y = M (mean (xc/M)^p)^(1/p) with M = max xc: the scaled form never under- or overflows. The
-// fast kernels use the plain form and fall back to this where their sum was 0 or infinite
+// fast kernels use the plain form and fall back to this where their sum was tiny or infinite
 // (large p with values near eps, or huge activations).
+
 double gem_scaled(const float* xc_values, int64_t stride, int64_t n, double p, double eps) {
   double m = eps;
   for (int64_t i = 0; i < n; ++i) m = std::max(m, static_cast<double>(xc_values[i * stride]));
@@ -123,8 +127,10 @@ void gem_forward(const GemArgs& a, void* y) {
     }
     std::vector<float> values;
     for (int64_t c = c0; c < c1; ++c) {
-      if (out[c - c0] > 0.0f && std::isfinite(out[c - c0])) continue;
-      // rare: the float32 sum under- or overflowed; redo this channel in the scaled form
+      const double y = out[c - c0];
+      if (y > 0.0 && std::isfinite(y) && std::pow(y, a.p) * static_cast<double>(a.HW) >= kMinPlainSum) continue;
+      // rare: the float32 sum under- or overflowed (or fell where underflowed terms lost their
+      // precision); redo this channel in the scaled form
       values.resize(a.HW * kPad);
       const int64_t elem_stride = rows ? 1 : a.shw;
       K.pack_rows(at(a, a.x, b, c), a.dtype, elem_stride, a.HW, 1, kPad, values.data(), nullptr);

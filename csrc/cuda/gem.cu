@@ -1,270 +1,29 @@
-// Fused GeM kernels. Rows layout (NCHW): one warp per (b, c) row, lanes striding the contiguous
-// spatial axis with several loads in flight. Columns layout (channels_last): a block covers 32
-// channels of one image, 8 thread rows stride the spatial positions and reduce in shared memory.
-// Accumulation is float32; p comes from device memory; p == 3 takes a multiply-only path.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// GPU GeM entry points: launches on the caller's stream (kernels in gem_kernels.cuh).
 #include <cuda_runtime.h>
-
-#include <algorithm>
-#include <stdexcept>
-#include <type_traits>
 
 #include "cuda/check.h"
 #include "cuda/gem.h"
+#include "cuda/gem_kernels.cuh"
+#include "cuda/launcher.h"
 
 namespace plm::cuda {
 
 namespace {
 
-constexpr int kRowWarpsPerBlock = 8;
-constexpr int kColChannels = 32;
-constexpr int kColRows = 8;
-constexpr int64_t kMaxGridY = 65535;
-
-template <class T>
-__device__ __forceinline__ float load_f(const T* p);
-template <>
-__device__ __forceinline__ float load_f<float>(const float* p) { return __ldg(p); }
-template <>
-__device__ __forceinline__ float load_f<__half>(const __half* p) { return __half2float(__ldg(p)); }
-template <>
-__device__ __forceinline__ float load_f<__nv_bfloat16>(const __nv_bfloat16* p) {
-  return __bfloat162float(__ldg(p));
-}
-
-template <class T>
-__device__ __forceinline__ void store_f(T* p, float v);
-template <>
-__device__ __forceinline__ void store_f<float>(float* p, float v) { *p = v; }
-template <>
-__device__ __forceinline__ void store_f<__half>(__half* p, float v) { *p = __float2half_rn(v); }
-template <>
-__device__ __forceinline__ void store_f<__nv_bfloat16>(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float pow_p(float x, float p, bool cube) {
-  return cube ? x * x * x : exp2f(p * log2f(x));
-}
-
-// (xc/y)^(p-1) for the backward pass (ratio form: no power of y alone can overflow).
-__device__ __forceinline__ float ratio_pm1(float r, float p, bool cube) {
-  return cube ? r * r : exp2f((p - 1.0f) * log2f(r));
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-
-// The plain sum of xc^p under- or overflowed (large p with values near eps, or huge values):
-// y = M (mean (xc/M)^p)^(1/p) with M = max xc cannot.
-__device__ __forceinline__ bool needs_scaling(float sum) { return !(sum > 0.0f) || isinf(sum); }
-
-template <class T>
-__global__ void gem_fwd_rows(const T* __restrict__ x, int64_t B, int64_t C, int64_t HW, int64_t sb,
-                             int64_t sc, const float* __restrict__ p_ptr, float eps,
-                             float* __restrict__ y) {
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= B * C) return;
-  const float p = *p_ptr;
-  const bool cube = p == 3.0f;
-  const T* base = x + (row / C) * sb + (row % C) * sc;
-  float acc = 0.0f;
-  int64_t i = lane;
-  for (; i + 96 < HW; i += 128) {  // four independent loads in flight per lane
-    float a = load_f(base + i), b = load_f(base + i + 32), c = load_f(base + i + 64), d = load_f(base + i + 96);
-    acc += pow_p(fmaxf(a, eps), p, cube) + pow_p(fmaxf(b, eps), p, cube) +
-           pow_p(fmaxf(c, eps), p, cube) + pow_p(fmaxf(d, eps), p, cube);
-  }
-  for (; i < HW; i += 32) acc += pow_p(fmaxf(load_f(base + i), eps), p, cube);
-  acc = warp_sum(acc);
-  if (needs_scaling(acc)) {  // warp-uniform: every lane holds the same sum
-    float m = eps;
-    for (int64_t j = lane; j < HW; j += 32) m = fmaxf(m, load_f(base + j));
-    m = warp_max(m);
-    float scaled = 0.0f;
-    for (int64_t j = lane; j < HW; j += 32) scaled += powf(fmaxf(load_f(base + j), eps) / m, p);
-    scaled = warp_sum(scaled);
-    if (lane == 0) y[row] = m * powf(scaled / static_cast<float>(HW), 1.0f / p);
-    return;
-  }
-  if (lane == 0) y[row] = powf(acc / static_cast<float>(HW), 1.0f / p);
-}
-
-// Sums v over the kColRows thread rows of a columns-layout block (shared memory); every thread
-// must call it. The result is meaningful in thread row 0.
-__device__ __forceinline__ float column_sum(float (*part)[kColChannels + 1], float v) {
-  part[threadIdx.y][threadIdx.x] = v;
-  __syncthreads();
-  float sum = 0.0f;
-  if (threadIdx.y == 0) {
-#pragma unroll
-    for (int r = 0; r < kColRows; ++r) sum += part[r][threadIdx.x];
-  }
-  return sum;
-}
-
-template <class T>
-__global__ void gem_fwd_cols(const T* __restrict__ x, int64_t b0, int64_t C, int64_t HW, int64_t sb,
-                             int64_t shw, const float* __restrict__ p_ptr, float eps,
-                             float* __restrict__ y) {
-  __shared__ float part[kColRows][kColChannels + 1];
-  const int64_t b = b0 + blockIdx.y;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColChannels + threadIdx.x;
-  const float p = *p_ptr;
-  const bool cube = p == 3.0f;
-  float acc = 0.0f;
-  if (c < C) {
-    const T* base = x + b * sb + c;
-    for (int64_t s = threadIdx.y; s < HW; s += kColRows) acc += pow_p(fmaxf(load_f(base + s * shw), eps), p, cube);
-  }
-  const float sum = column_sum(part, acc);
-  if (threadIdx.y == 0 && c < C) {
-    if (needs_scaling(sum)) {  // rare: one thread redoes this channel in the scaled form
-      const T* base = x + b * sb + c;
-      float m = eps;
-      for (int64_t s = 0; s < HW; ++s) m = fmaxf(m, load_f(base + s * shw));
-      float scaled = 0.0f;
-      for (int64_t s = 0; s < HW; ++s) scaled += powf(fmaxf(load_f(base + s * shw), eps) / m, p);
-      y[b * C + c] = m * powf(scaled / static_cast<float>(HW), 1.0f / p);
-    } else {
-      y[b * C + c] = powf(sum / static_cast<float>(HW), 1.0f / p);
-    }
-  }
-}
-
-// Ratio form: dx = gy / HW * (xc/y)^(p-1) * [x >= eps];
-// terms = gy * y * sum (xc/y)^p ln(xc/y) / (p HW), whose sum over (b, c) is dL/dp.
-__device__ __forceinline__ float dp_term(float gy, float y, float s, float p, int64_t HW) {
-  return gy * y * s / (p * static_cast<float>(HW));
-}
-
-template <class T>
-__global__ void gem_bwd_rows(const T* __restrict__ x, int64_t B, int64_t C, int64_t HW, int64_t sb,
-                             int64_t sc, const float* __restrict__ p_ptr, float eps,
-                             const float* __restrict__ gy, const float* __restrict__ y,
-                             T* __restrict__ dx, float* __restrict__ terms) {
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= B * C) return;
-  const float p = *p_ptr;
-  const bool cube = p == 3.0f;
-  const float yv = y[row], g = gy[row];
-  const float coef = g / static_cast<float>(HW), inv_y = 1.0f / yv;
-  const int64_t off = (row / C) * sb + (row % C) * sc;
-  const T* xb = x + off;
-  T* db = dx + off;
-  float s = 0.0f;
-  for (int64_t i = lane; i < HW; i += 32) {
-    const float xv = load_f(xb + i);
-    const float r = fmaxf(xv, eps) * inv_y;
-    const float t = ratio_pm1(r, p, cube);
-    store_f(db + i, xv >= eps ? coef * t : 0.0f);
-    if (terms) s += t * r * logf(r);
-  }
-  if (terms) {
-    s = warp_sum(s);
-    if (lane == 0) terms[row] = dp_term(g, yv, s, p, HW);
-  }
-}
-
-template <class T>
-__global__ void gem_bwd_cols(const T* __restrict__ x, int64_t b0, int64_t C, int64_t HW, int64_t sb,
-                             int64_t shw, const float* __restrict__ p_ptr, float eps,
-                             const float* __restrict__ gy, const float* __restrict__ y,
-                             T* __restrict__ dx, float* __restrict__ terms) {
-  __shared__ float part[kColRows][kColChannels + 1];
-  const int64_t b = b0 + blockIdx.y;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColChannels + threadIdx.x;
-  const float p = *p_ptr;
-  const bool cube = p == 3.0f;
-  float s = 0.0f, yv = 1.0f, g = 0.0f;
-  if (c < C) {
-    yv = y[b * C + c];
-    g = gy[b * C + c];
-    const float coef = g / static_cast<float>(HW), inv_y = 1.0f / yv;
-    const int64_t off = b * sb + c;
-    for (int64_t sp = threadIdx.y; sp < HW; sp += kColRows) {
-      const float xv = load_f(x + off + sp * shw);
-      const float r = fmaxf(xv, eps) * inv_y;
-      const float t = ratio_pm1(r, p, cube);
-      store_f(dx + off + sp * shw, xv >= eps ? coef * t : 0.0f);
-      if (terms) s += t * r * logf(r);
-    }
-  }
-  if (!terms) return;
-  const float sum = column_sum(part, s);
-  if (threadIdx.y == 0 && c < C) terms[b * C + c] = dp_term(g, yv, sum, p, HW);
-}
-
-bool rows_layout(const GemDeviceArgs& a) {
-  if (a.shw == 1 || a.HW == 1) return true;
-  if (a.sc == 1 || a.C == 1) return false;
-  throw std::invalid_argument("x: GeM needs a contiguous spatial axis (NCHW) or channel axis (channels_last)");
-}
-
-template <class Launch>
-void dispatch_dtype(DType dt, Launch&& launch) {
-  switch (dt) {
-    case DType::f32: return launch(static_cast<const float*>(nullptr));
-    case DType::f16: return launch(static_cast<const __half*>(nullptr));
-    case DType::bf16: return launch(static_cast<const __nv_bfloat16*>(nullptr));
-    default: throw std::invalid_argument("x: GeM on the GPU takes float16, bfloat16 or float32");
-  }
-}
-
-unsigned rows_grid(int64_t rows) {
-  const int64_t blocks = (rows + kRowWarpsPerBlock - 1) / kRowWarpsPerBlock;
-  if (blocks > 0x7fffffff) throw std::invalid_argument("x: too many (batch, channel) rows for one launch");
-  return static_cast<unsigned>(blocks);
-}
-
-// Launches the rows or the columns variant of a GeM kernel for x's layout; `tail` are the
-// kernel arguments after (p, eps).
-template <class T, class RowsKernel, class ColsKernel, class... Tail>
-void launch(const GemDeviceArgs& a, RowsKernel rows_kernel, ColsKernel cols_kernel, Tail... tail) {
-  const T* x = static_cast<const T*>(a.x);
-  if (rows_layout(a)) {
-    rows_kernel<<<rows_grid(a.B * a.C), kRowWarpsPerBlock * 32, 0, a.stream>>>(
-        x, a.B, a.C, a.HW, a.sb, a.sc, a.p, a.eps, tail...);
-    PLM_CUDA_CHECK_LAUNCH();
-    return;
-  }
-  const dim3 block(kColChannels, kColRows);
-  for (int64_t b0 = 0; b0 < a.B; b0 += kMaxGridY) {  // grid.y is limited to 65535 images
-    const dim3 grid(static_cast<unsigned>((a.C + kColChannels - 1) / kColChannels),
-                    static_cast<unsigned>(std::min(kMaxGridY, a.B - b0)));
-    cols_kernel<<<grid, block, 0, a.stream>>>(x, b0, a.C, a.HW, a.sb, a.shw, a.p, a.eps, tail...);
-    PLM_CUDA_CHECK_LAUNCH();
-  }
+gem_kernels::GemShape shape_of(const GemDeviceArgs& a) {
+  return {a.x, a.dtype, a.B, a.C, a.HW, a.sb, a.sc, a.shw, a.p, a.eps};
 }
 
 }  // namespace
 
 void gem_forward(const GemDeviceArgs& a, float* y) {
-  if (a.B * a.C == 0) return;
   DeviceGuard guard(a.device);
-  dispatch_dtype(a.dtype, [&](auto tag) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    launch<T>(a, gem_fwd_rows<T>, gem_fwd_cols<T>, y);
-  });
+  gem_kernels::run_forward(shape_of(a), y, StreamLauncher{a.stream, gem_kernels::kThreads});
 }
 
 void gem_backward(const GemDeviceArgs& a, const float* gy, const float* y, void* dx, float* terms) {
-  if (a.B * a.C == 0) return;
   DeviceGuard guard(a.device);
-  dispatch_dtype(a.dtype, [&](auto tag) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    launch<T>(a, gem_bwd_rows<T>, gem_bwd_cols<T>, gy, y, static_cast<T*>(dx), terms);
-  });
+  gem_kernels::run_backward(shape_of(a), gy, y, dx, terms, StreamLauncher{a.stream, gem_kernels::kThreads});
 }
 
 }  // namespace plm::cuda

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cuda/check.h"
+#include "cuda/launcher.h"
 #include "cuda/search.h"
 #include "cuda/search_launch.cuh"
 
@@ -24,14 +25,6 @@ launch::DeviceLimits device_limits(int device) {
   d.smem_per_block = static_cast<size_t>(optin);
   d.max_chunk = launch::kMaxChunk;
   return d;
-}
-
-// Kernels above 48 KiB of dynamic shared memory must opt in (per device, per kernel).
-template <class Kernel>
-void allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes > (48u << 10))
-    PLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
 }
 
 launch::Problem problem_of(const SearchDeviceArgs& a) {
@@ -55,17 +48,6 @@ launch::Plan plan_for(const SearchDeviceArgs& a) {
     return blocks;
   });
 }
-
-struct StreamLauncher {
-  cudaStream_t stream;
-  template <class Kernel, class... Args>
-  void operator()(Kernel kernel, unsigned grid_x, unsigned grid_y, size_t smem, Args... args) const {
-    if (grid_x == 0 || grid_y == 0) return;
-    allow_smem(kernel, smem);
-    kernel<<<dim3(grid_x, grid_y), launch::kThreads, smem, stream>>>(args...);
-    PLM_CUDA_CHECK_LAUNCH();
-  }
-};
 
 }  // namespace
 
@@ -92,7 +74,7 @@ void search(const SearchDeviceArgs& a, void* workspace, size_t workspace_bytes, 
   if (workspace_bytes < plan.workspace_bytes)
     throw std::invalid_argument("workspace holds " + std::to_string(workspace_bytes) + " bytes; the search needs " +
                                 std::to_string(plan.workspace_bytes));
-  launch::run_search(plan, problem_of(a), a.queries, a.db, workspace, scores, indices, StreamLauncher{a.stream});
+  launch::run_search(plan, problem_of(a), a.queries, a.db, workspace, scores, indices, StreamLauncher{a.stream, launch::kThreads});
 }
 
 }  // namespace plm::cuda

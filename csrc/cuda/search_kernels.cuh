@@ -8,7 +8,7 @@
 //      against its contiguous db range one tile of kTileRows rows at a time and keeps, per
 //      query, an exact top-K list of that range in the workspace. Scores live in registers and
 //      a shared-memory tile; the Q x N score matrix is never written to device memory.
-//   3. merge_lists: one warp per query merges the lists of all splits and writes the top k.
+//   3. merge_lists: one block per query merges the lists of all splits and writes the top k.
 //
 // Per-query selection inside a scan block: a warp owns each query. A candidate enters the
 // query's shared-memory buffer when its key beats the key of the current k-th best (so after
@@ -16,6 +16,7 @@
 // by the warp networks in topk.cuh.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "cuda/ptx.cuh"
@@ -46,6 +47,15 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// A 16-bit pattern as a half or bfloat16 value.
+template <class T>
+__device__ __forceinline__ T bits_to(uint16_t bits) {
+  T v;
+  static_assert(sizeof(T) == 2, "16-bit types only");
+  memcpy(&v, &bits, 2);
+  return v;
+}
 
 __host__ __device__ constexpr int buffer_entries(int K) { return K < kMaxBuffer ? K : kMaxBuffer; }
 __host__ __device__ constexpr size_t align16(size_t x) { return (x + 15) / 16 * 16; }
@@ -372,12 +382,19 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
     const T* sa = stages + (c % STAGES) * STAGE;
     const T* sb = sa + TERMS * BQ * LD;
 
-    if (a.cosine) {
-      const T* p = sb + norm_row * LD + norm_half * (BK / 2);
+    if (a.cosine) {  // 16-byte reads: lanes take consecutive rows, LD keeps them conflict-free
+      const uint4* p = reinterpret_cast<const uint4*>(sb + norm_row * LD + norm_half * (BK / 2));
 #pragma unroll
-      for (int e = 0; e < BK / 2; ++e) {
-        const float x = to_float<T>(p[e]);
-        norm_acc += x * x;
+      for (int v = 0; v < BK / 16; ++v) {
+        const uint4 w = p[v];
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float lo = to_float<T>(bits_to<T>(static_cast<uint16_t>(words[e] & 0xffffu)));
+          const float hi = to_float<T>(bits_to<T>(static_cast<uint16_t>(words[e] >> 16)));
+          norm_acc += lo * lo;
+          norm_acc += hi * hi;
+        }
       }
     }
 #pragma unroll
@@ -519,27 +536,60 @@ __global__ void __launch_bounds__(kThreads) search_simt(ScanArgs a) {
 
 // ---- 3. merge ------------------------------------------------------------------------------------
 
-// One warp per query: the top k of its `splits` lists, best first; a non-finite query (qmul NaN)
-// gets NaN scores and index -1.
+constexpr int kMergeSmemSlots = kWarps / 2;  // lists parked in shared memory per tree level
+
+template <int K>
+__host__ __device__ constexpr size_t merge_smem_bytes() {
+  return sizeof(uint64_t) * K * kMergeSmemSlots;
+}
+
+// One block per query: warp w merges lists w, w + kWarps, ... (the next list's loads in flight
+// while the current one merges), then the warps' results meet in a tree through shared memory.
+// Writes the top k, best first; a non-finite query (qmul NaN) gets NaN scores and index -1.
 template <int K>
 __global__ void __launch_bounds__(kThreads) merge_lists(const uint64_t* __restrict__ lists, int splits,
-                                                        int64_t Qc, const float* __restrict__ qmul, int k,
+                                                        const float* __restrict__ qmul, int k,
                                                         float* __restrict__ scores, int64_t* __restrict__ indices) {
   constexpr int KL = K / 32;
-  const int lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (row >= Qc) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.x;
   const uint64_t* list = lists + row * splits * static_cast<int64_t>(K);
-  uint64_t best[KL];
+  uint64_t best[KL], next[KL];
 #pragma unroll
-  for (int j = 0; j < KL; ++j) best[j] = list[j * 32 + lane];
+  for (int j = 0; j < KL; ++j) best[j] = warp < splits ? list[warp * K + j * 32 + lane] : 0;
+  if (warp + kWarps < splits) {
+#pragma unroll
+    for (int j = 0; j < KL; ++j) next[j] = list[(warp + kWarps) * K + j * 32 + lane];
+  }
 #pragma unroll 1
-  for (int s = 1; s < splits; ++s) {
+  for (int s = warp + kWarps; s < splits; s += kWarps) {
     uint64_t other[KL];
 #pragma unroll
-    for (int j = 0; j < KL; ++j) other[j] = list[s * K + j * 32 + lane];
+    for (int j = 0; j < KL; ++j) other[j] = next[j];
+    if (s + kWarps < splits) {
+#pragma unroll
+      for (int j = 0; j < KL; ++j) next[j] = list[(s + kWarps) * K + j * 32 + lane];
+    }
     topk::warp_merge_top<KL, KL>(best, other, lane);
   }
+  uint64_t* parked = reinterpret_cast<uint64_t*>(ptx::dynamic_smem());  // [kMergeSmemSlots][K]
+#pragma unroll 1
+  for (int active = kWarps; active > 1; active /= 2) {
+    const int half = active / 2;
+    if (warp >= half && warp < active) {
+#pragma unroll
+      for (int j = 0; j < KL; ++j) parked[(warp - half) * K + j * 32 + lane] = best[j];
+    }
+    __syncthreads();
+    if (warp < half) {
+      uint64_t other[KL];
+#pragma unroll
+      for (int j = 0; j < KL; ++j) other[j] = parked[warp * K + j * 32 + lane];
+      topk::warp_merge_top<KL, KL>(best, other, lane);
+    }
+    __syncthreads();
+  }
+  if (warp != 0) return;
   const bool bad = qmul[row] != qmul[row];  // NaN
 #pragma unroll
   for (int j = 0; j < KL; ++j) {

@@ -259,8 +259,8 @@ void run_search(const Plan& p, const Problem& pr, const void* queries, const voi
     });
     with_list_length(p.K, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
-      launch(&kernels::merge_lists<K>, static_cast<unsigned>(ceil_div(qc, kWarps)), 1u, size_t{0},
-             static_cast<const uint64_t*>(lists), sp.splits, qc, static_cast<const float*>(qmul),
+      launch(&kernels::merge_lists<K>, static_cast<unsigned>(qc), 1u, kernels::merge_smem_bytes<K>(),
+             static_cast<const uint64_t*>(lists), sp.splits, static_cast<const float*>(qmul),
              static_cast<int>(pr.k), scores + q0 * pr.k, indices + q0 * pr.k);
     });
   }
