@@ -31,6 +31,7 @@ import pylandmark as plm
 from pylandmark import _C
 from pylandmark.bench import cuda_median_ms, median_ms
 from pylandmark.nn.functional import HAVE_CUDA_KERNELS
+from pylandmark.ops import search_kernel
 
 SHAPES = [(64, 1024, 32, 24), (256, 1024, 12, 12), (8, 2048, 64, 48)]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -194,7 +195,7 @@ def search_case(plan: Plan, q: torch.Tensor, db: torch.Tensor, k: int) -> dict:
     return {"op": "search", "n": n, "d": d, "q": nq, "k": k, "pylandmark_ms": ours, "torch_ms": theirs,
             "ratio": theirs / ours, "queries_per_s": nq / ours * 1e3, "gb_per_s": n * d * 2 / ours / 1e6,
             "tflop_per_s": 2 * nq * n * d / ours / 1e9, "max_err": err, "torch_max_err": torch_err,
-            "torch_chunk": min(chunk, nq)}
+            "torch_chunk": min(chunk, nq), "kernel": search_kernel(q, db, k) if q.is_cuda else "cpu"}
 
 
 def search_rows(plan: Plan) -> list[dict]:
@@ -216,7 +217,7 @@ def format_search(rows: list[dict], score_budget: int) -> str:
     lines = [(f"exact top-k search, D={SEARCH_D}, float16 unit-norm db, float16 queries, cosine; "
               "torch = torch.topk(q @ db.T, k) in float16"),
              (f"{'N':>11}{'Q':>6}{'k':>5}{'pylandmark ms':>15}{'torch ms':>11}{'ratio':>8}{'queries/s':>12}"
-              f"{'GB/s':>9}{'TFLOP/s':>9}{'max err':>9}")]
+              f"{'GB/s':>9}{'TFLOP/s':>9}{'max err':>9}  kernel")]
     chunked = {}
     for r in rows:
         mark = "*" if r["torch_chunk"] < r["q"] else " "
@@ -224,7 +225,7 @@ def format_search(rows: list[dict], score_budget: int) -> str:
             chunked[r["n"]] = r["torch_chunk"]
         lines.append(f"{r['n']:>11}{r['q']:>6}{r['k']:>5}{r['pylandmark_ms']:>15.3f}{r['torch_ms']:>10.3f}{mark}"
                      f"{r['ratio']:>8.2f}{r['queries_per_s']:>12.0f}{r['gb_per_s']:>9.1f}"
-                     f"{r['tflop_per_s']:>9.2f}{r['max_err']:>9.1e}")
+                     f"{r['tflop_per_s']:>9.2f}{r['max_err']:>9.1e}  {r['kernel']}")
     if chunked:
         lines.append(f"* torch baseline chunked over queries to keep its float16 scores within {score_budget:,} "
                      "bytes: " + "; ".join(f"N={n}: {c} queries per call" for n, c in chunked.items()))

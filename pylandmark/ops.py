@@ -23,13 +23,18 @@ def search(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> tuple[A
         queries: (Q, D) or (D,) float16/bfloat16/float32; numpy, torch or cupy.
         db: (N, D) float16/bfloat16/float32, in the same framework family and on the same device.
             Rows may be strided (e.g. ``db[::2]``) and read-only or memory-mapped.
-        k: number of neighbours (>= 1). Beyond N the result is padded with index -1, score -inf.
+        k: number of neighbours (>= 1; at most 1024 on the GPU). Beyond N the result is padded
+            with index -1, score -inf.
         metric: "cosine" (norms computed on the fly; zero vectors score 0) or "ip".
 
     Returns:
         scores (Q, k) float32, best first, and indices (Q, k) int64 into db, ties going to the
         lower index; in the framework and on the device of ``queries``. 1-d queries give 1-d
         results.
+
+    CUDA arrays are searched on their device, on the caller's current stream, without
+    synchronising: a query holding NaN raises on the CPU, but on the GPU its row comes back as
+    NaN scores and index -1.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")

@@ -335,3 +335,10 @@ def test_empty_query_batch(rng):
     db = make(rng, (10, 8), "float32")
     s, i = plm.search(np.zeros((0, 8), np.float32), db, k=3)
     assert s.shape == (0, 3) and i.shape == (0, 3)
+
+
+def test_search_kernel_describes_only_the_gpu_search():
+    from pylandmark.ops import search_kernel
+
+    with pytest.raises(ValueError, match="GPU search"):
+        search_kernel(np.ones((2, 8), np.float32), np.ones((5, 8), np.float16), 5)

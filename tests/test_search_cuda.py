@@ -13,6 +13,7 @@ from search_checks import check, check_matches_cpu, make, reference, tolerance
 
 import pylandmark as plm
 from pylandmark import _C
+from pylandmark.ops import search_kernel
 
 torch = pytest.importorskip("torch")
 
@@ -138,6 +139,18 @@ def test_one_dimensional_query_gives_one_dimensional_result(rng):
     s2, i2 = plm.search(q[None], db, k=3)
     torch.testing.assert_close(i, i2[0], rtol=0, atol=0)
     torch.testing.assert_close(s, s2[0], rtol=0, atol=0)
+
+
+def test_the_scan_kernel_follows_dtype_alignment_and_query_count(rng):
+    """Tensor cores for an aligned half/bfloat16 db on sm_80+ (small tile up to 16 queries),
+    the CUDA-core scan for float32 rows and unaligned rows."""
+    db = make(rng, (1000, 128), "float16")
+    tensor_cores = torch.cuda.get_device_capability(db.device) >= (8, 0)
+    expect = (lambda name: name) if tensor_cores else (lambda name: "simt")
+    assert search_kernel(make(rng, (3, 128), "float32"), db, 5) == expect("mma_small")
+    assert search_kernel(make(rng, (300, 128), "bfloat16"), db, 5) == expect("mma_wide")
+    assert search_kernel(make(rng, (3, 128), "float16"), db.float(), 5) == "simt"
+    assert search_kernel(make(rng, (3, 127), "float16"), db[:, 1:], 5) == "simt"
 
 
 def test_empty_query_batch(rng):

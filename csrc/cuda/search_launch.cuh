@@ -134,10 +134,11 @@ inline size_t scan_smem(Scan scan, int terms, int K) {
 inline size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// How a chunk of `qtiles` query tiles splits the db: enough blocks to fill the device, no
-// split shorter than a tile, and no more lists than the workspace holds.
+// How a chunk of `qtiles` query tiles splits the db: as many blocks as fit on the device at once
+// (rounding down: a second, nearly empty wave would double the time), no split shorter than a
+// tile, and no more lists than the workspace holds.
 inline Split split_db(const Plan& p, int64_t N, int64_t qtiles) {
-  int64_t splits = ceil_div(p.slots, qtiles);
+  int64_t splits = p.slots / qtiles;
   const int64_t fit = static_cast<int64_t>(p.lists_bytes / (sizeof(uint64_t) * p.K * qtiles * p.bq));
   splits = std::min<int64_t>({splits, ceil_div(N, kTileRows), int64_t{65535}, std::max<int64_t>(fit, 1)});
   splits = std::max<int64_t>(splits, 1);
@@ -190,10 +191,10 @@ inline Plan make_plan(const Problem& pr, const DeviceLimits& dev,
   p.chunk = std::min<int64_t>(ceil_div(pr.Q, p.bq) * p.bq, cap);
 
   // Lists: room for the first chunk split as it wants, and for any smaller last chunk (whose
-  // query tiles times splits stays below 2 * slots).
+  // query tiles times splits is at most the slots, or its tiles alone).
   const int64_t qtiles = p.chunk / p.bq;
-  const int64_t want = std::min<int64_t>(ceil_div(p.slots, qtiles), ceil_div(pr.N, kTileRows));
-  const int64_t tiles_x_splits = std::max<int64_t>(qtiles * std::max<int64_t>(want, 1), 2 * int64_t{p.slots});
+  const int64_t want = std::min<int64_t>(p.slots / qtiles, ceil_div(pr.N, kTileRows));
+  const int64_t tiles_x_splits = std::max<int64_t>(qtiles * std::max<int64_t>(want, 1), p.slots);
   p.lists_bytes = sizeof(uint64_t) * p.K * p.bq * tiles_x_splits;
   p.planes_bytes = plane_bytes * p.chunk;
   p.qmul_offset = align256(p.planes_bytes);
