@@ -32,6 +32,9 @@ def emu(emu_library):
                                    _nd(np.float64), _nd(np.uint16))
     sig = {
         "st_set_seed": (None, [ctypes.c_uint64]),
+        "st_set_mode": (None, [c_int]),
+        "st_tree": (c_int, [i32, c_int, c_int, c_int, i32, c_char_p, c_int]),
+        "st_lane_shift": (c_int, [c_int, c_int, c_int, i32, c_char_p, c_int]),
         "st_block_sum": (c_int, [f32, c_int, c_int, c_int, c_int, f32, c_char_p, c_int]),
         "st_divergence": (c_int, [c_int, c_int, c_int, i32, c_char_p, c_int]),
         "st_bad_block_shape": (c_int, [c_char_p, c_int]),
@@ -55,6 +58,7 @@ def emu(emu_library):
         fn.restype, fn.argtypes = res, args
     yield lib
     lib.st_set_seed(0)
+    lib.st_set_mode(0)
 
 
 def call(fn, *args):
@@ -121,6 +125,72 @@ def test_missing_syncthreads_is_exposed(emu, rng):
     # it sees the 0xA5 fill (-2.9e-16f) and loses 7/8 of the sum
     assert any(not np.array_equal(r, good) for r in racy)
     assert not np.allclose(racy[0], good, rtol=1e-3)
+
+
+WARP_PRIORITY, RANDOM = 0, 1  # emu::ScheduleMode, as st_set_mode takes it
+SEEDS = (0, 1, 2, 3, 7)
+
+
+def _scheduled(emu, fn, *args, seed, mode=WARP_PRIORITY):
+    emu.st_set_seed(seed)
+    emu.st_set_mode(mode)
+    try:
+        ok(fn, *args)
+    finally:
+        emu.st_set_seed(0)
+        emu.st_set_mode(WARP_PRIORITY)
+
+
+def _tree(emu, x, threads, racy, seed, mode=WARP_PRIORITY):
+    blocks = x.size // threads
+    out = np.zeros((blocks, 32), np.int32)
+    _scheduled(emu, emu.st_tree, x, blocks, threads, racy, out, seed=seed, mode=mode)
+    return out
+
+
+def _tree_ref(x, threads):
+    """tree_kernel in numpy: level by level, list[w] = sort(list[w] + list[w + half])."""
+    lists = x.reshape(-1, threads // 32, 32).astype(np.int64)
+    while lists.shape[1] > 1:
+        half = lists.shape[1] // 2
+        lists = np.sort(lists[:, :half] + lists[:, half:], axis=2)
+    return lists[:, 0]
+
+
+@pytest.mark.parametrize("threads", [128, 256])  # trees of 2 and 3 levels
+def test_warp_priority_exposes_a_missing_trailing_barrier_in_a_tree(emu, rng, threads):
+    """A merge tree without the __syncthreads that ends each level (as in the search's
+    merge_lists): at the next level a warp parks its list over a slot that a lower warp has not
+    read yet. That needs the overwriting warp to finish a whole warp sort (15 shuffles) first, so
+    only a schedule that lets one warp run ahead to its next __syncthreads shows it."""
+    blocks = 3
+    x = rng.integers(-(1 << 20), 1 << 20, size=blocks * threads).astype(np.int32)
+    want = _tree_ref(x, threads)
+    for seed in SEEDS:
+        np.testing.assert_array_equal(_tree(emu, x, threads, 0, seed), want, err_msg=f"seed {seed}")
+        np.testing.assert_array_equal(_tree(emu, x, threads, 0, seed, RANDOM), want, err_msg=f"seed {seed}")
+    racy = {seed: _tree(emu, x, threads, 1, seed) for seed in SEEDS}
+    np.testing.assert_array_equal(racy[0], want)  # in order, every warp reads before it is overwritten
+    caught = [seed for seed in SEEDS if not np.array_equal(racy[seed], want)]
+    assert caught, "no warp-priority seed exposed the missing barrier"
+
+
+def test_lane_order_within_a_warp_exposes_a_missing_syncwarp(emu):
+    blocks, threads = 2, 64
+    tid = np.arange(threads)
+    want = np.tile(np.where(tid % 32 == 0, tid, tid - 1) * 3 + 1, blocks)
+    for mode in (WARP_PRIORITY, RANDOM):
+        for seed in SEEDS:
+            out = np.zeros(blocks * threads, np.int32)
+            _scheduled(emu, emu.st_lane_shift, blocks, threads, 0, out, seed=seed, mode=mode)
+            np.testing.assert_array_equal(out, want)
+        racy = []
+        for seed in SEEDS:
+            out = np.zeros(blocks * threads, np.int32)
+            _scheduled(emu, emu.st_lane_shift, blocks, threads, 1, out, seed=seed, mode=mode)
+            racy.append(out)
+        np.testing.assert_array_equal(racy[0], want)  # in order, lane l - 1 always ran first
+        assert all(not np.array_equal(r, want) for r in racy[1:]), mode
 
 
 # ----------------------------------------- divergence -----------------------------------------

@@ -15,9 +15,10 @@
 // API (besides the CUDA built-ins listed below)
 //   emu::launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, F&& body)
 //   emu::launch_kernel(kernel, grid, block, dynamic_smem_bytes, args...)
-//   emu::set_schedule_seed(uint64_t) / emu::schedule_seed()
-//   emu::set_smem_fill_byte(unsigned char) / emu::smem_fill_byte()      (default 0xA5)
-//   emu::set_max_dynamic_smem(size_t)                                   (default 227 KiB)
+//   emu::set_schedule_seed(uint64_t) / emu::schedule_seed()             (default 0: in order)
+//   emu::set_schedule_mode(emu::ScheduleMode) / emu::schedule_mode()  (default warp_priority)
+//   emu::set_smem_fill_byte(unsigned char) / emu::smem_fill_byte()    (default 0xA5)
+//   emu::set_max_dynamic_smem(size_t)                                 (default 227 KiB)
 //   emu::dynamic_smem() -> unsigned char*, emu::dynamic_smem_bytes(), emu::in_kernel()
 //   emu::ldmatrix<NUM, TRANS>(uint32_t* r, const void* smem_row)
 //   namespace plm::cuda::ptx:
@@ -35,9 +36,29 @@
 //     guard page) scheduled cooperatively on the calling OS thread. A fiber runs until it reaches a
 //     barrier / warp collective or exits; it is never preempted. Warps are 32 consecutive
 //     threadIdx.x; the last warp may be partial.
-//   * Resume order: emu::set_schedule_seed(0) (default) resumes runnable threads in increasing
-//     order; any other seed picks the next runnable thread pseudo-randomly (reproducibly). Running
-//     a kernel under several seeds and comparing results exposes missing __syncthreads.
+//   * Resume order - which runnable thread runs next (a waiting thread becomes runnable when its
+//     barrier or warp collective completes); reproducible for a given seed and mode:
+//     - emu::set_schedule_seed(0) (the default): in order - increasing threadIdx.x at the start of
+//       a block, then first come, first served.
+//     - any other seed, in emu::ScheduleMode::warp_priority (the default mode): at the start of
+//       every block and at every __syncthreads release (each "barrier episode") a random priority
+//       order of the warps is drawn from the seed, and the scheduler always resumes a runnable
+//       thread of the highest-priority warp that has one, picking among that warp's runnable lanes
+//       at random. An episode thus runs whole warps one after another, in random order: one warp
+//       goes through all its warp collectives up to its next __syncthreads (or its exit) before a
+//       lower-priority warp runs at all, and between two collectives its lanes run in a random
+//       order. Every ordered pair of warps (and of lanes between two collectives) runs in either
+//       order with probability 1/2 per episode, however long the path of either side: e.g. a merge
+//       tree without the __syncthreads that ends a level fails when a warp finishes its merge and
+//       parks its list for the next level over a slot that a lower warp has not read yet.
+//     - any other seed after emu::set_schedule_mode(emu::ScheduleMode::random): each switch picks
+//       any runnable thread of the block uniformly. Warps interleave at every collective and so
+//       rarely get far ahead of one another: this misses races like the merge tree's above.
+//     Running a kernel under seed 0 and one or more nonzero seeds (several blocks or seeds give
+//     more episodes) and comparing the results exposes missing __syncthreads and __syncwarp. Every
+//     warp collective (shuffle, vote, reduce, ldmatrix, mma, __syncwarp) is a point where the
+//     whole warp meets, so a missing __syncwarp shows only where no other collective of the warp
+//     separates the write from the read.
 //   * Dynamic shared memory (emu::dynamic_smem(), plm::cuda::ptx::dynamic_smem()) is 128-byte aligned
 //     and filled with the byte 0xA5 (emu::set_smem_fill_byte) at the start of every block, so reads
 //     of never-written shared memory show up as garbage (0xA5A5A5A5 = -2.9e-16f, half -0.0227).
@@ -72,7 +93,7 @@
 //
 // WHAT IS NOT EMULATED
 //   * The memory model beyond barriers: memory is always coherent, there are no torn or reordered
-//     accesses; races are only exposed through scheduling order (schedule seeds) and the garbage
+//     accesses; races are only exposed through scheduling order (seeds, modes) and the garbage
 //     fill. No timing, no occupancy, no bank conflicts, no shared-memory size per SM (only a per-block
 //     limit, emu::set_max_dynamic_smem, default 227 KiB).
 //   * Lanes that legitimately diverge across different shfl/vote call sites are matched like on
@@ -172,15 +193,31 @@
 namespace emu {
 
 // ----------------------------------------- settings ------------------------------------------
+// How a nonzero schedule seed orders the runnable threads (seed 0 always resumes them in order).
+enum class ScheduleMode : uint8_t {
+  // (default) At the start of every block and at every __syncthreads release, draw a random
+  // priority order of the warps; always resume a runnable thread of the highest-priority warp that
+  // has one, its lanes in random order. One warp thus runs all the way to its next __syncthreads
+  // (or exit) before any lower-priority warp starts: the extreme inter-warp orders.
+  warp_priority,
+  // Resume any runnable thread of the block, picked uniformly at every switch (warps interleave
+  // at every warp collective, so no warp gets far ahead of another).
+  random,
+};
+
 namespace detail {
 inline uint64_t g_schedule_seed = 0;
+inline ScheduleMode g_schedule_mode = ScheduleMode::warp_priority;
 inline unsigned char g_fill_byte = 0xA5;
 inline size_t g_max_dynamic_smem = 227u * 1024u;
 }  // namespace detail
 
-// 0: resume threads in increasing order; otherwise a seeded pseudo-random order.
+// 0: resume threads in increasing order; otherwise a seeded order chosen by the schedule mode.
 inline void set_schedule_seed(uint64_t seed) { detail::g_schedule_seed = seed; }
 inline uint64_t schedule_seed() { return detail::g_schedule_seed; }
+// What nonzero seeds do (default ScheduleMode::warp_priority); read at every launch.
+inline void set_schedule_mode(ScheduleMode m) { detail::g_schedule_mode = m; }
+inline ScheduleMode schedule_mode() { return detail::g_schedule_mode; }
 // Byte written over the whole dynamic shared memory at the start of every block.
 inline void set_smem_fill_byte(unsigned char b) { detail::g_fill_byte = b; }
 inline unsigned char smem_fill_byte() { return detail::g_fill_byte; }
@@ -352,10 +389,17 @@ struct Block {
   int sync_line = 0;
   Fiber* sync_first = nullptr;
   int sync_count = 0;
-  // run queue (ring buffer of runnable fibers, each at most once)
+  // Run queue, each runnable fiber at most once. In order (seed 0) and random mode: a ring
+  // buffer. Warp-priority mode: a bit per runnable lane of each warp (ready_lanes) and a bit per
+  // warp priority rank that has a runnable lane (ready_ranks, bit 0 = highest priority).
   std::vector<Fiber*> ring;
   size_t head = 0, count = 0;
   uint64_t seed = 0, rng = 0;
+  bool warp_priority = false;
+  uint32_t ready_ranks = 0;
+  std::vector<uint32_t> ready_lanes;  // [warp]
+  unsigned char rank_warp[32] = {};   // rank -> warp
+  unsigned char warp_rank[32] = {};   // warp -> rank
   // failure
   bool failed = false;
   std::string error;
@@ -370,12 +414,40 @@ struct Block {
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
   }
+  // Warp-priority mode: a new random priority order of the warps (block start, barrier release).
+  void draw_warp_priorities() {
+    const unsigned n = static_cast<unsigned>(warps.size());
+    for (unsigned r = 0; r < n; ++r) rank_warp[r] = static_cast<unsigned char>(r);
+    for (unsigned r = n; r > 1; --r) std::swap(rank_warp[r - 1], rank_warp[next_random() % r]);
+    ready_ranks = 0;
+    for (unsigned r = 0; r < n; ++r) {
+      warp_rank[rank_warp[r]] = static_cast<unsigned char>(r);
+      if (ready_lanes[rank_warp[r]]) ready_ranks |= 1u << r;
+    }
+  }
   void push(Fiber* f) {
-    ring[(head + count) % ring.size()] = f;
+    if (warp_priority) {
+      ready_lanes[f->warp] |= 1u << f->lane;
+      ready_ranks |= 1u << warp_rank[f->warp];
+    } else {
+      ring[(head + count) % ring.size()] = f;
+    }
     ++count;
   }
   Fiber* pop() {
     if (count == 0) return nullptr;
+    if (warp_priority) {
+      const unsigned r = static_cast<unsigned>(__builtin_ctz(ready_ranks));
+      const unsigned w = rank_warp[r];
+      uint32_t m = ready_lanes[w];
+      const unsigned n = static_cast<unsigned>(__builtin_popcount(m));
+      for (unsigned k = n > 1 ? static_cast<unsigned>(next_random() % n) : 0u; k > 0; --k)
+        m &= m - 1;  // drop the k lowest ready lanes
+      const unsigned lane = static_cast<unsigned>(__builtin_ctz(m));
+      if ((ready_lanes[w] &= ~(1u << lane)) == 0) ready_ranks &= ~(1u << r);
+      --count;
+      return &fibers[w * 32 + lane];
+    }
     if (seed != 0 && count > 1) {
       size_t k = (head + next_random() % count) % ring.size();
       std::swap(ring[head], ring[k]);
@@ -514,6 +586,7 @@ inline bool overlaps_smem(const Block& b, const void* p, size_t n) {
 
 // ------------------------------------------ barriers ------------------------------------------
 inline void release_block(Block& b, int count) {
+  if (b.warp_priority) b.draw_warp_priorities();
   for (Fiber& f : b.fibers) {
     f.state = State::Runnable;
     f.op = Op::None;
@@ -1003,8 +1076,10 @@ inline void launch_impl(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(v
         b.warps[w].nlanes == 32 ? 0xffffffffu : ((1u << b.warps[w].nlanes) - 1u);
   }
   b.ring.assign(b.nthreads, nullptr);
+  b.ready_lanes.assign(nwarps, 0u);
   b.seed = g_schedule_seed;
   b.rng = g_schedule_seed;
+  b.warp_priority = b.seed != 0 && g_schedule_mode == ScheduleMode::warp_priority;
   for (unsigned i = 0; i < b.nthreads; ++i) g_stacks.get(i);  // may throw: before any fiber exists
 
   struct Guard {
@@ -1030,6 +1105,8 @@ inline void launch_impl(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(v
         b.sync_op = Op::None;
         b.sync_first = nullptr;
         b.head = b.count = 0;
+        std::fill(b.ready_lanes.begin(), b.ready_lanes.end(), 0u);
+        if (b.warp_priority) b.draw_warp_priorities();
         for (Warp& w : b.warps) {
           w.arrived = w.at_sync = w.exited = 0;
           w.op = Op::None;

@@ -54,6 +54,52 @@ __global__ void block_sum_kernel(const float* __restrict__ x, int n, float* __re
   }
 }
 
+// ------------------------------------ tree reduction ------------------------------------
+// Ascending sort of one value per lane across the warp (bitonic network, 15 shuffles).
+__device__ int warp_sort(int v, int lane) {
+  for (int k = 2; k <= 32; k <<= 1)
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      const int other = __shfl_xor_sync(FULL, v, j);
+      const bool ascending = (lane & k) == 0, lower = (lane & j) == 0;
+      v = lower == ascending ? min(v, other) : max(v, other);
+    }
+  return v;
+}
+
+// The shape of the search's merge_lists tree: every warp holds a 32-value list (one per lane);
+// level by level, warps [half, active) park their lists in shared memory and warps [0, half)
+// combine them with their own (elementwise sum, then a warp sort: many warp collectives).
+// racy = 1 drops the trailing __syncthreads of each level, so at the next level warps
+// [half/2, half) may overwrite parked slots that warps [0, half/2) have not read yet. In-order
+// and random schedules miss that (the overwriting warp needs a whole sort first); it shows when
+// one warp runs ahead of another. out[blockIdx.x][32] = warp 0's final list.
+__global__ void tree_kernel(const int* __restrict__ x, int* __restrict__ out, int racy) {
+  int* parked = reinterpret_cast<int*>(plm::cuda::ptx::dynamic_smem());  // [warps / 2][32]
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31, warp = tid >> 5;
+  int v = x[blockIdx.x * blockDim.x + tid];
+  for (int active = static_cast<int>(blockDim.x / 32); active > 1; active /= 2) {
+    const int half = active / 2;
+    if (warp >= half && warp < active) parked[(warp - half) * 32 + lane] = v;
+    __syncthreads();
+    if (warp < half) v = warp_sort(v + parked[warp * 32 + lane], lane);
+    if (!racy) __syncthreads();
+  }
+  if (warp == 0) out[blockIdx.x * 32 + lane] = v;
+}
+
+// Intra-warp: lane l stores s[l], then reads its left neighbour's slot s[l - 1] (lane 0 its own).
+// racy = 1 drops the __syncwarp in between: an in-order schedule still gets it right (lane l - 1
+// ran first), a random lane order does not.
+__global__ void lane_shift_kernel(int* out, int racy) {
+  int* s = reinterpret_cast<int*>(plm::cuda::ptx::dynamic_smem());
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31;
+  s[tid] = tid * 3 + 1;
+  if (!racy) __syncwarp();
+  out[blockIdx.x * blockDim.x + tid] = s[lane == 0 ? tid : tid - 1];
+}
+
 // ----------------------------------------- divergence -----------------------------------------
 __global__ void divergence_kernel(int variant, int* out) {
   const unsigned tid = threadIdx.x, lane = tid & 31;
@@ -337,6 +383,22 @@ __global__ void bench_kernel(int iters, unsigned* out) {
 extern "C" {
 
 void st_set_seed(uint64_t seed) { emu::set_schedule_seed(seed); }
+// 0: emu::ScheduleMode::warp_priority (the default), 1: emu::ScheduleMode::random.
+void st_set_mode(int mode) {
+  emu::set_schedule_mode(mode ? emu::ScheduleMode::random : emu::ScheduleMode::warp_priority);
+}
+
+int st_tree(const int* x, int blocks, int threads, int racy, int* out, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    emu::launch_kernel(tree_kernel, blocks, threads, (threads / 64) * 32 * sizeof(int), x, out, racy);
+  });
+}
+
+int st_lane_shift(int blocks, int threads, int racy, int* out, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    emu::launch_kernel(lane_shift_kernel, blocks, threads, threads * sizeof(int), out, racy);
+  });
+}
 
 int st_block_sum(const float* x, int n, int blocks, int threads, int racy, float* out, char* err,
                  int errlen) {
