@@ -192,6 +192,7 @@ struct Selection {
       count[i] = 0;
       qmul[i] = a.qmul[q0 + i];
     }
+    __syncthreads();
   }
 
   // Sorts query ql's buffer (n entries) into its list; returns the new threshold.
@@ -294,7 +295,9 @@ struct MmaTile {
   static constexpr int LD = BK + 8;
   static_assert(MT >= 1 && NT % 2 == 0 && BK % 16 == 0, "bad tile");
 };
-using SmallTile = MmaTile<16, 1, 64, 4>;  // few queries: stream the db
+// Few queries: stream the db; six 64-byte stages per row keep ~40 KiB per block in flight and,
+// with two float32 query planes, still fit the 99 KiB per block of sm_86/sm_89.
+using SmallTile = MmaTile<16, 1, 32, 6>;
 using WideTile = MmaTile<64, 2, 32, 3>;   // many queries: more tensor work per byte
 
 template <class Tile, int TERMS>
