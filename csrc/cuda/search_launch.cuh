@@ -65,6 +65,12 @@ struct TypeTag {
   using type = T;
 };
 
+// Query planes a db type needs at most (make_plan): half holds float32 in two, bfloat16 in three.
+template <class T>
+constexpr int max_terms() {
+  return std::is_same_v<T, __half> ? 2 : 3;
+}
+
 inline int list_length(int64_t k) { return k <= 32 ? 32 : (k <= 128 ? 128 : 1024); }
 
 template <class F>
@@ -107,8 +113,10 @@ void with_scan_kernel(const Plan& p, DType db_dtype, F&& f) {
         if (p.scan == Scan::simt) return f(&kernels::search_simt<T, K>);
         with_terms(p.terms, [&](auto tc2) {
           constexpr int TERMS = decltype(tc2)::value;
-          if (p.scan == Scan::mma_small) f(&kernels::search_mma<T, TERMS, kernels::SmallTile, K>);
-          else f(&kernels::search_mma<T, TERMS, kernels::WideTile, K>);
+          if constexpr (TERMS <= max_terms<T>()) {
+            if (p.scan == Scan::mma_small) f(&kernels::search_mma<T, TERMS, kernels::SmallTile, K>);
+            else f(&kernels::search_mma<T, TERMS, kernels::WideTile, K>);
+          }
         });
       }
     });
@@ -233,8 +241,9 @@ void run_search(const Plan& p, const Problem& pr, const void* queries, const voi
         if constexpr (!std::is_same_v<T, float>) {
           with_terms(p.terms, [&](auto tc) {
             constexpr int TERMS = decltype(tc)::value;
-            launch(&kernels::prep_queries<QT, T, TERMS>, grid, 1u, size_t{0}, qtyped, pr.query_stride, qc,
-                   qpad, D, Dpad, pr.cosine, static_cast<T*>(planes), qmul);
+            if constexpr (TERMS <= max_terms<T>())
+              launch(&kernels::prep_queries<QT, T, TERMS>, grid, 1u, size_t{0}, qtyped, pr.query_stride, qc,
+                     qpad, D, Dpad, pr.cosine, static_cast<T*>(planes), qmul);
           });
         }
       });
