@@ -2,8 +2,11 @@
 // caller's stream, every launch checked.
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "cuda/check.h"
 #include "cuda/launcher.h"
@@ -14,7 +17,16 @@ namespace plm::cuda {
 
 namespace {
 
+// Device attributes and kernel occupancies do not change within a process: ask the runtime once
+// per device (and kernel), not on every search.
+std::mutex g_cache_mutex;
+std::map<int, launch::DeviceLimits> g_limits;
+std::map<std::pair<int, const void*>, int> g_blocks_per_sm;
+
 launch::DeviceLimits device_limits(int device) {
+  std::lock_guard<std::mutex> lock(g_cache_mutex);
+  auto it = g_limits.find(device);
+  if (it != g_limits.end()) return it->second;
   launch::DeviceLimits d{};
   int major = 0, minor = 0, optin = 0;
   PLM_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
@@ -24,7 +36,25 @@ launch::DeviceLimits device_limits(int device) {
   d.compute_capability = major * 10 + minor;
   d.smem_per_block = static_cast<size_t>(optin);
   d.max_chunk = launch::kMaxChunk;
+  g_limits[device] = d;
   return d;
+}
+
+// Resident blocks per SM of a scan kernel on `device` (the current device).
+template <class Kernel>
+int blocks_per_sm(int device, Kernel kernel, size_t smem) {
+  const std::pair<int, const void*> key{device, reinterpret_cast<const void*>(kernel)};
+  {
+    std::lock_guard<std::mutex> lock(g_cache_mutex);
+    auto it = g_blocks_per_sm.find(key);
+    if (it != g_blocks_per_sm.end()) return it->second;
+  }
+  int blocks = 0;
+  allow_smem(kernel, smem);
+  PLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, launch::kThreads, smem));
+  std::lock_guard<std::mutex> lock(g_cache_mutex);
+  g_blocks_per_sm[key] = blocks;
+  return blocks;
 }
 
 launch::Problem problem_of(const SearchDeviceArgs& a) {
@@ -41,10 +71,7 @@ launch::Plan plan_for(const SearchDeviceArgs& a) {
   const launch::Problem pr = problem_of(a);
   return launch::make_plan(pr, device_limits(a.device), [&](const launch::Plan& p) {
     int blocks = 0;
-    launch::with_scan_kernel(p, a.db_dtype, [&](auto kernel) {
-      allow_smem(kernel, p.smem);
-      PLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, launch::kThreads, p.smem));
-    });
+    launch::with_scan_kernel(p, a.db_dtype, [&](auto kernel) { blocks = blocks_per_sm(a.device, kernel, p.smem); });
     return blocks;
   });
 }
