@@ -10,10 +10,11 @@
 //      a shared-memory tile; the Q x N score matrix is never written to device memory.
 //   3. merge_lists: one block per query merges the lists of all splits and writes the top k.
 //
-// Per-query selection inside a scan block: a warp owns each query. A candidate enters the
-// query's shared-memory buffer when its key beats the key of the current k-th best (so after
-// the first few tiles almost nothing does); a full buffer is sorted and merged into the list
-// by the warp networks in topk.cuh.
+// Per-query selection inside a scan block: a warp owns each query. A query whose best score in
+// the tile cannot beat its current k-th best skips the tile (after the first few tiles nearly
+// all do); otherwise a candidate enters the query's shared-memory buffer when its key beats the
+// k-th best's, and a full buffer is sorted and merged into the list by the warp networks in
+// topk.cuh.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -29,6 +30,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kTileRows = 128;  // db rows per tile
 constexpr int kScorePad = 4;    // floats of padding per score-tile row
 constexpr int kMaxBuffer = 64;  // candidate buffer per query (entries)
+constexpr int kMaxParts = kWarps;  // column groups of a score tile with their own row maxima
 
 template <class T>
 __device__ __forceinline__ float to_float(T v);
@@ -155,11 +157,12 @@ struct Selection {
   int* count;         // [BQ]
   float* qmul;        // [BQ]
   float* inv_norm;    // [kTileRows]
+  float* row_max;     // [kMaxParts][BQ]: best score of each query in each part of the tile
 
   __host__ __device__ static constexpr size_t bytes() {
     return align16(sizeof(float) * BQ * kScoreLd) + align16(sizeof(uint64_t) * BQ * B) +
            align16(sizeof(uint64_t) * BQ) + align16(sizeof(int) * BQ) + align16(sizeof(float) * BQ) +
-           align16(sizeof(float) * kTileRows);
+           align16(sizeof(float) * kTileRows) + align16(sizeof(float) * kMaxParts * BQ);
   }
   __device__ explicit Selection(unsigned char* p) {
     scores = reinterpret_cast<float*>(p);
@@ -173,6 +176,8 @@ struct Selection {
     qmul = reinterpret_cast<float*>(p);
     p += align16(sizeof(float) * BQ);
     inv_norm = reinterpret_cast<float*>(p);
+    p += align16(sizeof(float) * kTileRows);
+    row_max = reinterpret_cast<float*>(p);
   }
 
   // The list of local query ql in this block's split.
@@ -218,10 +223,18 @@ struct Selection {
   }
 
   // Offers the score tile (rows n0 .. n0 + kTileRows, masked at n_end) to every valid query.
-  __device__ void offer_tile(const ScanArgs& a, int64_t q0, int valid_q, int64_t n0, int64_t n_end) {
+  // row_max[0 .. parts) hold each query's best score per part of the tile: a query whose best
+  // does not beat its k-th best is skipped (equal scores lose too: this tile's rows come after
+  // every row in the list).
+  __device__ void offer_tile(const ScanArgs& a, int64_t q0, int valid_q, int64_t n0, int64_t n_end, int parts) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int ql = warp; ql < valid_q; ql += kWarps) {
       uint64_t t = thresh[ql];
+      if (t != 0) {
+        float best = row_max[ql];
+        for (int part = 1; part < parts; ++part) best = fmaxf(best, row_max[part * BQ + ql]);
+        if (!(best > topk::key_score(t))) continue;
+      }
       int n = count[ql];
       uint64_t* buf = buffer + ql * B;
       const float* row = scores + ql * kScoreLd;
@@ -442,17 +455,25 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+        for (int half = 0; half < 2; ++half) {  // rows g and g + 8 of the m tile
+          const int ql = wq * Tile::WQ + mt * 16 + g + half * 8;
+          float best = -__uint_as_float(0x7f800000u);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int ql = wq * Tile::WQ + mt * 16 + g + (e >= 2 ? 8 : 0);
-            const int nl = wn * Tile::WN + nt * 8 + t4 * 2 + (e & 1);
-            float s = acc[mt][nt][e] * sel.qmul[ql];
-            if (a.cosine) s *= sel.inv_norm[nl];
-            sel.scores[ql * Selection<BQ, K>::kScoreLd + nl] = s;
-          }
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = half * 2; e < half * 2 + 2; ++e) {
+              const int nl = wn * Tile::WN + nt * 8 + t4 * 2 + (e & 1);
+              float s = acc[mt][nt][e] * sel.qmul[ql];
+              if (a.cosine) s *= sel.inv_norm[nl];
+              sel.scores[ql * Selection<BQ, K>::kScoreLd + nl] = s;
+              best = fmaxf(best, s);
+            }
+          best = fmaxf(best, __shfl_xor_sync(topk::kFullMask, best, 1));  // the 4 lanes of row g
+          best = fmaxf(best, __shfl_xor_sync(topk::kFullMask, best, 2));
+          if (t4 == 0) sel.row_max[wn * BQ + ql] = best;
+        }
       __syncthreads();
-      sel.offer_tile(a, r.q0, r.valid_q, n0, r.n_end);
+      sel.offer_tile(a, r.q0, r.valid_q, n0, r.n_end, Tile::WARPS_N);
       __syncthreads();
     }
   }
@@ -522,16 +543,23 @@ __global__ void __launch_bounds__(kThreads) search_simt(ScanArgs a) {
     if (a.cosine && tid < kTileRows) sel.inv_norm[tid] = norm_acc > 0.0f ? 1.0f / sqrtf(norm_acc) : 0.0f;
     __syncthreads();
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 4; ++i) {
+      const int ql = warp * 4 + i;
+      float best = -__uint_as_float(0x7f800000u);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int ql = warp * 4 + i, nl = lane + 32 * j;
+        const int nl = lane + 32 * j;
         float s = acc[i][j] * sel.qmul[ql];
         if (a.cosine) s *= sel.inv_norm[nl];
         sel.scores[ql * Selection<kSimtBQ, K>::kScoreLd + nl] = s;
+        best = fmaxf(best, s);
       }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) best = fmaxf(best, __shfl_xor_sync(topk::kFullMask, best, off));
+      if (lane == 0) sel.row_max[ql] = best;
+    }
     __syncthreads();
-    sel.offer_tile(a, r.q0, r.valid_q, n0, r.n_end);
+    sel.offer_tile(a, r.q0, r.valid_q, n0, r.n_end, 1);
     __syncthreads();
   }
   sel.finish(a, r.q0, r.valid_q);
