@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <type_traits>
 
+#include "cuda/convert.cuh"
 #include "dtype.h"
 
 namespace plm::cuda::gem_kernels {
@@ -23,26 +24,6 @@ constexpr int kRowWarpsPerBlock = kThreads / 32;
 constexpr int kColChannels = 32;                     // columns blocks: thread t takes channel t % 32
 constexpr int kColRows = kThreads / kColChannels;    // and spatial positions t / 32, t / 32 + 8, ...
 constexpr int64_t kMaxGridY = 65535;
-
-template <class T>
-__device__ __forceinline__ float load_f(const T* p);
-template <>
-__device__ __forceinline__ float load_f<float>(const float* p) { return __ldg(p); }
-template <>
-__device__ __forceinline__ float load_f<__half>(const __half* p) { return __half2float(__ldg(p)); }
-template <>
-__device__ __forceinline__ float load_f<__nv_bfloat16>(const __nv_bfloat16* p) {
-  return __bfloat162float(__ldg(p));
-}
-
-template <class T>
-__device__ __forceinline__ void store_f(T* p, float v);
-template <>
-__device__ __forceinline__ void store_f<float>(float* p, float v) { *p = v; }
-template <>
-__device__ __forceinline__ void store_f<__half>(__half* p, float v) { *p = __float2half_rn(v); }
-template <>
-__device__ __forceinline__ void store_f<__nv_bfloat16>(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ float pow_p(float x, float p, bool cube) {
   return cube ? x * x * x : exp2f(p * log2f(x));

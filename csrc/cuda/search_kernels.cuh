@@ -17,9 +17,9 @@
 // topk.cuh.
 #pragma once
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
+#include "cuda/convert.cuh"
 #include "cuda/ptx.cuh"
 #include "cuda/topk.cuh"
 
@@ -31,33 +31,6 @@ constexpr int kTileRows = 128;  // db rows per tile
 constexpr int kScorePad = 4;    // floats of padding per score-tile row
 constexpr int kMaxBuffer = 64;  // candidate buffer per query (entries)
 constexpr int kMaxParts = kWarps;  // column groups of a score tile with their own row maxima
-
-template <class T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// A 16-bit pattern as a half or bfloat16 value.
-template <class T>
-__device__ __forceinline__ T bits_to(uint16_t bits) {
-  T v;
-  static_assert(sizeof(T) == 2, "16-bit types only");
-  memcpy(&v, &bits, 2);
-  return v;
-}
 
 __host__ __device__ constexpr int buffer_entries(int K) { return K < kMaxBuffer ? K : kMaxBuffer; }
 __host__ __device__ constexpr size_t align16(size_t x) { return (x + 15) / 16 * 16; }
