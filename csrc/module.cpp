@@ -56,6 +56,11 @@ void check_search(const ArrayView& q, const ArrayView& db, const ArrayView& scor
   }
 }
 
+plm::SearchInputs search_inputs(const ArrayView& q, const ArrayView& db, int64_t k, bool cosine) {
+  return {q.data,     q.dtype,    q.strides[0], db.data, db.dtype, db.strides[0],
+          q.shape[0], db.shape[0], db.shape[1], k,       cosine};
+}
+
 void search(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& scores_spec,
             const py::tuple& idx_spec, int64_t k, bool cosine) {
   ArrayView q = plm::view_from_spec(q_spec, "queries");
@@ -64,9 +69,7 @@ void search(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& 
   ArrayView idx = plm::view_from_spec(idx_spec, "indices");
   require_cpu(q);
   check_search(q, db, scores, idx, k);
-  plm::cpu::SearchArgs args{q.data,          q.dtype,     q.strides[0], db.data,
-                            db.dtype,        db.strides[0], q.shape[0], db.shape[0],
-                            db.shape[1],     k,           cosine,       static_cast<float*>(scores.data),
+  plm::cpu::SearchArgs args{search_inputs(q, db, k, cosine), static_cast<float*>(scores.data),
                             static_cast<int64_t*>(idx.data), 0};
   py::gil_scoped_release nogil;
   plm::cpu::search(args);
@@ -193,8 +196,7 @@ plm::cuda::SearchDeviceArgs search_device_args(const ArrayView& q, const ArrayVi
   if (k > plm::cuda::max_search_k())
     throw py::value_error("k must be at most " + std::to_string(plm::cuda::max_search_k()) +
                           " on the GPU, got " + std::to_string(k) + "; search CPU copies for larger k");
-  return {q.data,      q.dtype,     q.strides[0], db.data, db.dtype, db.strides[0], q.shape[0], db.shape[0],
-          db.shape[1], k,           cosine,       q.device_id, reinterpret_cast<cudaStream_t>(stream)};
+  return {search_inputs(q, db, k, cosine), q.device_id, reinterpret_cast<cudaStream_t>(stream)};
 }
 
 ArrayView cuda_search_inputs(const py::tuple& q_spec, const py::tuple& db_spec, ArrayView* db) {

@@ -35,7 +35,7 @@ struct Plan {
 };
 
 const unsigned char* db_row(const SearchArgs& a, int64_t n) {
-  return static_cast<const unsigned char*>(a.db) + n * a.db_row_stride * dtype_size(a.db_dtype);
+  return static_cast<const unsigned char*>(a.db) + n * a.db_stride * dtype_size(a.db_dtype);
 }
 
 // Offers scores[i * ld + j] (times inv_norms[j] for cosine) for queries [0, nq) and rows
@@ -65,7 +65,7 @@ void scan(const Plan& p, int64_t q0, int64_t q1, int64_t n0, int64_t n1, TopKLis
     std::vector<float> scores((q1 - q0) * kDirectRows), inv(kDirectRows);
     for (int64_t n = n0; n < n1; n += kDirectRows) {
       const int64_t nt = std::min(kDirectRows, n1 - n);
-      K.scores_direct(p.queries + q0 * p.Dp, q1 - q0, db_row(a, n), a.db_dtype, a.db_row_stride,
+      K.scores_direct(p.queries + q0 * p.Dp, q1 - q0, db_row(a, n), a.db_dtype, a.db_stride,
                       nt, a.D, scores.data(), a.cosine ? inv.data() : nullptr);
       offer_block(scores.data(), nt, q1 - q0, nt, n, a.cosine ? inv.data() : nullptr, lists);
     }
@@ -77,7 +77,7 @@ void scan(const Plan& p, int64_t q0, int64_t q1, int64_t n0, int64_t n1, TopKLis
     const int64_t nq = std::min(p.query_block, q1 - qb);
     for (int64_t n = n0; n < n1; n += p.tile_rows) {
       const int64_t nt = std::min(p.tile_rows, n1 - n);
-      K.pack_rows(db_row(a, n), a.db_dtype, a.db_row_stride, nt, a.D, p.Dp, tile.data(),
+      K.pack_rows(db_row(a, n), a.db_dtype, a.db_stride, nt, a.D, p.Dp, tile.data(),
                   a.cosine ? inv.data() : nullptr);
       K.scores_tile(p.queries + qb * p.Dp, nq, tile.data(), nt, p.Dp, scores.data());
       offer_block(scores.data(), nt, nq, nt, n, a.cosine ? inv.data() : nullptr, lists + (qb - q0));
@@ -105,7 +105,7 @@ void search(const SearchArgs& a) {
 
   std::vector<float> queries(a.Q * Dp);
   std::vector<float> qinv(a.Q);
-  K.pack_rows(a.queries, a.query_dtype, a.query_row_stride, a.Q, a.D, Dp, queries.data(), qinv.data());
+  K.pack_rows(a.queries, a.query_dtype, a.query_stride, a.Q, a.D, Dp, queries.data(), qinv.data());
   for (int64_t i = 0; i < a.Q; ++i) {
     const float* row = queries.data() + i * Dp;
     for (int64_t d = 0; d < a.D; ++d)

@@ -57,19 +57,17 @@ int blocks_per_sm(int device, Kernel kernel, size_t smem) {
   return blocks;
 }
 
-launch::Problem problem_of(const SearchDeviceArgs& a) {
+void check_limits(const SearchDeviceArgs& a) {
   if (a.k < 1 || a.k > max_search_k())
     throw std::invalid_argument("k must be between 1 and " + std::to_string(max_search_k()) +
                                 " on the GPU, got " + std::to_string(a.k));
   if (a.N > INT32_MAX) throw std::invalid_argument("db: the GPU search takes at most 2^31 - 1 rows");
   if (a.D > (1 << 20)) throw std::invalid_argument("queries/db: D must be at most 1048576 on the GPU");
-  return {a.query_dtype, a.db_dtype, a.Q, a.N, a.D, a.k, a.query_stride, a.db_stride, a.cosine,
-          reinterpret_cast<uintptr_t>(a.db)};
 }
 
 launch::Plan plan_for(const SearchDeviceArgs& a) {
-  const launch::Problem pr = problem_of(a);
-  return launch::make_plan(pr, device_limits(a.device), [&](const launch::Plan& p) {
+  check_limits(a);
+  return launch::make_plan(a, device_limits(a.device), [&](const launch::Plan& p) {
     int blocks = 0;
     launch::with_scan_kernel(p, a.db_dtype, [&](auto kernel) { blocks = blocks_per_sm(a.device, kernel, p.smem); });
     return blocks;
@@ -101,7 +99,7 @@ void search(const SearchDeviceArgs& a, void* workspace, size_t workspace_bytes, 
   if (workspace_bytes < plan.workspace_bytes)
     throw std::invalid_argument("workspace holds " + std::to_string(workspace_bytes) + " bytes; the search needs " +
                                 std::to_string(plan.workspace_bytes));
-  launch::run_search(plan, problem_of(a), a.queries, a.db, workspace, scores, indices, StreamLauncher{a.stream, launch::kThreads});
+  launch::run_search(plan, a, workspace, scores, indices, StreamLauncher{a.stream, launch::kThreads});
 }
 
 }  // namespace plm::cuda

@@ -5,21 +5,12 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "dtype.h"
+#include "search_inputs.h"
 
 namespace plm::cuda {
 
-// queries (Q x D) and db (N x D) live on `device`; rows have unit element stride and the given
-// row strides in elements. Work is queued on `stream`; nothing synchronises.
-struct SearchDeviceArgs {
-  const void* queries;
-  DType query_dtype;
-  int64_t query_stride;
-  const void* db;
-  DType db_dtype;
-  int64_t db_stride;
-  int64_t Q, N, D, k;  // k <= max_search_k()
-  bool cosine;
+// queries and db live on `device`; work is queued on `stream`; nothing synchronises.
+struct SearchDeviceArgs : SearchInputs {  // k <= max_search_k()
   int device;
   cudaStream_t stream;
 };

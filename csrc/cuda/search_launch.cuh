@@ -12,11 +12,12 @@
 #include <type_traits>
 
 #include "cuda/search_kernels.cuh"
-#include "dtype.h"
+#include "search_inputs.h"
 
 namespace plm::cuda::launch {
 
 using kernels::kThreads;
+using plm::SearchInputs;
 using kernels::kTileRows;
 using kernels::kWarps;
 
@@ -26,14 +27,6 @@ constexpr size_t kPlanesBudget = size_t{128} << 20;  // bytes of prepared querie
 constexpr size_t kListsBudget = size_t{256} << 20;   // bytes of partial lists per chunk
 
 enum class Scan { simt, mma_small, mma_wide };
-
-struct Problem {
-  DType query_dtype, db_dtype;
-  int64_t Q, N, D, k;
-  int64_t query_stride, db_stride;  // elements
-  bool cosine;
-  uintptr_t db_address;             // for the 16-byte alignment test
-};
 
 struct DeviceLimits {
   int sm_count;
@@ -155,12 +148,12 @@ inline Split split_db(const Plan& p, int64_t N, int64_t qtiles) {
 }
 
 // blocks_per_sm(plan) reports how many scan blocks of the plan fit on one SM (0: none).
-inline Plan make_plan(const Problem& pr, const DeviceLimits& dev,
+inline Plan make_plan(const SearchInputs& pr, const DeviceLimits& dev,
                       const std::function<int(const Plan&)>& blocks_per_sm) {
   Plan p{};
   p.K = list_length(pr.k);
   const bool half_db = pr.db_dtype == DType::f16 || pr.db_dtype == DType::bf16;
-  const bool aligned = pr.D % 8 == 0 && pr.db_stride % 8 == 0 && pr.db_address % 16 == 0;
+  const bool aligned = pr.D % 8 == 0 && pr.db_stride % 8 == 0 && reinterpret_cast<uintptr_t>(pr.db) % 16 == 0;
   // Query planes that hold the query exactly: a half plane holds a (scaled) bfloat16 query,
   // two hold a float32 one; bfloat16 planes need two for a half query, three for float32.
   if (pr.db_dtype == DType::f16) p.terms = pr.query_dtype == DType::f32 ? 2 : 1;
@@ -214,7 +207,7 @@ inline Plan make_plan(const Problem& pr, const DeviceLimits& dev,
 // Runs the whole search for the plan: per chunk, prepare queries, scan, merge. `launch` is
 // called as launch(kernel, grid_x, grid_y, smem_bytes, args...) with kThreads threads per block.
 template <class Launcher>
-void run_search(const Plan& p, const Problem& pr, const void* queries, const void* db, void* workspace,
+void run_search(const Plan& p, const SearchInputs& pr, void* workspace,
                 float* scores, int64_t* indices, Launcher&& launch) {
   auto* ws = static_cast<unsigned char*>(workspace);
   void* planes = ws;
@@ -224,7 +217,7 @@ void run_search(const Plan& p, const Problem& pr, const void* queries, const voi
   for (int64_t q0 = 0; q0 < pr.Q; q0 += p.chunk) {
     const int64_t qc = std::min<int64_t>(p.chunk, pr.Q - q0);
     const int64_t qpad = ceil_div(qc, p.bq) * p.bq;
-    const void* qsrc = static_cast<const unsigned char*>(queries) + q0 * pr.query_stride * qsize;
+    const void* qsrc = static_cast<const unsigned char*>(pr.queries) + q0 * pr.query_stride * qsize;
 
     with_float_type(pr.query_dtype, [&](auto qt) {
       using QT = typename decltype(qt)::type;
@@ -252,7 +245,7 @@ void run_search(const Plan& p, const Problem& pr, const void* queries, const voi
     const Split sp = split_db(p, pr.N, qpad / p.bq);
     kernels::ScanArgs args{planes,
                            qmul,
-                           db,
+                           pr.db,
                            pr.db_stride,
                            pr.N,
                            static_cast<int>(pr.D),

@@ -39,13 +39,15 @@ extern "C" int plm_emu_search(const void* queries, int query_dtype, int64_t quer
                               int64_t* indices, char* info, int info_len) {
   try {
     emu::set_schedule_seed(schedule_seed);
-    const Problem pr{static_cast<plm::DType>(query_dtype), static_cast<plm::DType>(db_dtype), Q, N, D, k,
-                     query_stride, db_stride, cosine != 0, reinterpret_cast<uintptr_t>(db)};
+    const plm::SearchInputs pr{queries, static_cast<plm::DType>(query_dtype), query_stride,
+                               db,      static_cast<plm::DType>(db_dtype),    db_stride,
+                               Q,       N,                                    D,
+                               k,       cosine != 0};
     DeviceLimits dev{sm_count, compute_capability, static_cast<size_t>(smem_per_block), max_chunk};
     const Plan plan = make_plan(pr, dev, [&](const Plan&) { return blocks_per_sm; });
     // Garbage in the workspace, as in a fresh allocation: nothing may rely on it being zero.
     std::vector<uint64_t> workspace(plan.workspace_bytes / 8 + 2, 0xA5A5A5A5A5A5A5A5ull);
-    run_search(plan, pr, queries, db, workspace.data(), scores, indices, EmuLauncher{});
+    run_search(plan, pr, workspace.data(), scores, indices, EmuLauncher{});
     std::snprintf(info, info_len, "%s splits=%d chunk=%lld K=%d terms=%d", scan_name(plan.scan),
                   split_db(plan, N, plan.chunk / plan.bq).splits, static_cast<long long>(plan.chunk), plan.K,
                   plan.terms);
