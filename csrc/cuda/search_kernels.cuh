@@ -316,13 +316,13 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
   const T* qplanes = static_cast<const T*>(a.qprep);
   const T* db = static_cast<const T*>(a.db);
   const int KT = a.Dpad / BK;
-  const int total = r.tiles * KT;
+  const int64_t total = static_cast<int64_t>(r.tiles) * KT;  // can pass 2^31 (N ~ 2^31, D = 4096)
 
   // Stage `stage` <- chunk c: columns [kt*BK, kt*BK + BK) of the query planes and of the
   // tile's db rows (rows past the range and columns past D read as zeros).
-  auto load_chunk = [&](int c, int stage) {
-    const int kt = c % KT;
-    const int64_t n0 = r.n_begin + static_cast<int64_t>(c / KT) * kTileRows;
+  auto load_chunk = [&](int64_t c, int stage) {
+    const int kt = static_cast<int>(c % KT);
+    const int64_t n0 = r.n_begin + (c / KT) * kTileRows;
     const int k0 = kt * BK;
     T* sa = stages + stage * STAGE;
     T* sb = sa + TERMS * BQ * LD;
@@ -351,14 +351,14 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
     ptx::cp_async_commit();
   }
 #pragma unroll 1
-  for (int c = 0; c < total; ++c) {
+  for (int64_t c = 0; c < total; ++c) {
     ptx::cp_async_wait<STAGES - 2>();
     __syncthreads();
     // The stage refilled now was read in iteration c - 1, which every thread has finished.
-    if (c + STAGES - 1 < total) load_chunk(c + STAGES - 1, (c + STAGES - 1) % STAGES);
+    if (c + STAGES - 1 < total) load_chunk(c + STAGES - 1, static_cast<int>((c + STAGES - 1) % STAGES));
     ptx::cp_async_commit();
 
-    const int kt = c % KT;
+    const int kt = static_cast<int>(c % KT);
     if (kt == 0) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -368,7 +368,7 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
           for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
       norm_acc = 0.0f;
     }
-    const T* sa = stages + (c % STAGES) * STAGE;
+    const T* sa = stages + static_cast<int>(c % STAGES) * STAGE;
     const T* sb = sa + TERMS * BQ * LD;
 
     if (a.cosine) {  // 16-byte reads: lanes take consecutive rows, LD keeps them conflict-free
@@ -416,7 +416,7 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
     }
 
     if (kt == KT - 1) {  // the tile is scored: normalise, select
-      const int64_t n0 = r.n_begin + static_cast<int64_t>(c / KT) * kTileRows;
+      const int64_t n0 = r.n_begin + (c / KT) * kTileRows;
       if (a.cosine) norm_part[norm_half * kTileRows + norm_row] = norm_acc;
       __syncthreads();
       if (a.cosine && tid < kTileRows) {
