@@ -14,6 +14,16 @@ def make(rng, shape, dtype, device="cuda"):
     return x.to(device=device, dtype=getattr(torch, dtype))
 
 
+def make_db(rng, shape, dtype, metric="cosine", device="cuda"):
+    """Unit rows for inner product; for cosine, rows of norms 0.25 .. 4, so that a wrong row norm
+    changes the ranking."""
+    db = make(rng, shape, dtype, "cpu")
+    if metric == "cosine":
+        scale = torch.from_numpy(2.0 ** rng.uniform(-2, 2, size=(shape[0], 1))).float()
+        db = (db.float() * scale).to(db.dtype)
+    return db.to(device)
+
+
 def tolerance(qdtype, dbdtype):
     """Absolute score tolerance for unit-norm rows; float32 queries against a bfloat16 db get more."""
     return 3e-5 if (qdtype, dbdtype) == ("float32", "bfloat16") else 1e-5

@@ -15,7 +15,7 @@ import ctypes
 import numpy as np
 import pytest
 import torch
-from search_checks import check, check_matches_cpu, make, reference, tolerance
+from search_checks import check, check_matches_cpu, make, make_db, reference, tolerance
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # plm::DType
 H100 = {"cc": 90, "smem": 227 * 1024}
@@ -64,6 +64,9 @@ def run_and_check(emu_search, q, db, k, metric="cosine", kernel=None, **device):
 
 
 F16, BF16, F32 = "float16", "bfloat16", "float32"
+
+
+
 # (Q, N, D, k, query dtype, db dtype, metric, kernel): the tensor-core scans need a half or
 # bfloat16 db with 16-byte aligned rows (D % 8 == 0); more than 16 queries take the wide tile.
 CASES = [
@@ -87,7 +90,7 @@ CASES = [
 
 @pytest.mark.parametrize("Q,N,D,k,qdtype,dbdtype,metric,kernel", CASES)
 def test_exact_top_k(emu_search, rng, Q, N, D, k, qdtype, dbdtype, metric, kernel):
-    q, db = make(rng, (Q, D), qdtype, "cpu"), make(rng, (N, D), dbdtype, "cpu")
+    q, db = make(rng, (Q, D), qdtype, "cpu"), make_db(rng, (N, D), dbdtype, metric, "cpu")
     run_and_check(emu_search, q, db, k, metric, kernel)
 
 
@@ -161,6 +164,18 @@ def test_strided_db_rows(emu_search, rng, extra, kernel):
     base = make(rng, (900, 64 + extra), F16, "cpu")
     db = base[:, :64]
     run_and_check(emu_search, make(rng, (4, 64), F16, "cpu"), db, 12, kernel=kernel)
+
+
+@pytest.mark.parametrize("Q,D,qdtype,dbdtype,kernel", [(600, 64, F16, F16, "mma_wide"), (520, 72, F32, BF16, "mma_wide"),
+                                                       (300, 40, F16, F32, "simt"), (260, 17, BF16, F16, "simt")])
+def test_db_norms_computed_once_for_many_query_tiles(emu_search, rng, Q, D, qdtype, dbdtype, kernel):
+    """From 8 query tiles on, 1/|x| of every db row comes from one pass before the scan."""
+    q, db = make(rng, (Q, D), qdtype, "cpu"), make_db(rng, (300, D), dbdtype, "cosine", "cpu")
+    db[7] = 0
+    _, _, info = run_and_check(emu_search, q, db, 6, kernel=kernel)
+    assert "norms_pass=1" in info, info
+    _, _, info = run_and_check(emu_search, q, db, 6, "ip", kernel=kernel)
+    assert "norms_pass=0" in info, info
 
 
 def test_many_splits_and_resident_blocks(emu_search, rng):

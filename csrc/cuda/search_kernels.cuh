@@ -49,6 +49,7 @@ struct ScanArgs {
   uint64_t* lists;     // [Qpad][splits][K] keys, sorted descending
   int k;
   bool cosine;
+  const float* db_inv_norms;  // [N] 1/|x| computed once (db_norms), or null: each block computes its own
 };
 
 // ---- 1. queries --------------------------------------------------------------------------------
@@ -115,6 +116,41 @@ __global__ void __launch_bounds__(kThreads) prep_queries(const QT* __restrict__ 
                              : __uint_as_float(0x7fc00000u);
     qmul[row] = m;
   }
+}
+
+// ---- 1b. db row norms, once per search when many query tiles would each recompute them -----------
+
+// One warp per row: out[n] = 1/|x_n| (0 for a zero row), float32 sums of squares. VEC: rows are
+// 16-byte aligned half/bfloat16 and D % 8 == 0, read 16 bytes per lane.
+template <class T, bool VEC>
+__global__ void __launch_bounds__(kThreads) db_inv_norms(const T* __restrict__ db, int64_t db_stride, int64_t N,
+                                                         int D, float* __restrict__ out) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (row >= N) return;
+  const T* x = db + row * db_stride;
+  float n2 = 0.0f;
+  if constexpr (VEC) {
+    for (int d = lane * 8; d < D; d += 32 * 8) {
+      const uint4 w = *reinterpret_cast<const uint4*>(x + d);
+      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float lo = to_float<T>(bits_to<T>(static_cast<uint16_t>(words[e] & 0xffffu)));
+        const float hi = to_float<T>(bits_to<T>(static_cast<uint16_t>(words[e] >> 16)));
+        n2 += lo * lo;
+        n2 += hi * hi;
+      }
+    }
+  } else {
+    for (int d = lane; d < D; d += 32) {
+      const float v = to_float<T>(x[d]);
+      n2 += v * v;
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) n2 += __shfl_xor_sync(topk::kFullMask, n2, off);
+  if (lane == 0) out[row] = n2 > 0.0f ? 1.0f / sqrtf(n2) : 0.0f;
 }
 
 // ---- 2. per-query selection shared by both scan kernels -----------------------------------------
@@ -266,6 +302,16 @@ __device__ __forceinline__ ScanRange scan_range(const ScanArgs& a) {
   return r;
 }
 
+// 1/|x| of db row n (0 for a zero row): from this block's sums of squares (two halves per row in
+// `parts`, row n - n0 at index tid) or from the precomputed norms. Rows past the range give 0.
+__device__ __forceinline__ float tile_inv_norm(const ScanArgs& a, bool row_norms, const float* parts, int64_t n,
+                                               int64_t n_end) {
+  if (!row_norms) return n < n_end ? a.db_inv_norms[n] : 0.0f;
+  const int i = threadIdx.x;
+  const float n2 = parts[i] + parts[kTileRows + i];
+  return n2 > 0.0f ? 1.0f / sqrtf(n2) : 0.0f;
+}
+
 // ---- 2a. tensor-core scan (sm_80+, half/bfloat16 db, 16-byte aligned rows) ----------------------
 
 // BQ queries x kTileRows rows per block; WARPS_Q x (kWarps / WARPS_Q) warps; BK columns of D
@@ -316,13 +362,11 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
   const T* qplanes = static_cast<const T*>(a.qprep);
   const T* db = static_cast<const T*>(a.db);
   const int KT = a.Dpad / BK;
-  const int64_t total = static_cast<int64_t>(r.tiles) * KT;  // can pass 2^31 (N ~ 2^31, D = 4096)
 
-  // Stage `stage` <- chunk c: columns [kt*BK, kt*BK + BK) of the query planes and of the
-  // tile's db rows (rows past the range and columns past D read as zeros).
-  auto load_chunk = [&](int64_t c, int stage) {
-    const int kt = static_cast<int>(c % KT);
-    const int64_t n0 = r.n_begin + (c / KT) * kTileRows;
+  // Stage `stage` <- columns [kt*BK, kt*BK + BK) of the query planes and of tile `tile`'s db
+  // rows (rows past the range and columns past D read as zeros).
+  auto load_chunk = [&](int tile, int kt, int stage) {
+    const int64_t n0 = r.n_begin + static_cast<int64_t>(tile) * kTileRows;
     const int k0 = kt * BK;
     T* sa = stages + stage * STAGE;
     T* sb = sa + TERMS * BQ * LD;
@@ -340,25 +384,34 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
       ptx::cp_async16(sb + row * LD + piece * 8, ok ? db + n * a.db_stride + col : db, ok);
     }
   };
+  // The pipeline runs over (tile, kt) chunks without a break between tiles: loads run
+  // STAGES - 1 chunks ahead of the math, so the next tile streams in during a tile's selection.
+  int load_tile = 0, load_kt = 0, load_stage = 0;
+  auto load_next = [&]() {
+    if (load_tile < r.tiles) load_chunk(load_tile, load_kt, load_stage);
+    ptx::cp_async_commit();  // an empty group past the end keeps the group count in step
+    if (++load_kt == KT) {
+      load_kt = 0;
+      ++load_tile;
+    }
+    if (++load_stage == STAGES) load_stage = 0;
+  };
 
   float acc[MT][NT][4];
   float norm_acc = 0.0f;  // sum of squares of half a db row (row tid % kTileRows)
   const int norm_row = tid % kTileRows, norm_half = tid / kTileRows;
+  const bool row_norms = a.cosine && a.db_inv_norms == nullptr;  // else precomputed
 
 #pragma unroll 1
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < total) load_chunk(s, s);
-    ptx::cp_async_commit();
-  }
+  for (int s = 0; s < STAGES - 1; ++s) load_next();
+  int tile = 0, kt = 0, stage = 0;
 #pragma unroll 1
-  for (int64_t c = 0; c < total; ++c) {
+  while (tile < r.tiles) {
     ptx::cp_async_wait<STAGES - 2>();
     __syncthreads();
-    // The stage refilled now was read in iteration c - 1, which every thread has finished.
-    if (c + STAGES - 1 < total) load_chunk(c + STAGES - 1, static_cast<int>((c + STAGES - 1) % STAGES));
-    ptx::cp_async_commit();
+    // The stage refilled now was read in the previous iteration, which every thread has finished.
+    load_next();
 
-    const int kt = static_cast<int>(c % KT);
     if (kt == 0) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -368,10 +421,10 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
           for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
       norm_acc = 0.0f;
     }
-    const T* sa = stages + static_cast<int>(c % STAGES) * STAGE;
+    const T* sa = stages + stage * STAGE;
     const T* sb = sa + TERMS * BQ * LD;
 
-    if (a.cosine) {  // 16-byte reads: lanes take consecutive rows, LD keeps them conflict-free
+    if (row_norms) {  // 16-byte reads: lanes take consecutive rows, LD keeps them conflict-free
       const uint4* p = reinterpret_cast<const uint4*>(sb + norm_row * LD + norm_half * (BK / 2));
 #pragma unroll
       for (int v = 0; v < BK / 16; ++v) {
@@ -416,13 +469,10 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
     }
 
     if (kt == KT - 1) {  // the tile is scored: normalise, select
-      const int64_t n0 = r.n_begin + (c / KT) * kTileRows;
-      if (a.cosine) norm_part[norm_half * kTileRows + norm_row] = norm_acc;
+      const int64_t n0 = r.n_begin + static_cast<int64_t>(tile) * kTileRows;
+      if (row_norms) norm_part[norm_half * kTileRows + norm_row] = norm_acc;
       __syncthreads();
-      if (a.cosine && tid < kTileRows) {
-        const float n2 = norm_part[tid] + norm_part[kTileRows + tid];
-        sel.inv_norm[tid] = n2 > 0.0f ? 1.0f / sqrtf(n2) : 0.0f;
-      }
+      if (a.cosine && tid < kTileRows) sel.inv_norm[tid] = tile_inv_norm(a, row_norms, norm_part, n0 + tid, r.n_end);
       __syncthreads();
       const int g = lane / 4, t4 = lane % 4;
 #pragma unroll
@@ -448,6 +498,11 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
       __syncthreads();
       sel.offer_tile(a, r.q0, r.valid_q, n0, r.n_end, Tile::WARPS_N);
       __syncthreads();
+    }
+    if (++stage == STAGES) stage = 0;
+    if (++kt == KT) {
+      kt = 0;
+      ++tile;
     }
   }
   ptx::cp_async_wait<0>();
@@ -498,7 +553,7 @@ __global__ void __launch_bounds__(kThreads) search_simt(ScanArgs a) {
         sb[kk * BLD + row] = (n < r.n_end && col < a.D) ? to_float<T>(db[n * a.db_stride + col]) : 0.0f;
       }
       __syncthreads();
-      if (a.cosine && tid < kTileRows)
+      if (a.cosine && !a.db_inv_norms && tid < kTileRows)
         for (int kk = 0; kk < kSimtBK; ++kk) norm_acc += sb[kk * BLD + tid] * sb[kk * BLD + tid];
 #pragma unroll 4
       for (int kk = 0; kk < kSimtBK; ++kk) {
@@ -513,7 +568,11 @@ __global__ void __launch_bounds__(kThreads) search_simt(ScanArgs a) {
           for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(qv[i], xv[j], acc[i][j]);
       }
     }
-    if (a.cosine && tid < kTileRows) sel.inv_norm[tid] = norm_acc > 0.0f ? 1.0f / sqrtf(norm_acc) : 0.0f;
+    if (a.cosine && tid < kTileRows) {
+      const int64_t n = n0 + tid;
+      sel.inv_norm[tid] = a.db_inv_norms ? (n < r.n_end ? a.db_inv_norms[n] : 0.0f)
+                                         : (norm_acc > 0.0f ? 1.0f / sqrtf(norm_acc) : 0.0f);
+    }
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < 4; ++i) {

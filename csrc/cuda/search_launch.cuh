@@ -25,6 +25,10 @@ constexpr int kMaxK = 1024;
 constexpr int64_t kMaxChunk = 65536;                 // queries per chunk
 constexpr size_t kPlanesBudget = size_t{128} << 20;  // bytes of prepared queries per chunk
 constexpr size_t kListsBudget = size_t{256} << 20;   // bytes of partial lists per chunk
+constexpr size_t kNormsBudget = size_t{1} << 30;     // bytes of precomputed db norms at most
+// From this many query tiles per chunk on, the db norms are computed once up front (one extra
+// read of the db) instead of by every query tile's blocks.
+constexpr int64_t kNormsPassTiles = 8;
 
 enum class Scan { simt, mma_small, mma_wide };
 
@@ -45,6 +49,8 @@ struct Plan {
   int64_t chunk;  // queries per chunk (multiple of bq)
   int slots;      // blocks resident at once on the device
   size_t planes_bytes, qmul_offset, lists_offset, lists_bytes, workspace_bytes;
+  bool norms_pass;  // 1/|x| of every db row computed once, at norms_offset
+  size_t norms_offset;
 };
 
 // Splitting of the db for one chunk of queries.
@@ -201,6 +207,11 @@ inline Plan make_plan(const SearchInputs& pr, const DeviceLimits& dev,
   p.qmul_offset = align256(p.planes_bytes);
   p.lists_offset = align256(p.qmul_offset + sizeof(float) * p.chunk);
   p.workspace_bytes = p.lists_offset + p.lists_bytes;
+  p.norms_pass = pr.cosine && qtiles >= kNormsPassTiles && sizeof(float) * pr.N <= kNormsBudget;
+  if (p.norms_pass) {
+    p.norms_offset = align256(p.workspace_bytes);
+    p.workspace_bytes = p.norms_offset + sizeof(float) * pr.N;
+  }
   return p;
 }
 
@@ -214,6 +225,23 @@ void run_search(const Plan& p, const SearchInputs& pr, void* workspace,
   auto* qmul = reinterpret_cast<float*>(ws + p.qmul_offset);
   auto* lists = reinterpret_cast<uint64_t*>(ws + p.lists_offset);
   const size_t qsize = dtype_size(pr.query_dtype);
+  float* inv_norms = nullptr;
+  if (p.norms_pass) {
+    inv_norms = reinterpret_cast<float*>(ws + p.norms_offset);
+    const bool vec = p.scan != Scan::simt;  // the tensor-core scans need 16-byte aligned rows too
+    with_float_type(pr.db_dtype, [&](auto dt) {
+      using T = typename decltype(dt)::type;
+      const auto grid = static_cast<unsigned>(ceil_div(pr.N, kWarps));
+      const auto* db = static_cast<const T*>(pr.db);
+      const int D = static_cast<int>(pr.D);
+      if constexpr (std::is_same_v<T, float>) {
+        launch(&kernels::db_inv_norms<T, false>, grid, 1u, size_t{0}, db, pr.db_stride, pr.N, D, inv_norms);
+      } else {
+        if (vec) launch(&kernels::db_inv_norms<T, true>, grid, 1u, size_t{0}, db, pr.db_stride, pr.N, D, inv_norms);
+        else launch(&kernels::db_inv_norms<T, false>, grid, 1u, size_t{0}, db, pr.db_stride, pr.N, D, inv_norms);
+      }
+    });
+  }
   for (int64_t q0 = 0; q0 < pr.Q; q0 += p.chunk) {
     const int64_t qc = std::min<int64_t>(p.chunk, pr.Q - q0);
     const int64_t qpad = ceil_div(qc, p.bq) * p.bq;
@@ -256,7 +284,8 @@ void run_search(const Plan& p, const SearchInputs& pr, void* workspace,
                            sp.splits,
                            lists,
                            static_cast<int>(pr.k),
-                           pr.cosine};
+                           pr.cosine,
+                           inv_norms};
     with_scan_kernel(p, pr.db_dtype, [&](auto kernel) {
       launch(kernel, static_cast<unsigned>(qpad / p.bq), static_cast<unsigned>(sp.splits), p.smem, args);
     });

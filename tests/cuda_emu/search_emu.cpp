@@ -48,9 +48,9 @@ extern "C" int plm_emu_search(const void* queries, int query_dtype, int64_t quer
     // Garbage in the workspace, as in a fresh allocation: nothing may rely on it being zero.
     std::vector<uint64_t> workspace(plan.workspace_bytes / 8 + 2, 0xA5A5A5A5A5A5A5A5ull);
     run_search(plan, pr, workspace.data(), scores, indices, EmuLauncher{});
-    std::snprintf(info, info_len, "%s splits=%d chunk=%lld K=%d terms=%d", scan_name(plan.scan),
+    std::snprintf(info, info_len, "%s splits=%d chunk=%lld K=%d terms=%d norms_pass=%d", scan_name(plan.scan),
                   split_db(plan, N, plan.chunk / plan.bq).splits, static_cast<long long>(plan.chunk), plan.K,
-                  plan.terms);
+                  plan.terms, plan.norms_pass ? 1 : 0);
     return 0;
   } catch (const std::exception& e) {
     std::snprintf(info, info_len, "%s", e.what());
