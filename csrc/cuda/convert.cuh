@@ -6,8 +6,29 @@
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "dtype.h"
 
 namespace plm::cuda {
+
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<float | __half | __nv_bfloat16>) for t; any other type is an error that
+// starts with `what` (e.g. "x: GeM on the GPU").
+template <class F>
+void with_float_type(DType t, const char* what, F&& f) {
+  switch (t) {
+    case DType::f32: return f(TypeTag<float>{});
+    case DType::f16: return f(TypeTag<__half>{});
+    case DType::bf16: return f(TypeTag<__nv_bfloat16>{});
+    default: throw std::invalid_argument(std::string(what) + " takes float16, bfloat16 or float32");
+  }
+}
 
 template <class T>
 __device__ __forceinline__ float to_float(T v);
@@ -35,6 +56,19 @@ __device__ __forceinline__ T bits_to(uint16_t bits) {
   T v;
   memcpy(&v, &bits, 2);
   return v;
+}
+
+// Sum of squares of the eight 16-bit values packed in w, added to acc in order.
+template <class T>
+__device__ __forceinline__ void add_squares8(float& acc, uint4 w) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float lo = to_float<T>(bits_to<T>(static_cast<uint16_t>(words[e] & 0xffffu)));
+    const float hi = to_float<T>(bits_to<T>(static_cast<uint16_t>(words[e] >> 16)));
+    acc += lo * lo;
+    acc += hi * hi;
+  }
 }
 
 // Read-only load through the non-coherent cache, as float.

@@ -211,16 +211,6 @@ inline bool rows_layout(const GemShape& a) {
   throw std::invalid_argument("x: GeM needs a contiguous spatial axis (NCHW) or channel axis (channels_last)");
 }
 
-template <class F>
-void with_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::f32: return f(static_cast<const float*>(nullptr));
-    case DType::f16: return f(static_cast<const __half*>(nullptr));
-    case DType::bf16: return f(static_cast<const __nv_bfloat16*>(nullptr));
-    default: throw std::invalid_argument("x: GeM on the GPU takes float16, bfloat16 or float32");
-  }
-}
-
 inline unsigned rows_grid(int64_t rows) {
   const int64_t blocks = (rows + kRowWarpsPerBlock - 1) / kRowWarpsPerBlock;
   if (blocks > 0x7fffffff) throw std::invalid_argument("x: too many (batch, channel) rows for one launch");
@@ -249,8 +239,8 @@ void launch_layout(const GemShape& a, Launcher&& launch, RowsKernel rows_kernel,
 template <class Launcher>
 void run_forward(const GemShape& a, float* y, Launcher&& launch) {
   if (a.B * a.C == 0) return;
-  with_dtype(a.dtype, [&](auto tag) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+  with_float_type(a.dtype, "x: GeM on the GPU", [&](auto tag) {
+    using T = typename decltype(tag)::type;
     launch_layout<T>(a, launch, &gem_fwd_rows<T>, &gem_fwd_cols<T>, y);
   });
 }
@@ -259,8 +249,8 @@ void run_forward(const GemShape& a, float* y, Launcher&& launch) {
 template <class Launcher>
 void run_backward(const GemShape& a, const float* gy, const float* y, void* dx, float* terms, Launcher&& launch) {
   if (a.B * a.C == 0) return;
-  with_dtype(a.dtype, [&](auto tag) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+  with_float_type(a.dtype, "x: GeM on the GPU", [&](auto tag) {
+    using T = typename decltype(tag)::type;
     launch_layout<T>(a, launch, &gem_bwd_rows<T>, &gem_bwd_cols<T>, gy, y, static_cast<T*>(dx), terms);
   });
 }

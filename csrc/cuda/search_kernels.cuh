@@ -131,17 +131,7 @@ __global__ void __launch_bounds__(kThreads) db_inv_norms(const T* __restrict__ d
   const T* x = db + row * db_stride;
   float n2 = 0.0f;
   if constexpr (VEC) {
-    for (int d = lane * 8; d < D; d += 32 * 8) {
-      const uint4 w = *reinterpret_cast<const uint4*>(x + d);
-      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float lo = to_float<T>(bits_to<T>(static_cast<uint16_t>(words[e] & 0xffffu)));
-        const float hi = to_float<T>(bits_to<T>(static_cast<uint16_t>(words[e] >> 16)));
-        n2 += lo * lo;
-        n2 += hi * hi;
-      }
-    }
+    for (int d = lane * 8; d < D; d += 32 * 8) add_squares8<T>(n2, *reinterpret_cast<const uint4*>(x + d));
   } else {
     for (int d = lane; d < D; d += 32) {
       const float v = to_float<T>(x[d]);
@@ -427,17 +417,7 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
     if (row_norms) {  // 16-byte reads: lanes take consecutive rows, LD keeps them conflict-free
       const uint4* p = reinterpret_cast<const uint4*>(sb + norm_row * LD + norm_half * (BK / 2));
 #pragma unroll
-      for (int v = 0; v < BK / 16; ++v) {
-        const uint4 w = p[v];
-        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float lo = to_float<T>(bits_to<T>(static_cast<uint16_t>(words[e] & 0xffffu)));
-          const float hi = to_float<T>(bits_to<T>(static_cast<uint16_t>(words[e] >> 16)));
-          norm_acc += lo * lo;
-          norm_acc += hi * hi;
-        }
-      }
+      for (int v = 0; v < BK / 16; ++v) add_squares8<T>(norm_acc, p[v]);
     }
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 16) {

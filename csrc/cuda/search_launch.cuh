@@ -29,6 +29,7 @@ constexpr size_t kNormsBudget = size_t{1} << 30;     // bytes of precomputed db 
 // From this many query tiles per chunk on, the db norms are computed once up front (one extra
 // read of the db) instead of by every query tile's blocks.
 constexpr int64_t kNormsPassTiles = 8;
+constexpr const char* kWhat = "queries/db: the GPU search";  // dtype errors
 
 enum class Scan { simt, mma_small, mma_wide };
 
@@ -59,11 +60,6 @@ struct Split {
   int64_t rows_per_split;
 };
 
-template <class T>
-struct TypeTag {
-  using type = T;
-};
-
 // Query planes a db type needs at most (make_plan): half holds float32 in two, bfloat16 in three.
 template <class T>
 constexpr int max_terms() {
@@ -90,21 +86,12 @@ void with_terms(int terms, F&& f) {
   }
 }
 
-template <class F>
-void with_float_type(DType t, F&& f) {
-  switch (t) {
-    case DType::f16: return f(TypeTag<__half>{});
-    case DType::bf16: return f(TypeTag<__nv_bfloat16>{});
-    default: return f(TypeTag<float>{});
-  }
-}
-
 // Calls f(kernel pointer) with the scan kernel of the plan for a db of type db_dtype.
 template <class F>
 void with_scan_kernel(const Plan& p, DType db_dtype, F&& f) {
   with_list_length(p.K, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
-    with_float_type(db_dtype, [&](auto tc) {
+    with_float_type(db_dtype, kWhat, [&](auto tc) {
       using T = typename decltype(tc)::type;
       if constexpr (std::is_same_v<T, float>) {
         f(&kernels::search_simt<float, K>);
@@ -229,7 +216,7 @@ void run_search(const Plan& p, const SearchInputs& pr, void* workspace,
   if (p.norms_pass) {
     inv_norms = reinterpret_cast<float*>(ws + p.norms_offset);
     const bool vec = p.scan != Scan::simt;  // the tensor-core scans need 16-byte aligned rows too
-    with_float_type(pr.db_dtype, [&](auto dt) {
+    with_float_type(pr.db_dtype, kWhat, [&](auto dt) {
       using T = typename decltype(dt)::type;
       const auto grid = static_cast<unsigned>(ceil_div(pr.N, kWarps));
       const auto* db = static_cast<const T*>(pr.db);
@@ -247,7 +234,7 @@ void run_search(const Plan& p, const SearchInputs& pr, void* workspace,
     const int64_t qpad = ceil_div(qc, p.bq) * p.bq;
     const void* qsrc = static_cast<const unsigned char*>(pr.queries) + q0 * pr.query_stride * qsize;
 
-    with_float_type(pr.query_dtype, [&](auto qt) {
+    with_float_type(pr.query_dtype, kWhat, [&](auto qt) {
       using QT = typename decltype(qt)::type;
       const auto* qtyped = static_cast<const QT*>(qsrc);
       const auto grid = static_cast<unsigned>(ceil_div(qpad, kWarps));
@@ -257,7 +244,7 @@ void run_search(const Plan& p, const SearchInputs& pr, void* workspace,
                D, Dpad, pr.cosine, static_cast<float*>(planes), qmul);
         return;
       }
-      with_float_type(pr.db_dtype, [&](auto dt) {
+      with_float_type(pr.db_dtype, kWhat, [&](auto dt) {
         using T = typename decltype(dt)::type;
         if constexpr (!std::is_same_v<T, float>) {
           with_terms(p.terms, [&](auto tc) {
