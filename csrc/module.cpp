@@ -28,9 +28,8 @@ void require_cpu(const ArrayView& a) {
     throw py::value_error(a.name + " is on a CUDA device; this entry point takes CPU arrays");
 }
 
-// The checks every search makes, CPU or GPU; outputs must be (Q, k) float32 / int64.
-void check_search(const ArrayView& q, const ArrayView& db, const ArrayView& scores, const ArrayView& idx,
-                  int64_t k) {
+// The checks every search makes on its inputs, CPU or GPU.
+void check_search_inputs(const ArrayView& q, const ArrayView& db, int64_t k) {
   plm::require_ndim(q, 2);
   plm::require_ndim(db, 2);
   plm::require_dtype_float(q);
@@ -44,6 +43,12 @@ void check_search(const ArrayView& q, const ArrayView& db, const ArrayView& scor
   if (db.shape[0] < 1) throw py::value_error("db is empty (N=0); add descriptors before searching");
   if (q.shape[1] < 1) throw py::value_error("queries: D must be at least 1");
   if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
+}
+
+// The input checks, and outputs that must be (Q, k) float32 / int64 beside the queries.
+void check_search(const ArrayView& q, const ArrayView& db, const ArrayView& scores, const ArrayView& idx,
+                  int64_t k) {
+  check_search_inputs(q, db, k);
   plm::require_dtype(scores, DType::f32);
   plm::require_dtype(idx, DType::i64);
   for (const ArrayView* out : {&scores, &idx}) {
@@ -199,29 +204,23 @@ plm::cuda::SearchDeviceArgs search_device_args(const ArrayView& q, const ArrayVi
   return {search_inputs(q, db, k, cosine), q.device_id, reinterpret_cast<cudaStream_t>(stream)};
 }
 
-ArrayView cuda_search_inputs(const py::tuple& q_spec, const py::tuple& db_spec, ArrayView* db) {
+// The checked GPU arguments of a search, without outputs or stream (planning only).
+plm::cuda::SearchDeviceArgs cuda_search_plan_args(const py::tuple& q_spec, const py::tuple& db_spec, int64_t k,
+                                                  bool cosine) {
   ArrayView q = plm::view_from_spec(q_spec, "queries");
-  *db = plm::view_from_spec(db_spec, "db");
-  plm::require_ndim(q, 2);
-  plm::require_ndim(*db, 2);
-  plm::require_dtype_float(q);
-  plm::require_dtype_float(*db);
-  plm::require_same_device(q, *db);
-  return q;
+  ArrayView db = plm::view_from_spec(db_spec, "db");
+  check_search_inputs(q, db, k);
+  return search_device_args(q, db, k, cosine, 0);
 }
 
 size_t search_cuda_workspace(const py::tuple& q_spec, const py::tuple& db_spec, int64_t k, bool cosine) {
-  ArrayView db;
-  ArrayView q = cuda_search_inputs(q_spec, db_spec, &db);
-  auto args = search_device_args(q, db, k, cosine, 0);
+  auto args = cuda_search_plan_args(q_spec, db_spec, k, cosine);
   py::gil_scoped_release nogil;
   return plm::cuda::search_workspace_bytes(args);
 }
 
 std::string search_cuda_kernel(const py::tuple& q_spec, const py::tuple& db_spec, int64_t k, bool cosine) {
-  ArrayView db;
-  ArrayView q = cuda_search_inputs(q_spec, db_spec, &db);
-  auto args = search_device_args(q, db, k, cosine, 0);
+  auto args = cuda_search_plan_args(q_spec, db_spec, k, cosine);
   py::gil_scoped_release nogil;
   return plm::cuda::search_kernel_name(args);
 }

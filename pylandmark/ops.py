@@ -36,6 +36,21 @@ def search(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> tuple[A
     synchronising: a query holding NaN raises on the CPU, but on the GPU its row comes back as
     NaN scores and index -1.
     """
+    q, d, k, one = _operands(queries, db, k, metric)
+    scores = as_array(empty_like_framework(q, (q.shape[0], k), "float32"), "scores")
+    indices = as_array(empty_like_framework(q, (q.shape[0], k), "int64"), "indices")
+    if q.device[0] == CUDA:
+        _search_cuda(q, d, scores, indices, k, metric == "cosine")
+    else:
+        _C.search(q.spec(), d.spec(), scores.spec(), indices.spec(), k, metric == "cosine")
+    if one:
+        return scores.obj[0], indices.obj[0]
+    return scores.obj, indices.obj
+
+
+def _operands(queries: Any, db: Any, k: Any, metric: str) -> tuple[Array, Array, int, bool]:
+    """Checks the arguments of a search; returns (queries as (Q, D) with unit element stride,
+    db, k, whether queries was 1-d)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
@@ -68,15 +83,7 @@ def search(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> tuple[A
     if not _unit_last_stride(d):
         raise ValueError("db: the last axis must be contiguous (element stride 1); pass a "
                          "contiguous copy (np.ascontiguousarray / .contiguous())")
-    scores = as_array(empty_like_framework(q, (q.shape[0], k), "float32"), "scores")
-    indices = as_array(empty_like_framework(q, (q.shape[0], k), "int64"), "indices")
-    if q.device[0] == CUDA:
-        _search_cuda(q, d, scores, indices, k, metric == "cosine")
-    else:
-        _C.search(q.spec(), d.spec(), scores.spec(), indices.spec(), k, metric == "cosine")
-    if one:
-        return scores.obj[0], indices.obj[0]
-    return scores.obj, indices.obj
+    return q, d, k, one
 
 
 def _search_cuda(q: Array, d: Array, scores: Array, indices: Array, k: int, cosine: bool) -> None:
@@ -100,12 +107,10 @@ def search_kernel(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> 
     """Which GPU scan kernel :func:`search` runs for these CUDA arrays: "mma_small" or
     "mma_wide" (tensor cores; float16/bfloat16 db with rows 16-byte aligned, compute capability
     8.0+) or "simt" (everything else)."""
-    q, d = as_array(queries, "queries"), as_array(db, "db")
-    if q.ndim == 1:
-        q = Array(q.obj.reshape(1, -1), q.framework, q.name)
+    q, d, k, _ = _operands(queries, db, k, metric)
     if q.device[0] != CUDA or not hasattr(_C, "search_cuda_kernel"):
         raise ValueError("search_kernel() describes the GPU search; pass CUDA arrays to a CUDA build")
-    return _C.search_cuda_kernel(q.spec(), d.spec(), int(k), metric == "cosine")
+    return _C.search_cuda_kernel(q.spec(), d.spec(), k, metric == "cosine")
 
 
 def _unit_last_stride(a: Array) -> bool:
