@@ -108,3 +108,10 @@ def emu_library(tmp_path_factory):
         return loaded[source]
 
     return build
+
+
+def gem_float64(x, p, eps=1e-6):
+    """Eager float64 GeM of (B, C, H, W) torch x on the same (already rounded) values: the
+    reference every GeM test compares with (differentiable in x and in a tensor p)."""
+    p = p.double().reshape(()) if hasattr(p, "double") else p
+    return x.double().clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import gem_float64
 
 import pylandmark as plm
 from pylandmark.nn import GeM, gem_torch
@@ -16,11 +17,6 @@ pytestmark = [
 
 DTYPES = {"float32": (torch.float32, 2e-5), "float16": (torch.float16, 1.5e-3), "bfloat16": (torch.bfloat16, 1e-2)}
 SHAPES = [(1, 1, 1, 1), (2, 3, 1, 1), (3, 17, 7, 5), (2, 64, 13, 17), (64, 1024, 32, 24), (300, 33, 3, 3), (2, 5, 1, 19)]
-
-
-def reference(x, p, eps=1e-6):
-    p = p.double().reshape(()) if isinstance(p, torch.Tensor) else p
-    return x.double().clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
 def make(shape, dtype, seed, channels_last=False):
@@ -42,7 +38,7 @@ def test_forward_backward_match_float64(shape, dtype, channels_last, p0):
     (y.float() * g).sum().backward()
     x64 = x.detach().double().requires_grad_()
     p64 = p.detach().double().requires_grad_()
-    y64 = reference(x64, p64)
+    y64 = gem_float64(x64, p64)
     (y64 * g.double()).sum().backward()
     torch.testing.assert_close(y.double(), y64, rtol=rtol, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2 * rtol, atol=1e-6)
@@ -62,7 +58,7 @@ def test_runs_on_the_callers_stream_and_reads_inputs_written_there():
         x.copy_(torch.rand(8, 256, 16, 16, device="cuda") + 0.5)  # written on s
         y = gem_torch(x, 3.0)  # must be ordered after the write on s
     s.synchronize()
-    torch.testing.assert_close(y.double(), reference(x, 3.0), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(y.double(), gem_float64(x, 3.0), rtol=2e-5, atol=1e-6)
 
 
 def test_autocast_and_module_on_gpu():
@@ -74,7 +70,7 @@ def test_autocast_and_module_on_gpu():
         y = pool(feats)
     y.float().sum().backward()
     assert pool.p.grad is not None and torch.isfinite(pool.p.grad).all()
-    torch.testing.assert_close(y.double(), reference(feats.detach(), pool.p.detach()), rtol=2e-3, atol=1e-5)
+    torch.testing.assert_close(y.double(), gem_float64(feats.detach(), pool.p.detach()), rtol=2e-3, atol=1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
@@ -82,7 +78,7 @@ def test_second_device():
     x = make((2, 40, 5, 5), torch.float32, seed=3).to("cuda:1")
     y = gem_torch(x, torch.tensor([3.0], device="cuda:1"))
     assert y.device == x.device
-    torch.testing.assert_close(y.double(), reference(x, 3.0), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(y.double(), gem_float64(x, 3.0), rtol=2e-5, atol=1e-6)
 
 
 def test_mixed_devices_are_rejected():
@@ -112,7 +108,7 @@ def test_extreme_values_use_the_scaled_form(channels_last, scale, p0):
     gem_torch(x, p).sum().backward()
     x64 = x.detach().double().requires_grad_()
     p64 = p.detach().double().requires_grad_()
-    y64 = reference(x64, p64)
+    y64 = gem_float64(x64, p64)
     y64.sum().backward()
     torch.testing.assert_close(gem_torch(x.detach(), p.detach()).double(), y64.detach(), rtol=1e-4, atol=0)
     assert torch.isfinite(x.grad).all() and torch.isfinite(p.grad).all()
