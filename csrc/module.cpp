@@ -193,8 +193,8 @@ void gem_backward_cuda(const py::tuple& x_spec, const py::tuple& gy_spec, const 
                           dx.data, terms);
 }
 
-// Search on CUDA arrays: the caller allocates the outputs and a uint8 workspace of
-// search_cuda_workspace(...) bytes on the data's device, and passes its current stream.
+// Search on CUDA arrays: the caller allocates the outputs, passes an allocator for the workspace
+// and its current stream.
 plm::cuda::SearchDeviceArgs search_device_args(const ArrayView& q, const ArrayView& db, int64_t k, bool cosine,
                                                uintptr_t stream) {
   if (q.device != plm::Device::cuda) throw py::value_error("queries must be a CUDA array here");
@@ -213,34 +213,41 @@ plm::cuda::SearchDeviceArgs cuda_search_plan_args(const py::tuple& q_spec, const
   return search_device_args(q, db, k, cosine, 0);
 }
 
-size_t search_cuda_workspace(const py::tuple& q_spec, const py::tuple& db_spec, int64_t k, bool cosine) {
-  auto args = cuda_search_plan_args(q_spec, db_spec, k, cosine);
-  py::gil_scoped_release nogil;
-  return plm::cuda::search_workspace_bytes(args);
-}
-
 std::string search_cuda_kernel(const py::tuple& q_spec, const py::tuple& db_spec, int64_t k, bool cosine) {
   auto args = cuda_search_plan_args(q_spec, db_spec, k, cosine);
   py::gil_scoped_release nogil;
   return plm::cuda::search_kernel_name(args);
 }
 
+// alloc(nbytes) -> (array, spec): a uint8 array of at least nbytes on the data's device from the
+// caller's framework allocator (on `stream`), and its spec; called once, after planning. The
+// array is kept alive here until the work is queued.
 void search_cuda(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& scores_spec,
-                 const py::tuple& idx_spec, const py::tuple& ws_spec, int64_t k, bool cosine, uintptr_t stream) {
+                 const py::tuple& idx_spec, const py::function& alloc, int64_t k, bool cosine, uintptr_t stream) {
   ArrayView q = plm::view_from_spec(q_spec, "queries");
   ArrayView db = plm::view_from_spec(db_spec, "db");
   ArrayView scores = plm::view_from_spec(scores_spec, "scores");
   ArrayView idx = plm::view_from_spec(idx_spec, "indices");
-  ArrayView ws = plm::view_from_spec(ws_spec, "workspace");
   check_search(q, db, scores, idx, k);
-  plm::require_dtype(ws, DType::u8);
-  plm::require_contiguous(ws);
-  plm::require_writable(ws);
-  plm::require_same_device(ws, q);
   auto args = search_device_args(q, db, k, cosine, stream);
-  py::gil_scoped_release nogil;
-  plm::cuda::search(args, ws.data, static_cast<size_t>(ws.numel()), static_cast<float*>(scores.data),
-                    static_cast<int64_t*>(idx.data));
+  py::object keep;  // (workspace array, spec)
+  auto workspace = [&](size_t nbytes) -> void* {
+    py::gil_scoped_acquire gil;
+    keep = alloc(nbytes);
+    ArrayView ws = plm::view_from_spec(keep.cast<py::tuple>()[1].cast<py::tuple>(), "workspace");
+    plm::require_dtype(ws, DType::u8);
+    plm::require_contiguous(ws);
+    plm::require_writable(ws);
+    plm::require_same_device(ws, q);
+    if (static_cast<size_t>(ws.numel()) < nbytes)
+      throw py::value_error("workspace holds " + std::to_string(ws.numel()) + " bytes; the search needs " +
+                            std::to_string(nbytes));
+    return ws.data;
+  };
+  {
+    py::gil_scoped_release nogil;
+    plm::cuda::search(args, workspace, static_cast<float*>(scores.data), static_cast<int64_t*>(idx.data));
+  }
 }
 #endif
 
@@ -282,9 +289,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("gem_backward_cuda", &gem_backward_cuda, py::arg("x"), py::arg("grad_output"), py::arg("y"),
         py::arg("grad_input"), py::arg("terms"), py::arg("p"), py::arg("eps"), py::arg("stream"));
   m.def("search_cuda", &search_cuda, py::arg("queries"), py::arg("db"), py::arg("scores"), py::arg("indices"),
-        py::arg("workspace"), py::arg("k"), py::arg("cosine"), py::arg("stream"));
-  m.def("search_cuda_workspace", &search_cuda_workspace, py::arg("queries"), py::arg("db"), py::arg("k"),
-        py::arg("cosine"));
+        py::arg("alloc"), py::arg("k"), py::arg("cosine"), py::arg("stream"));
   m.def("search_cuda_kernel", &search_cuda_kernel, py::arg("queries"), py::arg("db"), py::arg("k"),
         py::arg("cosine"));
   m.attr("SEARCH_CUDA_MAX_K") = plm::cuda::max_search_k();

@@ -97,10 +97,11 @@ def _search_cuda(q: Array, d: Array, scores: Array, indices: Array, k: int, cosi
                          "copies for larger k")
     if q.shape[0] == 0:
         return
-    qs, ds = q.spec(), d.spec()
-    nbytes = _C.search_cuda_workspace(qs, ds, k, cosine)
-    workspace = as_array(empty_like_framework(q, (max(nbytes, 1),), "uint8"), "workspace")
-    _C.search_cuda(qs, ds, scores.spec(), indices.spec(), workspace.spec(), k, cosine, current_stream(q))
+    def alloc(nbytes: int) -> tuple[Any, tuple]:
+        workspace = as_array(empty_like_framework(q, (max(nbytes, 1),), "uint8"), "workspace")
+        return workspace.obj, workspace.spec()
+
+    _C.search_cuda(q.spec(), d.spec(), scores.spec(), indices.spec(), alloc, k, cosine, current_stream(q))
 
 
 def search_kernel(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> str:

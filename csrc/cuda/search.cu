@@ -76,12 +76,6 @@ launch::Plan plan_for(const SearchDeviceArgs& a) {
 
 }  // namespace
 
-size_t search_workspace_bytes(const SearchDeviceArgs& a) {
-  if (a.Q == 0) return 0;
-  DeviceGuard guard(a.device);
-  return plan_for(a).workspace_bytes;
-}
-
 const char* search_kernel_name(const SearchDeviceArgs& a) {
   DeviceGuard guard(a.device);
   switch (plan_for(a).scan) {
@@ -91,15 +85,13 @@ const char* search_kernel_name(const SearchDeviceArgs& a) {
   }
 }
 
-void search(const SearchDeviceArgs& a, void* workspace, size_t workspace_bytes, float* scores,
+void search(const SearchDeviceArgs& a, const std::function<void*(size_t)>& workspace, float* scores,
             int64_t* indices) {
   if (a.Q == 0) return;
   DeviceGuard guard(a.device);
   const launch::Plan plan = plan_for(a);
-  if (workspace_bytes < plan.workspace_bytes)
-    throw std::invalid_argument("workspace holds " + std::to_string(workspace_bytes) + " bytes; the search needs " +
-                                std::to_string(plan.workspace_bytes));
-  launch::run_search(plan, a, workspace, scores, indices, StreamLauncher{a.stream, launch::kThreads});
+  launch::run_search(plan, a, workspace(plan.workspace_bytes), scores, indices,
+                     StreamLauncher{a.stream, launch::kThreads});
 }
 
 }  // namespace plm::cuda

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 
 #include "search_inputs.h"
 
@@ -17,13 +18,12 @@ struct SearchDeviceArgs : SearchInputs {  // k <= max_search_k()
 
 constexpr int64_t max_search_k() { return 1024; }
 
-// Bytes of device workspace search() needs for these arguments.
-size_t search_workspace_bytes(const SearchDeviceArgs& a);
-
-// scores (Q x k float32) and indices (Q x k int64), contiguous on the device; workspace holds
-// at least search_workspace_bytes(a) bytes. Best first, ties to the lower index, -inf / -1
-// padding where k > N; a query row holding NaN or inf gets NaN scores and index -1.
-void search(const SearchDeviceArgs& a, void* workspace, size_t workspace_bytes, float* scores,
+// scores (Q x k float32) and indices (Q x k int64), contiguous on the device. The search plans
+// once, then calls workspace(bytes) for that much device memory on a.device (the caller's
+// allocator; it must stay valid until the queued work has run). Best first, ties to the lower
+// index, -inf / -1 padding where k > N; a query row holding NaN or inf gets NaN scores and
+// index -1.
+void search(const SearchDeviceArgs& a, const std::function<void*(size_t)>& workspace, float* scores,
             int64_t* indices);
 
 // "mma_small", "mma_wide" or "simt": the scan kernel search() picks for these arguments.
