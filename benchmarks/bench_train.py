@@ -1,7 +1,7 @@
 """Training speed: mining time per epoch and tuples / images per second of the training loop.
 
-Runs the library's own epoch pieces (``pylandmark.mining.mine_tuples`` and the training loop of
-``pylandmark.training``) on a synthetic SfM-120k-format dataset written to a temporary folder,
+Runs the library's own epoch pieces (``pylandmark.training.mining.mine_tuples`` and the training loop of
+``pylandmark.training.loop``) on a synthetic SfM-120k-format dataset written to a temporary folder,
 and prints one table row per network:
 
     python benchmarks/bench_train.py                      # CPU: the tiny test preset, 96 px
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from pylandmark.data import SfM120k, make_sfm_dataset
-from pylandmark.losses import make_loss
-from pylandmark.mining import mine_tuples
-from pylandmark.training import TrainConfig, _amp_dtype, _train_epoch, build_model, build_optimizer
+from pylandmark.nn.losses import make_loss
+from pylandmark.training.mining import mine_tuples
+from pylandmark.training.loop import TrainConfig, _amp_dtype, _train_epoch, build_model, build_optimizer
 
 
 def bench_one(preset: str, root: Path, args: argparse.Namespace, dev: torch.device) -> dict:
@@ -60,7 +60,7 @@ def bench_one(preset: str, root: Path, args: argparse.Namespace, dev: torch.devi
     n_described = int(tuples.stats["n_described"])
 
     # training: a short warm-up epoch on the first tuples, then the timed one on args.tuples
-    from pylandmark.mining import Tuples
+    from pylandmark.training.mining import Tuples
 
     def subset(n: int) -> Tuples:
         return Tuples(tuples.qidxs[:n], tuples.pidxs[:n], tuples.nidxs[:n])

@@ -18,8 +18,10 @@ _LAZY = {
     "data": ("data", None),
     "evaluate": ("evaluate", None),
     "extract": ("extraction", "extract"),
-    "recognize": ("recognition", "recognize"),
-    "Index": ("index", "Index"),
+    "recognize": ("retrieval.recognition", "recognize"),
+    "Index": ("retrieval.index", "Index"),
+    "retrieval": ("retrieval", None),
+    "training": ("training", None),
     "train": ("training", "train"),
 }
 

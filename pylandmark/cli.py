@@ -35,7 +35,7 @@ def _emit(args: argparse.Namespace, payload, text: str) -> None:
 
 
 def _network(args: argparse.Namespace, default: str | None = None):
-    from .pretrained import load_network
+    from .models.pretrained import load_network
 
     weights = args.weights or default
     if not weights:
@@ -86,7 +86,7 @@ def _index_build(args: argparse.Namespace) -> int:
 
 
 def _index_add(args: argparse.Namespace) -> int:
-    from .index import Index
+    from .retrieval.index import Index
     from .pipelines import add_images, expand_images
 
     index = Index.load(args.index, mmap=False)
@@ -100,7 +100,7 @@ def _index_add(args: argparse.Namespace) -> int:
 
 
 def _index_info(args: argparse.Namespace) -> int:
-    from .index import Index
+    from .retrieval.index import Index
 
     info = Index.load(args.index, verify=True).info()
     text = "\n".join(f"{k}: {v}" for k, v in info.items())
@@ -109,7 +109,7 @@ def _index_info(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .index import Index
+    from .retrieval.index import Index
     from .pipelines import expand_images, search_images
 
     index = Index.load(args.index)
@@ -125,7 +125,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _recognize(args: argparse.Namespace) -> int:
-    from .index import Index
+    from .retrieval.index import Index
     from .pipelines import expand_images, recognize_images
 
     index = Index.load(args.index)
@@ -164,7 +164,7 @@ def _jsonable(v):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import training
+    from .training import loop as training
 
     return training.run(args)
 
@@ -249,7 +249,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p = add(sub, "train", "fine-tune on SfM-120k (contrastive loss, hard negatives)", _train)
     if with_training:
         try:
-            from . import training
+            from .training import loop as training
 
             training.add_arguments(p)
         except ImportError as err:  # training needs torch; the other commands parse without it

@@ -396,7 +396,7 @@ def recognition_metrics(result: Any, truth: Any, *, unknown: Any = "unknown") ->
     """Accuracy and GAP of a recognition result.
 
     Args:
-        result: a :class:`pylandmark.recognition.Recognition` (anything with ``labels`` and
+        result: a :class:`pylandmark.retrieval.recognition.Recognition` (anything with ``labels`` and
             ``confidences`` of length Q).
         truth: (Q,) true labels.
         unknown: the label ``recognize`` used for rejected queries.

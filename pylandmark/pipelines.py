@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .index import Index
+from .retrieval.index import Index
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def search_images(index: Index, network, images: Sequence[Path], opts: ExtractOp
 def recognize_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5,
                      vote: str = "majority", min_score: float | None = None) -> list[dict]:
     """For each query image: the recognised label, its confidence and the neighbours that voted."""
-    from .recognition import recognize
+    from .retrieval.recognition import recognize
 
     if index.labels is None:
         raise ValueError("this index has no labels; build it with --labels-from-folders or add labels")
@@ -151,7 +151,7 @@ def evaluate_revisited(network, names: Sequence[str], data_root: str | Path, opt
     """mAP and mP@k (easy / medium / hard) per dataset, with optional alpha-QE and DBA."""
     from .data.revisited import RevisitedDataset
     from .ops import search
-    from .rerank import rerank
+    from .retrieval.rerank import rerank
 
     results = {}
     for name in names:

@@ -163,7 +163,7 @@ def test_errors_are_one_line_with_nonzero_exit(argv, words, pnu, tmp_path, capsy
 
 def test_random_weights_warn(pnu, tmp_path, capsys):
     with pytest.warns(UserWarning, match="results mean nothing"):
-        from pylandmark.pretrained import load_network
+        from pylandmark.models.pretrained import load_network
 
         net = load_network("random")
     assert isinstance(net, LandmarkNet) and not net.training
@@ -184,7 +184,7 @@ def test_evaluate_on_a_revisited_layout_matches_the_api(weights, tmp_path, capsy
     evaluate.revisited done by hand; with QE and DBA too."""
     from pylandmark.data import RevisitedDataset, make_revisited_dataset
     from pylandmark.evaluate import revisited
-    from pylandmark.rerank import rerank
+    from pylandmark.retrieval.rerank import rerank
 
     make_revisited_dataset(tmp_path, "roxford5k", n_clusters=3, db_per_cluster=4, image_size=64, seed=1)
     out = tmp_path / "res.json"

@@ -14,9 +14,9 @@ import torch
 
 from pylandmark.data import SfM120k, make_sfm_dataset
 from pylandmark.extraction import extract
-from pylandmark.losses import ContrastiveLoss
+from pylandmark.nn.losses import ContrastiveLoss
 from pylandmark.models import LandmarkNet
-from pylandmark.training import train_step
+from pylandmark.training.loop import train_step
 
 TINY = {"backbone_args": {"stem_chs": 8, "depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 16, 24, 24]}}
 
@@ -28,10 +28,10 @@ WORKER = textwrap.dedent('''
     from torch import nn
     from pylandmark import distributed as du
     from pylandmark.data import SfM120k
-    from pylandmark.losses import ContrastiveLoss
-    from pylandmark.mining import describe, mine_tuples
+    from pylandmark.nn.losses import ContrastiveLoss
+    from pylandmark.training.mining import describe, mine_tuples
     from pylandmark.models import LandmarkNet
-    from pylandmark.training import _GroupForward, train_step
+    from pylandmark.training.loop import _GroupForward, train_step
 
     out, data_root = sys.argv[1], sys.argv[2]
     du.init_from_env("cpu")
@@ -134,7 +134,7 @@ def test_ddp_update_equals_one_process(tmp_path, data_root):
 
 def test_torchrun_training(tmp_path, data_root):
     out = tmp_path / "run"
-    proc = _torchrun(["-m", "pylandmark.training", "--data-root", str(data_root), "--out", str(out),
+    proc = _torchrun(["-m", "pylandmark.training.loop", "--data-root", str(data_root), "--out", str(out),
                       "--preset", "test", "--epochs", "2", "--image-size", "40", "--query-size", "10",
                       "--pool-size", "24", "--negatives", "2", "--batch-size", "4", "--accumulation", "2",
                       "--validate-every", "1", "--no-progress"], tmp_path)
@@ -147,7 +147,7 @@ def test_torchrun_training(tmp_path, data_root):
     assert meta["accumulation"] == 2
     net = LandmarkNet.from_pretrained(out / "model_best")
     assert net.dim == 96 and net.whiten is not None  # the test preset: 96 channels, whitening layer
-    from pylandmark.checkpoint import load_checkpoint
+    from pylandmark.training.checkpoint import load_checkpoint
 
     _, m = load_checkpoint(out / "checkpoints" / "last.pt")
     assert m["world_size"] == 2 and m["epoch"] == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pylandmark.download import ChecksumError, DownloadError, cache_dir, download_url
+from pylandmark.data.download import ChecksumError, DownloadError, cache_dir, download_url
 
 
 class Server:

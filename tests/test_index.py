@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pylandmark as plm
-from pylandmark.index import FORMAT_VERSION, Index, IndexFormatError
+from pylandmark.retrieval.index import FORMAT_VERSION, Index, IndexFormatError
 
 
 def unit_rows(x):
@@ -191,7 +191,7 @@ def test_failed_save_keeps_the_old_file(filled, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("pylandmark.index.os.fsync", boom)
+    monkeypatch.setattr("pylandmark.retrieval.index.os.fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         index.save(path)
     assert path.read_bytes() == before

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pylandmark.losses import ContrastiveLoss, TripletLoss, contrastive_loss, make_loss, triplet_loss
+from pylandmark.nn.losses import ContrastiveLoss, TripletLoss, contrastive_loss, make_loss, triplet_loss
 
 
 def _case():

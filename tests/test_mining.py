@@ -7,7 +7,7 @@ import torch
 
 from pylandmark.data import SfM120k, make_sfm_dataset
 from pylandmark.extraction import extract
-from pylandmark.mining import Tuples, draw_pool, draw_queries, mine_negatives, mine_tuples, select_negatives
+from pylandmark.training.mining import Tuples, draw_pool, draw_queries, mine_negatives, mine_tuples, select_negatives
 from pylandmark.models import LandmarkNet
 
 TINY = {"backbone_args": {"stem_chs": 8, "depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 16, 24, 24]}}

@@ -6,7 +6,7 @@ import pytest
 
 import pylandmark as plm
 from pylandmark import evaluate as ev
-from pylandmark.recognition import LabelledIndex, Recognition, recognize
+from pylandmark.retrieval.recognition import LabelledIndex, Recognition, recognize
 
 
 class FixedIndex:
@@ -120,7 +120,7 @@ def test_index_rows_and_ids():
 
 
 def test_with_the_library_index(rng):
-    index_mod = pytest.importorskip("pylandmark.index")
+    index_mod = pytest.importorskip("pylandmark.retrieval.index")
     db = rng.standard_normal((19, 8)).astype(np.float32)
     labels = rng.choice(["x", "y", "z"], 19).tolist()
     q = rng.standard_normal((5, 8)).astype(np.float32)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import pylandmark as plm
-from pylandmark.rerank import alpha_qe, dba, rerank
+from pylandmark.retrieval.rerank import alpha_qe, dba, rerank
 
 
 def l2n(x):

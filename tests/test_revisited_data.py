@@ -15,7 +15,7 @@ import pytest
 from pylandmark import evaluate as ev
 from pylandmark.data import RevisitedDataset, download_revisited, load_gnd
 from pylandmark.data import revisited as rv
-from pylandmark.download import ChecksumError
+from pylandmark.data.download import ChecksumError
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from pylandmark.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pylandmark.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pylandmark.data import SfM120k, make_revisited_dataset, make_sfm_dataset
 from pylandmark.models import LandmarkNet
-from pylandmark.training import (TRAIN_PRESETS, TrainConfig, add_arguments, build_model, build_optimizer,
+from pylandmark.training.loop import (TRAIN_PRESETS, TrainConfig, add_arguments, build_model, build_optimizer,
                                  freeze_batchnorm, run, train, train_step, validate)
-from pylandmark.losses import ContrastiveLoss
-from pylandmark.whiten import Whitening, apply_whitening, strip_whitening
+from pylandmark.nn.losses import ContrastiveLoss
+from pylandmark.nn.whiten import Whitening, apply_whitening, strip_whitening
 
 TINY = {"backbone_args": {"stem_chs": 8, "depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 16, 24, 24]}}
 
@@ -248,7 +248,7 @@ def test_resume_guards_and_tensorboard(small_root, tmp_path, caplog):
     cfg = _small_cfg(small_root, tmp_path / "g", epochs=1, validate_every=0, tensorboard=True)
     with pytest.raises(ValueError, match="no checkpoint"):
         train(cfg, resume=True)
-    with caplog.at_level("INFO", logger="pylandmark.training"):
+    with caplog.at_level("INFO", logger="pylandmark.training.loop"):
         path = train(cfg)
     assert path == tmp_path / "g" / "model"
     assert "epoch 1  loss" in caplog.text  # the console line
@@ -272,10 +272,10 @@ def test_resume_guards_and_tensorboard(small_root, tmp_path, caplog):
 def test_missing_tensorboard_only_warns(tmp_path, monkeypatch, caplog):
     import sys
 
-    from pylandmark.training import _RunLog
+    from pylandmark.training.loop import _RunLog
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    with caplog.at_level("WARNING", logger="pylandmark.training"):
+    with caplog.at_level("WARNING", logger="pylandmark.training.loop"):
         log = _RunLog(tmp_path, tensorboard=True, enabled=True)
     assert log.writer is None and "pip install tensorboard" in caplog.text
     log.write([{"epoch": 1, "loss": 0.5}])

@@ -207,7 +207,7 @@ def test_sha256_checks_and_local_file_errors(tmp_path, timm_checkpoint):
 
 
 def test_file_url_is_downloaded_once_into_cache(tmp_path, timm_checkpoint, monkeypatch):
-    import pylandmark.download as download
+    import pylandmark.data.download as download
 
     src = save_safetensors(timm_checkpoint, tmp_path / "cspdarknet53_ra.safetensors")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()

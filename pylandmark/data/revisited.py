@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..download import download_url, extract_tar
+from .download import download_url, extract_tar
 
 logger = logging.getLogger(__name__)
 
@@ -329,9 +329,9 @@ def download_revisited(name: str, root: str | os.PathLike, *, images: bool = Tru
         the dataset folder ``<root>/<name>``.
 
     Raises:
-        pylandmark.download.DownloadError: no network or an interrupted download (the message
+        pylandmark.data.download.DownloadError: no network or an interrupted download (the message
             says which URL failed and where to put the file by hand).
-        pylandmark.download.ChecksumError: the ground truth has the wrong md5.
+        pylandmark.data.download.ChecksumError: the ground truth has the wrong md5.
     """
     name = _check_name(name)
     if not isinstance(root, (str, os.PathLike)):

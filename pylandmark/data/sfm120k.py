@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..download import download_url, extract_tar
+from .download import download_url, extract_tar
 
 __all__ = ["SfM120k", "WhiteningPairs", "download_sfm120k", "load_sfm_pickle", "cid_to_path",
            "SFM_URL", "SPLITS", "EXPECTED_COUNTS"]
@@ -289,7 +289,7 @@ def download_sfm120k(root: str | os.PathLike, *, images: bool = True, whitening:
     Downloads ``dbs/retrieval-SfM-120k.pkl`` (and, with ``whitening``, the two whitening-pair
     files) into ``root``, and ``ims/ims.tar.gz`` extracted into ``root/ims``. Every download
     resumes an interrupted transfer and checks the size the server announces
-    (:func:`pylandmark.download.download_url`); the db is then checked for the published image
+    (:func:`pylandmark.data.download.download_url`); the db is then checked for the published image
     and pair counts (train 91,642 / 181,697; val 6,403 / 1,691). Finished work is skipped: an
     existing verified file, and an image archive already extracted (marker ``ims/.ims_extracted``).
 
@@ -309,8 +309,8 @@ def download_sfm120k(root: str | os.PathLike, *, images: bool = True, whitening:
         ``root``.
 
     Raises:
-        pylandmark.download.DownloadError: the network failed (running again resumes).
-        pylandmark.download.ChecksumError / ValueError: a file has the wrong hash or content.
+        pylandmark.data.download.DownloadError: the network failed (running again resumes).
+        pylandmark.data.download.ChecksumError / ValueError: a file has the wrong hash or content.
     """
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root must be a path, got {type(root).__name__}")

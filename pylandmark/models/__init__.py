@@ -12,5 +12,6 @@ __all__ = [
     "LandmarkNet", "LandmarkNetConfig", "LANDMARKNET_PRESETS", "BACKBONES", "create_backbone",
     "IMAGENET_MEAN", "IMAGENET_STD", "read_state_dict",
     "ConvNormAct", "L2N", "l2n", "fold_batchnorm", "fold_conv_bn",
-    "load_backbone_weights", "LoadReport", "sha256sum",
+    "load_backbone_weights", "LoadReport", "sha256sum", "load_network", "WeightsNotFound",
 ]
+from .pretrained import WeightsNotFound, load_network  # noqa: E402  (needs the names above)

@@ -105,7 +105,7 @@ def _verify(path: Path, sha256: str | None) -> None:
 def _resolve(source: str | Path, sha256: str | None, cache: str | Path | None, progress: bool) -> Path:
     s = str(source)
     if s.startswith(_URL_SCHEMES):
-        from .. import download
+        from ..data import download
 
         name = Path(urllib.parse.unquote(urllib.parse.urlparse(s).path)).name
         if not name:
@@ -177,7 +177,7 @@ def load_backbone_weights(model: nn.Module, source: str | Path | Mapping[str, to
     Args:
         model: a :class:`~pylandmark.models.LandmarkNet` or a bare backbone module.
         source: a local ``.safetensors`` / torch file, an ``http(s)://`` or ``file://`` URL
-            (downloaded once into ``cache_dir``, default ``pylandmark.download.cache_dir() /
+            (downloaded once into ``cache_dir``, default ``pylandmark.data.download.cache_dir() /
             "checkpoints"``), or a ``{name: tensor}`` dict.
         sha256: expected SHA-256 of the file (a prefix of >= 8 hex digits is enough).
         strict: raise ValueError (and load nothing) when keys are missing, unexpected or of the

@@ -20,8 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ._array import framework_of
-from .ops import METRICS, search
+from .._array import framework_of
+from ..ops import METRICS, search
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ class WeightsNotFound(FileNotFoundError):
 
 def models_dir() -> Path:
     """Where fine-tuned networks named by preset are looked up: <cache>/models/<preset>/."""
-    from .download import cache_dir
+    from ..data.download import cache_dir
 
     return cache_dir() / "models"
 
@@ -36,7 +36,7 @@ def load_network(weights: str, device: str = "cpu", progress: bool = True):
       ``cspdarknet53-imagenet`` the public ImageNet backbone;
     - ``"random"``: random initialisation, for smoke tests only (warns).
     """
-    from .models import LANDMARKNET_PRESETS, LandmarkNet, load_backbone_weights
+    from . import LANDMARKNET_PRESETS, LandmarkNet, load_backbone_weights
 
     if not isinstance(weights, str) or not weights:
         raise ValueError("weights must be a path, a URL, a preset name or 'random'")

@@ -2,7 +2,7 @@
 
 Every epoch:
 
-1. **Mining** (:func:`pylandmark.mining.mine_tuples`): ``query_size`` (query, positive) pairs
+1. **Mining** (:func:`pylandmark.training.mining.mine_tuples`): ``query_size`` (query, positive) pairs
    and a pool of ``pool_size`` images are drawn; the current network (eval mode) describes them
    and every query takes ``negatives`` hard negatives from its ranking of the pool, one per
    cluster, none from its own cluster.
@@ -31,7 +31,7 @@ After the last epoch the network is exported as a LandmarkNet directory (``<out>
 whitening pairs) or ``"pca"`` the whitening is computed on the exported network and installed
 as its whitening layer (the matrices are also saved, ``whitening_<kind>.safetensors``).
 
-Several processes: run under ``torchrun`` (``torchrun --nproc_per_node 2 -m pylandmark.training
+Several processes: run under ``torchrun`` (``torchrun --nproc_per_node 2 -m pylandmark.training.loop
 --data-root ... --out ...``); mining is split across the ranks, each step's tuples are dealt
 to the ranks, and DistributedDataParallel sums the gradients (NCCL on GPUs, gloo on CPUs).
 """
@@ -58,10 +58,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed as dist_utils
+from .. import distributed as dist_utils
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import JsonConfig
-from .losses import LOSSES, make_loss
+from ..config import JsonConfig
+from ..nn.losses import LOSSES, make_loss
 from .mining import Tuples, describe, mine_tuples
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "build_model", "build_optimizer", "train_step",
@@ -209,7 +209,7 @@ class TrainConfig(JsonConfig):
         if not isinstance(self.model_args, Mapping):
             raise TypeError(f"model_args must be a dict of LandmarkNetConfig fields, got {type(self.model_args).__name__}")
         self.model_args = dict(self.model_args)
-        from .models import LANDMARKNET_PRESETS
+        from ..models import LANDMARKNET_PRESETS
 
         if self.model not in LANDMARKNET_PRESETS:
             raise ValueError(f"model must be a LandmarkNet preset, one of {sorted(LANDMARKNET_PRESETS)}; "
@@ -284,7 +284,7 @@ def _amp_dtype(cfg: TrainConfig, dev: torch.device) -> torch.dtype | None:
 
 def build_model(cfg: TrainConfig) -> Any:
     """The LandmarkNet of ``cfg`` (preset + ``model_args``), initialised from ``pretrained``."""
-    from .models import LandmarkNet, LandmarkNetConfig, load_backbone_weights
+    from ..models import LandmarkNet, LandmarkNetConfig, load_backbone_weights
 
     if cfg.pretrained and (Path(cfg.pretrained) / "config.json").is_file():
         model = LandmarkNet.from_pretrained(cfg.pretrained)
@@ -441,7 +441,7 @@ class _TupleImages(torch.utils.data.Dataset):
         return len(self.order)
 
     def __getitem__(self, i: int) -> list[torch.Tensor]:
-        from .data.images import load_image
+        from ..data.images import load_image
 
         return [load_image(self.paths[j], self.image_size, mean=self.mean, std=self.std)
                 for j in self.tuples.images(self.order[i])]
@@ -483,8 +483,8 @@ def _epoch_schedule(n_tuples: int, cfg: TrainConfig, world: int, rank: int) -> t
 
 
 def _sfm_validation(model: nn.Module, val: Any, cfg: TrainConfig, dev: torch.device, amp: bool) -> dict[str, float]:
-    from .evaluate import compute_ap
-    from .ops import search
+    from ..evaluate import compute_ap
+    from ..ops import search
 
     size = cfg.val_image_size or cfg.image_size
     n_pairs = val.qidxs.size if cfg.val_queries is None else min(cfg.val_queries, val.qidxs.size)
@@ -528,8 +528,8 @@ def _revisited_present(cfg: TrainConfig) -> list[str]:
 
 def _revisited_validation(model: nn.Module, names: Sequence[str], cfg: TrainConfig, dev: torch.device,
                           amp: bool) -> dict[str, float]:
-    from .data.revisited import RevisitedDataset
-    from .ops import search
+    from ..data.revisited import RevisitedDataset
+    from ..ops import search
 
     out: dict[str, float] = {}
     mediums = []
@@ -651,7 +651,7 @@ def _p_value(model: nn.Module) -> float:
 
 
 def train(config: TrainConfig | Mapping[str, Any] | None = None, **overrides: Any) -> Path:
-    """Fine-tunes a LandmarkNet on SfM-120k as :mod:`pylandmark.training` describes.
+    """Fine-tunes a LandmarkNet on SfM-120k as :mod:`pylandmark.training.loop` describes.
 
     Args:
         config: a :class:`TrainConfig`, a dict of its fields, or None (defaults); ``overrides``
@@ -688,7 +688,7 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, **overrides: An
 
 
 def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
-    from .data.sfm120k import SfM120k
+    from ..data.sfm120k import SfM120k
 
     world, rank = dist_utils.world_size(), dist_utils.rank()
     main_rank = rank == 0
@@ -855,7 +855,7 @@ def _train_epoch(net: nn.Module, model: nn.Module, tuples: Tuples, paths: Sequen
 def _export(model: nn.Module, cfg: TrainConfig, out: Path, best_path: Path, main_rank: bool,
             dev: torch.device) -> Path:
     """Writes ``model`` (last epoch) and ``model_best``; computes and installs the whitening."""
-    from .models import LandmarkNet
+    from ..models import LandmarkNet
 
     target = out / "model"
     final = model
@@ -877,8 +877,8 @@ def _export(model: nn.Module, cfg: TrainConfig, out: Path, best_path: Path, main
 
 
 def _whiten(model: nn.Module, cfg: TrainConfig, out: Path, dev: torch.device, main_rank: bool) -> nn.Module:
-    from .data.sfm120k import WhiteningPairs
-    from .whiten import Whitening, install_whitening, learn_whitening, pca_whitening, strip_whitening
+    from ..data.sfm120k import WhiteningPairs
+    from ..nn.whiten import Whitening, install_whitening, learn_whitening, pca_whitening, strip_whitening
 
     if cfg.whitening == "lw":
         pairs = WhiteningPairs(cfg.data_root, cfg.whiten_name)
@@ -888,7 +888,7 @@ def _whiten(model: nn.Module, cfg: TrainConfig, out: Path, dev: torch.device, ma
             pairs = WhiteningPairs(cfg.data_root, cfg.whiten_name)
             paths = pairs.images
         except FileNotFoundError:
-            from .data.sfm120k import SfM120k
+            from ..data.sfm120k import SfM120k
 
             paths = SfM120k(cfg.data_root, "train", name=cfg.db_name).images
         qidxs = pidxs = None
@@ -975,8 +975,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m pylandmark.training`` (e.g. under torchrun)."""
-    parser = argparse.ArgumentParser(prog="python -m pylandmark.training",
+    """Entry point of ``python -m pylandmark.training.loop`` (e.g. under torchrun)."""
+    parser = argparse.ArgumentParser(prog="python -m pylandmark.training.loop",
                                      description="Fine-tune a LandmarkNet on SfM-120k.")
     add_arguments(parser)
     args = parser.parse_args(argv)

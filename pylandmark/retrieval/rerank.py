@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._array import framework_of
-from .ops import METRICS, search
+from .._array import framework_of
+from ..ops import METRICS, search
 
 logger = logging.getLogger(__name__)
 

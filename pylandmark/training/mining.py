@@ -125,7 +125,7 @@ def mine_negatives(query_desc: Any, pool_desc: Any, query_clusters: Any, pool_cl
         ``(positions, scores)``: (Q, negatives) int64 pool positions (-1 where the pool holds too
         few other clusters) and their float32 cosine similarities (NaN for -1).
     """
-    from .ops import SEARCH_CUDA_MAX_K, cuda_available, search
+    from ..ops import SEARCH_CUDA_MAX_K, cuda_available, search
 
     if isinstance(query_desc, torch.Tensor) and query_desc.is_cuda and not cuda_available():
         # this build has no CUDA search kernels: rank on the CPU
@@ -188,8 +188,8 @@ def describe(model: torch.nn.Module, paths: Sequence[Any], *, image_size: float 
     ranks when torch.distributed is initialised (each rank describes a contiguous share, then
     the shares are all-gathered). ``bboxes``: optional query crops, one per path. Returns a
     torch tensor on ``output_device`` (default the extraction device)."""
-    from . import distributed as dist_utils
-    from .extraction import extract
+    from .. import distributed as dist_utils
+    from ..extraction import extract
 
     paths = list(paths)
     world, rank = dist_utils.world_size(), dist_utils.rank()

@@ -223,7 +223,7 @@ def apply_whitening(x: Any, mean: Any, projection: Any, dim: int | None = None) 
 def strip_whitening(model: Any) -> Any:
     """A copy of a LandmarkNet without its whitening layer (descriptors = GeM + L2N), on the
     model's device; the model itself is unchanged."""
-    from .models import LandmarkNet
+    from ..models import LandmarkNet
 
     if not isinstance(model, LandmarkNet):
         raise TypeError(f"model must be a LandmarkNet, got {type(model).__name__}")
@@ -244,7 +244,7 @@ def install_whitening(model: Any, whitening: Whitening, dim: int | None = None) 
     """
     import torch
 
-    from .models import LandmarkNet
+    from ..models import LandmarkNet
 
     if not isinstance(model, LandmarkNet):
         raise TypeError(f"model must be a LandmarkNet, got {type(model).__name__}")
@@ -285,7 +285,7 @@ def compute_whitening(model: Any, images: Sequence[Any], kind: str = "lw", *, qi
         image_size, scales, batch_size, num_workers, device, amp, progress: as
             :func:`pylandmark.extract`.
     """
-    from .extraction import extract
+    from ..extraction import extract
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

@@ -28,8 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._version import __version__
-from .ops import METRICS, search
+from .._version import __version__
+from ..ops import METRICS, search
 
 log = logging.getLogger(__name__)
 
