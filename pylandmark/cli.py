@@ -191,7 +191,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.threads is not None:
         set_num_threads(args.threads)
     cfg = BenchConfig(n=args.n, dim=args.dim, queries=tuple(args.queries), k=args.k, repeat=args.repeat)
-    rows = run_bench(cfg)
+    rows = run_bench(cfg, progress=not args.quiet)
     _emit(args, {"config": asdict(cfg), "rows": [asdict(r) for r in rows]}, format_rows(cfg, rows))
     return 0
 
