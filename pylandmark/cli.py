@@ -32,7 +32,7 @@ EXAMPLES = {
     "bench": "examples:\n  pylandmark bench\n  pylandmark bench --n 1000000 --queries 1 64 --k 100 --json",
     "models": "examples:\n  pylandmark models\n  pylandmark models --json\n"
               "  pylandmark evaluate roxford5k rparis6k --weights gl18-tl-resnet101-gem-w --data-root data/ "
-              "--scales 1,sqrt(2),1/sqrt(2)",
+              "--scales '1,sqrt(2),1/sqrt(2)'",
 }
 MULTISCALE = (1.0, 2 ** -0.5, 0.5)
 
@@ -76,6 +76,12 @@ def parse_scales(text: str) -> tuple[float, ...]:
     if not all(0 < s <= 4 for s in out):
         raise ValueError(f"--scales: every scale must be in (0, 4], got {text!r}")
     return tuple(out)
+
+
+def format_scales(scales) -> str:
+    """(1, 1.41421..., 0.70710...) -> "1,sqrt(2),1/sqrt(2)" (what :func:`parse_scales` reads)."""
+    names = {math.sqrt(2): "sqrt(2)", 1 / math.sqrt(2): "1/sqrt(2)"}
+    return ",".join(next((v for k, v in names.items() if abs(s - k) < 1e-6), f"{s:g}") for s in scales)
 
 
 def _opts(args: argparse.Namespace, index=None):
@@ -219,7 +225,7 @@ def _models(args: argparse.Namespace) -> int:
     for r in rows:
         acc = ", ".join(f"{k} {v:g}" for k, v in r["accuracy"].items())
         ev = r["eval"]
-        setting = (f"--image-size {ev['image_size']} --scales {','.join(f'{s:g}' for s in ev['scales'])}"
+        setting = (f"--image-size {ev['image_size']} --scales '{format_scales(ev['scales'])}'"
                    + (f" --whitening {ev['whitening']}" if ev["whitening"] else ""))
         lines += [f"{r['name']}  [{'cached' if r['cached'] else 'not cached'}]",
                   f"    {r['architecture']}, {r['dim']}-d, whitening: {r['whitening']}; trained on {r['training_data']}",

@@ -189,3 +189,21 @@ def load_image(path, image_size: int, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, dtype=torch.float64)[:, None, None]
     s = torch.tensor(std, dtype=torch.float64)[:, None, None]
     return ((a - m) / s)[None]
+
+
+def write_photos(root, sizes, seed: int = 5) -> list:
+    """PNG photos of the given (W, H) sizes: smooth random content (so that resizing and scaling
+    matter) plus pixel noise."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        coarse = rng.uniform(0, 255, size=(5, 7, 3)).astype(np.uint8)
+        im = Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC)
+        a = np.asarray(im, dtype=np.int16) + rng.integers(-30, 30, size=(h, w, 3))
+        path = root / f"photo{i}.png"
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths

@@ -35,19 +35,16 @@ def vgg_ckpt():
 
 
 @pytest.fixture(scope="module")
+def r50_ckpt():
+    """ResNet-50 with a whitening layer, Lw, and mean/std other than ImageNet's (read from meta)."""
+    ckpt = ref.make_checkpoint("resnet50", seed=9, p=2.9, whitening=True, lw_names=(LW, "retrieval-SfM-30k"))
+    ckpt["meta"]["mean"], ckpt["meta"]["std"] = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
+    return ckpt
+
+
+@pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """PNG photos with smooth random content (so resizing and scaling matter) and sharp detail."""
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(5)
-    paths = []
-    for i, (w, h) in enumerate(PHOTO_SIZES):
-        coarse = rng.uniform(0, 255, size=(5, 7, 3)).astype(np.uint8)
-        im = Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC)
-        a = np.asarray(im, dtype=np.int16) + rng.integers(-30, 30, size=(h, w, 3))
-        path = root / f"photo{i}.png"
-        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(path)
-        paths.append(path)
-    return paths
+    return ref.write_photos(tmp_path_factory.mktemp("photos"), PHOTO_SIZES)
 
 
 def test_vgg16_has_torchvision_layout():
@@ -71,6 +68,8 @@ def test_network_equals_reference_in_float64(arch, whitening, tracked, vgg_ckpt)
     lack BatchNorm's num_batches_tracked (``tracked=False``)."""
     ckpt = vgg_ckpt if arch == "vgg16" else ref.make_checkpoint(arch, seed=7, p=2.6, whitening=whitening,
                                                                  with_tracked=tracked)
+    # not multiples of 32, landscape and portrait (one image for the deep ResNet-101, for time)
+    shapes = [(1, 3, 70, 37)] if arch == "resnet101" else [(2, 3, 45, 61), (1, 3, 70, 37)]
     net = from_cirtorch(ckpt).double().eval()
     p = float(ckpt["state_dict"]["pool.p"])
     assert net.config.backbone == arch and net.dim == ref.DIMS[arch]
@@ -78,7 +77,7 @@ def test_network_equals_reference_in_float64(arch, whitening, tracked, vgg_ckpt)
     assert net.multiscale_p == (1.0 if whitening else pytest.approx(p))
     assert (net.whiten is not None) == whitening
     gen = torch.Generator().manual_seed(1)
-    for shape in [(2, 3, 45, 61), (1, 3, 70, 37)]:  # not multiples of 32, landscape and portrait
+    for shape in shapes:
         x = torch.randn(shape, generator=gen, dtype=torch.float64)
         with torch.no_grad():
             ours = net(x)
@@ -118,12 +117,13 @@ def test_resnet152_equals_reference():
 
 
 def _reference_descriptors(ckpt, paths, scales, lw_name):
+    """(with the whitening, without it) for image files: (N, D) float64 each."""
     meta = ckpt["meta"]
-    out = np.stack([ref.multiscale(ckpt, ref.load_image(p, IMAGE_SIZE, meta["mean"], meta["std"]), scales)
+    raw = np.stack([ref.multiscale(ckpt, ref.load_image(p, IMAGE_SIZE, meta["mean"], meta["std"]), scales)
                     for p in paths])
-    if lw_name is not None:
-        out = ref.apply_lw(out, meta["Lw"][lw_name]["ms" if len(scales) > 1 else "ss"])
-    return out
+    if lw_name is None:
+        return raw, raw
+    return ref.apply_lw(raw, meta["Lw"][lw_name]["ms" if len(scales) > 1 else "ss"]), raw
 
 
 def _assert_fp16_descriptors_close(ours: np.ndarray, expected: np.ndarray) -> None:
@@ -138,31 +138,27 @@ def _assert_fp16_descriptors_close(ours: np.ndarray, expected: np.ndarray) -> No
     assert (1 - cos).max() <= 1e-6
 
 
-@pytest.mark.parametrize("arch,whitening,scales,lw_name,legacy", [
-    ("vgg16", False, (1.0,), LW, False),                 # single scale + Lw 'ss'
-    ("vgg16", False, MS_HALF, LW, True),                 # multi-scale (GeM p) + Lw 'ms'; legacy file
-    ("resnet50", True, MS_UP, None, False),              # end-to-end whitening, up-scale, p = 1
-    ("resnet50", False, MS_UP, "retrieval-SfM-30k", False),  # up-scale combined with GeM p + Lw 'ms'
-], ids=["vgg16-ss-lw", "vgg16-ms-lw-legacy", "r50w-ms-up", "r50-ms-up-lw"])
-def test_extract_equals_reference(arch, whitening, scales, lw_name, legacy, photos, vgg_ckpt, tmp_path):
+@pytest.mark.parametrize("arch,scales,lw_name,legacy,which", [
+    ("vgg16", (1.0,), LW, False, slice(None)),                   # single scale + Lw 'ss'; a batch of 2
+    ("vgg16", MS_HALF, LW, True, slice(None)),                   # multi-scale (GeM p) + Lw 'ms'; legacy file
+    ("vgg16", MS_UP, "retrieval-SfM-30k", False, slice(1, 3)),   # up-scale combined with GeM p + other Lw
+    ("resnet50-w", MS_UP, None, False, slice(1, 3)),             # end-to-end whitening, up-scale, p = 1
+], ids=["vgg16-ss-lw", "vgg16-ms-lw-legacy", "vgg16-ms-up-lw", "r50w-ms-up"])
+def test_extract_equals_reference(arch, scales, lw_name, legacy, which, photos, vgg_ckpt, r50_ckpt, tmp_path):
     """From a checkpoint file to float16 descriptors of image files: decoding, thumbnail resize,
-    normalisation with the file's mean/std, scales, combination, Lw."""
-    if arch == "vgg16":
-        ckpt = vgg_ckpt
-    else:
-        ckpt = ref.make_checkpoint(arch, seed=9, p=2.9, whitening=whitening, lw_names=(LW, "retrieval-SfM-30k"))
-        ckpt["meta"]["mean"], ckpt["meta"]["std"] = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]  # read from meta
+    normalisation with the file's mean/std, scales, combination, Lw. (Fewer photos for the
+    costlier cases: each image shape and scale is a new shape for the CPU convolutions.)"""
+    ckpt = vgg_ckpt if arch == "vgg16" else r50_ckpt
+    photos = photos[which]
     path = tmp_path / f"{arch}.pth"
     torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)
     net = LandmarkNet.from_pretrained(path)
     assert net.config.mean == tuple(ckpt["meta"]["mean"]) and sorted(net.whitenings) == sorted(ckpt["meta"]["Lw"])
     ours = plm.extract(net, photos, image_size=IMAGE_SIZE, scales=scales, whitening=lw_name, batch_size=2,
                        progress=False)
-    expected = _reference_descriptors(ckpt, photos, scales, lw_name)
+    expected, plain = _reference_descriptors(ckpt, photos, scales, lw_name)
     _assert_fp16_descriptors_close(ours, expected)
-    # the other whitening variant (ss vs ms) or none gives clearly different descriptors
-    if lw_name is not None:
-        plain = _reference_descriptors(ckpt, photos, scales, None)
+    if lw_name is not None:  # the whitening matters: without it the descriptors are far off
         assert np.abs(ours.astype(np.float64) - plain).max() > 0.05
 
 

@@ -6,7 +6,7 @@ whitening); ``kind="backbone"`` files are ImageNet backbones for the paper's CSP
 network. The hash is torch.hub's convention: the hex suffix of the file name is the start of
 the file's SHA-256, checked after download and on every load from the cache.
 
-This module imports neither torch nor numpy (``pylandmark models`` lists it without them).
+The registry itself is plain Python (no torch or numpy code).
 """
 from __future__ import annotations
 

@@ -142,7 +142,12 @@ def load_pretrained(name_or_path: str, *, progress: bool = True):
         if preset.kind == "cirtorch":
             from .cirtorch import load_cirtorch
 
-            return load_cirtorch(file)
+            net = load_cirtorch(file)
+            if net.config.backbone != preset.architecture or net.dim != preset.dim:
+                raise ValueError(f"weights {spec!r}: {file} holds a {net.config.backbone} network with "
+                                 f"{net.dim}-d descriptors, the preset is {preset.architecture} with "
+                                 f"{preset.dim}-d; delete the file to download it again")
+            return net
         net = LandmarkNet(preset.landmarknet)
         load_backbone_weights(net, file, progress=progress)
         return net
