@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import re
 import sys
 import warnings
 from dataclasses import asdict
@@ -22,10 +24,15 @@ EXAMPLES = {
     "recognize": "examples:\n  pylandmark recognize landmarks.plmi photos/*.jpg --json\n"
                  "  pylandmark recognize landmarks.plmi q.jpg --vote weighted --min-score 0.5",
     "evaluate": "examples:\n  pylandmark evaluate roxford5k rparis6k --weights model_dir/ --data-root data/\n"
-                "  pylandmark evaluate roxford5k --weights model_dir/ --data-root data/ --multiscale --qe 2",
+                "  pylandmark evaluate roxford5k --weights model_dir/ --data-root data/ --multiscale --qe 2\n"
+                "  pylandmark evaluate roxford5k rparis6k --weights retrievalSfM120k-resnet101-gem "
+                "--data-root data/ --multiscale --whitening retrieval-SfM-120k",
     "train": "examples:\n  pylandmark train --data-root sfm120k/ --out runs/csp --preset cspdarknet53-gem\n"
              "  pylandmark train --data-root sfm120k/ --out runs/csp --resume",
     "bench": "examples:\n  pylandmark bench\n  pylandmark bench --n 1000000 --queries 1 64 --k 100 --json",
+    "models": "examples:\n  pylandmark models\n  pylandmark models --json\n"
+              "  pylandmark evaluate roxford5k rparis6k --weights gl18-tl-resnet101-gem-w --data-root data/ "
+              "--scales '1,sqrt(2),1/sqrt(2)'",
 }
 MULTISCALE = (1.0, 2 ** -0.5, 0.5)
 
@@ -44,14 +51,61 @@ def _network(args: argparse.Namespace, default: str | None = None):
     return load_network(weights, device=args.device, progress=not args.quiet), weights
 
 
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_SCALE = re.compile(rf"\s*(?P<num>{_NUMBER}|sqrt\(\s*{_NUMBER}\s*\))"
+                    rf"(?:\s*/\s*(?P<den>{_NUMBER}|sqrt\(\s*{_NUMBER}\s*\)))?\s*")
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """``"1,0.7071,0.5"`` or ``"1, sqrt(2), 1/sqrt(2)"`` -> (1.0, ...): numbers, ``sqrt(x)`` and
+    one division per item, nothing else (no evaluation of arbitrary expressions)."""
+    def value(token: str) -> float:
+        token = token.replace(" ", "")
+        return math.sqrt(float(token[5:-1])) if token.startswith("sqrt(") else float(token)
+
+    out = []
+    for item in str(text).split(","):
+        m = _SCALE.fullmatch(item)
+        if m is None:
+            raise ValueError(f"--scales: cannot read {item.strip()!r}; give numbers separated by commas, "
+                             "e.g. 1,0.7071,0.5 or 1,sqrt(2),1/sqrt(2)")
+        den = value(m["den"]) if m["den"] else 1.0
+        if den == 0:
+            raise ValueError(f"--scales: division by zero in {item.strip()!r}")
+        out.append(value(m["num"]) / den)
+    if not all(0 < s <= 4 for s in out):
+        raise ValueError(f"--scales: every scale must be in (0, 4], got {text!r}")
+    return tuple(out)
+
+
+def format_scales(scales) -> str:
+    """(1, 1.41421..., 0.70710...) -> "1,sqrt(2),1/sqrt(2)" (what :func:`parse_scales` reads)."""
+    names = {math.sqrt(2): "sqrt(2)", 1 / math.sqrt(2): "1/sqrt(2)"}
+    return ",".join(next((v for k, v in names.items() if abs(s - k) < 1e-6), f"{s:g}") for s in scales)
+
+
 def _opts(args: argparse.Namespace, index=None):
     from .pipelines import ExtractOptions, index_options
 
-    scales = MULTISCALE if getattr(args, "multiscale", False) else None
+    scales = None
+    if getattr(args, "scales", None) is not None:
+        if getattr(args, "multiscale", False):
+            raise ValueError("--multiscale and --scales both given; --multiscale means --scales 1,1/sqrt(2),1/2: "
+                             "pass one of them")
+        scales = parse_scales(args.scales)
+    elif getattr(args, "multiscale", False):
+        scales = MULTISCALE
+    whitening = getattr(args, "whitening", None)
+    if whitening is not None and whitening.lower() == "none":
+        whitening = ""  # explicitly none, also over an index's recorded whitening
     common = dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device, progress=not args.quiet)
     if index is not None:
-        return index_options(index, image_size=args.image_size, scales=scales, **common)
-    return ExtractOptions(image_size=args.image_size or 1024, scales=scales or (1.0,), **common)
+        opts = index_options(index, image_size=args.image_size, scales=scales, whitening=whitening, **common)
+    else:
+        opts = ExtractOptions(image_size=args.image_size or 1024, scales=scales or (1.0,), whitening=whitening,
+                              **common)
+    opts.whitening = opts.whitening or None
+    return opts
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -178,6 +232,25 @@ def _jsonable(v):
     return str(v)
 
 
+def _models(args: argparse.Namespace) -> int:
+    from .models.presets import WEIGHT_PRESETS
+
+    rows = [p.summary() for p in WEIGHT_PRESETS.values()]
+    lines = []
+    for r in rows:
+        acc = ", ".join(f"{k} {v:g}" for k, v in r["accuracy"].items())
+        ev = r["eval"]
+        setting = (f"--image-size {ev['image_size']} --scales '{format_scales(ev['scales'])}'"
+                   + (f" --whitening {ev['whitening']}" if ev["whitening"] else ""))
+        lines += [f"{r['name']}  [{'cached' if r['cached'] else 'not cached'}]",
+                  f"    {r['architecture']}, {r['dim']}-d, whitening: {r['whitening']}; trained on {r['training_data']}",
+                  f"    published: {acc or '-'} ({r['accuracy_source']})",
+                  f"    evaluate with: {setting}",
+                  f"    {r['url']}" + (f" -> {r['path']}" if r["cached"] else "")]
+    _emit(args, rows, "\n".join(lines))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from .training import loop as training
 
@@ -201,12 +274,19 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
     net = argparse.ArgumentParser(add_help=False)
-    net.add_argument("--weights", help="network: a directory from `pylandmark train`, a checkpoint file or URL, "
-                                       "a preset name, or 'random' (smoke tests; results mean nothing). "
+    net.add_argument("--weights", help="network: a preset name (`pylandmark models` lists them), a directory from "
+                                       "`pylandmark train`, a checkpoint file or URL (cirtorch retrieval network "
+                                       "or backbone), or 'random' (smoke tests; results mean nothing). "
                                        "Index commands default to the index's own")
     net.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     net.add_argument("--image-size", type=int, help="longer image side in pixels (default 1024, or the index's)")
     net.add_argument("--multiscale", action="store_true", help="scales 1, 1/sqrt 2, 1/2 combined by GeM")
+    net.add_argument("--scales", help="image scales, comma-separated, e.g. 1,0.7071,0.5 or 1,sqrt(2),1/sqrt(2) "
+                                      "(combined by GeM with the network's p, or averaged with a whitening layer)")
+    net.add_argument("--whitening", help="post-hoc whitening: the name of one the network holds (e.g. "
+                                         "retrieval-SfM-120k for the cirtorch Lw; ss or ms by the number of scales), "
+                                         "a file written by Whitening.save(), or 'none'. Index commands default "
+                                         "to the index's own")
     net.add_argument("--batch-size", type=int, default=16)
     net.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
     js = argparse.ArgumentParser(add_help=False)
@@ -269,6 +349,8 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
             training.add_arguments(p)
         except ImportError as err:  # training needs torch; the other commands parse without it
             p.set_defaults(func=lambda a, e=err: _missing(e))
+
+    add(sub, "models", "list the pretrained networks (architecture, accuracy, cache, URL)", _models, (js,))
 
     p = add(sub, "bench", "search speed on this machine next to numpy's", _bench, (js,))
     p.add_argument("--n", type=int, default=200_000, help="database rows (default 200000)")

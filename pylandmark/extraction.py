@@ -160,7 +160,7 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
             scales: Sequence[float] = (1.0,), bboxes: Sequence[Any] | None = None, batch_size: int = 16,
             num_workers: int = 0, device: str | torch.device | None = None, amp: bool | None = None,
             output: str = "numpy", on_error: str = "raise", progress: bool = True,
-            max_buffered: int | None = None) -> Any:
+            max_buffered: int | None = None, whitening: Any = None) -> Any:
     """Global descriptors of a set of images, (N, D) float16, unit L2 norm.
 
     Args:
@@ -172,9 +172,10 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
             normalised tensors or PIL images (or tuples starting with one).
         image_size: longer side after resizing (LANCZOS, never upscaled); None keeps the size.
             Not applied to tensors coming from a Dataset.
-        scales: image scales; the descriptors are combined as ``(mean_s v_s^p)^(1/p)`` with p
-            the model's ``multiscale_p`` (its GeM p; 1 with whitening), then L2-normalised. The
-            paper's multi-scale setting is ``(1, 1/sqrt(2), 1/2)``.
+        scales: image scales (bilinear resize, align_corners=False; up-scales such as sqrt(2)
+            work too); the descriptors are combined as ``(mean_s v_s^p)^(1/p)`` with p the
+            model's ``multiscale_p`` (its GeM p; 1 with a whitening layer), then L2-normalised.
+            The paper's multi-scale setting is ``(1, 1/sqrt(2), 1/2)``.
         bboxes: one (x1, y1, x2, y2) or None per path: the query crop, resized so it keeps its
             scale relative to the full image.
         batch_size: images per forward pass; a batch only ever holds images of one shape.
@@ -190,6 +191,10 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
         progress: show a tqdm progress bar.
         max_buffered: most images held while waiting for same-shape batch mates (default
             ``2 * batch_size``); beyond that the emptiest group is run as a partial batch.
+        whitening: a post-hoc whitening ``L2N(P (x - m))`` applied (in float64) to the final
+            descriptors: the name of one the model holds (``model.whitenings``, e.g. the Lw of a
+            cirtorch network; its multi-scale variant when there are several scales), a
+            :class:`~pylandmark.nn.whiten.Whitening`, or a file written by ``Whitening.save``.
 
     Returns:
         (N, D) float16 descriptors, or ``(descriptors, skipped)`` with ``on_error="skip"``.
@@ -227,6 +232,9 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
     if n == 0:
         raise ValueError("images is empty: nothing to extract")
     ms_p = float(getattr(model, "multiscale_p", 1.0))
+    from .nn.whiten import select_whitening
+
+    lw = select_whitening(model, whitening, multiscale=len(scales) > 1)
     net = prepare_inference_model(model, dev)
 
     loader = torch.utils.data.DataLoader(
@@ -252,6 +260,8 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
                     raise ValueError(f"model must return (B, D) descriptors, got shape {tuple(v.shape)}")
                 per_scale.append(v.float())
         v = multiscale_combine(torch.stack(per_scale), ms_p if len(scales) > 1 else 1.0)
+        if lw is not None:  # float64, as the projection can amplify float32 rounding
+            v = lw.apply(v.double())
         for (i, _), row in zip(items, v):
             results[i] = row
         bar.update(len(items))

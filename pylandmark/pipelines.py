@@ -24,9 +24,10 @@ class ExtractOptions:
     num_workers: int = 0
     device: str = "cpu"
     progress: bool = True
+    whitening: str | None = None  # a whitening the network holds, or a Whitening.save() file
 
     def metadata(self) -> dict:
-        return {"image_size": self.image_size, "scales": list(self.scales)}
+        return {"image_size": self.image_size, "scales": list(self.scales), "whitening": self.whitening}
 
 
 def expand_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -58,7 +59,8 @@ def describe(network, images: Sequence[Path], opts: ExtractOptions, *, skip_bad:
 
     result = extract(network, [str(p) for p in images], image_size=opts.image_size, scales=opts.scales,
                      bboxes=bboxes, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                     device=opts.device, progress=opts.progress, on_error="skip" if skip_bad else "raise")
+                     device=opts.device, progress=opts.progress, on_error="skip" if skip_bad else "raise",
+                     whitening=opts.whitening)
     if not skip_bad:
         return result, list(images), []
     desc, failures = result
@@ -110,7 +112,8 @@ def add_images(index: Index, network, images: Sequence[Path], opts: ExtractOptio
 def index_options(index: Index, **overrides: Any) -> ExtractOptions:
     """Extraction options recorded in the index, with explicit overrides (None = keep)."""
     meta = index.metadata
-    opts = ExtractOptions(image_size=int(meta.get("image_size", 1024)), scales=tuple(meta.get("scales", (1.0,))))
+    opts = ExtractOptions(image_size=int(meta.get("image_size", 1024)), scales=tuple(meta.get("scales", (1.0,))),
+                          whitening=meta.get("whitening"))
     for key, value in overrides.items():
         if value is not None:
             setattr(opts, key, tuple(value) if key == "scales" else value)
