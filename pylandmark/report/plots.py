@@ -153,7 +153,7 @@ def _pr_figure(ranks: np.ndarray, gnd: Sequence[dict], result: dict, name: str, 
             curves.append(interpolated_precision(rec, prec))
         if curves:
             ax.plot(_RECALL_GRID, np.mean(curves, axis=0), color="#0969da", lw=2.2, label="mean interpolated")
-            ax.legend(loc="lower left", fontsize=8, frameon=False)
+            ax.legend(loc="upper right", fontsize=8, frameon=False)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("recall")
