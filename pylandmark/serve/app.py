@@ -282,7 +282,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> FastAPI:
     @app.post("/recognize", summary="name the landmark in each photo (top-k vote)")
     async def recognize(request: Request):
         eng: Engine = request.app.state.engine
-        if eng.index.labels is None:
+        if eng.view.labels is None:
             raise ApiError(400, "this index has no labels, so it cannot recognise; use POST /search")
         p = _params(request, {"k": _int_in(1, config.max_k), "vote": _vote, "min_score": _score},
                     {"k": 5, "vote": "majority", "min_score": None})

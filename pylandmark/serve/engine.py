@@ -84,12 +84,14 @@ class Engine:
         step("network warmed up")
         self.batcher = Batcher(self._forward, max_batch=config.max_batch, max_wait=config.batch_wait,
                                key=lambda x: tuple(x.shape), name="pylandmark-network")
-        self._row_of = {int(i): r for r, i in enumerate(self.index.ids)}
-        self._paths = self.index.paths
+        self.view = _ServedIndex(self.index)
+        self._row_of = {int(i): r for r, i in enumerate(self.view.ids)}
+        self._paths = self.view.paths
         self._thumbs: OrderedDict[tuple[int, int], bytes | None] = OrderedDict()
         self._thumb_lock = threading.Lock()
-        labels = self.index.labels
+        labels = self.view.labels
         self._label_counts = Counter(map(str, labels)) if labels is not None else Counter()
+        self._facts = self.index.info()  # O(N) over the labels: once, the index does not change
         self.started = time.time()
         self.summary = (f"worker {os.getpid()} ready in {time.perf_counter() - t0:.1f} s: {len(self.index)} images "
                         f"({self.index_path.name}), network {_name(weights)} on {dev}, image size "
@@ -135,13 +137,13 @@ class Engine:
         """The JSON of ``pylandmark recognize --json`` for (Q, D) descriptors."""
         from ..pipelines import recognition_results
 
-        return recognition_results(self.index, desc, names, k=k, vote=vote, min_score=min_score)
+        return recognition_results(self.view, desc, names, k=k, vote=vote, min_score=min_score)
 
     def search(self, desc: np.ndarray, names: Sequence[str], k: int = 5) -> list[dict]:
         """The JSON of ``pylandmark search --json`` for (Q, D) descriptors."""
         from ..pipelines import search_results
 
-        return search_results(self.index, desc, names, k=k)
+        return search_results(self.view, desc, names, k=k)
 
     # ---- thumbnails and facts ---------------------------------------------------------------
 
@@ -178,7 +180,7 @@ class Engine:
         """The facts GET /info returns."""
         c = self.config
         labels = sorted(self._label_counts.items())
-        facts = self.index.info()
+        facts = dict(self._facts)
         facts["metadata"] = {k: (_name(v) if k == "weights" and isinstance(v, str) else v)
                              for k, v in facts["metadata"].items()}
         return {"index": {**facts, "file": self.index_path.name,
@@ -195,6 +197,34 @@ class Engine:
 
     def close(self) -> None:
         self.batcher.close()
+
+
+class _ServedIndex:
+    """The index with its columns built once: ``Index.labels`` / ``ids`` / ``paths`` copy them on
+    every access (O(N) per request on a large index). Read-only; searches go to the index."""
+
+    def __init__(self, index):
+        self._index = index
+        labels = index.labels
+        if labels is not None and len(labels) and all(isinstance(v, str) for v in labels):
+            labels = np.asarray(labels.tolist(), dtype=str)  # vectorised comparisons in recognize
+        self.labels = labels
+        self.ids = index.ids
+        self.paths = index.paths
+        self.metric = index.metric
+
+    @property
+    def descriptors(self):
+        return self._index.descriptors
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def search_rows(self, queries, k: int = 5):
+        return self._index.search_rows(queries, k)
+
+    def search(self, queries, k: int = 5):
+        return self._index.search(queries, k)
 
 
 def _name(weights: str) -> str:
