@@ -183,7 +183,7 @@ def png_header(width: int, height: int) -> bytes:
 
 
 @pytest.mark.parametrize("case", ["text", "empty", "truncated", "bomb_over_limit", "bomb_huge", "too_big_body",
-                                  "too_big_chunked", "too_many", "no_image_field", "text_field"])
+                                  "too_big_chunked", "too_many", "no_image_field", "text_field", "no_boundary"])
 def test_bad_uploads_get_4xx_json(client, pnu, case):
     photo = photos(pnu)[0]
     big = b"\0" * ((MAX_UPLOAD_MB << 20) + 1000)
@@ -217,9 +217,12 @@ def test_bad_uploads_get_4xx_json(client, pnu, case):
     elif case == "no_image_field":
         r = client.post("/search", files=[("photo", ("a.png", photo.read_bytes(), "image/png"))])
         status, words = 400, "unexpected form field 'photo'"
-    else:
+    elif case == "text_field":
         r = client.post("/search", files={"image": (None, "just text")})
         status, words = 400, "must be a file upload"
+    else:
+        r = client.post("/search", content=b"--x\r\n garbage", headers={"content-type": "multipart/form-data"})
+        status, words = 400, "boundary"
     assert r.status_code == status, r.text
     body = r.json()
     assert body["status"] == status and words in body["error"] and "\n" not in body["error"], body

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from .thumbs import data_uri, resolve_image, thumbnail_jpeg
 
-__all__ = ["ThumbStore", "esc", "tile", "page", "legend", "FRAMES"]
+__all__ = ["ThumbStore", "esc", "tile", "page", "legend", "write_page", "FRAMES"]
 
 # frame class -> meaning, shown in the legend of pages that use it
 FRAMES = {"pos": "correct / positive", "neg": "wrong / negative", "junk": "junk (ignored)",
@@ -39,6 +40,8 @@ class ThumbStore:
     """
 
     def __init__(self, size: int = 160, bases: Sequence[str | os.PathLike] = (), max_images: int = 2000):
+        if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 1024:
+            raise ValueError(f"thumb_size must be an int in [16, 1024] (pixels), got {size!r}")
         self.size = size
         self.bases = [Path(b) for b in bases]
         self.max_images = max_images
@@ -161,3 +164,28 @@ def page(title: str, subtitle: str, body: str, store: ThumbStore) -> str:
             f"<title>{esc(title)}</title><style>{CSS}\n{store.style()}</style></head>\n"
             f'<body><header><h1>{esc(title)}</h1><p class="meta">{subtitle}</p></header>\n'
             f"<main>{note}{body}</main></body></html>\n")
+
+
+def write_page(out: str | os.PathLike, text: str) -> Path:
+    """Writes a page to ``out`` through a temporary file in the same folder, then a rename."""
+    out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; name the .html file to write")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        readable(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def readable(path: str | os.PathLike) -> None:
+    """Gives a temporary file the mode of any new file (mkstemp makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -23,8 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .html import ThumbStore, esc, legend, page, tile
-from .results import write_text_atomic
+from .html import ThumbStore, esc, legend, page, readable, tile, write_page
 
 __all__ = ["require_matplotlib", "protocol_lists", "pr_curve", "interpolated_precision",
            "write_evaluation_plots", "worst_queries_page", "PROTOCOLS"]
@@ -97,9 +96,7 @@ def _savefig(fig, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, format="png")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -257,6 +254,6 @@ def write_evaluation_plots(result: dict, dataset, out_dir: str | os.PathLike, *,
     files = [_ap_figure(result, name, out / f"{name}_ap.png"),
              _pr_figure(ranks, dataset.gnd, result, name, out / f"{name}_pr.png")]
     html = worst_queries_page(ranks, dataset, result, n_worst=n_worst, top=top, progress=progress)
-    files.append(write_text_atomic(out / f"{name}_worst.html", html))
+    files.append(write_page(out / f"{name}_worst.html", html))
     log.info("wrote %s", ", ".join(str(f) for f in files))
     return files

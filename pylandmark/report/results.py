@@ -13,11 +13,10 @@ import logging
 import math
 import numbers
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from .html import ThumbStore, esc, legend, page, tile
+from .html import ThumbStore, esc, legend, page, tile, write_page
 
 __all__ = ["load_results", "check_results", "truth_from_folders", "summarize", "render_report",
            "write_report", "MAX_RESULTS_BYTES"]
@@ -184,7 +183,7 @@ def render_report(results: Sequence[dict], *, truth: Sequence[Any] | None = None
 
     rows = []
     for r, t in zip(results, truth):
-        qcap = f'<span class="name">{esc(r["query"])}</span>' + (f"<br>true: <b>{esc(t)}</b>" if has_truth else "")
+        qcap = f'<span class="name">{esc(_short(r["query"]))}</span>' + (f"<br>true: <b>{esc(t)}</b>" if has_truth else "")
         query = tile(store, query_images.get(r["query"], r["query"]), qcap, big=True, title=r["query"])
         pred = _prediction(r, kind)
         if kind == "recognize":
@@ -225,27 +224,13 @@ def render_report(results: Sequence[dict], *, truth: Sequence[Any] | None = None
     return page(title or default, sub, "".join(body), store)
 
 
+def _short(name: str) -> str:
+    """The last two parts of a path (folder / file), enough to tell queries apart on the page."""
+    parts = Path(name).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 else name
+
+
 def write_report(results: Sequence[dict], out: str | os.PathLike, **kwargs: Any) -> Path:
     """Renders :func:`render_report` into ``out`` (written to a temporary file, then renamed)."""
     text = render_report(results, **kwargs)
-    return write_text_atomic(out, text)
-
-
-def write_text_atomic(out: str | os.PathLike, text: str) -> Path:
-    out = Path(out)
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {out} is a folder; name the .html file to write")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a page is as readable as any new file
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    log.info("wrote %s (%d KB)", out, len(text.encode()) // 1024)
-    return out
+    return write_page(out, text)

@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..data.decode import ImageTooLarge
 from ..data.images import ImageLoadError
@@ -240,6 +241,11 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> FastAPI:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ())[1:]) or "request"
         return _error(400, f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request, err):  # the client left mid-upload: nobody reads the answer
+        log.debug("client disconnected during %s %s", request.method, request.url.path)
+        return _error(400, "the client disconnected before the upload was complete")
 
     @app.exception_handler(Exception)
     async def _internal(request, err: Exception):
