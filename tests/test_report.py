@@ -245,6 +245,13 @@ def test_recognize_html_and_report_command(pnu, tmp_path, capsys):
     assert frames == [["pos" if h["label"] == Path(r["query"]).parent.name else "neg" for h in r["neighbours"]]
                       for r in results]
 
+    shtml = tmp_path / "search.html"
+    assert main(["search", str(index), str(pnu / "test" / "wb"), "-k", "3", "--quiet", "--html", str(shtml),
+                 "--truth-from-folders"]) == 0
+    capsys.readouterr()
+    spage = Page(shtml.read_text())
+    assert len(spage.rows) == 3 and all(len(row) == 4 for row in spage.rows) and "top-1 accuracy" in shtml.read_text()
+
     res_file = tmp_path / "res.json"
     res_file.write_text(json.dumps(results))
     out = tmp_path / "report.html"
