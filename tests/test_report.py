@@ -225,6 +225,7 @@ def test_bad_results_files_are_one_line_errors(tmp_path, content, words):
 
 # ---- the CLI --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_recognize_html_and_report_command(pnu, tmp_path, capsys):
     from pylandmark.cli import main
 

@@ -115,6 +115,7 @@ def test_files_and_worst_page_on_the_real_ground_truth(roxford, rng, tmp_path):
     assert "could not be read" in html  # this copy of the data has no images: placeholders, no crash
 
 
+@pytest.mark.slow
 def test_evaluate_plots_end_to_end(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from pylandmark.cli import main

@@ -51,6 +51,7 @@ def browser():
     driver.quit()
 
 
+@pytest.mark.slow
 def test_upload_a_photo_and_see_the_landmark(server, browser, shared_data, tmp_path):
     photo = shared_data / "pnu_landmarks" / "test" / "hh" / "00000001.png"
     with httpx.Client(base_url=server.url, timeout=60) as c:
