@@ -33,6 +33,11 @@ EXAMPLES = {
     "models": "examples:\n  pylandmark models\n  pylandmark models --json\n"
               "  pylandmark evaluate roxford5k rparis6k --weights gl18-tl-resnet101-gem-w --data-root data/ "
               "--scales '1,sqrt(2),1/sqrt(2)'",
+    "serve": "examples:\n  pylandmark serve landmarks.plmi                      # http://127.0.0.1:8000/\n"
+             "  pylandmark serve landmarks.plmi --port 9000 --workers 2\n"
+             "  curl -F image=@query.jpg 'http://127.0.0.1:8000/recognize?k=5'",
+    "report": "examples:\n  pylandmark recognize landmarks.plmi test/ --json > results.json\n"
+              "  pylandmark report results.json --out report.html --truth-from-folders",
 }
 MULTISCALE = (1.0, 2 ** -0.5, 0.5)
 
@@ -179,7 +184,21 @@ def _search(args: argparse.Namespace) -> int:
         lines += [f"  {h['rank']:>3}. {h['score']:.4f}  {h['label'] if h['label'] is not None else '-'}  "
                   f"{h['path'] or h['id']}" for h in r["neighbours"]]
     _emit(args, results, "\n".join(lines))
+    _html(args, results)
     return 0
+
+
+def _html(args: argparse.Namespace, results: list) -> None:
+    """--html FILE: the results as a self-contained page (thumbnails embedded)."""
+    if not getattr(args, "html", None):
+        return
+    from .report.results import truth_from_folders, write_report
+
+    truth = truth_from_folders(results) if args.truth_from_folders else None
+    if truth is None and results and all("truth" in r for r in results):  # recognize found class folders
+        truth = [r["truth"] for r in results]
+    write_report(results, args.html, truth=truth, progress=not args.quiet)
+    logging.getLogger("pylandmark").info("wrote %s", args.html)
 
 
 def _recognize(args: argparse.Namespace) -> int:
@@ -206,6 +225,7 @@ def _recognize(args: argparse.Namespace) -> int:
                   "confusion (rows: true class, columns: predicted):",
                   format_confusion(summary["classes"], np.asarray(summary["confusion"]))]
     _emit(args, results, "\n".join(lines))
+    _html(args, results)
     return 0
 
 
@@ -214,9 +234,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import format_table
     from .pipelines import evaluate_revisited
 
+    if args.plots:
+        from .report.plots import require_matplotlib
+
+        require_matplotlib()  # before the long evaluation, not after it
     net, _ = _network(args)
     results = evaluate_revisited(net, args.datasets, args.data_root, _opts(args), qe_k=args.qe,
-                                 qe_alpha=args.qe_alpha, dba_k=args.dba, dba_alpha=args.dba_alpha)
+                                 qe_alpha=args.qe_alpha, dba_k=args.dba, dba_alpha=args.dba_alpha,
+                                 keep_ranks=bool(args.plots))
+    if args.plots:
+        from .data.revisited import RevisitedDataset
+        from .report.plots import write_evaluation_plots
+
+        for name, res in results.items():
+            files = write_evaluation_plots(res, RevisitedDataset(name, Path(args.data_root) / name), args.plots,
+                                           progress=not args.quiet)
+            res["plots"] = [str(f) for f in files]
+            del res["ranks"]
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, default=_jsonable))
     text = "\n\n".join(format_table(res, title=name) for name, res in results.items())
@@ -266,6 +300,31 @@ def _bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(n=args.n, dim=args.dim, queries=tuple(args.queries), k=args.k, repeat=args.repeat)
     rows = run_bench(cfg, progress=not args.quiet)
     _emit(args, {"config": asdict(cfg), "rows": [asdict(r) for r in rows]}, format_rows(cfg, rows))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, require_extras, serve
+
+    require_extras()
+    config = ServeConfig(index=args.index, weights=args.weights, device=args.device, image_size=args.image_size,
+                         multiscale=args.multiscale, host=args.host, port=args.port, workers=args.workers,
+                         threads=args.threads, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                         max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_images=args.max_images,
+                         max_k=args.max_k, quiet=args.quiet)
+    return serve(config)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report.results import load_results, truth_from_folders, write_report
+
+    results = load_results(args.results)
+    truth = truth_from_folders(results) if args.truth_from_folders else None
+    if truth is None and results and all("truth" in r for r in results):  # recognize found class folders
+        truth = [r["truth"] for r in results]
+    out = write_report(results, args.out, truth=truth, title=args.title, thumb_size=args.thumb_size,
+                       bases=[Path(args.results).resolve().parent], progress=not args.quiet)
+    _emit(args, {"out": str(out), "queries": len(results)}, f"wrote {out} ({len(results)} queries)")
     return 0
 
 
@@ -324,6 +383,9 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("index")
     p.add_argument("images", nargs="+")
     p.add_argument("-k", type=int, default=5)
+    p.add_argument("--html", metavar="FILE", help="also write the results as a self-contained HTML page")
+    p.add_argument("--truth-from-folders", action="store_true",
+                   help="with --html: each query's true label is its folder's name (green/red frames, accuracy)")
 
     p = add(sub, "recognize", "name the landmark in each query image (top-k vote)", _recognize, (net, js))
     p.add_argument("index")
@@ -331,6 +393,9 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--vote", choices=("majority", "weighted"), default="majority")
     p.add_argument("--min-score", type=float, help="answer 'unknown' when the best similarity is below this")
+    p.add_argument("--html", metavar="FILE", help="also write the results as a self-contained HTML page")
+    p.add_argument("--truth-from-folders", action="store_true",
+                   help="with --html: each query's true label is its folder's name (green/red frames, accuracy)")
 
     p = add(sub, "evaluate", "mAP on revisited Oxford / Paris (Easy, Medium, Hard)", _evaluate, (net, js))
     p.add_argument("datasets", nargs="+", choices=("roxford5k", "rparis6k"))
@@ -340,6 +405,8 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--dba", type=int, default=0, help="database-side augmentation with this many neighbours")
     p.add_argument("--dba-alpha", type=float, default=3.0)
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--plots", metavar="DIR", help="also write figures (per-query AP, precision-recall) and a page of "
+                                                  "the worst queries here (needs pip install \"pylandmark[plots]\")")
 
     p = add(sub, "train", "fine-tune on SfM-120k (contrastive loss, hard negatives)", _train)
     if with_training:
@@ -351,6 +418,32 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
             p.set_defaults(func=lambda a, e=err: _missing(e))
 
     add(sub, "models", "list the pretrained networks (architecture, accuracy, cache, URL)", _models, (js,))
+
+    p = add(sub, "serve", "answer recognition and search requests over HTTP, with a web page", _serve)
+    p.add_argument("index", help="the index file to serve (memory-mapped, shared by the workers)")
+    p.add_argument("--weights", help="the network (default: the one the index was built with)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda for the network (default cpu)")
+    p.add_argument("--image-size", type=int, help="longer image side in pixels (default: the index's)")
+    p.add_argument("--multiscale", action="store_true", help="scales 1, 1/sqrt 2, 1/2 combined by GeM")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="server processes, each with its own network (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: the cores / workers)")
+    p.add_argument("--max-batch", type=int, default=16, help="most photos per network call when requests overlap")
+    p.add_argument("--batch-wait-ms", type=float, help="wait this long for batch mates (default 2 on cuda, 0 on cpu)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20 MB)")
+    p.add_argument("--max-pixels", type=int, default=64_000_000, help="largest image in pixels (default 64M)")
+    p.add_argument("--max-images", type=int, default=16, help="most photos per request (default 16)")
+    p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for (default 100)")
+
+    p = add(sub, "report", "an HTML page of recognize/search results (self-contained)", _report, (js,))
+    p.add_argument("results", help="a JSON file written by `pylandmark recognize/search --json`")
+    p.add_argument("--out", required=True, help="the .html file to write")
+    p.add_argument("--truth-from-folders", action="store_true",
+                   help="each query's true label is its folder's name (green/red frames, accuracy, confusion)")
+    p.add_argument("--title", help="page title")
+    p.add_argument("--thumb-size", type=int, default=160, help="thumbnail size in pixels (default 160)")
 
     p = add(sub, "bench", "search speed on this machine next to numpy's", _bench, (js,))
     p.add_argument("--n", type=int, default=200_000, help="database rows (default 200000)")

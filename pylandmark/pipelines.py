@@ -143,38 +143,53 @@ def check_against_index(index: Index, weights: str | None, opts: ExtractOptions)
 def search_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5) -> list[dict]:
     """For each query image: its top-k neighbours (score, id, label, path)."""
     desc, _, _ = describe(network, images, opts)
+    return search_results(index, desc, [str(p) for p in images], k=k)
+
+
+def search_results(index: Index, desc: np.ndarray, queries: Sequence[str], k: int = 5) -> list[dict]:
+    """The JSON of `pylandmark search --json` for (Q, D) query descriptors named `queries`."""
     scores, rows = index.search_rows(desc, k=k)
     labels, paths, ids = index.labels, index.paths, index.ids
     out = []
-    for img, srow, rrow in zip(images, np.asarray(scores), np.asarray(rows)):
+    for name, srow, rrow in zip(queries, np.asarray(scores), np.asarray(rows)):
         hits = [{"rank": r + 1, "score": float(s), "id": int(ids[i]),
-                 "label": None if labels is None else labels[i], "path": None if paths is None else paths[i]}
+                 "label": None if labels is None else _plain(labels[i]),
+                 "path": None if paths is None else paths[i]}
                 for r, (s, i) in enumerate(zip(srow, rrow)) if i >= 0]
-        out.append({"query": str(img), "neighbours": hits})
+        out.append({"query": str(name), "neighbours": hits})
     return out
 
 
 def recognize_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5,
                      vote: str = "majority", min_score: float | None = None) -> list[dict]:
     """For each query image: the recognised label, its confidence and the neighbours that voted."""
-    from .retrieval.recognition import recognize
-
     if index.labels is None:
         raise ValueError("this index has no labels; build it with --labels-from-folders or add labels")
     desc, _, _ = describe(network, images, opts)
-    res = recognize(index, desc, k=k, vote=vote, min_score=min_score)
-    paths, ids = index.paths, index.ids
-    out = []
-    for q, img in enumerate(images):
-        hits = [{"score": float(res.scores[q, j]), "id": int(ids[r]), "label": res.neighbor_labels[q, j],
-                 "path": None if paths is None else paths[r]}
-                for j, r in enumerate(res.neighbors[q]) if r >= 0]
-        out.append({"query": str(img), "label": _plain(res.labels[q]), "known": bool(res.known[q]),
-                    "confidence": float(res.confidences[q]), "votes": int(res.votes[q]), "neighbours": hits})
+    out = recognition_results(index, desc, [str(p) for p in images], k=k, vote=vote, min_score=min_score)
     truth = folder_truth(images, index.labels)
     if truth is not None:
         for r, label in zip(out, truth):
             r["truth"] = label
+    return out
+
+
+def recognition_results(index: Index, desc: np.ndarray, queries: Sequence[str], k: int = 5,
+                        vote: str = "majority", min_score: float | None = None) -> list[dict]:
+    """The JSON of `pylandmark recognize --json` for (Q, D) query descriptors named `queries`."""
+    from .retrieval.recognition import recognize
+
+    if index.labels is None:
+        raise ValueError("this index has no labels; build it with --labels-from-folders or add labels")
+    res = recognize(index, desc, k=k, vote=vote, min_score=min_score)
+    paths, ids = index.paths, index.ids
+    out = []
+    for q, name in enumerate(queries):
+        hits = [{"score": float(res.scores[q, j]), "id": int(ids[r]), "label": _plain(res.neighbor_labels[q, j]),
+                 "path": None if paths is None else paths[r]}
+                for j, r in enumerate(res.neighbors[q]) if r >= 0]
+        out.append({"query": str(name), "label": _plain(res.labels[q]), "known": bool(res.known[q]),
+                    "confidence": float(res.confidences[q]), "votes": int(res.votes[q]), "neighbours": hits})
     return out
 
 
@@ -206,8 +221,10 @@ def recognition_summary(results: Sequence[dict]) -> dict | None:
 
 
 def evaluate_revisited(network, names: Sequence[str], data_root: str | Path, opts: ExtractOptions, *,
-                       qe_k: int = 0, qe_alpha: float = 3.0, dba_k: int = 0, dba_alpha: float = 3.0) -> dict:
-    """mAP and mP@k (easy / medium / hard) per dataset, with optional alpha-QE and DBA."""
+                       qe_k: int = 0, qe_alpha: float = 3.0, dba_k: int = 0, dba_alpha: float = 3.0,
+                       keep_ranks: bool = False) -> dict:
+    """mAP and mP@k (easy / medium / hard) per dataset, with optional alpha-QE and DBA. With
+    keep_ranks each dataset's entry also holds "ranks", the (Q, N) int64 ranking (for plots)."""
     from .data.revisited import RevisitedDataset
     from .ops import search
     from .retrieval.rerank import rerank
@@ -223,6 +240,8 @@ def evaluate_revisited(network, names: Sequence[str], data_root: str | Path, opt
         _, ranks = search(q, db, k=len(db))
         res = ds.evaluate(ranks)
         results[name] = {"options": {**asdict(opts), "qe_k": qe_k, "dba_k": dba_k}, **res}
+        if keep_ranks:
+            results[name]["ranks"] = np.asarray(ranks)
     return results
 
 
