@@ -159,3 +159,108 @@ def test_size_limit_and_globals(tmp_path):
 def test_index_array_validator(values, where, words):
     with pytest.raises(safe_pickle.PickleRefused, match=words.replace("[", r"\[").replace(")", r"\)")):
         safe_pickle.index_array(values, where, 5)
+
+
+# ---- model directories from elsewhere ------------------------------------------------------------
+
+TINY = {"depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 24, 32, 48]}
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    import torch
+    from pylandmark.models import LandmarkNet
+
+    torch.manual_seed(0)
+    return LandmarkNet(backbone_args=TINY).save(tmp_path / "net")
+
+
+def edit_config(folder: Path, change) -> Path:
+    import json
+
+    meta = json.loads((folder / "config.json").read_text())
+    change(meta)
+    (folder / "config.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_config_with_huge_depths_is_refused_quickly(model_dir):
+    edit_config(model_dir, lambda m: m["config"]["backbone_args"].update(depths=[10 ** 7, 1, 1, 1, 1]))
+    proc = run_bounded(f"from pylandmark.models import LandmarkNet; LandmarkNet.from_pretrained({str(model_dir)!r})",
+                       seconds=60)
+    assert proc.returncode != 0 and "ValueError" in proc.stderr and "depths" in proc.stderr, proc.stderr[-1500:]
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda m: m["config"].update(learn_p="false"), "learn_p must be true or false"),
+    (lambda m: m["config"].update(whitening=1), "whitening must be true or false"),
+    (lambda m: m["config"].update(p="3"), "p must be a finite number"),
+    (lambda m: m["config"].update(p=float("nan")), "p must be a finite number"),
+    (lambda m: m["config"].update(p=1e9), r"p must lie in"),
+    (lambda m: m["config"].update(mean=[0.5, 0.5]), "mean must be a list of 3"),
+    (lambda m: m["config"]["backbone_args"].update(out_chs=[8, 16, 24, 32, 4.5]), "out_chs must be"),
+    (lambda m: m["config"]["backbone_args"].update(depths=[1, 1, 1, 1, 65]), "depths must lie in"),
+    (lambda m: m["config"]["backbone_args"].update(depths=[1] * 100, out_chs=[8] * 100), "depths must be"),
+    (lambda m: m.update(format_version="1"), "format_version must be an integer"),
+    (lambda m: m.update(weights="../elsewhere/model.safetensors"), "inside"),
+    (lambda m: m.update(weights=7), "must name a file"),
+    (lambda m: m["config"]["backbone_args"].update(out_chs=[16, 32, 48, 64, 2048]), "do not belong together"),
+])
+def test_bad_config_values_raise_one_line_value_errors(model_dir, change, words):
+    from pylandmark.models import LandmarkNet
+
+    edit_config(model_dir, change)
+    with pytest.raises(ValueError, match=words) as info:
+        LandmarkNet.from_pretrained(model_dir)
+    assert "\n" not in str(info.value)
+
+
+def test_weights_outside_the_model_directory_are_never_read(model_dir, tmp_path):
+    import shutil
+    from pylandmark.models import LandmarkNet
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(model_dir / "model.safetensors", outside / "model.safetensors")
+    for name in ("../elsewhere/model.safetensors", str(outside / "model.safetensors")):
+        edit_config(model_dir, lambda m: m.update(weights=name))
+        with pytest.raises(ValueError, match="inside"):
+            LandmarkNet.from_pretrained(model_dir)
+
+
+def test_config_json_that_is_not_json(model_dir):
+    from pylandmark.models import LandmarkNet
+
+    for text in ('{"format": ', "[" * 100000, '{"format": "pylandmark.LandmarkNet", "config": [1]}'):
+        (model_dir / "config.json").write_text(text)
+        with pytest.raises(ValueError, match="config.json"):
+            LandmarkNet.from_pretrained(model_dir)
+
+
+def test_wrong_shaped_weights_give_one_line(model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+    from pylandmark.models import LandmarkNet
+
+    state = load_file(str(model_dir / "model.safetensors"))
+    key = "backbone.stem.conv1.conv.weight"
+    state[key] = torch.zeros(8, 3, 3, 3)
+    save_file(state, str(model_dir / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"1 tensors have other shapes \(backbone.stem.conv1") as info:
+        LandmarkNet.from_pretrained(model_dir)
+    assert "\n" not in str(info.value)
+    del state[key]
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, str(model_dir / "model.safetensors"))
+    with pytest.raises(ValueError, match="1 tensors missing .*1 unexpected"):
+        LandmarkNet.from_pretrained(model_dir)
+
+
+def test_train_config_from_a_file_is_type_checked():
+    from pylandmark.training.loop import TrainConfig
+
+    for bad, words in (({"epochs": "5"}, "epochs must be an integer"), ({"progress": "no"}, "true or false"),
+                       ({"lr": float("inf")}, "lr must be a finite number"), ({"recall_ks": [1, "5"]}, "recall_ks")):
+        with pytest.raises(ValueError, match=words):
+            TrainConfig.from_dict(bad)
+    assert TrainConfig.from_dict({"epochs": 3, "data_root": "x"}).epochs == 3
