@@ -38,6 +38,10 @@ DISTRACTORS = "revisitop1m"
 GND_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
 GND_MD5 = {"roxford5k": "f2b67579f625a587b5b0828dbf2e8eb0",
            "rparis6k": "2feae0a8257a5c6ca1b31b8eb73c8571"}
+GND_SIZE = {"roxford5k": 149871, "rparis6k": 276508}  # bytes of the official files
+#: download limits: image archives are 1-2 GB each, distractor parts about 1 GB
+MAX_IMAGES_BYTES = 8 << 30
+MAX_DISTRACTOR_BYTES = 16 << 30
 IMAGE_URLS = {
     "roxford5k": ("https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz",),
     "rparis6k": ("https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz",
@@ -295,7 +299,7 @@ def download_revisited(name: str, root: str | os.PathLike, *, images: bool = Tru
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     gnd_path = download_url(GND_URL.format(name=name), folder / f"gnd_{name}.pkl",
-                            md5=GND_MD5[name], progress=progress, timeout=timeout)
+                            md5=GND_MD5[name], size=GND_SIZE[name], progress=progress, timeout=timeout)
     if images:
         cfg = load_gnd(gnd_path)
         jpg = folder / "jpg"
@@ -306,7 +310,7 @@ def download_revisited(name: str, root: str | os.PathLike, *, images: bool = Tru
         else:
             for url in IMAGE_URLS[name]:
                 archive = download_url(url, folder / url.rsplit("/", 1)[-1], progress=progress,
-                                       timeout=timeout)
+                                       timeout=timeout, max_bytes=MAX_IMAGES_BYTES)
                 n = _extract_jpgs(archive, jpg, flat=True)
                 logger.info("extracted %d images from %s", n, archive.name)
                 if not keep_archives:
@@ -324,7 +328,7 @@ def download_revisited(name: str, root: str | os.PathLike, *, images: bool = Tru
                 continue
             url = DISTRACTOR_URL.format(i=i)
             archive = download_url(url, dfolder / url.rsplit("/", 1)[-1], progress=progress,
-                                   timeout=timeout)
+                                   timeout=timeout, max_bytes=MAX_DISTRACTOR_BYTES)
             n = _extract_jpgs(archive, djpg, flat=False)
             marker.write_text(f"{n}\n")
             logger.info("distractors part %d/%d: %d images", i, DISTRACTOR_PARTS, n)

@@ -40,6 +40,9 @@ SPLITS = ("train", "val")
 #: (images, pairs) of the official retrieval-SfM-120k.pkl, per split
 EXPECTED_COUNTS = {"train": (91642, 181697), "val": (6403, 1691)}
 _DONE_MARKER = ".ims_extracted"
+#: download limits (the official files: dbs ~30 MB each, ims.tar.gz ~20 GB)
+MAX_DB_BYTES = 512 << 20
+MAX_IMS_BYTES = 64 << 30
 
 
 def load_sfm_pickle(path: str | os.PathLike) -> Any:
@@ -287,7 +290,7 @@ def download_sfm120k(root: str | os.PathLike, *, images: bool = True, whitening:
     for nm in names:
         fname = f"{nm}.pkl"
         path = download_url(f"{base}dbs/{fname}", out / fname, progress=progress, timeout=timeout,
-                            **hashes(fname))
+                            max_bytes=MAX_DB_BYTES, **hashes(fname))
         if nm == DB_NAME:
             try:
                 _verify_db(path, expected_counts)
@@ -302,7 +305,7 @@ def download_sfm120k(root: str | os.PathLike, *, images: bool = True, whitening:
         else:
             ims.mkdir(parents=True, exist_ok=True)
             archive = download_url(f"{base}{IMS_ARCHIVE}", out / "ims.tar.gz", progress=progress,
-                                   timeout=timeout, **hashes("ims.tar.gz"))
+                                   timeout=timeout, max_bytes=MAX_IMS_BYTES, **hashes("ims.tar.gz"))
             n = _extract_images(archive, ims)
             marker.write_text(f"{n}\n")
             logger.info("extracted %d SfM-120k images into %s", n, ims)
