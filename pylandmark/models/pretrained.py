@@ -36,10 +36,12 @@ def load_network(weights: str, device: str = "cpu", progress: bool = True):
       ``cspdarknet53-imagenet`` the public ImageNet backbone;
     - ``"random"``: random initialisation, for smoke tests only (warns).
     """
+    from ..devices import resolve_device
     from . import LANDMARKNET_PRESETS, LandmarkNet, load_backbone_weights
 
     if not isinstance(weights, str) or not weights:
         raise ValueError("weights must be a path, a URL, a preset name or 'random'")
+    device = resolve_device(device)
     if weights == RANDOM:
         warnings.warn("--weights random: the network is randomly initialised, its results mean nothing",
                       stacklevel=2)
