@@ -264,3 +264,16 @@ def test_train_config_from_a_file_is_type_checked():
         with pytest.raises(ValueError, match=words):
             TrainConfig.from_dict(bad)
     assert TrainConfig.from_dict({"epochs": 3, "data_root": "x"}).epochs == 3
+
+
+def test_weights_files_that_are_not_state_dicts(model_dir):
+    import torch
+    from pylandmark.models import LandmarkNet
+
+    (model_dir / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + bytes(1 << 20))
+    with pytest.raises(ValueError, match="as safetensors"):
+        LandmarkNet.from_pretrained(model_dir)
+    torch.save({"pad": torch.zeros(1 << 17), "backbone.stem.conv1.conv.weight": [1, 2]}, model_dir / "model.pt")
+    edit_config(model_dir, lambda m: m.update(weights="model.pt"))
+    with pytest.raises(ValueError, match="only named tensors"):
+        LandmarkNet.from_pretrained(model_dir)

@@ -356,13 +356,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
         except ImportError as err:  # pragma: no cover
             raise ImportError(f"{path} is a safetensors file; pip install safetensors") from err
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"cannot read {path} as safetensors: {str(err).splitlines()[0][:200]}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"cannot read {path} as a tensors-only torch checkpoint: {err}") from err
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
+    bad = next((k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path} holds {type(obj[bad]).__name__} under {str(bad)[:80]!r}; expected only "
+                         "named tensors (a state_dict)")
     return dict(obj)
 
 
