@@ -269,7 +269,7 @@ class LandmarkNet(nn.Module):
             raise FileNotFoundError(f"weights file {weights} named in {cfg_file} is missing")
         _check_size_fits(config, weights, cfg_file)
         model = cls(config)
-        state = read_state_dict(weights)
+        state = _named_tensors(read_state_dict(weights), weights)
         _check_shapes(model, state, weights, strict)
         result = model.load_state_dict(state, strict=strict)
         if not strict and (result.missing_keys or result.unexpected_keys):
@@ -366,11 +366,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read {path} as a tensors-only torch checkpoint: {err}") from err
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
-    bad = next((k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise ValueError(f"{path} holds {type(obj[bad]).__name__} under {str(bad)[:80]!r}; expected only "
-                         "named tensors (a state_dict)")
     return dict(obj)
+
+
+def _named_tensors(state: Mapping[str, Any], path: Path) -> Mapping[str, torch.Tensor]:
+    """A LandmarkNet weights file holds a flat state_dict: names and tensors only."""
+    bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path} holds {type(state[bad]).__name__} under {str(bad)[:80]!r}; expected only "
+                         "named tensors (a state_dict)")
+    return state
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
