@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import sys
 import warnings
@@ -12,6 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+
+from .devices import DEVICE_HELP
 
 EXAMPLES = {
     "extract": "examples:\n  pylandmark extract photos/ --out descriptors.npy --weights model_dir/\n"
@@ -46,10 +49,12 @@ def _emit(args: argparse.Namespace, payload, text: str) -> None:
     print(json.dumps(payload, indent=1, default=str) if getattr(args, "json", False) else text)
 
 
-def _network(args: argparse.Namespace, default: str | None = None):
+def _network(args: argparse.Namespace, index=None):
+    """The network of --weights, or else the one the index names (a preset or a local path: a URL
+    in an index file someone sent is never fetched without an explicit --weights)."""
     from .models.pretrained import load_network
 
-    weights = args.weights or default
+    weights = args.weights or (_index_weights(index) if index is not None else None)
     if not weights:
         raise ValueError("--weights is required (a directory from `pylandmark train`, a checkpoint file or URL, "
                          "a preset name, or 'random' for a smoke test)")
@@ -89,6 +94,16 @@ def format_scales(scales) -> str:
     return ",".join(next((v for k, v in names.items() if abs(s - k) < 1e-6), f"{s:g}") for s in scales)
 
 
+def _index_weights(index) -> str | None:
+    value = index.metadata.get("weights")
+    if not isinstance(value, str) or not value:
+        return None
+    if "://" in value:
+        raise ValueError(f"the index names its network by URL ({value[:200]}); an index never makes pylandmark "
+                         "download anything: pass --weights (that URL, if you trust it, or a local copy)")
+    return value
+
+
 def _opts(args: argparse.Namespace, index=None):
     from .pipelines import ExtractOptions, index_options
 
@@ -107,8 +122,8 @@ def _opts(args: argparse.Namespace, index=None):
     if index is not None:
         opts = index_options(index, image_size=args.image_size, scales=scales, whitening=whitening, **common)
     else:
-        opts = ExtractOptions(image_size=args.image_size or 1024, scales=scales or (1.0,), whitening=whitening,
-                              **common)
+        opts = ExtractOptions(image_size=1024 if args.image_size is None else args.image_size,
+                              scales=scales or (1.0,), whitening=whitening, **common)
     opts.whitening = opts.whitening or None
     return opts
 
@@ -149,7 +164,7 @@ def _index_add(args: argparse.Namespace) -> int:
     from .pipelines import add_images, check_against_index, expand_images
 
     index = Index.load(args.index, mmap=False)
-    net, _ = _network(args, index.metadata.get("weights"))
+    net, _ = _network(args, index)
     opts = _opts(args, index)
     check_against_index(index, args.weights, opts)
     ids, skipped = add_images(index, net, expand_images(args.images), opts, label=args.label,
@@ -174,7 +189,7 @@ def _search(args: argparse.Namespace) -> int:
     from .pipelines import check_against_index, expand_images, search_images
 
     index = Index.load(args.index)
-    net, _ = _network(args, index.metadata.get("weights"))
+    net, _ = _network(args, index)
     opts = _opts(args, index)
     check_against_index(index, args.weights, opts)
     results = search_images(index, net, expand_images(args.images), opts, k=args.k)
@@ -207,7 +222,7 @@ def _recognize(args: argparse.Namespace) -> int:
     from .pipelines import check_against_index, expand_images, recognition_summary, recognize_images
 
     index = Index.load(args.index)
-    net, _ = _network(args, index.metadata.get("weights"))
+    net, _ = _network(args, index)
     opts = _opts(args, index)
     check_against_index(index, args.weights, opts)
     results = recognize_images(index, net, expand_images(args.images), opts, k=args.k,
@@ -328,17 +343,40 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `pylandmark extract: error: ...` and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message.splitlines()[0] if message else 'bad arguments'} "
+                     f"(see {self.prog} --help)\n")
+
+
+def _count(minimum: int):
+    """argparse type: an int >= minimum (so --image-size 0 is an error, not the default)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
 def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     """The parser; `with_training=False` skips importing torch for the train options."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
-    net = argparse.ArgumentParser(add_help=False)
+    net = _Parser(add_help=False)
     net.add_argument("--weights", help="network: a preset name (`pylandmark models` lists them), a directory from "
                                        "`pylandmark train`, a checkpoint file or URL (cirtorch retrieval network "
                                        "or backbone), or 'random' (smoke tests; results mean nothing). "
                                        "Index commands default to the index's own")
-    net.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    net.add_argument("--image-size", type=int, help="longer image side in pixels (default 1024, or the index's)")
+    net.add_argument("--device", default="cpu", help=f"{DEVICE_HELP} (default cpu)")
+    net.add_argument("--image-size", type=_count(1), help="longer image side in pixels (default 1024, or the index's)")
     net.add_argument("--multiscale", action="store_true", help="scales 1, 1/sqrt 2, 1/2 combined by GeM")
     net.add_argument("--scales", help="image scales, comma-separated, e.g. 1,0.7071,0.5 or 1,sqrt(2),1/sqrt(2) "
                                       "(combined by GeM with the network's p, or averaged with a whitening layer)")
@@ -346,12 +384,12 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
                                          "retrieval-SfM-120k for the cirtorch Lw; ss or ms by the number of scales), "
                                          "a file written by Whitening.save(), or 'none'. Index commands default "
                                          "to the index's own")
-    net.add_argument("--batch-size", type=int, default=16)
-    net.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
-    js = argparse.ArgumentParser(add_help=False)
+    net.add_argument("--batch-size", type=_count(1), default=16)
+    net.add_argument("--workers", type=_count(0), default=0, help="image decoding processes (default 0)")
+    js = _Parser(add_help=False)
     js.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    parser = argparse.ArgumentParser(prog="pylandmark", description="Landmark recognition by image search.")
+    parser = _Parser(prog="pylandmark", description="Landmark recognition by image search.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(container, name: str, help: str, func, parents=(), key: str | None = None):
@@ -382,7 +420,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p = add(sub, "search", "the k most similar indexed images for each query image", _search, (net, js))
     p.add_argument("index")
     p.add_argument("images", nargs="+")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", type=_count(1), default=5)
     p.add_argument("--html", metavar="FILE", help="also write the results as a self-contained HTML page")
     p.add_argument("--truth-from-folders", action="store_true",
                    help="with --html: each query's true label is its folder's name (green/red frames, accuracy)")
@@ -390,7 +428,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p = add(sub, "recognize", "name the landmark in each query image (top-k vote)", _recognize, (net, js))
     p.add_argument("index")
     p.add_argument("images", nargs="+")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", type=_count(1), default=5)
     p.add_argument("--vote", choices=("majority", "weighted"), default="majority")
     p.add_argument("--min-score", type=float, help="answer 'unknown' when the best similarity is below this")
     p.add_argument("--html", metavar="FILE", help="also write the results as a self-contained HTML page")
@@ -400,9 +438,9 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p = add(sub, "evaluate", "mAP on revisited Oxford / Paris (Easy, Medium, Hard)", _evaluate, (net, js))
     p.add_argument("datasets", nargs="+", choices=("roxford5k", "rparis6k"))
     p.add_argument("--data-root", required=True, help="folder holding <dataset>/gnd_<dataset>.pkl and jpg/")
-    p.add_argument("--qe", type=int, default=0, help="alpha query expansion with this many neighbours")
+    p.add_argument("--qe", type=_count(0), default=0, help="alpha query expansion with this many neighbours")
     p.add_argument("--qe-alpha", type=float, default=3.0)
-    p.add_argument("--dba", type=int, default=0, help="database-side augmentation with this many neighbours")
+    p.add_argument("--dba", type=_count(0), default=0, help="database-side augmentation with this many neighbours")
     p.add_argument("--dba-alpha", type=float, default=3.0)
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--plots", metavar="DIR", help="also write figures (per-query AP, precision-recall) and a page of "
@@ -446,12 +484,12 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--thumb-size", type=int, default=160, help="thumbnail size in pixels (default 160)")
 
     p = add(sub, "bench", "search speed on this machine next to numpy's", _bench, (js,))
-    p.add_argument("--n", type=int, default=200_000, help="database rows (default 200000)")
-    p.add_argument("--dim", type=int, default=1024, help="descriptor length (default 1024)")
-    p.add_argument("--queries", type=int, nargs="+", default=[1, 64, 1024], help="query batch sizes")
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--repeat", type=int, default=5, help="timed runs per size (median reported)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--n", type=_count(1), default=200_000, help="database rows (default 200000)")
+    p.add_argument("--dim", type=_count(1), default=1024, help="descriptor length (default 1024)")
+    p.add_argument("--queries", type=_count(1), nargs="+", default=[1, 64, 1024], help="query batch sizes")
+    p.add_argument("--k", type=_count(1), default=5)
+    p.add_argument("--repeat", type=_count(1), default=5, help="timed runs per size (median reported)")
+    p.add_argument("--threads", type=_count(0), help="CPU threads (default: all cores)")
     return parser
 
 
@@ -462,30 +500,57 @@ def _missing(err: Exception) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(with_training=bool(argv) and argv[0] == "train")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a one-line argument error (exit code 2)
+        return stop.code if isinstance(stop.code, int) else 2
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
+        if args.quiet:
+            from .extraction import SkippedImages  # the per-call report of unreadable images
+
+            warnings.simplefilter("ignore", SkippedImages)
         return _run(args)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"pylandmark: warning: {message}", file=sys.stderr)
+    print(f"pylandmark: warning: {str(message).splitlines()[0] if str(message) else category.__name__}",
+          file=sys.stderr)
+
+
+#: what a user's mistake raises: one line and exit code 2
+USER_ERRORS = (ValueError, TypeError, KeyError, ImportError, OSError, NotImplementedError)
 
 
 def _run(args: argparse.Namespace) -> int:
+    name = args.command + (f" {args.index_command}" if getattr(args, "index_command", None) else "")
     try:
+        if getattr(args, "device", None) is not None:  # one parser for every command, train included
+            from .devices import resolve_device
+
+            args.device = str(resolve_device(args.device))
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
-    except (ValueError, TypeError, KeyError, ImportError, OSError, NotImplementedError) as err:
-        name = args.command + (f" {args.index_command}" if getattr(args, "index_command", None) else "")
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"pylandmark {name}: error: {message}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"pylandmark {name}: error: {_first_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - no traceback reaches the user
+        if os.environ.get("PYLANDMARK_DEBUG"):
+            raise
+        print(f"pylandmark {name}: error: {type(err).__name__}: {_first_line(err)} (PYLANDMARK_DEBUG=1 shows "
+              "the traceback)", file=sys.stderr)
+        return 1
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[0].strip() if lines else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -22,11 +22,18 @@ from tqdm.auto import tqdm
 
 from .data.images import (IMAGENET_MEAN, IMAGENET_STD, ImageList, LoadFailure, list_images,
                           prepare_image, to_rgb)
+from .devices import resolve_device
 from .models.layers import fold_batchnorm, l2n
 
-__all__ = ["extract", "LoadFailure", "multiscale_combine", "prepare_inference_model"]
+__all__ = ["extract", "LoadFailure", "SkippedImages", "multiscale_combine", "prepare_inference_model"]
 
 logger = logging.getLogger(__name__)
+
+MAX_SCALES = 16
+
+
+class SkippedImages(RuntimeWarning):
+    """``extract(..., on_error="skip")`` left out images it could not read (one warning per call)."""
 
 DEFAULT_SCALES_MS = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 
@@ -113,8 +120,8 @@ def _check_scales(scales: Any) -> tuple[float, ...]:
         out = tuple(float(s) for s in scales)
     except (TypeError, ValueError) as err:
         raise TypeError(f"scales must be a sequence of numbers, got {scales!r}") from err
-    if not out or not all(math.isfinite(s) and 0 < s <= 4 for s in out):
-        raise ValueError(f"scales must be a non-empty sequence of numbers in (0, 4], got {scales!r}; "
+    if not 0 < len(out) <= MAX_SCALES or not all(math.isfinite(s) and 0 < s <= 4 for s in out):
+        raise ValueError(f"scales must be 1 to {MAX_SCALES} numbers in (0, 4], got {scales!r:.80}; "
                          "the paper's multi-scale setting is (1, 1/sqrt(2), 1/2)")
     return out
 
@@ -180,7 +187,8 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
             scale relative to the full image.
         batch_size: images per forward pass; a batch only ever holds images of one shape.
         num_workers: DataLoader worker processes for decoding and resizing (0: in-process).
-        device: where the network runs; default the model's device.
+        device: where the network runs ("auto", "cpu", "cuda", "cuda:N" or a torch.device);
+            default the model's device.
         amp: autocast (float16 on CUDA, bfloat16 on CPU); default on for CUDA, off for CPU.
         output: "numpy" (a float16 numpy array) or "torch" (a float16 tensor on ``device``).
         on_error: "raise" (default): an unreadable image raises FileNotFoundError /
@@ -216,11 +224,9 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
         raise ValueError(f"image_size must be a number >= 1 or None, got {image_size!r}")
     param = next(model.parameters(), None)
     if device is not None:
-        dev = torch.device(device)
+        dev = resolve_device(device)
     else:
         dev = param.device if param is not None else torch.device("cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device is {dev} but torch sees no CUDA device; pass device='cpu'")
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
     amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
 
@@ -292,12 +298,12 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
         if shutdown is not None:
             shutdown()
 
-    if skipped:
-        names = ", ".join(f"{f.source} ({f.message})" for f in skipped[:5])
+    if skipped:  # the one report of the skipped images (the caller also gets the list)
+        names = ", ".join(f.message if f.source in f.message else f"{f.source} ({f.message})"
+                          for f in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         msg = f"extract: skipped {len(skipped)} of {n} images that could not be read: {names}{more}"
-        logger.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        warnings.warn(msg, SkippedImages, stacklevel=2)
     kept = sorted(results)
     if kept:
         desc = torch.stack([results[i] for i in kept]).to(torch.float16)

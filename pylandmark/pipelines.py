@@ -13,6 +13,8 @@ from .retrieval.index import Index
 
 log = logging.getLogger(__name__)
 
+MAX_IMAGE_SIZE = 16384  # longer image side recorded in an index (the paper uses 1024)
+
 
 @dataclass
 class ExtractOptions:
@@ -54,7 +56,8 @@ def expand_images(inputs: Sequence[str | Path]) -> list[Path]:
 def describe(network, images: Sequence[Path], opts: ExtractOptions, *, skip_bad: bool = False,
              bboxes: Sequence[Any] | None = None) -> tuple[np.ndarray, list[Path], list[str]]:
     """(N, D) float16 descriptors of the images that could be read, their paths, and one message
-    per skipped image (empty unless skip_bad)."""
+    per skipped image (empty unless skip_bad; extraction warns once about them). Raises
+    ValueError when no image at all could be read."""
     from .extraction import extract
 
     result = extract(network, [str(p) for p in images], image_size=opts.image_size, scales=opts.scales,
@@ -66,8 +69,9 @@ def describe(network, images: Sequence[Path], opts: ExtractOptions, *, skip_bad:
     desc, failures = result
     bad = {f.index for f in failures}
     kept = [p for i, p in enumerate(images) if i not in bad]
-    for f in failures:
-        log.warning("skipped %s: %s", f.source, f.message)
+    if not kept:  # nothing useful: an error, not an empty result
+        raise ValueError(f"none of the {len(images)} images could be read (first: {failures[0].source}: "
+                         f"{failures[0].message})")
     return desc, kept, [f"{f.source}: {f.message}" for f in failures]
 
 
@@ -110,10 +114,27 @@ def add_images(index: Index, network, images: Sequence[Path], opts: ExtractOptio
 
 
 def index_options(index: Index, **overrides: Any) -> ExtractOptions:
-    """Extraction options recorded in the index, with explicit overrides (None = keep)."""
+    """Extraction options recorded in the index, with explicit overrides (None = keep). An index
+    may come from elsewhere: what it records is checked before anything runs on it."""
     meta = index.metadata
-    opts = ExtractOptions(image_size=int(meta.get("image_size", 1024)), scales=tuple(meta.get("scales", (1.0,))),
-                          whitening=meta.get("whitening"))
+    opts = ExtractOptions()
+    if overrides.get("image_size") is None:
+        size = meta.get("image_size", 1024)
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"the index records image_size {size!r:.40}, expected an int in [1, {MAX_IMAGE_SIZE}]; "
+                             "pass --image-size")
+        opts.image_size = size
+    if overrides.get("scales") is None:
+        scales = meta.get("scales", [1.0])
+        if not isinstance(scales, list) or not 1 <= len(scales) <= 16 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 4 for v in scales):
+            raise ValueError(f"the index records scales {scales!r:.60}, expected 1 to 16 numbers in (0, 4]")
+        opts.scales = tuple(float(v) for v in scales)
+    if overrides.get("whitening") is None:
+        whitening = meta.get("whitening")
+        if whitening is not None and (not isinstance(whitening, str) or len(whitening) > 200):
+            raise ValueError(f"the index records whitening {whitening!r:.60}, expected a name; pass --whitening")
+        opts.whitening = whitening or None
     for key, value in overrides.items():
         if value is not None:
             setattr(opts, key, tuple(value) if key == "scales" else value)

@@ -24,9 +24,9 @@ from ..nn import GeM
 from .cspdarknet import CSPDARKNET_PRESETS, CSPDarknet, CspDarknetCfg
 from .layers import l2n
 from .resnet import RESNET_PRESETS, ResNet, ResNetCfg
+from ..config import JsonConfig, check_values
 from .serialization import safe_torch_load
-from .vgg import VGG_PRESETS, VGG, VggCfg
-from ..config import JsonConfig
+from .vgg import VGG, VGG_PRESETS, VggCfg
 
 __all__ = ["LandmarkNetConfig", "LandmarkNet", "LANDMARKNET_PRESETS", "BACKBONES", "create_backbone",
            "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -63,6 +63,10 @@ def _with_overrides(base: CspDarknetCfg | ResNetCfg | VggCfg, overrides: Mapping
     if unknown:
         raise ValueError(f"backbone_args: unknown fields {sorted(unknown)} for {type(base).__name__}; "
                          f"valid fields are {sorted(names)}")
+    try:
+        check_values(type(base), overrides)
+    except ValueError as err:
+        raise ValueError(f"backbone_args: {err}") from None
     return dataclasses.replace(base, **overrides)
 
 
@@ -74,6 +78,13 @@ BACKBONES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "resnet101": lambda a: _resnet(a, "resnet101"),
     "resnet152": lambda a: _resnet(a, "resnet152"),
     "vgg16": lambda a: _vgg(a, "vgg16"),
+}
+
+
+#: the configs the built-in backbones start from (their backbone_args override these)
+_BACKBONE_BASES: dict[str, CspDarknetCfg | ResNetCfg] = {
+    "cspdarknet53": CSPDARKNET_PRESETS["cspdarknet53"],
+    **{name: RESNET_PRESETS[name] for name in ("resnet50", "resnet101", "resnet152")},
 }
 
 
@@ -111,12 +122,17 @@ class LandmarkNetConfig(JsonConfig):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    BOUNDS = {"p": (1e-3, 1e3), "gem_eps": (1e-30, 1.0), "whiten_dim": (1, 65536), "mean": (-1e3, 1e3),
+              "std": (1e-6, 1e3)}
+
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone: unknown name {self.backbone!r}; choose one of {sorted(BACKBONES)}")
         if not isinstance(self.backbone_args, Mapping):
             raise TypeError(f"backbone_args must be a dict, got {type(self.backbone_args).__name__}")
         self.backbone_args = dict(self.backbone_args)
+        if self.backbone in _BACKBONE_BASES:  # fail here, not when the network is built
+            _with_overrides(_BACKBONE_BASES[self.backbone], self.backbone_args)
         if not float(self.p) > 0:
             raise ValueError(f"p must be > 0, got {self.p}")
         if not float(self.gem_eps) > 0:
@@ -313,17 +329,15 @@ class LandmarkNet(nn.Module):
             from .pretrained import load_pretrained
 
             return load_pretrained(str(name_or_path), progress=progress).to(map_location)
-        meta = json.loads(cfg_file.read_text())
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT_TAG or "config" not in meta:
-            raise ValueError(f"{cfg_file} is not a LandmarkNet config (no format tag {_FORMAT_TAG!r})")
-        if int(meta.get("format_version", 0)) > _FORMAT_VERSION:
-            raise ValueError(f"{cfg_file} has format_version {meta['format_version']}; this pylandmark "
-                             f"reads up to {_FORMAT_VERSION}: upgrade pylandmark")
-        model = cls(LandmarkNetConfig.from_dict(meta["config"]))
-        weights = p / str(meta.get("weights", WEIGHTS_NAMES["safetensors"]))
+        meta = _read_config(cfg_file)
+        config = LandmarkNetConfig.from_dict(meta["config"])
+        weights = _weights_path(p, meta.get("weights", WEIGHTS_NAMES["safetensors"]), cfg_file)
         if not weights.is_file():
             raise FileNotFoundError(f"weights file {weights} named in {cfg_file} is missing")
-        state = read_state_dict(weights)
+        _check_size_fits(config, weights, cfg_file)
+        model = cls(config)
+        state = _named_tensors(read_state_dict(weights), weights)
+        _check_shapes(model, state, weights, strict)
         result = model.load_state_dict(state, strict=strict)
         if not strict and (result.missing_keys or result.unexpected_keys):
             logger.warning("loading %s: missing keys %s, unexpected keys %s", weights,
@@ -334,6 +348,69 @@ class LandmarkNet(nn.Module):
                 raise FileNotFoundError(f"whitenings file {wfile} named in {cfg_file} is missing")
             model.whitenings = _load_whitenings(wfile, model.dim)
         return model.to(map_location)
+
+
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_config(cfg_file: Path) -> dict:
+    """The checked contents of a model directory's config.json (a file from elsewhere)."""
+    with open(cfg_file, "rb") as f:
+        raw = f.read(_MAX_CONFIG_BYTES + 1)
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ValueError(f"{cfg_file} is larger than {_MAX_CONFIG_BYTES} bytes; not a LandmarkNet config")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{cfg_file} is not valid JSON ({str(err)[:100]})") from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT_TAG or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{cfg_file} is not a LandmarkNet config (no format tag {_FORMAT_TAG!r})")
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{cfg_file}: format_version must be an integer, got {version!r:.40}")
+    if version > _FORMAT_VERSION:
+        raise ValueError(f"{cfg_file} has format_version {version}; this pylandmark "
+                         f"reads up to {_FORMAT_VERSION}: upgrade pylandmark")
+    return meta
+
+
+def _weights_path(folder: Path, name: Any, cfg_file: Path) -> Path:
+    """The weights file a config names: a relative path inside the model directory, never an
+    absolute path or one that climbs out with '..'."""
+    if not isinstance(name, str) or not name or "\\" in name:
+        raise ValueError(f"{cfg_file}: 'weights' must name a file in {folder}, got {name!r:.80}")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or rel.drive:
+        raise ValueError(f"{cfg_file}: 'weights' must name a file inside {folder}, got {name!r:.80}")
+    return folder / rel
+
+
+def _check_size_fits(config: LandmarkNetConfig, weights: Path, cfg_file: Path) -> None:
+    """Builds the network on the meta device (no memory) and refuses a config that describes more
+    tensor elements than the weights file could hold at 2 bytes each: a crafted config cannot
+    make the loader allocate a network its weights do not match."""
+    with torch.device("meta"):
+        numel = sum(t.numel() for t in LandmarkNet(config).state_dict().values())
+    size = weights.stat().st_size
+    if 2 * numel > size:
+        raise ValueError(f"{cfg_file} describes a network of {numel} values but {weights.name} holds only "
+                         f"{size} bytes: the config and the weights do not belong together")
+
+
+def _check_shapes(model: nn.Module, state: Mapping[str, torch.Tensor], weights: Path, strict: bool) -> None:
+    """One-line errors for weights that do not fit the network (torch's are many lines)."""
+    own = model.state_dict()
+    bad = [f"{k}: file {tuple(v.shape)}, network {tuple(own[k].shape)}" for k, v in state.items()
+           if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ValueError(f"{weights} does not fit its config: {len(bad)} tensors have other shapes ({bad[0]}"
+                         f"{f'; and {len(bad) - 1} more' if len(bad) > 1 else ''})")
+    if strict:
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not fit its config: {len(missing)} tensors missing "
+                             f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
 
 
 def _no_half(x: torch.Tensor) -> torch.Tensor:
@@ -351,11 +428,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
         except ImportError as err:  # pragma: no cover
             raise ImportError(f"{path} is a safetensors file; pip install safetensors") from err
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"cannot read {path} as safetensors: {str(err).splitlines()[0][:200]}") from None
     obj = safe_torch_load(path)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
     return dict(obj)
+
+
+def _named_tensors(state: Mapping[str, Any], path: Path) -> Mapping[str, torch.Tensor]:
+    """A LandmarkNet weights file holds a flat state_dict: names and tensors only."""
+    bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path} holds {type(state[bad]).__name__} under {str(bad)[:80]!r}; expected only "
+                         "named tensors (a state_dict)")
+    return state
 
 
 def _looks_like_safetensors(head: bytes) -> bool:

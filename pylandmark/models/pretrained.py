@@ -193,10 +193,11 @@ def load_network(weights: str, device: str = "cpu", progress: bool = True):
       ``models_dir()/<preset>``;
     - ``"random"``: random initialisation, for smoke tests only (warns).
     """
-    from .landmarknet import LandmarkNet
+    from ..devices import resolve_device
 
     if not isinstance(weights, str) or not weights:
         raise ValueError("weights must be a path, a URL, a preset name or 'random'")
+    device = resolve_device(device)
     if weights == RANDOM:
         warnings.warn("--weights random: the network is randomly initialised, its results mean nothing",
                       stacklevel=2)
