@@ -27,7 +27,6 @@ EXAMPLES = {
              "  pylandmark train --data-root sfm120k/ --out runs/csp --resume",
     "bench": "examples:\n  pylandmark bench\n  pylandmark bench --n 1000000 --queries 1 64 --k 100 --json",
 }
-MULTISCALE = (1.0, 2 ** -0.5, 0.5)
 
 
 def _emit(args: argparse.Namespace, payload, text: str) -> None:
@@ -45,9 +44,10 @@ def _network(args: argparse.Namespace, default: str | None = None):
 
 
 def _opts(args: argparse.Namespace, index=None):
+    from .extraction import DEFAULT_SCALES_MS
     from .pipelines import ExtractOptions, index_options
 
-    scales = MULTISCALE if getattr(args, "multiscale", False) else None
+    scales = DEFAULT_SCALES_MS if getattr(args, "multiscale", False) else None
     common = dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device, progress=not args.quiet)
     if index is not None:
         return index_options(index, image_size=args.image_size, scales=scales, **common)

@@ -8,7 +8,6 @@ first half and mixes with ``conv_transition`` (1x1). Output: 1024 channels at st
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,9 +81,8 @@ class CspDarknetCfg(JsonConfig):
 
 
 #: Named architectures. ``cspdarknet53`` is timm's (26,617,184 parameters without a classifier).
-CSPDARKNET_PRESETS: dict[str, CspDarknetCfg] = {
-    "cspdarknet53": CspDarknetCfg(),
-}
+CSPDARKNET_PRESETS = CspDarknetCfg.presets
+CSPDARKNET_PRESETS.register("cspdarknet53", CspDarknetCfg())
 
 
 class DarkBlock(nn.Module):
@@ -164,10 +162,7 @@ class CSPDarknet(nn.Module):
     def __init__(self, cfg: CspDarknetCfg | str = "cspdarknet53", num_classes: int = 0):
         super().__init__()
         if isinstance(cfg, str):
-            if cfg not in CSPDARKNET_PRESETS:
-                raise ValueError(f"cfg: unknown preset {cfg!r}; choose one of {sorted(CSPDARKNET_PRESETS)} "
-                                 "or pass a CspDarknetCfg")
-            cfg = dataclasses.replace(CSPDARKNET_PRESETS[cfg])
+            cfg = CSPDARKNET_PRESETS.get_config(cfg, argument="cfg")
         if not isinstance(cfg, CspDarknetCfg):
             raise TypeError(f"cfg must be a CspDarknetCfg or a preset name, got {type(cfg).__name__}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:

@@ -16,19 +16,17 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from ..nn import GeM
-from .cspdarknet import CSPDARKNET_PRESETS, CSPDarknet, CspDarknetCfg
+from .cspdarknet import CSPDarknet, CspDarknetCfg
 from .layers import l2n
-from .resnet import RESNET_PRESETS, ResNet, ResNetCfg
+from .resnet import ResNet, ResNetCfg
 from ..config import JsonConfig
 
 __all__ = ["LandmarkNetConfig", "LandmarkNet", "LANDMARKNET_PRESETS", "BACKBONES", "create_backbone",
            "IMAGENET_MEAN", "IMAGENET_STD"]
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = {"safetensors": "model.safetensors", "torch": "model.pt"}
@@ -37,20 +35,20 @@ _FORMAT_VERSION = 1
 
 
 def _csp(cfg: dict[str, Any], name: str) -> CSPDarknet:
-    return CSPDarknet(_with_overrides(CSPDARKNET_PRESETS[name], cfg))
+    return CSPDarknet(_with_overrides(CspDarknetCfg, name, cfg))
 
 
 def _resnet(cfg: dict[str, Any], name: str) -> ResNet:
-    return ResNet(_with_overrides(RESNET_PRESETS[name], cfg))
+    return ResNet(_with_overrides(ResNetCfg, name, cfg))
 
 
-def _with_overrides(base: CspDarknetCfg | ResNetCfg, overrides: Mapping[str, Any]):
-    names = {f.name for f in dataclasses.fields(base)}
+def _with_overrides(cfg_cls: type[CspDarknetCfg] | type[ResNetCfg], name: str, overrides: Mapping[str, Any]):
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
     unknown = set(overrides) - names
     if unknown:
-        raise ValueError(f"backbone_args: unknown fields {sorted(unknown)} for {type(base).__name__}; "
+        raise ValueError(f"backbone_args: unknown fields {sorted(unknown)} for {cfg_cls.__name__}; "
                          f"valid fields are {sorted(names)}")
-    return dataclasses.replace(base, **overrides)
+    return cfg_cls.presets.get_config(name, overrides)
 
 
 #: backbone name -> builder(backbone_args) returning a module with ``forward_features`` and
@@ -122,23 +120,15 @@ class LandmarkNetConfig(JsonConfig):
         if min(self.std) <= 0:
             raise ValueError(f"std entries must be > 0, got {self.std}")
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "LandmarkNetConfig":
-        """A named preset from :data:`LANDMARKNET_PRESETS`, with fields overridden."""
-        if name not in LANDMARKNET_PRESETS:
-            raise ValueError(f"name: unknown preset {name!r}; choose one of {sorted(LANDMARKNET_PRESETS)}")
-        return dataclasses.replace(LANDMARKNET_PRESETS[name], **overrides)
-
 
 #: The paper's settings. ``cspdarknet53-gem`` is the default network; the ResNet ones are the
 #: comparison (``-lw``: with the learned-whitening layer).
-LANDMARKNET_PRESETS: dict[str, LandmarkNetConfig] = {
-    "cspdarknet53-gem": LandmarkNetConfig(),
-    "cspdarknet53-gem-lw": LandmarkNetConfig(whitening=True),
-    "resnet50-gem": LandmarkNetConfig(backbone="resnet50"),
-    "resnet101-gem": LandmarkNetConfig(backbone="resnet101"),
-    "resnet101-gem-lw": LandmarkNetConfig(backbone="resnet101", whitening=True),
-}
+LANDMARKNET_PRESETS = LandmarkNetConfig.presets
+LANDMARKNET_PRESETS.register("cspdarknet53-gem", LandmarkNetConfig())
+LANDMARKNET_PRESETS.register("cspdarknet53-gem-lw", LandmarkNetConfig(whitening=True))
+LANDMARKNET_PRESETS.register("resnet50-gem", LandmarkNetConfig(backbone="resnet50"))
+LANDMARKNET_PRESETS.register("resnet101-gem", LandmarkNetConfig(backbone="resnet101"))
+LANDMARKNET_PRESETS.register("resnet101-gem-lw", LandmarkNetConfig(backbone="resnet101", whitening=True))
 
 
 class LandmarkNet(nn.Module):

@@ -7,7 +7,6 @@ checkpoints (and cirtorch's ``features.*`` retrieval checkpoints, through
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -48,11 +47,10 @@ class ResNetCfg(JsonConfig):
 
 
 #: Named architectures (parameters without ``fc``: 23,508,032 / 42,500,160 / 58,143,808).
-RESNET_PRESETS: dict[str, ResNetCfg] = {
-    "resnet50": ResNetCfg(layers=(3, 4, 6, 3)),
-    "resnet101": ResNetCfg(layers=(3, 4, 23, 3)),
-    "resnet152": ResNetCfg(layers=(3, 8, 36, 3)),
-}
+RESNET_PRESETS = ResNetCfg.presets
+RESNET_PRESETS.register("resnet50", ResNetCfg(layers=(3, 4, 6, 3)))
+RESNET_PRESETS.register("resnet101", ResNetCfg(layers=(3, 4, 23, 3)))
+RESNET_PRESETS.register("resnet152", ResNetCfg(layers=(3, 8, 36, 3)))
 
 
 class Bottleneck(nn.Module):
@@ -105,10 +103,7 @@ class ResNet(nn.Module):
     def __init__(self, cfg: ResNetCfg | str = "resnet50", num_classes: int = 0):
         super().__init__()
         if isinstance(cfg, str):
-            if cfg not in RESNET_PRESETS:
-                raise ValueError(f"cfg: unknown preset {cfg!r}; choose one of {sorted(RESNET_PRESETS)} "
-                                 "or pass a ResNetCfg")
-            cfg = dataclasses.replace(RESNET_PRESETS[cfg])
+            cfg = RESNET_PRESETS.get_config(cfg, argument="cfg")
         if not isinstance(cfg, ResNetCfg):
             raise TypeError(f"cfg must be a ResNetCfg or a preset name, got {type(cfg).__name__}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:

@@ -229,13 +229,6 @@ class TrainConfig(JsonConfig):
             if isinstance(v, os.PathLike):
                 setattr(self, n, os.fspath(v))
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
-        """A named recipe from :data:`TRAIN_PRESETS` with fields overridden."""
-        if name not in TRAIN_PRESETS:
-            raise ValueError(f"preset must be one of {sorted(TRAIN_PRESETS)}, got {name!r}")
-        return dataclasses.replace(TRAIN_PRESETS[name], **overrides)
-
 
 #: Named recipes. ``cspdarknet53-gem``: the paper's network with the reference recipe;
 #: ``resnet101-gem``: the reference command (ResNet-101 GeM, contrastive margin 0.85, Adam
@@ -243,17 +236,16 @@ class TrainConfig(JsonConfig):
 #: trainable whitening layer, for CPU tests and the synthetic example: 96 px images, small mining,
 #: and, since it starts from random weights rather than ImageNet ones, a larger lr annealed
 #: faster (x exp(-0.3) per epoch).
-TRAIN_PRESETS: dict[str, TrainConfig] = {
-    "cspdarknet53-gem": TrainConfig(),
-    "resnet101-gem": TrainConfig(model="resnet101-gem"),
-    "test": TrainConfig(
-        model="cspdarknet53-gem-lw",
-        model_args={"backbone_args": {"stem_chs": 12, "depths": [1, 1, 1], "out_chs": [24, 48, 96],
-                                      "expand_ratio": [2.0, 1.0, 1.0], "bottle_ratio": [0.5, 1.0, 1.0]}},
-        image_size=96, query_size=96, pool_size=192, negatives=3, epochs=8, batch_size=4, lr=2e-3,
-        lr_decay=0.3, margin=0.7, workers=0, mining_batch_size=32, val_image_size=96, test_image_size=96,
-        whiten_image_size=96, progress=False),
-}
+TRAIN_PRESETS = TrainConfig.presets
+TRAIN_PRESETS.register("cspdarknet53-gem", TrainConfig())
+TRAIN_PRESETS.register("resnet101-gem", TrainConfig(model="resnet101-gem"))
+TRAIN_PRESETS.register("test", TrainConfig(
+    model="cspdarknet53-gem-lw",
+    model_args={"backbone_args": {"stem_chs": 12, "depths": [1, 1, 1], "out_chs": [24, 48, 96],
+                                  "expand_ratio": [2.0, 1.0, 1.0], "bottle_ratio": [0.5, 1.0, 1.0]}},
+    image_size=96, query_size=96, pool_size=192, negatives=3, epochs=8, batch_size=4, lr=2e-3,
+    lr_decay=0.3, margin=0.7, workers=0, mining_batch_size=32, val_image_size=96, test_image_size=96,
+    whiten_image_size=96, progress=False))
 
 
 # ------------------------------------------------------------------------------------ building
