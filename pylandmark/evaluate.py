@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import check_int, framework_of, to_numpy
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PROTOCOLS", "revisited", "compute_ap", "format_table", "gap", "accuracy",
@@ -38,17 +40,6 @@ _PROTOCOL_CATS = {
 _CHUNK_CELLS = 1 << 26
 
 
-def _to_numpy(x: Any, name: str) -> np.ndarray:
-    if type(x).__module__.split(".")[0] == "torch":
-        return x.detach().cpu().numpy()
-    if type(x).__module__.split(".")[0] == "cupy":
-        return x.get()
-    try:
-        return np.asarray(x)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be an array (numpy or torch), got {type(x).__name__}") from err
-
-
 def _check_kappas(kappas: Any) -> tuple[int, ...]:
     if isinstance(kappas, numbers.Integral):
         kappas = (kappas,)
@@ -57,10 +48,8 @@ def _check_kappas(kappas: Any) -> tuple[int, ...]:
     except TypeError as err:
         raise TypeError(f"kappas must be a sequence of ints such as (1, 5, 10), got "
                         f"{type(kappas).__name__}") from err
-    for k in ks:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"kappas must hold ints >= 1 such as (1, 5, 10), got {kappas!r}")
-    return tuple(int(k) for k in ks)
+    return tuple(check_int(k, "kappas", minimum=1, hint=f" in {kappas!r}; pass ints such as (1, 5, 10)")
+                 for k in ks)
 
 
 def _index_list(entry: Any, key: str, q: int) -> np.ndarray:
@@ -69,7 +58,7 @@ def _index_list(entry: Any, key: str, q: int) -> np.ndarray:
     except (KeyError, TypeError, IndexError) as err:
         raise ValueError(f"gnd[{q}] must be a dict with 'easy', 'hard' and 'junk' index lists "
                          f"(as in gnd_<dataset>.pkl); missing {key!r}") from err
-    arr = _to_numpy(values, f"gnd[{q}][{key!r}]").reshape(-1)
+    arr = to_numpy(values, f"gnd[{q}][{key!r}]").reshape(-1)
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
     if arr.dtype.kind not in "iu":
@@ -85,7 +74,7 @@ def _index_list(entry: Any, key: str, q: int) -> np.ndarray:
 
 
 def _check_ranks(ranks: Any, n_queries: int) -> np.ndarray:
-    r = _to_numpy(ranks, "ranks")
+    r = to_numpy(ranks, "ranks")
     if r.dtype == np.bool_ or r.dtype.kind not in "iu":
         raise TypeError(f"ranks must hold integer database indices (best first), got dtype "
                         f"{r.dtype}; pass the index output of search(), not the scores")
@@ -250,12 +239,9 @@ def compute_ap(positive_ranks: Any, n_positives: int) -> float:
         AP in [0, 1]: ``sum_j (p_before_j + p_after_j) / 2 / n_positives`` with, for the j-th
         positive at rank r, ``p_before = j / r`` (1 when r = 0) and ``p_after = (j + 1) / (r + 1)``.
     """
-    ranks = np.sort(_to_numpy(positive_ranks, "positive_ranks").reshape(-1)).astype(np.float64)
-    if isinstance(n_positives, bool) or not isinstance(n_positives, numbers.Integral):
-        raise TypeError(f"n_positives must be an int, got {type(n_positives).__name__}")
-    if n_positives < 1:
-        raise ValueError(f"n_positives must be >= 1, got {n_positives}; queries without "
-                         "positives have no AP and are skipped")
+    ranks = np.sort(to_numpy(positive_ranks, "positive_ranks").reshape(-1)).astype(np.float64)
+    n_positives = check_int(n_positives, "n_positives", minimum=1,
+                            hint="; queries without positives have no AP and are skipped")
     if ranks.size > n_positives:
         raise ValueError(f"positive_ranks has {ranks.size} entries but n_positives is "
                          f"{n_positives}; it cannot exceed the number of positives")
@@ -311,8 +297,8 @@ def _pct(value: Any, digits: int) -> str:
 
 
 def _labels_list(x: Any, name: str) -> list[Any]:
-    if type(x).__module__.split(".")[0] in ("torch", "cupy"):
-        x = _to_numpy(x, name)
+    if framework_of(x) in ("torch", "cupy"):
+        x = to_numpy(x, name)
     if isinstance(x, np.ndarray):
         if x.ndim != 1:
             raise ValueError(f"{name} must be 1-d (one label per query), got shape {x.shape}")
@@ -372,7 +358,7 @@ def gap(predictions: Any, confidences: Any, truth: Any, *, unknown: Any = "unkno
     """
     p = _labels_list(predictions, "predictions")
     t = _labels_list(truth, "truth")
-    conf = _to_numpy(confidences, "confidences").astype(np.float64).reshape(-1)
+    conf = to_numpy(confidences, "confidences").astype(np.float64).reshape(-1)
     if not (len(p) == len(t) == conf.size):
         raise ValueError(f"predictions, confidences and truth must have one entry per query, got "
                          f"{len(p)}, {conf.size} and {len(t)}")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._checks import check_int, check_number
 from .data.images import (IMAGENET_MEAN, IMAGENET_STD, ImageList, LoadFailure, list_images,
                           prepare_image, to_rgb)
 from .models.layers import fold_batchnorm, l2n
@@ -119,12 +120,6 @@ def _check_scales(scales: Any) -> tuple[float, ...]:
     return out
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _as_dataset(images: Any, image_size: float | None, bboxes: Any, mean: Sequence[float],
                 std: Sequence[float], on_error: str) -> torch.utils.data.Dataset:
     if isinstance(images, torch.utils.data.Dataset) and not isinstance(images, ImageList):
@@ -197,18 +192,16 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
     scales = _check_scales(scales)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    num_workers = _check_int(num_workers, "num_workers", 0)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    num_workers = check_int(num_workers, "num_workers", minimum=0)
     if max_buffered is None:
         max_buffered = 2 * batch_size
-    max_buffered = _check_int(max_buffered, "max_buffered", batch_size)
+    max_buffered = check_int(max_buffered, "max_buffered", minimum=batch_size)
     if output not in ("numpy", "torch"):
         raise ValueError(f"output must be 'numpy' or 'torch', got {output!r}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, float))
-                                   or not image_size >= 1):
-        raise ValueError(f"image_size must be a number >= 1 or None, got {image_size!r}")
+    check_number(image_size, "image_size", minimum=1, none_ok=True)
     param = next(model.parameters(), None)
     if device is not None:
         dev = torch.device(device)

@@ -135,7 +135,7 @@ def test_state_dict_round_trip():
     (lambda: plm.gem(np.zeros((1, 2, 3, 4), np.int32)), TypeError, "x has dtype int32"),
     (lambda: plm.gem(np.ones((1, 2, 3, 4), np.float32), p=0.0), ValueError, "p must be"),
     (lambda: plm.gem(np.ones((1, 2, 3, 4), np.float32), p="a"), TypeError, "p must be"),
-    (lambda: plm.gem(np.ones((1, 2, 3, 4), np.float32), eps=0.0), ValueError, "eps must be > 0"),
+    (lambda: plm.gem(np.ones((1, 2, 3, 4), np.float32), eps=0.0), ValueError, "eps must be a finite number > 0"),
     (lambda: plm.gem(np.ones((1, 2, 0, 4), np.float32)), ValueError, "H, W >= 1"),
     (lambda: gem_torch(torch.ones(1, 2, 3, 4), torch.ones(2)), ValueError, "1-element tensor"),
     (lambda: GeM(p=-1.0), ValueError, "p must be > 0"),

@@ -32,15 +32,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .._checks import check_int
+
 __all__ = ["make_sfm_dataset", "make_revisited_dataset", "render_scene", "render_view"]
 
 logger = logging.getLogger(__name__)
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 # ----------------------------------------------------------------------------------- scenes
@@ -81,7 +77,7 @@ def render_scene(family_seed: int, scene_seed: int, size: int) -> Image.Image:
     layout); ``scene_seed`` draws what makes this scene unique (building proportions and
     position, window pattern, ornaments, extra objects).
     """
-    size = _check_int(size, "size", 16)
+    size = check_int(size, "size", minimum=16)
     fam = _draw_family(np.random.default_rng(family_seed))
     rng = np.random.default_rng(scene_seed)
     s = size
@@ -251,13 +247,13 @@ def make_sfm_dataset(root: str | os.PathLike, n_clusters: int = 24, images_per_c
     positive (``qidxs`` / ``pidxs`` parallel lists); ``cluster`` holds the cluster id of every
     image (train and val ids are disjoint). Returns ``root``.
     """
-    n_clusters = _check_int(n_clusters, "n_clusters", 3)
-    images_per_cluster = _check_int(images_per_cluster, "images_per_cluster", 2)
-    image_size = _check_int(image_size, "image_size", 16)
-    family_size = _check_int(family_size, "family_size", 1)
+    n_clusters = check_int(n_clusters, "n_clusters", minimum=3)
+    images_per_cluster = check_int(images_per_cluster, "images_per_cluster", minimum=2)
+    image_size = check_int(image_size, "image_size", minimum=16)
+    family_size = check_int(family_size, "family_size", minimum=1)
     if val_clusters is None:
         val_clusters = max(2, n_clusters // 4)
-    val_clusters = _check_int(val_clusters, "val_clusters", 0)
+    val_clusters = check_int(val_clusters, "val_clusters", minimum=0)
     if n_clusters - val_clusters < 2:
         raise ValueError(f"val_clusters={val_clusters} leaves {n_clusters - val_clusters} training "
                          f"clusters of n_clusters={n_clusters}; at least 2 are needed")
@@ -326,11 +322,11 @@ def make_revisited_dataset(root: str | os.PathLike, name: str = "roxford5k", n_c
     """
     if name not in ("roxford5k", "rparis6k"):
         raise ValueError(f"name must be 'roxford5k' or 'rparis6k', got {name!r}")
-    n_clusters = _check_int(n_clusters, "n_clusters", 1)
-    db_per_cluster = _check_int(db_per_cluster, "db_per_cluster", 2)
-    queries_per_cluster = _check_int(queries_per_cluster, "queries_per_cluster", 1)
-    image_size = _check_int(image_size, "image_size", 16)
-    distractors = _check_int(distractors, "distractors", 0)
+    n_clusters = check_int(n_clusters, "n_clusters", minimum=1)
+    db_per_cluster = check_int(db_per_cluster, "db_per_cluster", minimum=2)
+    queries_per_cluster = check_int(queries_per_cluster, "queries_per_cluster", minimum=1)
+    image_size = check_int(image_size, "image_size", minimum=16)
+    distractors = check_int(distractors, "distractors", minimum=0)
     folder = Path(root) / name
     jpg = folder / "jpg"
     jpg.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .layers import ConvNormAct, init_conv_bn
+from .._checks import check_int
 from ..config import JsonConfig
 
 __all__ = ["CspDarknetCfg", "CSPDARKNET_PRESETS", "CSPDarknet", "CSPDarknet53", "DarkBlock",
@@ -165,8 +166,7 @@ class CSPDarknet(nn.Module):
             cfg = CSPDARKNET_PRESETS.get_config(cfg, argument="cfg")
         if not isinstance(cfg, CspDarknetCfg):
             raise TypeError(f"cfg must be a CspDarknetCfg or a preset name, got {type(cfg).__name__}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        num_classes = check_int(num_classes, "num_classes", minimum=0)
         self.cfg = cfg
         kw = dict(negative_slope=cfg.negative_slope, bn_eps=cfg.bn_eps)
         self.stem = _Stem(cfg.in_chans, cfg.stem_chs, cfg.stem_kernel, **kw)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .._checks import check_int
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from ..nn import GeM
 from .cspdarknet import CSPDarknet, CspDarknetCfg
@@ -105,10 +106,8 @@ class LandmarkNetConfig(JsonConfig):
             raise ValueError(f"p must be > 0, got {self.p}")
         if not float(self.gem_eps) > 0:
             raise ValueError(f"gem_eps must be > 0, got {self.gem_eps}")
+        self.whiten_dim = check_int(self.whiten_dim, "whiten_dim", minimum=1, none_ok=True)
         if self.whiten_dim is not None:
-            wd = self.whiten_dim
-            if isinstance(wd, bool) or not isinstance(wd, int) or wd < 1:
-                raise ValueError(f"whiten_dim must be a positive int or None, got {self.whiten_dim!r}")
             if not self.whitening:
                 raise ValueError("whiten_dim is set but whitening is False; set whitening=True "
                                  "or leave whiten_dim=None")

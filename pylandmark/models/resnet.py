@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .layers import init_conv_bn
+from .._checks import check_int
 from ..config import JsonConfig
 
 __all__ = ["ResNetCfg", "RESNET_PRESETS", "ResNet", "Bottleneck", "resnet50", "resnet101"]
@@ -106,8 +107,7 @@ class ResNet(nn.Module):
             cfg = RESNET_PRESETS.get_config(cfg, argument="cfg")
         if not isinstance(cfg, ResNetCfg):
             raise TypeError(f"cfg must be a ResNetCfg or a preset name, got {type(cfg).__name__}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        num_classes = check_int(num_classes, "num_classes", minimum=0)
         self.cfg = cfg
         w = cfg.width
         self.conv1 = nn.Conv2d(cfg.in_chans, w, 7, stride=2, padding=3, bias=False)

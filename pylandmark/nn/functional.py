@@ -6,8 +6,8 @@ from typing import Any
 import torch
 
 from .. import _C
-from .._array import Array
-from ..ops import _p_value, gem_layout
+from .._array import Array, gem_layout
+from .._checks import gem_p
 
 HAVE_CUDA_KERNELS = hasattr(_C, "gem_forward_cuda")
 
@@ -42,7 +42,7 @@ class _GeMFunction(torch.autograd.Function):
             _C.gem_forward_cuda(_spec(xa, "x"), _spec(y, "y"), _spec(p_dev, "p"), eps, _stream(xa))
             ctx.save_for_backward(xa, y, p, p_dev)
         else:
-            _C.gem_forward(_spec(xa, "x"), _spec(y, "y"), _p_value(p), eps)
+            _C.gem_forward(_spec(xa, "x"), _spec(y, "y"), gem_p(p), eps)
             ctx.save_for_backward(xa, y, p)
         ctx.eps = eps
         return y.to(x.dtype)
@@ -62,7 +62,7 @@ class _GeMFunction(torch.autograd.Function):
             grad_p = terms.sum().to(device=p.device, dtype=p.dtype).reshape(p.shape) if need_p else None
         else:
             dp = _C.gem_backward(_spec(x, "x"), _spec(gy, "grad_output"), _spec(y, "y"),
-                                 _spec(dx, "grad_input"), _p_value(p), ctx.eps, bool(need_p))
+                                 _spec(dx, "grad_input"), gem_p(p), ctx.eps, bool(need_p))
             grad_p = torch.full_like(p, dp) if need_p else None
         return (dx if need_x else None), grad_p, None
 
@@ -88,7 +88,7 @@ def gem_torch(x: torch.Tensor, p: Any = 3.0, eps: float = 1e-6) -> torch.Tensor:
     if isinstance(p, torch.Tensor):
         p_t = p
     else:
-        p_t = torch.tensor(_p_value(p), dtype=torch.float64)
+        p_t = torch.tensor(gem_p(p), dtype=torch.float64)
     if x.is_cuda and x.dtype == torch.float64:
         return gem_reference(x, p_t, eps)  # the CUDA kernels take 16- and 32-bit floats
     return _GeMFunction.apply(x, p_t, eps)
