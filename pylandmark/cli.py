@@ -164,7 +164,7 @@ def _jsonable(v):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training import loop as training
+    from .training import cli as training
 
     return training.run(args)
 
@@ -249,7 +249,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p = add(sub, "train", "fine-tune on SfM-120k (contrastive loss, hard negatives)", _train)
     if with_training:
         try:
-            from .training import loop as training
+            from .training import cli as training
 
             training.add_arguments(p)
         except ImportError as err:  # training needs torch; the other commands parse without it

@@ -17,8 +17,10 @@ import torch
 from pylandmark.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pylandmark.data import SfM120k, make_revisited_dataset, make_sfm_dataset
 from pylandmark.models import LandmarkNet
-from pylandmark.training.loop import (TRAIN_PRESETS, TrainConfig, add_arguments, build_model, build_optimizer,
-                                 freeze_batchnorm, run, train, train_step, validate)
+from pylandmark.training.cli import add_arguments, run
+from pylandmark.training.config import TRAIN_PRESETS, TrainConfig
+from pylandmark.training.loop import build_model, build_optimizer, freeze_batchnorm, train, train_step
+from pylandmark.training.validation import validate
 from pylandmark.nn.losses import ContrastiveLoss
 from pylandmark.nn.whiten import Whitening, apply_whitening, strip_whitening
 
@@ -272,11 +274,11 @@ def test_resume_guards_and_tensorboard(small_root, tmp_path, caplog):
 def test_missing_tensorboard_only_warns(tmp_path, monkeypatch, caplog):
     import sys
 
-    from pylandmark.training.loop import _RunLog
+    from pylandmark.training.runlog import RunLog
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    with caplog.at_level("WARNING", logger="pylandmark.training.loop"):
-        log = _RunLog(tmp_path, tensorboard=True, enabled=True)
+    with caplog.at_level("WARNING", logger="pylandmark.training.runlog"):
+        log = RunLog(tmp_path, tensorboard=True, enabled=True)
     assert log.writer is None and "pip install tensorboard" in caplog.text
     log.write([{"epoch": 1, "loss": 0.5}])
     assert (tmp_path / "log.csv").read_text().splitlines() == ["epoch,loss", "1,0.5"]

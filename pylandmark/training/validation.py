@@ -1,0 +1,104 @@
+"""Validation during training: revisited Oxford / Paris mAP when their ground truth is present,
+otherwise mAP and recall@k on the SfM-120k val split."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import TrainConfig, autocast_dtype
+from .mining import describe
+
+__all__ = ["validate"]
+
+
+def _sfm_validation(model: nn.Module, val: Any, cfg: TrainConfig, dev: torch.device, amp: bool) -> dict[str, float]:
+    from ..evaluate import compute_ap
+    from ..ops import search
+
+    size = cfg.val_image_size or cfg.image_size
+    n_pairs = val.qidxs.size if cfg.val_queries is None else min(cfg.val_queries, val.qidxs.size)
+    qidxs, pidxs = val.qidxs[:n_pairs], val.pidxs[:n_pairs]
+    desc = describe(model, val.images, image_size=size, batch_size=cfg.mining_batch_size,
+                    num_workers=cfg.workers, device=dev, amp=amp, progress=cfg.progress,
+                    output_device="cpu").float().numpy()
+    n = desc.shape[0]
+    uq = np.unique(qidxs)
+    _, ranks = search(desc[uq], desc, k=n, metric="cosine")
+    ranks = np.asarray(ranks)
+    pos_of = {int(q): r for q, r in zip(uq, ranks)}
+    out: dict[str, float] = {}
+    for k in cfg.recall_ks:
+        hits = 0
+        for q, p in zip(qidxs, pidxs):
+            r = pos_of[int(q)]
+            r = r[r != q]
+            hits += int(p in r[:k])
+        out[f"val_recall@{k}"] = hits / len(qidxs)
+    aps = []
+    for q in uq:
+        r = pos_of[int(q)]
+        r = r[r != q]
+        positives = val.clusters[r] == val.clusters[q]
+        npos = int(positives.sum())
+        if npos:
+            aps.append(compute_ap(np.nonzero(positives)[0], npos))
+    out["val_map"] = float(np.mean(aps)) if aps else float("nan")
+    out["score"] = out["val_map"]
+    return out
+
+
+def _revisited_present(cfg: TrainConfig) -> list[str]:
+    if not cfg.test_root:
+        return []
+    root = Path(cfg.test_root)
+    return [n for n in cfg.test_datasets
+            if (root / n / f"gnd_{n}.pkl").is_file() or (root / f"gnd_{n}.pkl").is_file()]
+
+
+def _revisited_validation(model: nn.Module, names: Sequence[str], cfg: TrainConfig, dev: torch.device,
+                          amp: bool) -> dict[str, float]:
+    from ..data.revisited import RevisitedDataset
+    from ..ops import search
+
+    out: dict[str, float] = {}
+    mediums = []
+    for name in names:
+        ds = RevisitedDataset(name, cfg.test_root)
+        db = describe(model, ds.images, image_size=cfg.test_image_size, batch_size=cfg.mining_batch_size,
+                      num_workers=cfg.workers, device=dev, amp=amp, progress=cfg.progress,
+                      output_device="cpu").float().numpy()
+        qd = describe(model, ds.query_paths, image_size=cfg.test_image_size, batch_size=1,
+                      num_workers=cfg.workers, device=dev, amp=amp, progress=cfg.progress,
+                      bboxes=[ds.query_bbox(i) for i in range(ds.n_queries)], output_device="cpu").float().numpy()
+        _, ranks = search(qd, db, k=db.shape[0], metric="cosine")
+        res = ds.evaluate(np.asarray(ranks))
+        for proto in ("easy", "medium", "hard"):
+            out[f"{name}_map_{proto}"] = float(res[proto]["map"])
+        mediums.append(float(res["medium"]["map"]))
+    out["score"] = float(np.mean(mediums))
+    return out
+
+
+def validate(model: nn.Module, cfg: TrainConfig, val: Any = None, device: Any = None) -> dict[str, float]:
+    """Validation metrics of ``model`` (fractions): revisited Oxford / Paris mAP (E/M/H) when
+    their ground truth is under ``cfg.test_root``, else mAP and recall@k on the SfM val split
+    ``val``. ``score`` is what picks the best checkpoint (mean medium mAP, or val mAP). The
+    generators' states are left as they were."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    amp = autocast_dtype(cfg, dev) is not None and dev.type == "cuda"
+    names = _revisited_present(cfg)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if names:
+                return _revisited_validation(model, names, cfg, dev, amp)
+            if val is None:
+                raise ValueError("no validation data: give the SfM val split or test_root with revisited data")
+            return _sfm_validation(model, val, cfg, dev, amp)
+    finally:
+        model.train(was_training)
