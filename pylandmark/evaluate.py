@@ -102,8 +102,8 @@ def _check_ranks(ranks: Any, n_queries: int) -> np.ndarray:
     return r
 
 
-def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
-              kappas: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, Any]]:
+def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]], kappas: Sequence[int] = (1, 5, 10), *,
+              protocols: Sequence[str] = PROTOCOLS) -> dict[str, dict[str, Any]]:
     """Revisited Oxford / Paris evaluation (Easy, Medium, Hard protocols).
 
     Per query and protocol (Easy: positives easy, junk junk + hard; Medium: positives
@@ -120,6 +120,9 @@ def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
         gnd: the ``'gnd'`` list of the ground-truth file: Q dicts with ``'easy'``, ``'hard'``
             and ``'junk'`` lists of database indices (disjoint, without repeats).
         kappas: the k of mP@k.
+        protocols: the protocols to evaluate (a subset of :data:`PROTOCOLS`). With only
+            ``"easy"`` lists (``"hard"`` empty) the ``"medium"`` protocol is plain AP with junk
+            removed, as used for the SfM-120k validation.
 
     Returns:
         ``{"easy" | "medium" | "hard": {"map": float, "mp": {k: float}, "ap": (Q,) float64,
@@ -137,6 +140,9 @@ def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
     if isinstance(gnd, (str, bytes)) or not isinstance(gnd, Sequence):
         raise TypeError(f"gnd must be a list of per-query dicts, got {type(gnd).__name__}")
     ks = _check_kappas(kappas)
+    if isinstance(protocols, str) or not set(protocols) <= set(PROTOCOLS) or not len(protocols):
+        raise ValueError(f"protocols must be a non-empty subset of {PROTOCOLS}, got {protocols!r}")
+    protos = [p for p in PROTOCOLS if p in protocols]
     n_q = len(gnd)
     r = _check_ranks(ranks, n_q)
     n = r.shape[1]
@@ -146,8 +152,8 @@ def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
     max_gnd = max((int(a.max()) for triple in lists for a in triple if a.size), default=-1)
     M = max(int(r.max()) if r.size else -1, max_gnd) + 1  # label row width (+1 padding column)
 
-    ap = {p: np.full(n_q, np.nan) for p in PROTOCOLS}
-    pr = {p: np.full((n_q, len(ks)), np.nan) for p in PROTOCOLS}
+    ap = {p: np.full(n_q, np.nan) for p in protos}
+    pr = {p: np.full((n_q, len(ks)), np.nan) for p in protos}
     kq_arr = np.asarray(ks, dtype=np.float64)
     chunk = max(1, _CHUNK_CELLS // (M + 1))
     for q0 in range(0, n_q, chunk):
@@ -181,7 +187,8 @@ def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
                              f"{dup % (M + 1)} more than once; each row must be a ranking "
                              "without repeats")
 
-        for proto, (ok_cats, junk_cats) in _PROTOCOL_CATS.items():
+        for proto in protos:
+            ok_cats, junk_cats = _PROTOCOL_CATS[proto]
             n_pos = sum(count[cat] for cat in ok_cats)
             is_ok = np.isin(cats, ok_cats)
             is_junk = np.isin(cats, junk_cats)
@@ -212,7 +219,7 @@ def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
             pr[proto][q0:q1][evaluated] = prec[evaluated]
 
     out: dict[str, dict[str, Any]] = {}
-    for proto in PROTOCOLS:
+    for proto in protos:
         done = ~np.isnan(ap[proto])
         n_done = int(done.sum())
         if n_done == 0:
@@ -222,8 +229,8 @@ def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
               for i, k in enumerate(ks)}
         out[proto] = {"map": mean_ap, "mp": mp, "ap": ap[proto],
                       "pr": {k: pr[proto][:, i] for i, k in enumerate(ks)}, "n_queries": n_done}
-    logger.debug("revisited: %d queries, ranking length %d, mAP E %.4f M %.4f H %.4f", n_q, n,
-                 out["easy"]["map"], out["medium"]["map"], out["hard"]["map"])
+    logger.debug("revisited: %d queries, ranking length %d, mAP %s", n_q, n,
+                 " ".join(f"{p} {out[p]['map']:.4f}" for p in protos))
     return out
 
 

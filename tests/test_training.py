@@ -212,6 +212,31 @@ def _cli(*argv):
     return parser.parse_args([str(a) for a in argv])
 
 
+def test_cli_options_come_from_the_config_fields(tmp_path):
+    """Every TrainConfig field has an option of its type; options not given keep the preset's value."""
+    import dataclasses
+
+    from pylandmark.training.cli import config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {o for a in parser._actions for o in a.option_strings}
+    for f in dataclasses.fields(TrainConfig):
+        assert ("--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")) in flags, f.name
+    cfg = config_from_args(_cli("--data-root", tmp_path, "--out", tmp_path / "o", "--preset", "test"))
+    assert cfg == TrainConfig.from_preset("test", data_root=str(tmp_path), out_dir=str(tmp_path / "o"))
+    cfg = config_from_args(_cli("--data-root", "d", "--out", "o", "--lr", "1e-3", "--epochs", 7, "--recall-ks", 1, 3,
+                                "--no-progress", "--channels-last", "--whitening", "pca", "--model-args",
+                                '{"backbone_args": {"depths": [1, 1, 1, 1, 1]}}', "--test-datasets", "rparis6k"))
+    assert (cfg.lr, cfg.epochs, cfg.recall_ks, cfg.progress, cfg.channels_last, cfg.whitening) == \
+        (1e-3, 7, (1, 3), False, True, "pca")
+    assert cfg.model_args == {"backbone_args": {"depths": [1, 1, 1, 1, 1]}} and cfg.test_datasets == ("rparis6k",)
+    assert cfg.margin == TRAIN_PRESETS["cspdarknet53-gem"].margin
+    for bad in (["--epochs", "2.5"], ["--loss", "hinge"], ["--model-args", "[1]"]):
+        with pytest.raises(SystemExit):
+            _cli("--data-root", "d", "--out", "o", *bad)
+
+
 def test_resume_reproduces_the_uninterrupted_run(small_root, tmp_path):
     common = ["--data-root", small_root, "--preset", "test", "--image-size", 48, "--query-size", 12,
               "--pool-size", 30, "--negatives", 3, "--batch-size", 4, "--validate-every", 2, "--no-progress"]

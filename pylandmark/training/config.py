@@ -2,28 +2,40 @@
 and the runtime it resolves to (device, mixed precision)."""
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
-import numpy as np
 import torch
 
+from .._checks import check_int, check_number
 from ..config import JsonConfig
 from ..nn.losses import LOSSES
 
-__all__ = ["TrainConfig", "TRAIN_PRESETS", "AMP_MODES", "WHITENINGS", "RUNTIME_FIELDS", "resolve_device",
-           "autocast_dtype"]
+__all__ = ["TrainConfig", "TRAIN_PRESETS", "AMP_MODES", "WHITENINGS", "RUNTIME_FIELDS", "GROUPS", "FieldKind",
+           "field_kind", "resolve_device", "autocast_dtype"]
 
 AMP_MODES = ("auto", "float16", "bfloat16", "off")
 WHITENINGS = ("lw", "pca")
 
-# fields that may differ between a run and its resumption (they do not change the recipe)
-RUNTIME_FIELDS = {"epochs", "device", "workers", "progress", "tensorboard", "validate_every",
-                   "mining_batch_size", "data_root", "test_root", "out_dir", "log_every", "val_queries",
-                   "whitening", "whiten_dim", "whiten_name", "whiten_image_size", "test_datasets",
-                   "test_image_size", "val_image_size", "validate_initial", "recall_ks"}
+# argument groups of `pylandmark train --help`, in this order
+GROUPS = {"data": "data and output", "recipe": "recipe (defaults: the preset's)", "runtime": "runtime",
+          "validation": "validation", "whitening": "whitening (after training, installed into the exported model)"}
+
+
+def _opt(default: Any, help: str, group: str, *, runtime: bool = False, factory: Any = None,
+         **checks: Any) -> Any:
+    """A TrainConfig field. ``help`` and ``group`` make its ``pylandmark train`` option; ``runtime``
+    fields may change when a run is resumed (they do not change the recipe); ``checks`` are the
+    bounds :meth:`TrainConfig.__post_init__` applies (``minimum``, ``above``), and ``choices``,
+    ``flag`` (the option name when it is not ``--field-name``) and ``required`` (on the command
+    line) shape the option."""
+    meta = {"help": help, "group": group, "runtime": runtime, **checks}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -31,125 +43,86 @@ class TrainConfig(JsonConfig):
     """Everything a training run needs; the defaults are the paper's recipe (REFERENCE §1) with
     the paper's network (CSPDarknet-53 + GeM) and the reference command's margin and lr.
 
-    Data:
-        data_root: SfM-120k folder (``retrieval-SfM-120k.pkl`` and ``ims/``).
-        db_name: base name of the db pickle.
-        image_size: longer side of training images (362; never upscaled).
-        query_size, pool_size, negatives: mining sizes (2000, 20000, 5).
-    Network:
-        model: a LandmarkNet preset name (``pylandmark.models.LANDMARKNET_PRESETS``).
-        model_args: LandmarkNetConfig fields to override (e.g. ``backbone_args``).
-        pretrained: backbone weights (file or URL, e.g. timm's ImageNet CSPDarknet-53) or a
-            LandmarkNet directory to start from; None starts from random weights.
-    Optimisation:
-        loss: "contrastive" or "triplet"; margin: its margin (0.85; code default 0.7).
-        lr: base learning rate of Adam (5e-7; code default 1e-6); p_lr_mult: factor for GeM's p.
-        weight_decay: 1e-6 (not applied to p); lr_decay: lr x exp(-lr_decay) per epoch.
-        epochs: 100; batch_size: tuples per optimiser step (5); accumulation: micro-batches per
-            step (batch_size must be divisible by accumulation x processes).
-    Runtime:
-        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
-        amp: "auto" (float16 on CUDA, off on the CPU), "float16", "bfloat16", "off".
-        channels_last: None = on for CUDA.
-        workers: DataLoader processes for image loading (training and mining).
-        mining_batch_size: images per forward pass while mining / validating.
-        seed: seeds everything; the epoch's pairs and pool come from ``default_rng([seed, epoch])``.
-    Validation:
-        validate_every: epochs between validations (0: never); validate_initial: also before
-        the first epoch. val_queries: cap on SfM val queries (None: all). val_image_size: size
-        of val images (None: image_size). recall_ks: k of recall@k.
-        test_root: folder with revisited ``roxford5k`` / ``rparis6k`` (used when present);
-        test_datasets, test_image_size (1024).
-    Whitening (after training, installed into the exported model):
-        whitening: None, "lw" (learned from ``whiten_name`` pairs) or "pca"; whiten_dim;
-        whiten_name; whiten_image_size.
-    Output:
-        out_dir; progress (tqdm bars); tensorboard (needs the ``tensorboard`` package);
-        log_every (steps between debug log lines, 0: none).
+    Each field's meaning, bounds and command-line option are in its metadata (``help``, shown by
+    ``pylandmark train --help``). The groups: data and output (``data_root``, ``out_dir``,
+    ``db_name``, ``progress``, ``tensorboard``, ``log_every``); the recipe (network ``model`` /
+    ``model_args`` / ``pretrained``, mining sizes ``image_size`` / ``query_size`` / ``pool_size``
+    / ``negatives``, loss and Adam settings, ``epochs``, ``batch_size``, ``accumulation``,
+    ``seed``); the runtime (``device``, ``amp``, ``channels_last``, ``workers``,
+    ``mining_batch_size``); validation (``validate_every``, revisited ``test_root`` or the SfM
+    val split); whitening computed after training (``whitening``: None, "lw" or "pca").
     """
 
-    data_root: str = ""
-    out_dir: str = "runs/sfm120k"
-    db_name: str = "retrieval-SfM-120k"
-    image_size: int = 362
-    query_size: int = 2000
-    pool_size: int = 20000
-    negatives: int = 5
-    model: str = "cspdarknet53-gem"
-    model_args: dict[str, Any] = field(default_factory=dict)
-    pretrained: str | None = None
-    loss: str = "contrastive"
-    margin: float = 0.85
-    lr: float = 5e-7
-    p_lr_mult: float = 10.0
-    weight_decay: float = 1e-6
-    lr_decay: float = 0.01
-    epochs: int = 100
-    batch_size: int = 5
-    accumulation: int = 1
-    device: str = "auto"
-    amp: str = "auto"
-    channels_last: bool | None = None
-    workers: int = 4
-    mining_batch_size: int = 32
-    seed: int = 0
-    validate_every: int = 1
-    validate_initial: bool = False
-    val_queries: int | None = None
-    val_image_size: int | None = None
-    recall_ks: tuple[int, ...] = (1, 5, 10)
-    test_root: str | None = None
-    test_datasets: tuple[str, ...] = ("roxford5k", "rparis6k")
-    test_image_size: int = 1024
-    whitening: str | None = None
-    whiten_dim: int | None = None
-    whiten_name: str = "retrieval-SfM-120k-whiten"
-    whiten_image_size: int = 1024
-    progress: bool = True
-    tensorboard: bool = False
-    log_every: int = 0
+    data_root: str = _opt("", "SfM-120k folder (retrieval-SfM-120k.pkl and ims/)", "data", runtime=True,
+                          required=True)
+    out_dir: str = _opt("runs/sfm120k", "output folder (checkpoints, logs, exported model)", "data",
+                        runtime=True, required=True, flag="--out")
+    db_name: str = _opt("retrieval-SfM-120k", "base name of the db pickle", "data")
+    image_size: int = _opt(362, "longer side of training images (never upscaled)", "recipe", minimum=1)
+    query_size: int = _opt(2000, "tuples mined per epoch", "recipe", minimum=1)
+    pool_size: int = _opt(20000, "negative pool size", "recipe", minimum=1)
+    negatives: int = _opt(5, "hard negatives per tuple", "recipe", minimum=1)
+    model: str = _opt("cspdarknet53-gem", "LandmarkNet preset (pylandmark.models.LANDMARKNET_PRESETS)", "recipe")
+    model_args: dict[str, Any] = _opt(None, "LandmarkNetConfig fields to override, as a JSON object "
+                                      '(e.g. \'{"backbone_args": {"depths": [1, 1, 1, 1, 1]}}\')', "recipe",
+                                      factory=dict)
+    pretrained: str | None = _opt(None, "backbone weights file / URL, or a LandmarkNet directory, to start from "
+                                  "(none: random weights)", "recipe")
+    loss: str = _opt("contrastive", "tuple loss", "recipe", choices=tuple(sorted(LOSSES)))
+    margin: float = _opt(0.85, "loss margin (the code's default is 0.7)", "recipe", minimum=0)
+    lr: float = _opt(5e-7, "base learning rate of Adam (the code's default is 1e-6)", "recipe", minimum=0,
+                     above=True)
+    p_lr_mult: float = _opt(10.0, "learning rate factor of GeM's p", "recipe", minimum=0, above=True)
+    weight_decay: float = _opt(1e-6, "Adam weight decay (not applied to p)", "recipe", minimum=0)
+    lr_decay: float = _opt(0.01, "lr x exp(-lr_decay) after every epoch", "recipe", minimum=0)
+    epochs: int = _opt(100, "epochs to train", "recipe", runtime=True, minimum=1)
+    batch_size: int = _opt(5, "tuples per optimiser step", "recipe", minimum=1)
+    accumulation: int = _opt(1, "micro-batches per step (gradient accumulation; batch_size must be divisible "
+                             "by accumulation x processes)", "recipe", minimum=1)
+    device: str = _opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N", "runtime", runtime=True)
+    amp: str = _opt("auto", "mixed precision (auto: float16 on CUDA, off on the CPU)", "runtime",
+                    choices=AMP_MODES)
+    channels_last: bool | None = _opt(None, "channels_last memory format (default: on for CUDA)", "runtime")
+    workers: int = _opt(4, "image loading processes (training and mining)", "runtime", runtime=True, minimum=0)
+    mining_batch_size: int = _opt(32, "images per forward pass while mining / validating", "runtime",
+                                  runtime=True, minimum=1)
+    seed: int = _opt(0, "seeds everything; the epoch's pairs and pool come from default_rng([seed, epoch])",
+                     "recipe", minimum=0)
+    validate_every: int = _opt(1, "epochs between validations (0: never)", "validation", runtime=True,
+                               minimum=0)
+    validate_initial: bool = _opt(False, "also validate before the first epoch", "validation", runtime=True)
+    val_queries: int | None = _opt(None, "cap on the SfM val queries (default: all)", "validation",
+                                   runtime=True, minimum=1)
+    val_image_size: int | None = _opt(None, "size of the SfM val images (default: image_size)", "validation",
+                                      runtime=True, minimum=1)
+    recall_ks: tuple[int, ...] = _opt((1, 5, 10), "k of the SfM val recall@k", "validation", runtime=True,
+                                      minimum=1)
+    test_root: str | None = _opt(None, "folder with revisited roxford5k / rparis6k (validates on them when "
+                                 "present)", "validation", runtime=True)
+    test_datasets: tuple[str, ...] = _opt(("roxford5k", "rparis6k"), "revisited datasets to validate on",
+                                          "validation", runtime=True)
+    test_image_size: int = _opt(1024, "size of the revisited images", "validation", runtime=True, minimum=1)
+    whitening: str | None = _opt(None, "compute this whitening after training and install it", "whitening",
+                                 runtime=True, choices=WHITENINGS)
+    whiten_dim: int | None = _opt(None, "output size of the whitening (default: the descriptor size)",
+                                  "whitening", runtime=True, minimum=1)
+    whiten_name: str = _opt("retrieval-SfM-120k-whiten", "base name of the whitening pairs pickle", "whitening",
+                            runtime=True)
+    whiten_image_size: int = _opt(1024, "size of the whitening images", "whitening", runtime=True, minimum=1)
+    progress: bool = _opt(True, "progress bars", "data", runtime=True)
+    tensorboard: bool = _opt(False, "also log to TensorBoard (needs the tensorboard package)", "data",
+                             runtime=True)
+    log_every: int = _opt(0, "steps between debug log lines (0: none)", "data", runtime=True, minimum=0)
 
     def __post_init__(self) -> None:
-        def pos_int(name: str, minimum: int = 1) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-            setattr(self, name, int(v))
-
-        def pos_float(name: str, allow_zero: bool = False) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-                    (v < 0 if allow_zero else v <= 0):
-                raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
-            setattr(self, name, float(v))
-
-        for n in ("image_size", "query_size", "pool_size", "negatives", "epochs", "batch_size",
-                  "accumulation", "mining_batch_size", "test_image_size", "whiten_image_size"):
-            pos_int(n)
-        for n in ("workers", "validate_every", "seed", "log_every"):
-            pos_int(n, 0)
-        for n in ("lr", "p_lr_mult"):
-            pos_float(n)
-        for n in ("margin", "weight_decay", "lr_decay"):
-            pos_float(n, allow_zero=True)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked(f, getattr(self, f.name)))
         if self.batch_size % self.accumulation:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by accumulation "
                              f"({self.accumulation}): each micro-batch holds batch_size / accumulation tuples")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
                                                     or self.device.startswith("cuda:")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.whitening not in (None, *WHITENINGS):
-            raise ValueError(f"whitening must be None, 'lw' or 'pca', got {self.whitening!r}")
-        if self.whiten_dim is not None:
-            pos_int("whiten_dim")
-        if self.val_queries is not None:
-            pos_int("val_queries")
-        if self.val_image_size is not None:
-            pos_int("val_image_size")
         if not isinstance(self.model_args, Mapping):
             raise TypeError(f"model_args must be a dict of LandmarkNetConfig fields, got {type(self.model_args).__name__}")
         self.model_args = dict(self.model_args)
@@ -158,9 +131,6 @@ class TrainConfig(JsonConfig):
         if self.model not in LANDMARKNET_PRESETS:
             raise ValueError(f"model must be a LandmarkNet preset, one of {sorted(LANDMARKNET_PRESETS)}; "
                              f"got {self.model!r}")
-        self.recall_ks = tuple(int(k) for k in self.recall_ks)
-        if not self.recall_ks or min(self.recall_ks) < 1:
-            raise ValueError(f"recall_ks must be ints >= 1, got {self.recall_ks!r}")
         self.test_datasets = tuple(str(d) for d in self.test_datasets)
         for n in ("data_root", "out_dir"):
             v = getattr(self, n)
@@ -172,6 +142,59 @@ class TrainConfig(JsonConfig):
             v = getattr(self, n)
             if isinstance(v, os.PathLike):
                 setattr(self, n, os.fspath(v))
+
+
+def _checked(f: dataclasses.Field, v: Any) -> Any:
+    """``v`` checked against the bounds and choices in the metadata of field ``f``."""
+    kind, none_ok, _ = field_kind(f)
+    minimum = f.metadata.get("minimum")
+    if minimum is not None and kind is float:
+        v = check_number(v, f.name, minimum=minimum, above=f.metadata.get("above", False), none_ok=none_ok)
+    elif minimum is not None and kind is tuple:
+        items = () if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") else tuple(v)
+        if not items:
+            raise ValueError(f"{f.name} must be a non-empty sequence of ints, got {v!r}")
+        v = tuple(check_int(x, f.name, minimum=minimum) for x in items)
+    elif minimum is not None:
+        v = check_int(v, f.name, minimum=minimum, none_ok=none_ok)
+    choices = f.metadata.get("choices")
+    if choices is not None and v not in choices and not (v is None and none_ok):
+        raise ValueError(f"{f.name} must be one of {list(choices)}{' or None' if none_ok else ''}, got {v!r}")
+    return v
+
+
+class FieldKind(NamedTuple):
+    """What a TrainConfig field holds: ``type`` (int, float, str, bool, tuple or dict), whether
+    None is allowed, and for tuples the type of the items."""
+
+    type: type
+    none_ok: bool
+    item: type | None
+
+
+def field_kind(f: dataclasses.Field) -> FieldKind:
+    """The :class:`FieldKind` of a TrainConfig field, from its annotation."""
+    return _FIELD_KINDS[f.name]
+
+
+def _kinds() -> dict[str, FieldKind]:
+    out = {}
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        none_ok = type(None) in args
+        base = next(a for a in args if a is not type(None)) if none_ok else hint
+        origin = typing.get_origin(base) or base
+        item = typing.get_args(base)[0] if origin is tuple else None
+        out[f.name] = FieldKind(origin, none_ok, item)
+    return out
+
+
+_FIELD_KINDS = _kinds()
+
+#: fields that may differ between a run and its resumption (they do not change the recipe)
+RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["runtime"])
 
 
 #: Named recipes. ``cspdarknet53-gem``: the paper's network with the reference recipe;

@@ -16,7 +16,10 @@ __all__ = ["validate"]
 
 
 def _sfm_validation(model: nn.Module, val: Any, cfg: TrainConfig, dev: torch.device, amp: bool) -> dict[str, float]:
-    from ..evaluate import compute_ap
+    """Every val image is the database. Recall@k: the pair's positive among the first k of its
+    query's ranking; mAP: the images of the query's cluster are its positives (revisited
+    evaluation, medium protocol, with the query itself as junk)."""
+    from ..evaluate import revisited
     from ..ops import search
 
     size = cfg.val_image_size or cfg.image_size
@@ -25,28 +28,20 @@ def _sfm_validation(model: nn.Module, val: Any, cfg: TrainConfig, dev: torch.dev
     desc = describe(model, val.images, image_size=size, batch_size=cfg.mining_batch_size,
                     num_workers=cfg.workers, device=dev, amp=amp, progress=cfg.progress,
                     output_device="cpu").float().numpy()
-    n = desc.shape[0]
     uq = np.unique(qidxs)
-    _, ranks = search(desc[uq], desc, k=n, metric="cosine")
+    _, ranks = search(desc[uq], desc, k=desc.shape[0], metric="cosine")
     ranks = np.asarray(ranks)
-    pos_of = {int(q): r for q, r in zip(uq, ranks)}
+    row_of = {int(q): i for i, q in enumerate(uq)}
     out: dict[str, float] = {}
+    pos = np.empty(n_pairs, dtype=np.int64)  # where each pair's positive ranks, its query left out
+    for i, (q, p) in enumerate(zip(qidxs, pidxs)):
+        r = ranks[row_of[int(q)]]
+        pos[i] = np.flatnonzero(r[r != q] == p)[0]
     for k in cfg.recall_ks:
-        hits = 0
-        for q, p in zip(qidxs, pidxs):
-            r = pos_of[int(q)]
-            r = r[r != q]
-            hits += int(p in r[:k])
-        out[f"val_recall@{k}"] = hits / len(qidxs)
-    aps = []
-    for q in uq:
-        r = pos_of[int(q)]
-        r = r[r != q]
-        positives = val.clusters[r] == val.clusters[q]
-        npos = int(positives.sum())
-        if npos:
-            aps.append(compute_ap(np.nonzero(positives)[0], npos))
-    out["val_map"] = float(np.mean(aps)) if aps else float("nan")
+        out[f"val_recall@{k}"] = float(np.mean(pos < k))
+    gnd = [{"easy": np.flatnonzero((val.clusters == val.clusters[q]) & (np.arange(desc.shape[0]) != q)),
+            "hard": [], "junk": [int(q)]} for q in uq]
+    out["val_map"] = float(revisited(ranks, gnd, protocols=("medium",))["medium"]["map"])
     out["score"] = out["val_map"]
     return out
 
