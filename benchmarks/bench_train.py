@@ -28,9 +28,9 @@ import torch
 
 from pylandmark.data import SfM120k, make_sfm_dataset
 from pylandmark.nn.losses import make_loss
-from pylandmark.training.mining import mine_tuples
 from pylandmark.training.config import TrainConfig, autocast_dtype
 from pylandmark.training.loop import _train_epoch, build_model, build_optimizer
+from pylandmark.training.mining import mine_tuples
 
 
 def bench_one(preset: str, root: Path, args: argparse.Namespace, dev: torch.device) -> dict:

@@ -89,8 +89,8 @@ def run_bench(cfg: BenchConfig) -> list[BenchRow]:
     for nq in cfg.queries:
         q = rng.standard_normal((nq, cfg.dim), dtype=np.float32)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
-        ours = median_ms(lambda: search(q, db16, k=cfg.k), cfg.repeat)
-        theirs = median_ms(lambda: numpy_topk(q, db32, cfg.k), cfg.repeat)
+        ours = median_ms(lambda q=q: search(q, db16, k=cfg.k), cfg.repeat)
+        theirs = median_ms(lambda q=q: numpy_topk(q, db32, cfg.k), cfg.repeat)
         _, idx = search(q, db16, k=cfg.k)
         same = bool(np.array_equal(idx, numpy_topk(q, db32, cfg.k)))
         rows.append(BenchRow(nq, cfg.k, ours, theirs, same))

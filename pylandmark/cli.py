@@ -86,8 +86,8 @@ def _index_build(args: argparse.Namespace) -> int:
 
 
 def _index_add(args: argparse.Namespace) -> int:
-    from .retrieval.index import Index
     from .pipelines import add_images, expand_images
+    from .retrieval.index import Index
 
     index = Index.load(args.index, mmap=False)
     net, _ = _network(args, index.metadata.get("weights"))
@@ -109,8 +109,8 @@ def _index_info(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .retrieval.index import Index
     from .pipelines import expand_images, search_images
+    from .retrieval.index import Index
 
     index = Index.load(args.index)
     net, _ = _network(args, index.metadata.get("weights"))
@@ -125,8 +125,8 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _recognize(args: argparse.Namespace) -> int:
-    from .retrieval.index import Index
     from .pipelines import expand_images, recognize_images
+    from .retrieval.index import Index
 
     index = Index.load(args.index)
     net, _ = _network(args, index.metadata.get("weights"))

@@ -54,7 +54,8 @@ class Presets(Mapping[str, C], Generic[C]):
         if not isinstance(name, str) or name not in self._items:
             raise ValueError(f"{argument}: unknown preset {name!r} for {self._cls.__name__}; "
                              f"choose one of {sorted(self._items)}")
-        return dataclasses.replace(copy.deepcopy(self._items[name]), **dict(overrides or {}))
+        base: Any = copy.deepcopy(self._items[name])  # a dataclass instance (JsonConfig is a mixin)
+        return dataclasses.replace(base, **dict(overrides or {}))
 
 
 class JsonConfig:

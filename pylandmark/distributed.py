@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -181,27 +181,27 @@ def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]], kappas: Sequence[int
         cats = cat_of[qs, pos]
         keys = qs * (M + 1) + rc[qs, pos]
         if np.unique(keys).size != keys.size:
-            dup = np.sort(keys)
-            dup = int(dup[np.nonzero(dup[1:] == dup[:-1])[0][0]])
+            sorted_keys = np.sort(keys)
+            dup = int(sorted_keys[np.nonzero(sorted_keys[1:] == sorted_keys[:-1])[0][0]])
             raise ValueError(f"ranks[{q0 + dup // (M + 1)}] lists database index "
                              f"{dup % (M + 1)} more than once; each row must be a ranking "
                              "without repeats")
 
         for proto in protos:
             ok_cats, junk_cats = _PROTOCOL_CATS[proto]
-            n_pos = sum(count[cat] for cat in ok_cats)
+            n_pos: np.ndarray = sum(count[cat] for cat in ok_cats)  # type: ignore[assignment]
             is_ok = np.isin(cats, ok_cats)
             is_junk = np.isin(cats, junk_cats)
             keep = is_ok | is_junk
             q_k, pos_k, ok_k, junk_k = qs[keep], pos[keep], is_ok[keep], is_junk[keep]
             start = np.searchsorted(q_k, q_k, side="left")  # first entry of each query's run
-            cj = np.cumsum(junk_k) - junk_k  # junk strictly before, over the whole chunk
-            co = np.cumsum(ok_k) - ok_k
+            cj: np.ndarray = np.cumsum(junk_k) - junk_k  # junk strictly before, over the whole chunk
+            co: np.ndarray = np.cumsum(ok_k) - ok_k
             junk_before = cj - cj[start]
             ok_before = co - co[start]
             q_ok = q_k[ok_k]
             r_adj = (pos_k - junk_before)[ok_k].astype(np.float64)  # 0-based, junk removed
-            j = ok_before[ok_k].astype(np.float64)
+            j: np.ndarray = ok_before[ok_k].astype(np.float64)
             prec_before = np.where(r_adj == 0, 1.0, j / np.maximum(r_adj, 1.0))
             prec_after = (j + 1.0) / (r_adj + 1.0)
             ap_sum = np.bincount(q_ok, weights=(prec_before + prec_after) / 2.0, minlength=c)

@@ -12,8 +12,9 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._checks import check_int, check_number
-from .data.images import (IMAGENET_MEAN, IMAGENET_STD, ImageList, LoadFailure, list_images,
-                          prepare_image, to_rgb)
+from .data.images import IMAGENET_MEAN, IMAGENET_STD, ImageList, LoadFailure, list_images, prepare_image, to_rgb
 from .models.layers import fold_batchnorm, l2n
 
 __all__ = ["extract", "LoadFailure", "multiscale_combine", "prepare_inference_model"]
@@ -79,7 +79,7 @@ def prepare_inference_model(model: nn.Module, device: torch.device, channels_las
     fold_batchnorm(m)
     m = m.to(device)
     if channels_last:
-        m = m.to(memory_format=torch.channels_last)
+        m = m.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
     return m
 
 
@@ -216,7 +216,7 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
     mean = tuple(getattr(cfg, "mean", IMAGENET_MEAN))
     std = tuple(getattr(cfg, "std", IMAGENET_STD))
     dataset = _as_dataset(images, image_size, bboxes, mean, std, on_error)
-    n = len(dataset)
+    n = len(dataset)  # type: ignore[arg-type]  # every dataset _as_dataset returns has a length
     if n == 0:
         raise ValueError("images is empty: nothing to extract")
     ms_p = float(getattr(model, "multiscale_p", 1.0))

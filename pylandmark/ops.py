@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from ._array import (CUDA, Array, as_array, contiguous, current_stream, empty_like_framework, gem_layout,
-                     require_float)
+from ._array import CUDA, Array, as_array, contiguous, current_stream, empty_like_framework, gem_layout, require_float
 from ._checks import check_int, check_number, gem_p, is_torch
 
 METRICS = ("cosine", "ip")

@@ -3,9 +3,10 @@ evaluate on revisited Oxford/Paris. Each `pylandmark` sub-command calls one func
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -14,8 +14,8 @@ import torch
 
 from pylandmark.data import SfM120k, make_sfm_dataset
 from pylandmark.extraction import extract
-from pylandmark.nn.losses import ContrastiveLoss
 from pylandmark.models import LandmarkNet
+from pylandmark.nn.losses import ContrastiveLoss
 from pylandmark.training.loop import train_step
 
 TINY = {"backbone_args": {"stem_chs": 8, "depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 16, 24, 24]}}

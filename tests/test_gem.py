@@ -4,12 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import ALL_ISAS, gem_float64
 
 import pylandmark as plm
 from pylandmark import _C
 from pylandmark.nn import GeM, gem_torch
-
-from conftest import ALL_ISAS, gem_float64
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # output tolerance by input dtype: float32 accumulation, result rounded to the input dtype

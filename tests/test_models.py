@@ -10,8 +10,16 @@ import torch
 import torch.nn.functional as F
 
 import pylandmark as plm
-from pylandmark.models import (CSPDarknet, CSPDarknet53, CspDarknetCfg, LandmarkNet, LandmarkNetConfig,
-                               ResNet, ResNetCfg, fold_batchnorm)
+from pylandmark.models import (
+    CSPDarknet,
+    CSPDarknet53,
+    CspDarknetCfg,
+    LandmarkNet,
+    LandmarkNetConfig,
+    ResNet,
+    ResNetCfg,
+    fold_batchnorm,
+)
 
 TINY_CSP = {"depths": [1, 2, 1, 1, 1], "out_chs": [8, 16, 16, 24, 32]}
 

@@ -8,11 +8,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from conftest import ALL_ISAS
 
 import pylandmark as plm
 from pylandmark import _C
-
-from conftest import ALL_ISAS
 
 DTYPES = ("float16", "bfloat16", "float32")
 

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from pylandmark.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pylandmark.data import SfM120k, make_revisited_dataset, make_sfm_dataset
 from pylandmark.models import LandmarkNet
+from pylandmark.nn.losses import ContrastiveLoss
+from pylandmark.nn.whiten import Whitening, apply_whitening, strip_whitening
+from pylandmark.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pylandmark.training.cli import add_arguments, run
 from pylandmark.training.config import TRAIN_PRESETS, TrainConfig
 from pylandmark.training.loop import build_model, build_optimizer, freeze_batchnorm, train, train_step
 from pylandmark.training.validation import validate
-from pylandmark.nn.losses import ContrastiveLoss
-from pylandmark.nn.whiten import Whitening, apply_whitening, strip_whitening
 
 TINY = {"backbone_args": {"stem_chs": 8, "depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 16, 24, 24]}}
 
@@ -34,7 +34,8 @@ def small_root(tmp_path_factory):
 
 
 def _small_cfg(root, out, **kw):
-    base = dict(data_root=str(root), out_dir=str(out), model="cspdarknet53-gem", model_args=TINY, image_size=48, query_size=12, pool_size=30,
+    base = dict(data_root=str(root), out_dir=str(out), model="cspdarknet53-gem", model_args=TINY, image_size=48,
+                query_size=12, pool_size=30,
                 negatives=3, batch_size=4, epochs=2, val_image_size=48, whiten_image_size=48, test_image_size=48,
                 mining_batch_size=16)
     base.update(kw)
@@ -196,7 +197,8 @@ def test_checkpoint_is_atomic_and_tensors_only(tmp_path, monkeypatch):
     contents, meta = load_checkpoint(path)  # the old checkpoint survived, no temporary file left
     assert meta["epoch"] == 1 and sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
     # a pickle with code in it is not loaded
-    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"format": "pylandmark.TrainCheckpoint/1", "x": _Payload()}, protocol=2))
+    evil = {"format": "pylandmark.TrainCheckpoint/1", "x": _Payload()}
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(evil, protocol=2))
     with pytest.raises(ValueError, match="tensors-only"):
         load_checkpoint(tmp_path / "evil.pt")
     torch.save({"model": {}}, tmp_path / "other.pt")
@@ -319,7 +321,7 @@ def test_whitening_and_revisited_validation(small_root, tmp_path, kind):
     cfg = _small_cfg(small_root, tmp_path / "w", epochs=1, whitening=kind, whiten_dim=16, test_root=str(test_root))
     path = train(cfg)
     assert path.name == "model_best"
-    hist = [json.loads(l) for l in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
+    hist = [json.loads(line) for line in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
     assert {"roxford5k_map_easy", "roxford5k_map_medium", "roxford5k_map_hard"} <= set(hist[-1])
     assert "val_map" not in hist[-1]
     net = LandmarkNet.from_pretrained(path)
@@ -377,7 +379,7 @@ def test_short_run_learns(tmp_path):
     cfg = TrainConfig.from_preset("test", data_root=str(root), out_dir=str(tmp_path / "run"), seed=0,
                                   validate_initial=True)
     train(cfg)
-    hist = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    hist = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     maps = [h["val_map"] for h in hist]
     print("val mAP by epoch (%): " + ", ".join(f"{100 * m:.1f}" for m in maps))
     before, last3 = maps[0], maps[-3:]

@@ -21,8 +21,9 @@ import io
 import logging
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

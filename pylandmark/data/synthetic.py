@@ -59,8 +59,8 @@ def _color(rng: np.random.Generator, lo: int = 0, hi: int = 256) -> np.ndarray:
 
 
 def _jitter(c: np.ndarray, rng: np.random.Generator, amount: float) -> tuple[int, int, int]:
-    v = np.clip(c + rng.normal(0, amount, size=3), 0, 255)
-    return tuple(int(x) for x in v)
+    r, g, b = (int(x) for x in np.clip(c + rng.normal(0, amount, size=3), 0, 255))
+    return r, g, b
 
 
 def _draw_family(rng: np.random.Generator) -> _Family:
@@ -122,7 +122,7 @@ def render_scene(family_seed: int, scene_seed: int, size: int) -> Image.Image:
                 continue
             x0 = bx + ww * (0.6 + 1.6 * j)
             y0 = by + wh * (0.6 + 1.6 * i)
-            col = _jitter(fam.window, rng, 8)
+            col: tuple[int, ...] = _jitter(fam.window, rng, 8)
             if arched:
                 arch = min(ww, wh)
                 d.rectangle([x0, y0 + arch / 2, x0 + ww, y0 + max(wh, arch / 2)], fill=col)
@@ -340,7 +340,9 @@ def make_revisited_dataset(root: str | os.PathLike, name: str = "roxford5k", n_c
     for c in range(n_clusters):
         scene = render_scene(int(fam_seeds[c // family_size * family_size]), int(rng.integers(0, 2**62)),
                              scene_px)
-        easy, hard, junk = [], [], []
+        easy: list[int] = []
+        hard: list[int] = []
+        junk: list[int] = []
         for j in range(db_per_cluster):
             strength = 0.6 if j % 2 == 0 else 1.8
             nm = f"{name}_c{c:03d}_{j:03d}"

@@ -1,7 +1,15 @@
 """Backbones (CSPDarknet-53, ResNet) and the LandmarkNet retrieval network (imports torch)."""
 from .cspdarknet import CSPDARKNET_PRESETS, CSPDarknet, CSPDarknet53, CspDarknetCfg
-from .landmarknet import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, LANDMARKNET_PRESETS, LandmarkNet,
-                          LandmarkNetConfig, create_backbone, read_state_dict)
+from .landmarknet import (
+                          BACKBONES,
+                          IMAGENET_MEAN,
+                          IMAGENET_STD,
+                          LANDMARKNET_PRESETS,
+                          LandmarkNet,
+                          LandmarkNetConfig,
+                          create_backbone,
+                          read_state_dict,
+)
 from .layers import L2N, ConvNormAct, fold_batchnorm, fold_conv_bn, l2n
 from .resnet import RESNET_PRESETS, ResNet, ResNetCfg, resnet50, resnet101
 from .weights import LoadReport, load_backbone_weights, sha256sum

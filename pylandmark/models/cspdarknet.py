@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import ConvNormAct, init_conv_bn
 from .._checks import check_int
 from ..config import JsonConfig
+from .layers import ConvNormAct, init_conv_bn
 
 __all__ = ["CspDarknetCfg", "CSPDARKNET_PRESETS", "CSPDarknet", "CSPDarknet53", "DarkBlock",
            "CrossStage"]
@@ -92,7 +92,7 @@ class DarkBlock(nn.Module):
 
     def __init__(self, width: int, mid: int, negative_slope: float = 0.01, bn_eps: float = 1e-5):
         super().__init__()
-        kw = dict(negative_slope=negative_slope, bn_eps=bn_eps)
+        kw: dict[str, Any] = dict(negative_slope=negative_slope, bn_eps=bn_eps)
         self.conv1 = ConvNormAct(width, mid, 1, **kw)
         self.conv2 = ConvNormAct(mid, width, 3, **kw)
 
@@ -106,7 +106,7 @@ class CrossStage(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, depth: int, expand_ratio: float,
                  bottle_ratio: float, negative_slope: float = 0.01, bn_eps: float = 1e-5):
         super().__init__()
-        kw = dict(negative_slope=negative_slope, bn_eps=bn_eps)
+        kw: dict[str, Any] = dict(negative_slope=negative_slope, bn_eps=bn_eps)
         exp_chs = int(round(out_chs * expand_ratio))
         width = exp_chs // 2
         mid = max(1, int(round(width * bottle_ratio)))
@@ -168,7 +168,7 @@ class CSPDarknet(nn.Module):
             raise TypeError(f"cfg must be a CspDarknetCfg or a preset name, got {type(cfg).__name__}")
         num_classes = check_int(num_classes, "num_classes", minimum=0)
         self.cfg = cfg
-        kw = dict(negative_slope=cfg.negative_slope, bn_eps=cfg.bn_eps)
+        kw: dict[str, Any] = dict(negative_slope=cfg.negative_slope, bn_eps=cfg.bn_eps)
         self.stem = _Stem(cfg.in_chans, cfg.stem_chs, cfg.stem_kernel, **kw)
         stages = []
         prev = cfg.stem_chs

@@ -9,20 +9,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from .._checks import check_int
+from ..config import JsonConfig
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from ..nn import GeM
 from .cspdarknet import CSPDarknet, CspDarknetCfg
 from .layers import l2n
 from .resnet import ResNet, ResNetCfg
-from ..config import JsonConfig
 
 __all__ = ["LandmarkNetConfig", "LandmarkNet", "LANDMARKNET_PRESETS", "BACKBONES", "create_backbone",
            "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -157,10 +158,11 @@ class LandmarkNet(nn.Module):
             raise TypeError(f"config must be a LandmarkNetConfig, a preset name or None, "
                             f"got {type(config).__name__}")
         self.config = config
-        self.backbone = create_backbone(config.backbone, config.backbone_args)
+        backbone: Any = create_backbone(config.backbone, config.backbone_args)  # see BACKBONES
+        self.backbone = backbone
         self.pool = GeM(p=config.p, eps=config.gem_eps, learn_p=config.learn_p)
         self.norm_eps = 1e-6
-        feat = int(self.backbone.num_features)
+        feat = int(backbone.num_features)
         self.whiten: nn.Linear | None = None
         if config.whitening:
             d = config.whiten_dim or feat
@@ -226,7 +228,7 @@ class LandmarkNet(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, map_location: str | torch.device = "cpu",
-                        strict: bool = True) -> "LandmarkNet":
+                        strict: bool = True) -> LandmarkNet:
         """Loads a network written by :meth:`save` (a directory, or its ``config.json``)."""
         p = Path(path)
         if p.is_file() and p.name == CONFIG_NAME:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import init_conv_bn
 from .._checks import check_int
 from ..config import JsonConfig
+from .layers import init_conv_bn
 
 __all__ = ["ResNetCfg", "RESNET_PRESETS", "ResNet", "Bottleneck", "resnet50", "resnet101"]
 
@@ -133,7 +133,9 @@ class ResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_features, H', W') at stride 32."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for i in range(1, len(self.cfg.layers) + 1):
+            x = getattr(self, f"layer{i}")(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> logits (B, num_classes) with a classifier, else the feature map."""

@@ -59,7 +59,7 @@ class _GeMFunction(torch.autograd.Function):
             _C.gem_backward_cuda(_spec(x, "x"), _spec(gy, "grad_output"), _spec(y, "y"),
                                  _spec(dx, "grad_input"), None if terms is None else _spec(terms, "terms"),
                                  _spec(p_dev, "p"), ctx.eps, _stream(x))
-            grad_p = terms.sum().to(device=p.device, dtype=p.dtype).reshape(p.shape) if need_p else None
+            grad_p = terms.sum().to(device=p.device, dtype=p.dtype).reshape(p.shape) if terms is not None else None
         else:
             dp = _C.gem_backward(_spec(x, "x"), _spec(gy, "grad_output"), _spec(y, "y"),
                                  _spec(dx, "grad_input"), gem_p(p), ctx.eps, bool(need_p))

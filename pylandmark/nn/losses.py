@@ -14,7 +14,7 @@ divide by the number of tuples for a mean.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -119,7 +120,7 @@ class Whitening:
         return p
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Whitening":
+    def load(cls, path: str | os.PathLike) -> Whitening:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as f:
@@ -258,6 +259,7 @@ def install_whitening(model: Any, whitening: Whitening, dim: int | None = None) 
     if unexpected or any(not k.startswith("whiten.") for k in missing):
         raise ValueError(f"model state does not fit: missing {missing}, unexpected {unexpected}")
     p = whitening.projection[:d]
+    assert out.whiten is not None  # built with whitening=True
     with torch.no_grad():
         out.whiten.weight.copy_(torch.from_numpy(p).to(out.whiten.weight.dtype))
         out.whiten.bias.copy_(torch.from_numpy(-p @ whitening.mean).to(out.whiten.bias.dtype))

@@ -244,6 +244,7 @@ def dba(db: Any, k: int = 10, alpha: float = 3.0, *, metric: str = "cosine",
             idx = idx[keep].reshape(r1 - r0, k)
             sims = sims[keep].reshape(r1 - r0, k)
         outs.append(_expand(x, d, idx, sims, alpha, fw))
+    out: Any
     if fw == "torch":
         import torch
 

@@ -6,7 +6,8 @@ import dataclasses
 import json
 import logging
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .. import distributed as dist_utils
 from .config import GROUPS, TRAIN_PRESETS, TrainConfig, field_kind
@@ -40,14 +41,14 @@ def _option(f: dataclasses.Field, default: Any) -> dict[str, Any]:
     kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
     if f.metadata.get("required"):
         kw["required"] = True
-    if kind.type is bool:
+    if kind.base is bool:
         kw["action"] = argparse.BooleanOptionalAction
-    elif kind.type is tuple:
+    elif kind.base is tuple:
         kw.update(nargs="+", type=kind.item)
-    elif kind.type is dict:
+    elif kind.base is dict:
         kw["type"] = _json_object
     else:
-        kw["type"] = kind.type
+        kw["type"] = kind.base
     if "choices" in f.metadata:
         kw["choices"] = f.metadata["choices"]
     return kw

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -124,7 +125,8 @@ class TrainConfig(JsonConfig):
                                                     or self.device.startswith("cuda:")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not isinstance(self.model_args, Mapping):
-            raise TypeError(f"model_args must be a dict of LandmarkNetConfig fields, got {type(self.model_args).__name__}")
+            raise TypeError("model_args must be a dict of LandmarkNetConfig fields, got "
+                            f"{type(self.model_args).__name__}")
         self.model_args = dict(self.model_args)
         from ..models import LANDMARKNET_PRESETS
 
@@ -164,10 +166,10 @@ def _checked(f: dataclasses.Field, v: Any) -> Any:
 
 
 class FieldKind(NamedTuple):
-    """What a TrainConfig field holds: ``type`` (int, float, str, bool, tuple or dict), whether
+    """What a TrainConfig field holds: ``base`` (int, float, str, bool, tuple or dict), whether
     None is allowed, and for tuples the type of the items."""
 
-    type: type
+    base: type
     none_ok: bool
     item: type | None
 

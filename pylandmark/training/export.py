@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
-from torch import nn
 
 from .. import distributed as dist_utils
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, autocast_dtype
 from .mining import describe
 
+if TYPE_CHECKING:
+    from ..models import LandmarkNet
+
 __all__ = ["export"]
 
 logger = logging.getLogger(__name__)
 
 
-def export(model: nn.Module, cfg: TrainConfig, out: Path, best_path: Path, main_rank: bool,
-            dev: torch.device) -> Path:
+def export(model: LandmarkNet, cfg: TrainConfig, out: Path, best_path: Path, main_rank: bool,
+           dev: torch.device) -> Path:
     """Writes ``model`` (last epoch) and ``model_best``; computes and installs the whitening."""
     from ..models import LandmarkNet
 
@@ -42,13 +46,15 @@ def export(model: nn.Module, cfg: TrainConfig, out: Path, best_path: Path, main_
     return target
 
 
-def _whiten(model: nn.Module, cfg: TrainConfig, out: Path, dev: torch.device, main_rank: bool) -> nn.Module:
+def _whiten(model: LandmarkNet, cfg: TrainConfig, out: Path, dev: torch.device, main_rank: bool) -> LandmarkNet:
     from ..data.sfm120k import WhiteningPairs
     from ..nn.whiten import Whitening, install_whitening, learn_whitening, pca_whitening, strip_whitening
 
     if cfg.whitening == "lw":
         pairs = WhiteningPairs(cfg.data_root, cfg.whiten_name)
-        paths, qidxs, pidxs = pairs.images, pairs.qidxs, pairs.pidxs
+        paths = pairs.images
+        qidxs: np.ndarray | None = pairs.qidxs
+        pidxs: np.ndarray | None = pairs.pidxs
     else:
         try:
             pairs = WhiteningPairs(cfg.data_root, cfg.whiten_name)

@@ -46,8 +46,9 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -63,6 +64,9 @@ from .mining import Tuples, mine_tuples
 from .runlog import RunLog, format_row
 from .validation import validate
 
+if TYPE_CHECKING:
+    from ..models import LandmarkNet
+
 __all__ = ["train", "build_model", "build_optimizer", "train_step", "freeze_batchnorm"]
 
 logger = logging.getLogger(__name__)
@@ -75,7 +79,7 @@ BEST = "best.pt"
 # ------------------------------------------------------------------------------------ building
 
 
-def build_model(cfg: TrainConfig) -> Any:
+def build_model(cfg: TrainConfig) -> LandmarkNet:
     """The LandmarkNet of ``cfg`` (preset + ``model_args``), initialised from ``pretrained``."""
     from ..models import LandmarkNet, LandmarkNetConfig, load_backbone_weights
 
@@ -167,8 +171,9 @@ def _micro_loss(net: nn.Module, tuples: Sequence[Sequence[torch.Tensor]], loss_f
     return loss_fn(q, p, negs, torch.as_tensor(mask, device=dev))
 
 
-def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Sequence[Sequence[torch.Tensor]]],
-               loss_fn: nn.Module, *, device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: Sequence[Sequence[Sequence[torch.Tensor]]], loss_fn: nn.Module, *,
+               device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
                scaler: Any = None, channels_last: bool = False, world_size: int = 1) -> float:
     """One optimiser step over this process's share of a batch of tuples, with the network in
     training mode and its BatchNorm layers in eval mode (frozen statistics).
@@ -196,7 +201,8 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: 
     total = 0.0
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        ctx = net.no_sync() if (ddp and not last) else contextlib.nullcontext()
+        ctx = net.no_sync() if (isinstance(net, nn.parallel.DistributedDataParallel) and not last) \
+            else contextlib.nullcontext()
         with ctx:
             loss = _micro_loss(fwd, mb, loss_fn, dev, amp_dtype, channels_last)
             scaled = loss * world_size if ddp else loss
@@ -288,7 +294,7 @@ def _unwrap_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _p_value(model: nn.Module) -> float:
+def _p_value(model: LandmarkNet) -> float:
     return float(model.pool.p.detach().reshape(-1)[0])
 
 
@@ -362,7 +368,7 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
 
     model = build_model(cfg).to(dev)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from the stubs
     optimizer, scheduler = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if (amp_dtype == torch.float16 and dev.type == "cuda") else None
     loss_fn = make_loss(cfg.loss, cfg.margin)
@@ -456,7 +462,7 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
     return export(model, cfg, out, best_path, main_rank, dev)
 
 
-def _train_epoch(net: nn.Module, model: nn.Module, tuples: Tuples, paths: Sequence[Path], cfg: TrainConfig,
+def _train_epoch(net: nn.Module, model: LandmarkNet, tuples: Tuples, paths: Sequence[Path], cfg: TrainConfig,
                  optimizer: torch.optim.Optimizer, scaler: Any, loss_fn: nn.Module, dev: torch.device,
                  amp_dtype: torch.dtype | None, channels_last: bool, world: int, rank: int, progress: bool,
                  epoch: int) -> tuple[float, int, int]:
@@ -488,7 +494,7 @@ def _train_epoch(net: nn.Module, model: nn.Module, tuples: Tuples, paths: Sequen
                 logger.debug("epoch %d step %d/%d loss %.4f", epoch + 1, s + 1, len(steps), loss)
     finally:
         bar.close()
-    n_tuples = len(order)
-    if world > 1:
-        loss_sum, n_tuples, n_images = dist_utils.all_reduce_sum([loss_sum, n_tuples, n_images], dev)
-    return loss_sum, int(n_tuples), int(n_images)
+    if world > 1:  # sums over the ranks, as float64 (exact for these counts)
+        loss_sum, total_tuples, total_images = dist_utils.all_reduce_sum([loss_sum, len(order), n_images], dev)
+        return loss_sum, int(total_tuples), int(total_images)
+    return loss_sum, len(order), n_images

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,9 +146,8 @@ def mine_negatives(query_desc: Any, pool_desc: Any, query_clusters: Any, pool_cl
     short = np.nonzero((pos < 0).any(axis=1))[0]
     if short.size and k < m:
         # not enough other clusters near these queries: rank the whole pool for them
-        sel = torch.as_tensor(short) if isinstance(query_desc, torch.Tensor) else short
-        if isinstance(query_desc, torch.Tensor):
-            sel = sel.to(query_desc.device)
+        sel: Any = torch.as_tensor(short, device=query_desc.device) if isinstance(query_desc, torch.Tensor) \
+            else short
         sub, pool = query_desc[sel], pool_desc
         if isinstance(pool, torch.Tensor) and pool.is_cuda and m > SEARCH_CUDA_MAX_K:
             sub, pool = sub.cpu(), pool.cpu()  # the GPU search stops at k = 1024

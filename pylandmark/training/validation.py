@@ -2,8 +2,9 @@
 otherwise mAP and recall@k on the SfM-120k val split."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +63,7 @@ def _revisited_validation(model: nn.Module, names: Sequence[str], cfg: TrainConf
     out: dict[str, float] = {}
     mediums = []
     for name in names:
+        assert cfg.test_root is not None  # names come from _revisited_present
         ds = RevisitedDataset(name, cfg.test_root)
         db = describe(model, ds.images, image_size=cfg.test_image_size, batch_size=cfg.mining_batch_size,
                       num_workers=cfg.workers, device=dev, amp=amp, progress=cfg.progress,
