@@ -81,6 +81,16 @@ class JsonConfig:
         return cls(**d)
 
     @classmethod
+    def coerce(cls: type[C], value: Any, argument: str = "cfg") -> C:
+        """``value`` as a config: a preset name gives a copy of that preset, a config of this
+        class is returned as it is; ``argument`` names the caller's parameter in errors."""
+        if isinstance(value, str):
+            return cls.presets.get_config(value, argument=argument)
+        if not isinstance(value, cls):
+            raise TypeError(f"{argument} must be a {cls.__name__} or a preset name, got {type(value).__name__}")
+        return value
+
+    @classmethod
     def from_preset(cls: type[C], name: str, /, **overrides: Any) -> C:
         """The preset ``name`` of :attr:`presets` with fields overridden, e.g.
         ``TrainConfig.from_preset("test", epochs=2)``."""

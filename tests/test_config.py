@@ -50,6 +50,16 @@ def test_unknown_preset_names_the_argument_and_the_choices():
         _Cfg.presets.get_config(3, argument="cfg")
 
 
+def test_coerce_takes_a_config_or_a_preset_name():
+    mine = _Cfg(width=5)
+    assert _Cfg.coerce(mine) is mine
+    assert _Cfg.coerce("big") == _Cfg(width=64) and _Cfg.coerce("big") is not _Cfg.presets["big"]
+    with pytest.raises(TypeError, match="cfg must be a _Cfg or a preset name, got dict"):
+        _Cfg.coerce({"width": 5})
+    with pytest.raises(ValueError, match="arch: unknown preset 'huge'"):
+        _Cfg.coerce("huge", "arch")
+
+
 def test_register_rejects_duplicates_and_wrong_types():
     with pytest.raises(ValueError, match="already registered"):
         _Cfg.presets.register("small", _Cfg())

@@ -162,10 +162,7 @@ class CSPDarknet(nn.Module):
 
     def __init__(self, cfg: CspDarknetCfg | str = "cspdarknet53", num_classes: int = 0):
         super().__init__()
-        if isinstance(cfg, str):
-            cfg = CSPDARKNET_PRESETS.get_config(cfg, argument="cfg")
-        if not isinstance(cfg, CspDarknetCfg):
-            raise TypeError(f"cfg must be a CspDarknetCfg or a preset name, got {type(cfg).__name__}")
+        cfg = CspDarknetCfg.coerce(cfg, "cfg")
         num_classes = check_int(num_classes, "num_classes", minimum=0)
         self.cfg = cfg
         kw: dict[str, Any] = dict(negative_slope=cfg.negative_slope, bn_eps=cfg.bn_eps)

@@ -103,10 +103,7 @@ class ResNet(nn.Module):
 
     def __init__(self, cfg: ResNetCfg | str = "resnet50", num_classes: int = 0):
         super().__init__()
-        if isinstance(cfg, str):
-            cfg = RESNET_PRESETS.get_config(cfg, argument="cfg")
-        if not isinstance(cfg, ResNetCfg):
-            raise TypeError(f"cfg must be a ResNetCfg or a preset name, got {type(cfg).__name__}")
+        cfg = ResNetCfg.coerce(cfg, "cfg")
         num_classes = check_int(num_classes, "num_classes", minimum=0)
         self.cfg = cfg
         w = cfg.width
