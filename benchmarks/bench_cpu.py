@@ -17,7 +17,7 @@ import json
 import os
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 # Idle OpenMP threads of faiss and torch otherwise spin on both cores between calls and slow
 # whichever library runs next; passive waiting barely changes the baselines' own times.
@@ -79,7 +79,7 @@ def search_rows(args, rng):
                 time.sleep(0.5)  # let the previous library's OpenMP threads stop spinning
                 _, idx = fn(sample, k)
                 rec = recall(idx.numpy() if hasattr(idx, "numpy") else idx, ref)
-                times[name] = (median_ms(lambda: fn(q, k), repeat=repeat), rec)
+                times[name] = (median_ms(lambda fn=fn, q=q, k=k: fn(q, k), repeat=repeat), rec)
             ours = times["pylandmark fp16"][0]
             for name, (ms, rec) in times.items():
                 rows.append(dict(op="search", N=N, D=D, Q=Q, k=k, method=name, ms=ms,
@@ -126,7 +126,7 @@ def gem_rows(args):
             if mode == "forward":
                 with torch.no_grad():
                     err = (f(x, p.detach()).double() - ref).abs().max().item()
-                    ms = median_ms(lambda: f(x, p.detach()), repeat=10, warmup=2)
+                    ms = median_ms(lambda f=f: f(x, p.detach()), repeat=10, warmup=2)
             else:
                 err = float("nan")
                 ms = median_ms(fwd_bwd(f), repeat=5, warmup=2)
@@ -148,7 +148,8 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env = {k: os.environ.get(k)
+           for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     return (f"{cpu}, {os.cpu_count()} cores, pylandmark isa {plm._C.cpu_isa()}, "
             f"threads {plm.get_num_threads()}, numpy {np.__version__}, env {env}")
 

@@ -62,12 +62,11 @@ def main() -> int:
             raise SystemExit(f"over the {args.budget:.0f} s budget during {stage}; use fewer --requests")
 
     import torch
+    from serve_util import Server
 
     import pylandmark as plm
     from pylandmark.models.pretrained import load_network
     from pylandmark.pipelines import build_index, index_options, recognize_images
-
-    from serve_util import Server
 
     pnu = REPO.parent / "shared" / "data" / "pnu_landmarks"
     if not pnu.is_dir():
@@ -77,9 +76,9 @@ def main() -> int:
     plm.set_num_threads(threads)
     import warnings
 
-    from pylandmark.pipelines import ExtractOptions
-
     from serve_util import tiny_weights
+
+    from pylandmark.pipelines import ExtractOptions
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     weights = str(tiny_weights(tmp)) if args.weights == "tiny" else args.weights
@@ -207,7 +206,9 @@ def main() -> int:
     ]
     print("| setting | requests | errors | p50 ms | p99 ms | requests/s |\n|---|---|---|---|---|---|")
     for name, cnt, e, a, b, rps in rows:
-        fmt = (lambda v: "-" if v is None else f"{v:.0f}")
+        def fmt(v):
+            return "-" if v is None else f"{v:.0f}"
+
         print(f"| {name} | {cnt} | {e} | {fmt(a)} | {fmt(b)} | {rps:.2f} |")
     print(f"service batching: {batching}")
     print(f"answers identical to the library's: {same} of {len(answers)}; largest score difference {score_diff:.2e}")

@@ -28,8 +28,9 @@ import torch
 
 from pylandmark.data import SfM120k, make_sfm_dataset
 from pylandmark.nn.losses import make_loss
+from pylandmark.training.config import TrainConfig, autocast_dtype
+from pylandmark.training.loop import _train_epoch, build_model, build_optimizer
 from pylandmark.training.mining import mine_tuples
-from pylandmark.training.loop import TrainConfig, _amp_dtype, _train_epoch, build_model, build_optimizer
 
 
 def bench_one(preset: str, root: Path, args: argparse.Namespace, dev: torch.device) -> dict:
@@ -44,7 +45,7 @@ def bench_one(preset: str, root: Path, args: argparse.Namespace, dev: torch.devi
     channels_last = dev.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    amp_dtype = _amp_dtype(cfg, dev)
+    amp_dtype = autocast_dtype(cfg, dev)
     optimizer, _ = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     loss_fn = make_loss(cfg.loss, cfg.margin)

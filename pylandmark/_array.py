@@ -10,22 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import framework_of
+
+__all__ = ["CPU", "CUDA", "SUPPORTED", "Array", "framework_of", "as_array", "dtype_name", "require_float",
+           "empty_like_framework", "current_stream", "contiguous", "gem_layout"]
+
 CPU, CUDA = 1, 2
 SUPPORTED = ("float16", "bfloat16", "float32")
-
-
-def framework_of(x: Any) -> str:
-    """'numpy', 'torch', 'cupy', or 'dlpack' for other objects exposing __dlpack__."""
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    module = type(x).__module__.split(".")[0]
-    if module == "torch":
-        return "torch"
-    if module == "cupy":
-        return "cupy"
-    if hasattr(x, "__dlpack__"):
-        return "dlpack"
-    return "other"
 
 
 @dataclass
@@ -159,3 +150,21 @@ def contiguous(a: Array) -> Array:
 
         return Array(cupy.ascontiguousarray(x), a.framework, a.name)
     return Array(np.ascontiguousarray(x), a.framework, a.name)
+
+
+def gem_layout(a: Array) -> Array:
+    """Checks a (B, C, H, W) input and returns it, or a contiguous copy when neither the spatial
+    nor the channel axis is contiguous."""
+    if a.ndim != 4:
+        raise ValueError(f"x must be (B, C, H, W), got shape {a.shape}")
+    if a.dtype not in ("float16", "bfloat16", "float32", "float64"):
+        raise TypeError(f"x has dtype {a.dtype}; supported are float16, bfloat16, float32 and float64")
+    B, C, H, W = a.shape
+    if H * W == 0:
+        raise ValueError(f"x must have H, W >= 1, got shape {a.shape}")
+    sb, sc, sh, sw = a.strides()
+    mergeable = H == 1 or W == 1 or sh == W * sw
+    shw = sw if W > 1 else (sh if H > 1 else 1)
+    if mergeable and (shw == 1 or H * W == 1 or sc == 1 or C == 1):
+        return a
+    return contiguous(a)

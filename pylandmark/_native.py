@@ -38,7 +38,7 @@ def load_native() -> None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         sys.modules["pylandmark._C"] = module
-        setattr(sys.modules["pylandmark"], "_C", module)
+        sys.modules["pylandmark"]._C = module  # type: ignore[attr-defined]
         return
     raise ImportError(
         f"pylandmark's compiled extension is missing: Python imported the source tree {_PACKAGE_DIR}, which "

@@ -42,7 +42,6 @@ EXAMPLES = {
     "report": "examples:\n  pylandmark recognize landmarks.plmi test/ --json > results.json\n"
               "  pylandmark report results.json --out report.html --truth-from-folders",
 }
-MULTISCALE = (1.0, 2 ** -0.5, 0.5)
 
 
 def _emit(args: argparse.Namespace, payload, text: str) -> None:
@@ -105,6 +104,7 @@ def _index_weights(index) -> str | None:
 
 
 def _opts(args: argparse.Namespace, index=None):
+    from .extraction import DEFAULT_SCALES_MS
     from .pipelines import ExtractOptions, index_options
 
     scales = None
@@ -114,7 +114,7 @@ def _opts(args: argparse.Namespace, index=None):
                              "pass one of them")
         scales = parse_scales(args.scales)
     elif getattr(args, "multiscale", False):
-        scales = MULTISCALE
+        scales = DEFAULT_SCALES_MS
     whitening = getattr(args, "whitening", None)
     if whitening is not None and whitening.lower() == "none":
         whitening = ""  # explicitly none, also over an index's recorded whitening
@@ -160,8 +160,8 @@ def _index_build(args: argparse.Namespace) -> int:
 
 
 def _index_add(args: argparse.Namespace) -> int:
-    from .retrieval.index import Index
     from .pipelines import add_images, check_against_index, expand_images
+    from .retrieval.index import Index
 
     index = Index.load(args.index, mmap=False)
     net, _ = _network(args, index)
@@ -185,8 +185,8 @@ def _index_info(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .retrieval.index import Index
     from .pipelines import check_against_index, expand_images, search_images
+    from .retrieval.index import Index
 
     index = Index.load(args.index)
     net, _ = _network(args, index)
@@ -217,9 +217,9 @@ def _html(args: argparse.Namespace, results: list) -> None:
 
 
 def _recognize(args: argparse.Namespace) -> int:
-    from .retrieval.index import Index
     from .evaluate import format_confusion
     from .pipelines import check_against_index, expand_images, recognition_summary, recognize_images
+    from .retrieval.index import Index
 
     index = Index.load(args.index)
     net, _ = _network(args, index)
@@ -292,7 +292,8 @@ def _models(args: argparse.Namespace) -> int:
         setting = (f"--image-size {ev['image_size']} --scales '{format_scales(ev['scales'])}'"
                    + (f" --whitening {ev['whitening']}" if ev["whitening"] else ""))
         lines += [f"{r['name']}  [{'cached' if r['cached'] else 'not cached'}]",
-                  f"    {r['architecture']}, {r['dim']}-d, whitening: {r['whitening']}; trained on {r['training_data']}",
+                  f"    {r['architecture']}, {r['dim']}-d, whitening: {r['whitening']}; "
+                  f"trained on {r['training_data']}",
                   f"    published: {acc or '-'} ({r['accuracy_source']})",
                   f"    evaluate with: {setting}",
                   f"    {r['url']}" + (f" -> {r['path']}" if r["cached"] else "")]
@@ -301,7 +302,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training import loop as training
+    from .training import cli as training
 
     return training.run(args)
 
@@ -449,7 +450,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p = add(sub, "train", "fine-tune on SfM-120k (contrastive loss, hard negatives)", _train)
     if with_training:
         try:
-            from .training import loop as training
+            from .training import cli as training
 
             training.add_arguments(p)
         except ImportError as err:  # training needs torch; the other commands parse without it

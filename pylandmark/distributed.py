@@ -1,6 +1,6 @@
 """Helpers for training on several processes (torch.distributed; launched by ``torchrun``).
 
-``torchrun --nproc_per_node N -m pylandmark.training.loop ...`` (or any script calling
+``torchrun --nproc_per_node N -m pylandmark.training ...`` (or any script calling
 :func:`pylandmark.train`) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT``; :func:`init_from_env` then joins the process group (NCCL on the GPU, gloo on
 the CPU). Without those variables everything runs in one process and these helpers are no-ops.
@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist

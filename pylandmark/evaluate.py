@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import check_int, framework_of, to_numpy
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PROTOCOLS", "revisited", "compute_ap", "format_table", "gap", "accuracy",
@@ -38,17 +40,6 @@ _PROTOCOL_CATS = {
 _CHUNK_CELLS = 1 << 26
 
 
-def _to_numpy(x: Any, name: str) -> np.ndarray:
-    if type(x).__module__.split(".")[0] == "torch":
-        return x.detach().cpu().numpy()
-    if type(x).__module__.split(".")[0] == "cupy":
-        return x.get()
-    try:
-        return np.asarray(x)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be an array (numpy or torch), got {type(x).__name__}") from err
-
-
 def _check_kappas(kappas: Any) -> tuple[int, ...]:
     if isinstance(kappas, numbers.Integral):
         kappas = (kappas,)
@@ -57,10 +48,8 @@ def _check_kappas(kappas: Any) -> tuple[int, ...]:
     except TypeError as err:
         raise TypeError(f"kappas must be a sequence of ints such as (1, 5, 10), got "
                         f"{type(kappas).__name__}") from err
-    for k in ks:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"kappas must hold ints >= 1 such as (1, 5, 10), got {kappas!r}")
-    return tuple(int(k) for k in ks)
+    return tuple(check_int(k, "kappas", minimum=1, hint=f" in {kappas!r}; pass ints such as (1, 5, 10)")
+                 for k in ks)
 
 
 def _index_list(entry: Any, key: str, q: int) -> np.ndarray:
@@ -69,7 +58,7 @@ def _index_list(entry: Any, key: str, q: int) -> np.ndarray:
     except (KeyError, TypeError, IndexError) as err:
         raise ValueError(f"gnd[{q}] must be a dict with 'easy', 'hard' and 'junk' index lists "
                          f"(as in gnd_<dataset>.pkl); missing {key!r}") from err
-    arr = _to_numpy(values, f"gnd[{q}][{key!r}]").reshape(-1)
+    arr = to_numpy(values, f"gnd[{q}][{key!r}]").reshape(-1)
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
     if arr.dtype.kind not in "iu":
@@ -85,7 +74,7 @@ def _index_list(entry: Any, key: str, q: int) -> np.ndarray:
 
 
 def _check_ranks(ranks: Any, n_queries: int) -> np.ndarray:
-    r = _to_numpy(ranks, "ranks")
+    r = to_numpy(ranks, "ranks")
     if r.dtype == np.bool_ or r.dtype.kind not in "iu":
         raise TypeError(f"ranks must hold integer database indices (best first), got dtype "
                         f"{r.dtype}; pass the index output of search(), not the scores")
@@ -113,8 +102,8 @@ def _check_ranks(ranks: Any, n_queries: int) -> np.ndarray:
     return r
 
 
-def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
-              kappas: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, Any]]:
+def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]], kappas: Sequence[int] = (1, 5, 10), *,
+              protocols: Sequence[str] = PROTOCOLS) -> dict[str, dict[str, Any]]:
     """Revisited Oxford / Paris evaluation (Easy, Medium, Hard protocols).
 
     Per query and protocol (Easy: positives easy, junk junk + hard; Medium: positives
@@ -131,6 +120,9 @@ def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
         gnd: the ``'gnd'`` list of the ground-truth file: Q dicts with ``'easy'``, ``'hard'``
             and ``'junk'`` lists of database indices (disjoint, without repeats).
         kappas: the k of mP@k.
+        protocols: the protocols to evaluate (a subset of :data:`PROTOCOLS`). With only
+            ``"easy"`` lists (``"hard"`` empty) the ``"medium"`` protocol is plain AP with junk
+            removed, as used for the SfM-120k validation.
 
     Returns:
         ``{"easy" | "medium" | "hard": {"map": float, "mp": {k: float}, "ap": (Q,) float64,
@@ -148,6 +140,9 @@ def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
     if isinstance(gnd, (str, bytes)) or not isinstance(gnd, Sequence):
         raise TypeError(f"gnd must be a list of per-query dicts, got {type(gnd).__name__}")
     ks = _check_kappas(kappas)
+    if isinstance(protocols, str) or not set(protocols) <= set(PROTOCOLS) or not len(protocols):
+        raise ValueError(f"protocols must be a non-empty subset of {PROTOCOLS}, got {protocols!r}")
+    protos = [p for p in PROTOCOLS if p in protocols]
     n_q = len(gnd)
     r = _check_ranks(ranks, n_q)
     n = r.shape[1]
@@ -157,8 +152,8 @@ def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
     max_gnd = max((int(a.max()) for triple in lists for a in triple if a.size), default=-1)
     M = max(int(r.max()) if r.size else -1, max_gnd) + 1  # label row width (+1 padding column)
 
-    ap = {p: np.full(n_q, np.nan) for p in PROTOCOLS}
-    pr = {p: np.full((n_q, len(ks)), np.nan) for p in PROTOCOLS}
+    ap = {p: np.full(n_q, np.nan) for p in protos}
+    pr = {p: np.full((n_q, len(ks)), np.nan) for p in protos}
     kq_arr = np.asarray(ks, dtype=np.float64)
     chunk = max(1, _CHUNK_CELLS // (M + 1))
     for q0 in range(0, n_q, chunk):
@@ -186,26 +181,27 @@ def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
         cats = cat_of[qs, pos]
         keys = qs * (M + 1) + rc[qs, pos]
         if np.unique(keys).size != keys.size:
-            dup = np.sort(keys)
-            dup = int(dup[np.nonzero(dup[1:] == dup[:-1])[0][0]])
+            sorted_keys = np.sort(keys)
+            dup = int(sorted_keys[np.nonzero(sorted_keys[1:] == sorted_keys[:-1])[0][0]])
             raise ValueError(f"ranks[{q0 + dup // (M + 1)}] lists database index "
                              f"{dup % (M + 1)} more than once; each row must be a ranking "
                              "without repeats")
 
-        for proto, (ok_cats, junk_cats) in _PROTOCOL_CATS.items():
-            n_pos = sum(count[cat] for cat in ok_cats)
+        for proto in protos:
+            ok_cats, junk_cats = _PROTOCOL_CATS[proto]
+            n_pos: np.ndarray = sum(count[cat] for cat in ok_cats)  # type: ignore[assignment]
             is_ok = np.isin(cats, ok_cats)
             is_junk = np.isin(cats, junk_cats)
             keep = is_ok | is_junk
             q_k, pos_k, ok_k, junk_k = qs[keep], pos[keep], is_ok[keep], is_junk[keep]
             start = np.searchsorted(q_k, q_k, side="left")  # first entry of each query's run
-            cj = np.cumsum(junk_k) - junk_k  # junk strictly before, over the whole chunk
-            co = np.cumsum(ok_k) - ok_k
+            cj: np.ndarray = np.cumsum(junk_k) - junk_k  # junk strictly before, over the whole chunk
+            co: np.ndarray = np.cumsum(ok_k) - ok_k
             junk_before = cj - cj[start]
             ok_before = co - co[start]
             q_ok = q_k[ok_k]
             r_adj = (pos_k - junk_before)[ok_k].astype(np.float64)  # 0-based, junk removed
-            j = ok_before[ok_k].astype(np.float64)
+            j: np.ndarray = ok_before[ok_k].astype(np.float64)
             prec_before = np.where(r_adj == 0, 1.0, j / np.maximum(r_adj, 1.0))
             prec_after = (j + 1.0) / (r_adj + 1.0)
             ap_sum = np.bincount(q_ok, weights=(prec_before + prec_after) / 2.0, minlength=c)
@@ -223,7 +219,7 @@ def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
             pr[proto][q0:q1][evaluated] = prec[evaluated]
 
     out: dict[str, dict[str, Any]] = {}
-    for proto in PROTOCOLS:
+    for proto in protos:
         done = ~np.isnan(ap[proto])
         n_done = int(done.sum())
         if n_done == 0:
@@ -233,8 +229,8 @@ def revisited(ranks: Any, gnd: Sequence[Mapping[str, Any]],
               for i, k in enumerate(ks)}
         out[proto] = {"map": mean_ap, "mp": mp, "ap": ap[proto],
                       "pr": {k: pr[proto][:, i] for i, k in enumerate(ks)}, "n_queries": n_done}
-    logger.debug("revisited: %d queries, ranking length %d, mAP E %.4f M %.4f H %.4f", n_q, n,
-                 out["easy"]["map"], out["medium"]["map"], out["hard"]["map"])
+    logger.debug("revisited: %d queries, ranking length %d, mAP %s", n_q, n,
+                 " ".join(f"{p} {out[p]['map']:.4f}" for p in protos))
     return out
 
 
@@ -250,12 +246,9 @@ def compute_ap(positive_ranks: Any, n_positives: int) -> float:
         AP in [0, 1]: ``sum_j (p_before_j + p_after_j) / 2 / n_positives`` with, for the j-th
         positive at rank r, ``p_before = j / r`` (1 when r = 0) and ``p_after = (j + 1) / (r + 1)``.
     """
-    ranks = np.sort(_to_numpy(positive_ranks, "positive_ranks").reshape(-1)).astype(np.float64)
-    if isinstance(n_positives, bool) or not isinstance(n_positives, numbers.Integral):
-        raise TypeError(f"n_positives must be an int, got {type(n_positives).__name__}")
-    if n_positives < 1:
-        raise ValueError(f"n_positives must be >= 1, got {n_positives}; queries without "
-                         "positives have no AP and are skipped")
+    ranks = np.sort(to_numpy(positive_ranks, "positive_ranks").reshape(-1)).astype(np.float64)
+    n_positives = check_int(n_positives, "n_positives", minimum=1,
+                            hint="; queries without positives have no AP and are skipped")
     if ranks.size > n_positives:
         raise ValueError(f"positive_ranks has {ranks.size} entries but n_positives is "
                          f"{n_positives}; it cannot exceed the number of positives")
@@ -311,8 +304,8 @@ def _pct(value: Any, digits: int) -> str:
 
 
 def _labels_list(x: Any, name: str) -> list[Any]:
-    if type(x).__module__.split(".")[0] in ("torch", "cupy"):
-        x = _to_numpy(x, name)
+    if framework_of(x) in ("torch", "cupy"):
+        x = to_numpy(x, name)
     if isinstance(x, np.ndarray):
         if x.ndim != 1:
             raise ValueError(f"{name} must be 1-d (one label per query), got shape {x.shape}")
@@ -372,7 +365,7 @@ def gap(predictions: Any, confidences: Any, truth: Any, *, unknown: Any = "unkno
     """
     p = _labels_list(predictions, "predictions")
     t = _labels_list(truth, "truth")
-    conf = _to_numpy(confidences, "confidences").astype(np.float64).reshape(-1)
+    conf = to_numpy(confidences, "confidences").astype(np.float64).reshape(-1)
     if not (len(p) == len(t) == conf.size):
         raise ValueError(f"predictions, confidences and truth must have one entry per query, got "
                          f"{len(p)}, {conf.size} and {len(t)}")

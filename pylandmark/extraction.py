@@ -12,16 +12,17 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data.images import (IMAGENET_MEAN, IMAGENET_STD, ImageList, LoadFailure, list_images,
-                          prepare_image, to_rgb)
+from ._checks import check_int, check_number
+from .data.images import IMAGENET_MEAN, IMAGENET_STD, ImageList, LoadFailure, list_images, prepare_image, to_rgb
 from .devices import resolve_device
 from .models.layers import fold_batchnorm, l2n
 
@@ -85,7 +86,7 @@ def prepare_inference_model(model: nn.Module, device: torch.device, channels_las
     fold_batchnorm(m)
     m = m.to(device)
     if channels_last:
-        m = m.to(memory_format=torch.channels_last)
+        m = m.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
     return m
 
 
@@ -124,12 +125,6 @@ def _check_scales(scales: Any) -> tuple[float, ...]:
         raise ValueError(f"scales must be 1 to {MAX_SCALES} numbers in (0, 4], got {scales!r:.80}; "
                          "the paper's multi-scale setting is (1, 1/sqrt(2), 1/2)")
     return out
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _as_dataset(images: Any, image_size: float | None, bboxes: Any, mean: Sequence[float],
@@ -210,18 +205,16 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
     scales = _check_scales(scales)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    num_workers = _check_int(num_workers, "num_workers", 0)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    num_workers = check_int(num_workers, "num_workers", minimum=0)
     if max_buffered is None:
         max_buffered = 2 * batch_size
-    max_buffered = _check_int(max_buffered, "max_buffered", batch_size)
+    max_buffered = check_int(max_buffered, "max_buffered", minimum=batch_size)
     if output not in ("numpy", "torch"):
         raise ValueError(f"output must be 'numpy' or 'torch', got {output!r}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, float))
-                                   or not image_size >= 1):
-        raise ValueError(f"image_size must be a number >= 1 or None, got {image_size!r}")
+    check_number(image_size, "image_size", minimum=1, none_ok=True)
     param = next(model.parameters(), None)
     if device is not None:
         dev = resolve_device(device)
@@ -234,7 +227,7 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
     mean = tuple(getattr(cfg, "mean", IMAGENET_MEAN))
     std = tuple(getattr(cfg, "std", IMAGENET_STD))
     dataset = _as_dataset(images, image_size, bboxes, mean, std, on_error)
-    n = len(dataset)
+    n = len(dataset)  # type: ignore[arg-type]  # every dataset _as_dataset returns has a length
     if n == 0:
         raise ValueError("images is empty: nothing to extract")
     ms_p = float(getattr(model, "multiscale_p", 1.0))

@@ -4,13 +4,13 @@ Input checks and output allocation live here; the loops live in ``pylandmark._C`
 """
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
 
 from . import _C
-from ._array import CUDA, Array, as_array, contiguous, current_stream, empty_like_framework, require_float
+from ._array import CUDA, Array, as_array, contiguous, current_stream, empty_like_framework, gem_layout, require_float
+from ._checks import check_int, check_number, gem_p, is_torch
 
 METRICS = ("cosine", "ip")
 SEARCH_CUDA_MAX_K = getattr(_C, "SEARCH_CUDA_MAX_K", 1024)  # largest k of the GPU search
@@ -55,11 +55,7 @@ def _operands(queries: Any, db: Any, k: Any, metric: str) -> tuple[Array, Array,
     db, k, whether queries was 1-d)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    k = int(k)
-    if not 1 <= k <= MAX_K:
-        raise ValueError(f"k must be >= 1 (and at most {MAX_K}), got {k}")
+    k = check_int(k, "k", minimum=1, maximum=MAX_K)
     q = as_array(queries, "queries")
     d = as_array(db, "db")
     require_float(q)
@@ -132,14 +128,13 @@ def gem(x: Any, p: Any = 3.0, eps: float = 1e-6) -> Any:
     Returns:
         (B, C) in x's dtype and framework. Differentiable for torch inputs (x and p).
     """
-    eps = eps_value(eps)
-    fw = type(x).__module__.split(".")[0]
-    if fw == "torch":
+    eps = check_number(eps, "eps", minimum=0, above=True)
+    if is_torch(x):
         from .nn.functional import gem_torch
 
         return gem_torch(x, p, eps)
     a = as_array(x, "x")
-    pf = _p_value(p)
+    pf = gem_p(p)
     a = gem_layout(a)
     if a.framework == "cupy":
         return _gem_cupy(a, pf, eps)
@@ -163,45 +158,6 @@ def _gem_cupy(a: Array, p: float, eps: float) -> Any:
     return y.astype(a.obj.dtype, copy=False)
 
 
-def eps_value(eps: Any) -> float:
-    """GeM's clamp floor as a float; anything but a finite number > 0 is an error."""
-    try:
-        e = float(eps)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}") from err
-    if not (e > 0 and np.isfinite(e)):
-        raise ValueError(f"eps must be > 0 and finite, got {e}")
-    return e
-
-
-def _p_value(p: Any) -> float:
-    try:
-        pf = float(p)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"p must be a float or a 1-element tensor, got {type(p).__name__}") from err
-    if not pf > 0 or not np.isfinite(pf):
-        raise ValueError(f"p must be > 0 and finite, got {pf}")
-    return pf
-
-
-def gem_layout(a: Array) -> Array:
-    """Checks a (B, C, H, W) input and returns it, or a contiguous copy when neither the spatial
-    nor the channel axis is contiguous."""
-    if a.ndim != 4:
-        raise ValueError(f"x must be (B, C, H, W), got shape {a.shape}")
-    if a.dtype not in ("float16", "bfloat16", "float32", "float64"):
-        raise TypeError(f"x has dtype {a.dtype}; supported are float16, bfloat16, float32 and float64")
-    B, C, H, W = a.shape
-    if H * W == 0:
-        raise ValueError(f"x must have H, W >= 1, got shape {a.shape}")
-    sb, sc, sh, sw = a.strides()
-    mergeable = H == 1 or W == 1 or sh == W * sw
-    shw = sw if W > 1 else (sh if H > 1 else 1)
-    if mergeable and (shw == 1 or H * W == 1 or sc == 1 or C == 1):
-        return a
-    return contiguous(a)
-
-
 def get_num_threads() -> int:
     """Threads the CPU kernels use (all cores this process may run on, unless set)."""
     return _C.get_num_threads()
@@ -209,9 +165,7 @@ def get_num_threads() -> int:
 
 def set_num_threads(n: int) -> None:
     """Sets the CPU kernels' thread count (1 .. MAX_THREADS); 0 restores the default (all cores)."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= MAX_THREADS:
-        raise ValueError(f"n must be an int in [0, {MAX_THREADS}] (0: all cores), got {n!r}")
-    _C.set_num_threads(int(n))
+    _C.set_num_threads(check_int(n, "n", minimum=0, maximum=MAX_THREADS, hint="(0: all cores)"))
 
 
 def cuda_available() -> bool:

@@ -3,9 +3,10 @@ evaluate on revisited Oxford/Paris. Each `pylandmark` sub-command calls one func
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -167,8 +168,9 @@ def search_images(index: Index, network, images: Sequence[Path], opts: ExtractOp
     return search_results(index, desc, [str(p) for p in images], k=k)
 
 
-def search_results(index: Index, desc: np.ndarray, queries: Sequence[str], k: int = 5) -> list[dict]:
-    """The JSON of `pylandmark search --json` for (Q, D) query descriptors named `queries`."""
+def search_results(index: Any, desc: np.ndarray, queries: Sequence[str], k: int = 5) -> list[dict]:
+    """The JSON of `pylandmark search --json` for (Q, D) query descriptors named `queries`
+    (index: an Index, or a view with its labels, paths, ids and search_rows)."""
     scores, rows = index.search_rows(desc, k=k)
     labels, paths, ids = index.labels, index.paths, index.ids
     out = []
@@ -195,9 +197,10 @@ def recognize_images(index: Index, network, images: Sequence[Path], opts: Extrac
     return out
 
 
-def recognition_results(index: Index, desc: np.ndarray, queries: Sequence[str], k: int = 5,
+def recognition_results(index: Any, desc: np.ndarray, queries: Sequence[str], k: int = 5,
                         vote: str = "majority", min_score: float | None = None) -> list[dict]:
-    """The JSON of `pylandmark recognize --json` for (Q, D) query descriptors named `queries`."""
+    """The JSON of `pylandmark recognize --json` for (Q, D) query descriptors named `queries`
+    (index: an Index, or a view with its labels, paths and ids)."""
     from .retrieval.recognition import recognize
 
     if index.labels is None:
@@ -214,7 +217,7 @@ def recognition_results(index: Index, desc: np.ndarray, queries: Sequence[str], 
     return out
 
 
-def folder_truth(images: Sequence[Path], index_labels: Sequence[Any]) -> list[Any] | None:
+def folder_truth(images: Sequence[Path], index_labels: Any) -> list[Any] | None:
     """The true labels of query images that sit in class folders (``<dir>/<label>/<image>``
     with every parent folder name one of the index's labels), else None."""
     known = {str(lab): lab for lab in index_labels}

@@ -306,7 +306,9 @@ def test_shuffles_votes_and_reductions(emu, threads, width, src_mul, src_add, de
         lanes = np.arange(min(32, n - w0))
         exists = np.zeros(32, bool)
         exists[: len(lanes)] = True
-        pad = lambda a: np.concatenate([a, np.zeros(32 - len(a), a.dtype)])
+        def pad(a):
+            return np.concatenate([a, np.zeros(32 - len(a), a.dtype)])
+
         src = lanes * src_mul + src_add
         deltas, xmasks = np.full(32, delta), np.full(32, xmask)
         for mode, key, vals, b, garbage in [
@@ -327,7 +329,7 @@ def test_shuffles_votes_and_reductions(emu, threads, width, src_mul, src_add, de
                 else:
                     assert g == wv, (key, lane, g, wv)
         t = tid[w0:w0 + len(lanes)]
-        ballot = sum(1 << int(l) for l in lanes if t[l] % 3 == 0)
+        ballot = sum(1 << int(lane) for lane in lanes if t[lane] % 3 == 0)
         assert (o["ballot"][t] == ballot).all()
         assert (o["any"][t] == int((t == 33).any())).all()
         assert (o["all"][t] == int((t != 5).all())).all()
@@ -481,7 +483,9 @@ def test_keywords_and_intrinsics(emu, rng):
     fsum = np.zeros(1, np.float32)
     ok(emu.st_misc, blocks, pairs, out, fsum)
     tid = np.arange(threads, dtype=np.uint64)
-    popc = lambda v: np.array([int(x).bit_count() for x in v])
+    def popc(v):
+        return np.array([int(x).bit_count() for x in v])
+
     ffs = np.array([0] + [(int(t) & -int(t)).bit_length() for t in tid[1:]])
     want = np.stack([
         popc((tid * 2654435761) & 0xFFFFFFFF),

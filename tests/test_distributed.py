@@ -14,8 +14,8 @@ import torch
 
 from pylandmark.data import SfM120k, make_sfm_dataset
 from pylandmark.extraction import extract
-from pylandmark.nn.losses import ContrastiveLoss
 from pylandmark.models import LandmarkNet
+from pylandmark.nn.losses import ContrastiveLoss
 from pylandmark.training.loop import train_step
 
 TINY = {"backbone_args": {"stem_chs": 8, "depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 16, 24, 24]}}
@@ -134,7 +134,7 @@ def test_ddp_update_equals_one_process(tmp_path, data_root):
 
 def test_torchrun_training(tmp_path, data_root):
     out = tmp_path / "run"
-    proc = _torchrun(["-m", "pylandmark.training.loop", "--data-root", str(data_root), "--out", str(out),
+    proc = _torchrun(["-m", "pylandmark.training", "--data-root", str(data_root), "--out", str(out),
                       "--preset", "test", "--epochs", "2", "--image-size", "40", "--query-size", "10",
                       "--pool-size", "24", "--negatives", "2", "--batch-size", "4", "--accumulation", "2",
                       "--validate-every", "1", "--no-progress"], tmp_path)

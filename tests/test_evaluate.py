@@ -160,6 +160,21 @@ def test_other_kappas_and_int_types(rng):
     assert_matches(got, ref_revisited(ranks, gnd))
 
 
+def test_a_subset_of_protocols_gives_the_same_numbers(rng):
+    n_db, n_q = 71, 8
+    gnd = random_gnd(rng, n_db, n_q)
+    ranks = np.stack([rng.permutation(n_db) for _ in range(n_q)])
+    full = ev.revisited(ranks, gnd)
+    medium = ev.revisited(ranks, gnd, protocols=("medium",))
+    assert list(medium) == ["medium"]
+    assert_matches({p: medium["medium"] for p in ev.PROTOCOLS},
+                   {p: ref_revisited(ranks, gnd)["medium"] for p in ev.PROTOCOLS})
+    assert medium["medium"]["map"] == full["medium"]["map"]
+    for bad in ((), ("medium", "extreme"), "medium"):
+        with pytest.raises(ValueError, match="protocols"):
+            ev.revisited(ranks, gnd, protocols=bad)
+
+
 def test_small_label_chunks_give_same_answer(rng, monkeypatch):
     n_db, n_q = 83, 10
     gnd = random_gnd(rng, n_db, n_q)

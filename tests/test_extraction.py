@@ -278,6 +278,18 @@ def test_bad_arguments(pnu_paths, tmp_path):
         plm.extract("cspdarknet53", few, progress=False)
 
 
+def test_numpy_integers_are_integers(pnu_paths):
+    """batch_size / num_workers take numpy integers as every other integer argument does."""
+    net = tiny_net(3)
+    few = pnu_paths[:3]
+    want = plm.extract(net, few, image_size=64, batch_size=2, progress=False)
+    got = plm.extract(net, few, image_size=np.int64(64), batch_size=np.int64(2), num_workers=np.int32(0),
+                      progress=False)
+    np.testing.assert_array_equal(got, want)  # same arithmetic, bit for bit
+    with pytest.raises(TypeError, match="batch_size must be an int >= 1, got 2.0"):
+        plm.extract(net, few, batch_size=2.0, progress=False)
+
+
 def test_full_cspdarknet53_at_1024(pnu_paths):
     """The paper's network at the test resolution on two photos of different shapes."""
     torch.manual_seed(9)

@@ -10,12 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 import pylandmark as plm
-from conftest import REPO
 from pylandmark.cli import main
 from pylandmark.models import LandmarkNet
 from pylandmark.models.pretrained import load_network

@@ -4,12 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import ALL_ISAS, gem_float64
 
 import pylandmark as plm
 from pylandmark import _C
 from pylandmark.nn import GeM, gem_torch
-
-from conftest import ALL_ISAS, gem_float64
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # output tolerance by input dtype: float32 accumulation, result rounded to the input dtype
@@ -135,7 +134,7 @@ def test_state_dict_round_trip():
     (lambda: plm.gem(np.zeros((1, 2, 3, 4), np.int32)), TypeError, "x has dtype int32"),
     (lambda: plm.gem(np.ones((1, 2, 3, 4), np.float32), p=0.0), ValueError, "p must be"),
     (lambda: plm.gem(np.ones((1, 2, 3, 4), np.float32), p="a"), TypeError, "p must be"),
-    (lambda: plm.gem(np.ones((1, 2, 3, 4), np.float32), eps=0.0), ValueError, "eps must be > 0"),
+    (lambda: plm.gem(np.ones((1, 2, 3, 4), np.float32), eps=0.0), ValueError, "eps must be a finite number > 0"),
     (lambda: plm.gem(np.ones((1, 2, 0, 4), np.float32)), ValueError, "H, W >= 1"),
     (lambda: gem_torch(torch.ones(1, 2, 3, 4), torch.ones(2)), ValueError, "1-element tensor"),
     (lambda: GeM(p=-1.0), ValueError, "p must be > 0"),

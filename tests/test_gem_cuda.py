@@ -16,7 +16,8 @@ pytestmark = [
 ]
 
 DTYPES = {"float32": (torch.float32, 2e-5), "float16": (torch.float16, 1.5e-3), "bfloat16": (torch.bfloat16, 1e-2)}
-SHAPES = [(1, 1, 1, 1), (2, 3, 1, 1), (3, 17, 7, 5), (2, 64, 13, 17), (64, 1024, 32, 24), (300, 33, 3, 3), (2, 5, 1, 19)]
+SHAPES = [(1, 1, 1, 1), (2, 3, 1, 1), (3, 17, 7, 5), (2, 64, 13, 17), (64, 1024, 32, 24), (300, 33, 3, 3),
+          (2, 5, 1, 19)]
 
 
 def make(shape, dtype, seed, channels_last=False):

@@ -21,7 +21,8 @@ EPS = 1e-6
 @pytest.fixture(scope="module")
 def emu_gem(emu_library):
     lib = emu_library("gem_emu.cpp")
-    ptr, i64p, f32, u64, i32 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_uint64, ctypes.c_int
+    ptr, i64p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+    f32, u64, i32 = ctypes.c_float, ctypes.c_uint64, ctypes.c_int
     lib.plm_emu_gem_forward.argtypes = [ptr, i32, i64p, i64p, ptr, f32, ptr, u64, ctypes.c_char_p, i32]
     lib.plm_emu_gem_backward.argtypes = [ptr, i32, i64p, i64p, ptr, f32, ptr, ptr, ptr, ptr, u64,
                                          ctypes.c_char_p, i32]

@@ -169,6 +169,7 @@ TINY = {"depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 24, 32, 48]}
 @pytest.fixture
 def model_dir(tmp_path):
     import torch
+
     from pylandmark.models import LandmarkNet
 
     torch.manual_seed(0)
@@ -217,13 +218,14 @@ def test_bad_config_values_raise_one_line_value_errors(model_dir, change, words)
 
 def test_weights_outside_the_model_directory_are_never_read(model_dir, tmp_path):
     import shutil
+
     from pylandmark.models import LandmarkNet
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     shutil.copy(model_dir / "model.safetensors", outside / "model.safetensors")
     for name in ("../elsewhere/model.safetensors", str(outside / "model.safetensors")):
-        edit_config(model_dir, lambda m: m.update(weights=name))
+        edit_config(model_dir, lambda m, name=name: m.update(weights=name))
         with pytest.raises(ValueError, match="inside"):
             LandmarkNet.from_pretrained(model_dir)
 
@@ -240,6 +242,7 @@ def test_config_json_that_is_not_json(model_dir):
 def test_wrong_shaped_weights_give_one_line(model_dir, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
+
     from pylandmark.models import LandmarkNet
 
     state = load_file(str(model_dir / "model.safetensors"))
@@ -268,6 +271,7 @@ def test_train_config_from_a_file_is_type_checked():
 
 def test_weights_files_that_are_not_state_dicts(model_dir):
     import torch
+
     from pylandmark.models import LandmarkNet
 
     (model_dir / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + bytes(1 << 20))

@@ -10,8 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from pylandmark.data import (ImageList, ImageLoadError, LoadFailure, crop_box, list_images, load_image,
-                             open_image, resize_image, resized_size, to_rgb, to_tensor)
+from pylandmark.data import (
+    ImageList,
+    ImageLoadError,
+    LoadFailure,
+    crop_box,
+    list_images,
+    load_image,
+    open_image,
+    resize_image,
+    resized_size,
+    to_rgb,
+    to_tensor,
+)
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -35,7 +46,7 @@ def test_resized_size_follows_pil_thumbnail(rng):
     for _ in range(300):
         w, h = (int(v) for v in rng.integers(1, 2500, size=2))
         if rng.random() < 0.2:
-            w = int(rng.integers(2000, 6000)); h = int(rng.integers(1, 8))  # extreme aspect ratios
+            w, h = int(rng.integers(2000, 6000)), int(rng.integers(1, 8))  # extreme aspect ratios
         target = float(rng.choice([1024, 362, 777, 409.6, 1023.9, 3.0]))
         im = Image.new("1", (w, h))
         im.thumbnail((target, target), Image.Resampling.NEAREST, reducing_gap=None)

@@ -334,8 +334,9 @@ def test_a_load_racing_a_save_sees_one_version(tmp_path, monkeypatch, mmap):
 def _craft(path, header_changes=None, sections=None, drop=()):
     """Rewrites the index at `path` with changed header fields and/or section bytes, all
     checksums (header CRC, section CRCs and the matrix sum) valid for the new content."""
-    from pylandmark.retrieval.index import _PREFIX, _sum64
     import zlib
+
+    from pylandmark.retrieval.index import _PREFIX, _sum64
 
     data = path.read_bytes()
     header = _header(data)

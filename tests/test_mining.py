@@ -7,8 +7,8 @@ import torch
 
 from pylandmark.data import SfM120k, make_sfm_dataset
 from pylandmark.extraction import extract
-from pylandmark.training.mining import Tuples, draw_pool, draw_queries, mine_negatives, mine_tuples, select_negatives
 from pylandmark.models import LandmarkNet
+from pylandmark.training.mining import Tuples, draw_pool, draw_queries, mine_negatives, mine_tuples, select_negatives
 
 TINY = {"backbone_args": {"stem_chs": 8, "depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 16, 24, 24]}}
 
@@ -99,7 +99,8 @@ def test_draws_are_seeded_subsets():
     np.testing.assert_array_equal(a, b)
     assert len(set(a.tolist())) == 20 and a.max() < 50
     assert draw_pool(10, 99, np.random.default_rng(0)).size == 10
-    assert not np.array_equal(draw_pool(1000, 50, np.random.default_rng(0)), draw_pool(1000, 50, np.random.default_rng(2)))
+    assert not np.array_equal(draw_pool(1000, 50, np.random.default_rng(0)),
+                              draw_pool(1000, 50, np.random.default_rng(2)))
 
 
 def test_mine_tuples_on_a_dataset(tmp_path):

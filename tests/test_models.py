@@ -10,8 +10,16 @@ import torch
 import torch.nn.functional as F
 
 import pylandmark as plm
-from pylandmark.models import (CSPDarknet, CSPDarknet53, CspDarknetCfg, LandmarkNet, LandmarkNetConfig,
-                               ResNet, ResNetCfg, fold_batchnorm)
+from pylandmark.models import (
+    CSPDarknet,
+    CSPDarknet53,
+    CspDarknetCfg,
+    LandmarkNet,
+    LandmarkNetConfig,
+    ResNet,
+    ResNetCfg,
+    fold_batchnorm,
+)
 
 TINY_CSP = {"depths": [1, 2, 1, 1, 1], "out_chs": [8, 16, 16, 24, 32]}
 
@@ -318,3 +326,19 @@ def test_from_pretrained_errors(tmp_path):
         LandmarkNet.from_pretrained(d)
     with pytest.raises(ValueError, match="format"):
         LandmarkNet(backbone_args=TINY_CSP).save(tmp_path / "x", format="pickle")
+
+
+def test_folding_needs_running_statistics():
+    from pylandmark.models import fold_conv_bn
+
+    conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(ValueError, match="bn: folding needs running statistics"):
+        fold_conv_bn(conv, bn)
+    # with statistics the folded conv equals conv -> bn (eval); float32 rounding of a few products
+    bn = torch.nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_conv_bn(conv, bn)(x), bn(conv(x)), rtol=1e-5, atol=1e-5)

@@ -13,11 +13,11 @@ import math
 import socket
 import threading
 
+import cirtorch_ref as ref
 import numpy as np
 import pytest
 import torch
 
-import cirtorch_ref as ref
 import pylandmark as plm
 from pylandmark.cli import main, parse_scales
 from pylandmark.models import LandmarkNet, from_cirtorch, load_network

@@ -9,12 +9,12 @@ import builtins
 import copy
 import math
 
+import cirtorch_ref as ref
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import cirtorch_ref as ref
 import pylandmark as plm
 from pylandmark.models import VGG, LandmarkNet, from_cirtorch, load_cirtorch
 from pylandmark.nn.whiten import Whitening, select_whitening

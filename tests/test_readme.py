@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 README = (REPO / "README.md").read_text()
@@ -62,7 +61,7 @@ def test_readme_python_blocks_quickstart(quickstart_dir):
     (code,) = _blocks("python", "Quickstart")
     scope: dict = {}
     exec(compile(code, "README.md:Quickstart", "exec"), scope)
-    index, result, net = scope["index"], scope["result"], scope["net"]
+    index, result = scope["index"], scope["result"]
     assert len(index) == 6 and sorted(set(index.labels)) == ["cse", "wb"]
     # independent check of the recognition: majority label of the top 5 by float64 cosine
     db = np.asarray(index.descriptors, dtype=np.float64)

@@ -211,7 +211,8 @@ def test_relative_paths_resolve_next_to_the_results_file(pnu, rng, tmp_path, mon
 
 @pytest.mark.parametrize("content,words", [
     ("{not json", "not valid JSON"), ('{"query": 1}', "must be a JSON list"), ("[]", "holds no queries"),
-    ('[{"query": "a"}]', "'neighbours' list"), ('[{"query": "a", "neighbours": [{"score": "high"}]}]', "numeric 'score'"),
+    ('[{"query": "a"}]', "'neighbours' list"),
+    ('[{"query": "a", "neighbours": [{"score": "high"}]}]', "numeric 'score'"),
     ('[{"query": "a", "neighbours": [], "confidence": 1, "label": "x"}, {"query": "b", "neighbours": []}]', "mixes"),
     ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
 ])
@@ -227,9 +228,9 @@ def test_bad_results_files_are_one_line_errors(tmp_path, content, words):
 
 @pytest.mark.slow
 def test_recognize_html_and_report_command(pnu, tmp_path, capsys):
-    from pylandmark.cli import main
-
     from serve_util import build_index, tiny_weights
+
+    from pylandmark.cli import main
 
     weights = tiny_weights(tmp_path)
     index = build_index(pnu, weights, tmp_path / "pnu.plmi")

@@ -118,10 +118,10 @@ def test_files_and_worst_page_on_the_real_ground_truth(roxford, rng, tmp_path):
 @pytest.mark.slow
 def test_evaluate_plots_end_to_end(tmp_path, capsys):
     pytest.importorskip("matplotlib")
+    from serve_util import tiny_weights
+
     from pylandmark.cli import main
     from pylandmark.data import make_revisited_dataset
-
-    from serve_util import tiny_weights
 
     weights = tiny_weights(tmp_path)
     make_revisited_dataset(tmp_path / "data", "roxford5k", n_clusters=3, db_per_cluster=4, image_size=64, seed=2)

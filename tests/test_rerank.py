@@ -161,7 +161,7 @@ def test_rerank_composes_dba_then_qe(rng):
 
 
 @pytest.mark.parametrize("kwargs,exc,pattern", [
-    ({"k": 0}, ValueError, "k must be >= 1"),
+    ({"k": 0}, ValueError, "k must be an int >= 1, got 0"),
     ({"k": 2.0}, TypeError, "k must be an int"),
     ({"alpha": -1.0}, ValueError, "alpha"),
     ({"alpha": float("nan")}, ValueError, "alpha"),

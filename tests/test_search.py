@@ -8,11 +8,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from conftest import ALL_ISAS
 
 import pylandmark as plm
 from pylandmark import _C
-
-from conftest import ALL_ISAS
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -279,7 +278,7 @@ def test_concurrent_calls_from_python_threads(rng):
     (dict(queries=np.zeros((2, 3, 4), np.float32)), ValueError, "queries must be"),
     (dict(db=np.zeros(8, np.float32)), ValueError, "db must be (N, D)"),
     (dict(queries=np.zeros((2, 7), np.float32)), ValueError, "D=7"),
-    (dict(k=0), ValueError, "k must be >= 1"),
+    (dict(k=0), ValueError, "k must be an int >= 1, got 0"),
     (dict(k=2.0), TypeError, "k must be an int"),
     (dict(k=True), TypeError, "k must be an int"),
     (dict(db=np.zeros((0, 8), np.float32)), ValueError, "db is empty"),

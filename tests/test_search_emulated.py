@@ -166,8 +166,9 @@ def test_strided_db_rows(emu_search, rng, extra, kernel):
     run_and_check(emu_search, make(rng, (4, 64), F16, "cpu"), db, 12, kernel=kernel)
 
 
-@pytest.mark.parametrize("Q,D,qdtype,dbdtype,kernel", [(600, 64, F16, F16, "mma_wide"), (520, 72, F32, BF16, "mma_wide"),
-                                                       (300, 40, F16, F32, "simt"), (260, 17, BF16, F16, "simt")])
+@pytest.mark.parametrize("Q,D,qdtype,dbdtype,kernel", [
+    (600, 64, F16, F16, "mma_wide"), (520, 72, F32, BF16, "mma_wide"),
+    (300, 40, F16, F32, "simt"), (260, 17, BF16, F16, "simt")])
 def test_db_norms_computed_once_for_many_query_tiles(emu_search, rng, Q, D, qdtype, dbdtype, kernel):
     """From 8 query tiles on, 1/|x| of every db row comes from one pass before the scan."""
     q, db = make(rng, (Q, D), qdtype, "cpu"), make_db(rng, (300, D), dbdtype, "cosine", "cpu")

@@ -119,10 +119,10 @@ def test_bad_settings_name_the_argument(kw, words):
 
 @pytest.fixture(scope="module")
 def engine(shared_data, tmp_path_factory):
+    from serve_util import build_index, tiny_weights
+
     from pylandmark.serve.config import ServeConfig
     from pylandmark.serve.engine import Engine
-
-    from serve_util import build_index, tiny_weights
 
     d = tmp_path_factory.mktemp("engine")
     weights = tiny_weights(d)

@@ -18,7 +18,6 @@ pytest.importorskip("multipart")
 httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
-
 from serve_util import SIZE, Server, brute_force_topk, build_index, listening_addresses, tiny_weights  # noqa: E402
 
 MAX_UPLOAD_MB = 4  # the PNU photos are at most 1.7 MB

@@ -13,10 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pylandmark.data import (RevisitedDataset, SfM120k, WhiteningPairs, download_sfm120k, load_sfm_pickle,
-                             make_revisited_dataset, make_sfm_dataset)
-from pylandmark.data.sfm120k import cid_to_path
+from pylandmark.data import (
+    RevisitedDataset,
+    SfM120k,
+    WhiteningPairs,
+    download_sfm120k,
+    load_sfm_pickle,
+    make_revisited_dataset,
+    make_sfm_dataset,
+)
 from pylandmark.data.download import ChecksumError
+from pylandmark.data.sfm120k import cid_to_path
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from pylandmark.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pylandmark.data import SfM120k, make_revisited_dataset, make_sfm_dataset
 from pylandmark.models import LandmarkNet
-from pylandmark.training.loop import (TRAIN_PRESETS, TrainConfig, add_arguments, build_model, build_optimizer,
-                                 freeze_batchnorm, run, train, train_step, validate)
 from pylandmark.nn.losses import ContrastiveLoss
 from pylandmark.nn.whiten import Whitening, apply_whitening, strip_whitening
+from pylandmark.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pylandmark.training.cli import add_arguments, run
+from pylandmark.training.config import TRAIN_PRESETS, TrainConfig
+from pylandmark.training.loop import build_model, build_optimizer, freeze_batchnorm, train, train_step
+from pylandmark.training.validation import validate
 
 TINY = {"backbone_args": {"stem_chs": 8, "depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 16, 24, 24]}}
 
@@ -32,7 +34,8 @@ def small_root(tmp_path_factory):
 
 
 def _small_cfg(root, out, **kw):
-    base = dict(data_root=str(root), out_dir=str(out), model="cspdarknet53-gem", model_args=TINY, image_size=48, query_size=12, pool_size=30,
+    base = dict(data_root=str(root), out_dir=str(out), model="cspdarknet53-gem", model_args=TINY, image_size=48,
+                query_size=12, pool_size=30,
                 negatives=3, batch_size=4, epochs=2, val_image_size=48, whiten_image_size=48, test_image_size=48,
                 mining_batch_size=16)
     base.update(kw)
@@ -194,7 +197,8 @@ def test_checkpoint_is_atomic_and_tensors_only(tmp_path, monkeypatch):
     contents, meta = load_checkpoint(path)  # the old checkpoint survived, no temporary file left
     assert meta["epoch"] == 1 and sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
     # a pickle with code in it is not loaded
-    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"format": "pylandmark.TrainCheckpoint/1", "x": _Payload()}, protocol=2))
+    evil = {"format": "pylandmark.TrainCheckpoint/1", "x": _Payload()}
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(evil, protocol=2))
     with pytest.raises(ValueError, match="tensors-only"):
         load_checkpoint(tmp_path / "evil.pt")
     torch.save({"model": {}}, tmp_path / "other.pt")
@@ -208,6 +212,31 @@ def _cli(*argv):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     return parser.parse_args([str(a) for a in argv])
+
+
+def test_cli_options_come_from_the_config_fields(tmp_path):
+    """Every TrainConfig field has an option of its type; options not given keep the preset's value."""
+    import dataclasses
+
+    from pylandmark.training.cli import config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {o for a in parser._actions for o in a.option_strings}
+    for f in dataclasses.fields(TrainConfig):
+        assert ("--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")) in flags, f.name
+    cfg = config_from_args(_cli("--data-root", tmp_path, "--out", tmp_path / "o", "--preset", "test"))
+    assert cfg == TrainConfig.from_preset("test", data_root=str(tmp_path), out_dir=str(tmp_path / "o"))
+    cfg = config_from_args(_cli("--data-root", "d", "--out", "o", "--lr", "1e-3", "--epochs", 7, "--recall-ks", 1, 3,
+                                "--no-progress", "--channels-last", "--whitening", "pca", "--model-args",
+                                '{"backbone_args": {"depths": [1, 1, 1, 1, 1]}}', "--test-datasets", "rparis6k"))
+    assert (cfg.lr, cfg.epochs, cfg.recall_ks, cfg.progress, cfg.channels_last, cfg.whitening) == \
+        (1e-3, 7, (1, 3), False, True, "pca")
+    assert cfg.model_args == {"backbone_args": {"depths": [1, 1, 1, 1, 1]}} and cfg.test_datasets == ("rparis6k",)
+    assert cfg.margin == TRAIN_PRESETS["cspdarknet53-gem"].margin
+    for bad in (["--epochs", "2.5"], ["--loss", "hinge"], ["--model-args", "[1]"]):
+        with pytest.raises(SystemExit):
+            _cli("--data-root", "d", "--out", "o", *bad)
 
 
 def test_resume_reproduces_the_uninterrupted_run(small_root, tmp_path):
@@ -272,11 +301,11 @@ def test_resume_guards_and_tensorboard(small_root, tmp_path, caplog):
 def test_missing_tensorboard_only_warns(tmp_path, monkeypatch, caplog):
     import sys
 
-    from pylandmark.training.loop import _RunLog
+    from pylandmark.training.runlog import RunLog
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    with caplog.at_level("WARNING", logger="pylandmark.training.loop"):
-        log = _RunLog(tmp_path, tensorboard=True, enabled=True)
+    with caplog.at_level("WARNING", logger="pylandmark.training.runlog"):
+        log = RunLog(tmp_path, tensorboard=True, enabled=True)
     assert log.writer is None and "pip install tensorboard" in caplog.text
     log.write([{"epoch": 1, "loss": 0.5}])
     assert (tmp_path / "log.csv").read_text().splitlines() == ["epoch,loss", "1,0.5"]
@@ -292,7 +321,7 @@ def test_whitening_and_revisited_validation(small_root, tmp_path, kind):
     cfg = _small_cfg(small_root, tmp_path / "w", epochs=1, whitening=kind, whiten_dim=16, test_root=str(test_root))
     path = train(cfg)
     assert path.name == "model_best"
-    hist = [json.loads(l) for l in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
+    hist = [json.loads(line) for line in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
     assert {"roxford5k_map_easy", "roxford5k_map_medium", "roxford5k_map_hard"} <= set(hist[-1])
     assert "val_map" not in hist[-1]
     net = LandmarkNet.from_pretrained(path)
@@ -351,7 +380,7 @@ def test_short_run_learns(tmp_path):
     cfg = TrainConfig.from_preset("test", data_root=str(root), out_dir=str(tmp_path / "run"), seed=0,
                                   validate_initial=True)
     train(cfg)
-    hist = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    hist = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     maps = [h["val_map"] for h in hist]
     print("val mAP by epoch (%): " + ", ".join(f"{100 * m:.1f}" for m in maps))
     before, last3 = maps[0], maps[-3:]

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from pylandmark.models import (CSPDarknet53, LandmarkNet, ResNet, ResNetCfg, load_backbone_weights)
+from pylandmark.models import CSPDarknet53, LandmarkNet, ResNet, ResNetCfg, load_backbone_weights
 
 TINY_CSP = {"depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 16, 24, 32]}
 

@@ -13,6 +13,7 @@ import os
 import struct
 import warnings
 from pathlib import Path
+from typing import IO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -48,7 +49,7 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageLoadError(f"{name} is empty (0 bytes); send the image file's contents")
-        stream = io.BytesIO(source)
+        stream: IO[bytes] = io.BytesIO(source)
     else:
         path = Path(source)
         if not path.is_file():

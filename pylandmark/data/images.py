@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .._checks import check_number
 
 __all__ = ["ImageLoadError", "open_image", "to_rgb", "crop_box", "resized_size", "resize_image",
            "to_tensor", "prepare_image", "load_image", "ImageList", "LoadFailure", "list_images",
@@ -35,12 +38,7 @@ class ImageLoadError(OSError):
 
 
 def _check_size(image_size: Any, name: str = "image_size") -> float | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, float)):
-        raise TypeError(f"{name} must be a number or None, got {type(image_size).__name__}")
-    if not image_size >= 1 or not math.isfinite(image_size):
-        raise ValueError(f"{name} must be >= 1 (pixels), got {image_size}")
+    check_number(image_size, name, minimum=1, none_ok=True, hint=" (pixels)")
     return image_size
 
 

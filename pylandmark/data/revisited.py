@@ -101,7 +101,8 @@ def _bbox(value: Any, where: str) -> tuple[float, float, float, float]:
     box = tuple(float(v) for v in value)
     if not all(np.isfinite(box)):
         raise safe_pickle.PickleRefused(f"{where} must be finite, got {box}")
-    return box
+    x1, y1, x2, y2 = box
+    return x1, y1, x2, y2
 
 
 def _check_name(name: Any) -> str:

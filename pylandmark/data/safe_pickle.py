@@ -22,8 +22,9 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -124,7 +125,8 @@ class _Walk:
             return 1
         if isinstance(obj, (np.ndarray, np.generic)):
             if obj.dtype.kind not in _ARRAY_KINDS:
-                raise PickleRefused(f"{self.what}: holds a numpy {obj.dtype} array; only numeric and string arrays are read")
+                raise PickleRefused(f"{self.what}: holds a numpy {obj.dtype} array; only numeric and string arrays "
+                                    "are read")
             return 1
         if not isinstance(obj, (list, tuple, dict)):
             raise PickleRefused(f"{self.what}: holds a {type(obj).__name__}; only dicts, lists, strings and "

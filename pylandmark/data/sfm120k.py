@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -290,7 +291,7 @@ def download_sfm120k(root: str | os.PathLike, *, images: bool = True, whitening:
     for nm in names:
         fname = f"{nm}.pkl"
         path = download_url(f"{base}dbs/{fname}", out / fname, progress=progress, timeout=timeout,
-                            max_bytes=MAX_DB_BYTES, **hashes(fname))
+                            max_bytes=MAX_DB_BYTES, **hashes(fname))  # type: ignore[arg-type]
         if nm == DB_NAME:
             try:
                 _verify_db(path, expected_counts)
@@ -305,7 +306,7 @@ def download_sfm120k(root: str | os.PathLike, *, images: bool = True, whitening:
         else:
             ims.mkdir(parents=True, exist_ok=True)
             archive = download_url(f"{base}{IMS_ARCHIVE}", out / "ims.tar.gz", progress=progress,
-                                   timeout=timeout, max_bytes=MAX_IMS_BYTES, **hashes("ims.tar.gz"))
+                                   timeout=timeout, max_bytes=MAX_IMS_BYTES, **hashes("ims.tar.gz"))  # type: ignore[arg-type]
             n = _extract_images(archive, ims)
             marker.write_text(f"{n}\n")
             logger.info("extracted %d SfM-120k images into %s", n, ims)

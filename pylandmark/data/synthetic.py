@@ -32,15 +32,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .._checks import check_int
+
 __all__ = ["make_sfm_dataset", "make_revisited_dataset", "render_scene", "render_view"]
 
 logger = logging.getLogger(__name__)
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 # ----------------------------------------------------------------------------------- scenes
@@ -63,8 +59,8 @@ def _color(rng: np.random.Generator, lo: int = 0, hi: int = 256) -> np.ndarray:
 
 
 def _jitter(c: np.ndarray, rng: np.random.Generator, amount: float) -> tuple[int, int, int]:
-    v = np.clip(c + rng.normal(0, amount, size=3), 0, 255)
-    return tuple(int(x) for x in v)
+    r, g, b = (int(x) for x in np.clip(c + rng.normal(0, amount, size=3), 0, 255))
+    return r, g, b
 
 
 def _draw_family(rng: np.random.Generator) -> _Family:
@@ -81,7 +77,7 @@ def render_scene(family_seed: int, scene_seed: int, size: int) -> Image.Image:
     layout); ``scene_seed`` draws what makes this scene unique (building proportions and
     position, window pattern, ornaments, extra objects).
     """
-    size = _check_int(size, "size", 16)
+    size = check_int(size, "size", minimum=16)
     fam = _draw_family(np.random.default_rng(family_seed))
     rng = np.random.default_rng(scene_seed)
     s = size
@@ -126,7 +122,7 @@ def render_scene(family_seed: int, scene_seed: int, size: int) -> Image.Image:
                 continue
             x0 = bx + ww * (0.6 + 1.6 * j)
             y0 = by + wh * (0.6 + 1.6 * i)
-            col = _jitter(fam.window, rng, 8)
+            col: tuple[int, ...] = _jitter(fam.window, rng, 8)
             if arched:
                 arch = min(ww, wh)
                 d.rectangle([x0, y0 + arch / 2, x0 + ww, y0 + max(wh, arch / 2)], fill=col)
@@ -251,13 +247,13 @@ def make_sfm_dataset(root: str | os.PathLike, n_clusters: int = 24, images_per_c
     positive (``qidxs`` / ``pidxs`` parallel lists); ``cluster`` holds the cluster id of every
     image (train and val ids are disjoint). Returns ``root``.
     """
-    n_clusters = _check_int(n_clusters, "n_clusters", 3)
-    images_per_cluster = _check_int(images_per_cluster, "images_per_cluster", 2)
-    image_size = _check_int(image_size, "image_size", 16)
-    family_size = _check_int(family_size, "family_size", 1)
+    n_clusters = check_int(n_clusters, "n_clusters", minimum=3)
+    images_per_cluster = check_int(images_per_cluster, "images_per_cluster", minimum=2)
+    image_size = check_int(image_size, "image_size", minimum=16)
+    family_size = check_int(family_size, "family_size", minimum=1)
     if val_clusters is None:
         val_clusters = max(2, n_clusters // 4)
-    val_clusters = _check_int(val_clusters, "val_clusters", 0)
+    val_clusters = check_int(val_clusters, "val_clusters", minimum=0)
     if n_clusters - val_clusters < 2:
         raise ValueError(f"val_clusters={val_clusters} leaves {n_clusters - val_clusters} training "
                          f"clusters of n_clusters={n_clusters}; at least 2 are needed")
@@ -326,11 +322,11 @@ def make_revisited_dataset(root: str | os.PathLike, name: str = "roxford5k", n_c
     """
     if name not in ("roxford5k", "rparis6k"):
         raise ValueError(f"name must be 'roxford5k' or 'rparis6k', got {name!r}")
-    n_clusters = _check_int(n_clusters, "n_clusters", 1)
-    db_per_cluster = _check_int(db_per_cluster, "db_per_cluster", 2)
-    queries_per_cluster = _check_int(queries_per_cluster, "queries_per_cluster", 1)
-    image_size = _check_int(image_size, "image_size", 16)
-    distractors = _check_int(distractors, "distractors", 0)
+    n_clusters = check_int(n_clusters, "n_clusters", minimum=1)
+    db_per_cluster = check_int(db_per_cluster, "db_per_cluster", minimum=2)
+    queries_per_cluster = check_int(queries_per_cluster, "queries_per_cluster", minimum=1)
+    image_size = check_int(image_size, "image_size", minimum=16)
+    distractors = check_int(distractors, "distractors", minimum=0)
     folder = Path(root) / name
     jpg = folder / "jpg"
     jpg.mkdir(parents=True, exist_ok=True)
@@ -344,7 +340,9 @@ def make_revisited_dataset(root: str | os.PathLike, name: str = "roxford5k", n_c
     for c in range(n_clusters):
         scene = render_scene(int(fam_seeds[c // family_size * family_size]), int(rng.integers(0, 2**62)),
                              scene_px)
-        easy, hard, junk = [], [], []
+        easy: list[int] = []
+        hard: list[int] = []
+        junk: list[int] = []
         for j in range(db_per_cluster):
             strength = 0.6 if j % 2 == 0 else 1.8
             nm = f"{name}_c{c:03d}_{j:03d}"

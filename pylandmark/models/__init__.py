@@ -1,8 +1,16 @@
 """Backbones (CSPDarknet-53, ResNet, VGG16), the LandmarkNet retrieval network and pretrained
 weights (imports torch)."""
 from .cspdarknet import CSPDARKNET_PRESETS, CSPDarknet, CSPDarknet53, CspDarknetCfg
-from .landmarknet import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, LANDMARKNET_PRESETS, LandmarkNet,
-                          LandmarkNetConfig, create_backbone, read_state_dict)
+from .landmarknet import (
+                          BACKBONES,
+                          IMAGENET_MEAN,
+                          IMAGENET_STD,
+                          LANDMARKNET_PRESETS,
+                          LandmarkNet,
+                          LandmarkNetConfig,
+                          create_backbone,
+                          read_state_dict,
+)
 from .layers import L2N, ConvNormAct, fold_batchnorm, fold_conv_bn, l2n
 from .presets import WEIGHT_PRESETS, WeightPreset
 from .resnet import RESNET_PRESETS, ResNet, ResNetCfg, resnet50, resnet101

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -63,12 +64,12 @@ def _flag(meta: Mapping[str, Any], key: str, source: str) -> bool:
 def _triple(meta: Mapping[str, Any], key: str, source: str) -> tuple[float, float, float]:
     value = meta.get(key)
     try:
-        out = tuple(float(v) for v in value)
+        out = tuple(float(v) for v in value)  # type: ignore[union-attr]
     except (TypeError, ValueError):
         out = ()
     if len(out) != 3 or not all(math.isfinite(v) for v in out):
         raise ValueError(f"{source}: meta[{key!r}] must be 3 numbers (R, G, B), got {value!r}")
-    return out  # type: ignore[return-value]
+    return out
 
 
 def _config(meta: Mapping[str, Any], state: Mapping[str, Any], source: str) -> LandmarkNetConfig:

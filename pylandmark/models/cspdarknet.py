@@ -8,15 +8,15 @@ first half and mixes with ``conv_transition`` (1x1). Output: 1024 channels at st
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .layers import ConvNormAct, init_conv_bn
+from .._checks import check_int
 from ..config import JsonConfig
+from .layers import ConvNormAct, init_conv_bn
 
 __all__ = ["CspDarknetCfg", "CSPDARKNET_PRESETS", "CSPDarknet", "CSPDarknet53", "DarkBlock",
            "CrossStage"]
@@ -86,9 +86,8 @@ class CspDarknetCfg(JsonConfig):
 
 
 #: Named architectures. ``cspdarknet53`` is timm's (26,617,184 parameters without a classifier).
-CSPDARKNET_PRESETS: dict[str, CspDarknetCfg] = {
-    "cspdarknet53": CspDarknetCfg(),
-}
+CSPDARKNET_PRESETS = CspDarknetCfg.presets
+CSPDARKNET_PRESETS.register("cspdarknet53", CspDarknetCfg())
 
 
 class DarkBlock(nn.Module):
@@ -97,7 +96,7 @@ class DarkBlock(nn.Module):
 
     def __init__(self, width: int, mid: int, negative_slope: float = 0.01, bn_eps: float = 1e-5):
         super().__init__()
-        kw = dict(negative_slope=negative_slope, bn_eps=bn_eps)
+        kw: dict[str, Any] = dict(negative_slope=negative_slope, bn_eps=bn_eps)
         self.conv1 = ConvNormAct(width, mid, 1, **kw)
         self.conv2 = ConvNormAct(mid, width, 3, **kw)
 
@@ -111,7 +110,7 @@ class CrossStage(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, depth: int, expand_ratio: float,
                  bottle_ratio: float, negative_slope: float = 0.01, bn_eps: float = 1e-5):
         super().__init__()
-        kw = dict(negative_slope=negative_slope, bn_eps=bn_eps)
+        kw: dict[str, Any] = dict(negative_slope=negative_slope, bn_eps=bn_eps)
         exp_chs = int(round(out_chs * expand_ratio))
         width = exp_chs // 2
         mid = max(1, int(round(width * bottle_ratio)))
@@ -167,17 +166,10 @@ class CSPDarknet(nn.Module):
 
     def __init__(self, cfg: CspDarknetCfg | str = "cspdarknet53", num_classes: int = 0):
         super().__init__()
-        if isinstance(cfg, str):
-            if cfg not in CSPDARKNET_PRESETS:
-                raise ValueError(f"cfg: unknown preset {cfg!r}; choose one of {sorted(CSPDARKNET_PRESETS)} "
-                                 "or pass a CspDarknetCfg")
-            cfg = dataclasses.replace(CSPDARKNET_PRESETS[cfg])
-        if not isinstance(cfg, CspDarknetCfg):
-            raise TypeError(f"cfg must be a CspDarknetCfg or a preset name, got {type(cfg).__name__}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        cfg = CspDarknetCfg.coerce(cfg, "cfg")
+        num_classes = check_int(num_classes, "num_classes", minimum=0)
         self.cfg = cfg
-        kw = dict(negative_slope=cfg.negative_slope, bn_eps=cfg.bn_eps)
+        kw: dict[str, Any] = dict(negative_slope=cfg.negative_slope, bn_eps=cfg.bn_eps)
         self.stem = _Stem(cfg.in_chans, cfg.stem_chs, cfg.stem_kernel, **kw)
         stages = []
         prev = cfg.stem_chs

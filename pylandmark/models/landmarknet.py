@@ -13,28 +13,28 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..nn import GeM
-from .cspdarknet import CSPDARKNET_PRESETS, CSPDarknet, CspDarknetCfg
-from .layers import l2n
-from .resnet import RESNET_PRESETS, ResNet, ResNetCfg
+from .._checks import check_int
 from ..config import JsonConfig, check_values
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD
+from ..nn import GeM
+from .cspdarknet import CSPDarknet, CspDarknetCfg
+from .layers import l2n
+from .resnet import ResNet, ResNetCfg
 from .serialization import safe_torch_load
-from .vgg import VGG, VGG_PRESETS, VggCfg
+from .vgg import VGG, VggCfg
 
 __all__ = ["LandmarkNetConfig", "LandmarkNet", "LANDMARKNET_PRESETS", "BACKBONES", "create_backbone",
            "IMAGENET_MEAN", "IMAGENET_STD"]
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = {"safetensors": "model.safetensors", "torch": "model.pt"}
@@ -46,28 +46,29 @@ _FORMAT_VERSION = 1
 
 
 def _csp(cfg: dict[str, Any], name: str) -> CSPDarknet:
-    return CSPDarknet(_with_overrides(CSPDARKNET_PRESETS[name], cfg))
+    return CSPDarknet(_with_overrides(CspDarknetCfg, name, cfg))
 
 
 def _resnet(cfg: dict[str, Any], name: str) -> ResNet:
-    return ResNet(_with_overrides(RESNET_PRESETS[name], cfg))
+    return ResNet(_with_overrides(ResNetCfg, name, cfg))
 
 
 def _vgg(cfg: dict[str, Any], name: str) -> VGG:
-    return VGG(_with_overrides(VGG_PRESETS[name], cfg))
+    return VGG(_with_overrides(VggCfg, name, cfg))
 
 
-def _with_overrides(base: CspDarknetCfg | ResNetCfg | VggCfg, overrides: Mapping[str, Any]):
-    names = {f.name for f in dataclasses.fields(base)}
+def _with_overrides(cfg_cls: type[CspDarknetCfg] | type[ResNetCfg] | type[VggCfg], name: str,
+                    overrides: Mapping[str, Any]):
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
     unknown = set(overrides) - names
     if unknown:
-        raise ValueError(f"backbone_args: unknown fields {sorted(unknown)} for {type(base).__name__}; "
+        raise ValueError(f"backbone_args: unknown fields {sorted(unknown)} for {cfg_cls.__name__}; "
                          f"valid fields are {sorted(names)}")
     try:
-        check_values(type(base), overrides)
+        check_values(cfg_cls, overrides)
     except ValueError as err:
         raise ValueError(f"backbone_args: {err}") from None
-    return dataclasses.replace(base, **overrides)
+    return cfg_cls.presets.get_config(name, overrides)
 
 
 #: backbone name -> builder(backbone_args) returning a module with ``forward_features`` and
@@ -81,10 +82,11 @@ BACKBONES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
 }
 
 
-#: the configs the built-in backbones start from (their backbone_args override these)
-_BACKBONE_BASES: dict[str, CspDarknetCfg | ResNetCfg] = {
-    "cspdarknet53": CSPDARKNET_PRESETS["cspdarknet53"],
-    **{name: RESNET_PRESETS[name] for name in ("resnet50", "resnet101", "resnet152")},
+#: the config class of each built-in backbone (its presets hold the starting configs that
+#: backbone_args override)
+_BACKBONE_CFGS: dict[str, type[CspDarknetCfg] | type[ResNetCfg] | type[VggCfg]] = {
+    "cspdarknet53": CspDarknetCfg, "resnet50": ResNetCfg, "resnet101": ResNetCfg, "resnet152": ResNetCfg,
+    "vgg16": VggCfg,
 }
 
 
@@ -131,16 +133,14 @@ class LandmarkNetConfig(JsonConfig):
         if not isinstance(self.backbone_args, Mapping):
             raise TypeError(f"backbone_args must be a dict, got {type(self.backbone_args).__name__}")
         self.backbone_args = dict(self.backbone_args)
-        if self.backbone in _BACKBONE_BASES:  # fail here, not when the network is built
-            _with_overrides(_BACKBONE_BASES[self.backbone], self.backbone_args)
+        if self.backbone in _BACKBONE_CFGS:  # fail here, not when the network is built
+            _with_overrides(_BACKBONE_CFGS[self.backbone], self.backbone, self.backbone_args)
         if not float(self.p) > 0:
             raise ValueError(f"p must be > 0, got {self.p}")
         if not float(self.gem_eps) > 0:
             raise ValueError(f"gem_eps must be > 0, got {self.gem_eps}")
+        self.whiten_dim = check_int(self.whiten_dim, "whiten_dim", minimum=1, none_ok=True)
         if self.whiten_dim is not None:
-            wd = self.whiten_dim
-            if isinstance(wd, bool) or not isinstance(wd, int) or wd < 1:
-                raise ValueError(f"whiten_dim must be a positive int or None, got {self.whiten_dim!r}")
             if not self.whitening:
                 raise ValueError("whiten_dim is set but whitening is False; set whitening=True "
                                  "or leave whiten_dim=None")
@@ -152,23 +152,15 @@ class LandmarkNetConfig(JsonConfig):
         if min(self.std) <= 0:
             raise ValueError(f"std entries must be > 0, got {self.std}")
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "LandmarkNetConfig":
-        """A named preset from :data:`LANDMARKNET_PRESETS`, with fields overridden."""
-        if name not in LANDMARKNET_PRESETS:
-            raise ValueError(f"name: unknown preset {name!r}; choose one of {sorted(LANDMARKNET_PRESETS)}")
-        return dataclasses.replace(LANDMARKNET_PRESETS[name], **overrides)
-
 
 #: The paper's settings. ``cspdarknet53-gem`` is the default network; the ResNet ones are the
 #: comparison (``-lw``: with the learned-whitening layer).
-LANDMARKNET_PRESETS: dict[str, LandmarkNetConfig] = {
-    "cspdarknet53-gem": LandmarkNetConfig(),
-    "cspdarknet53-gem-lw": LandmarkNetConfig(whitening=True),
-    "resnet50-gem": LandmarkNetConfig(backbone="resnet50"),
-    "resnet101-gem": LandmarkNetConfig(backbone="resnet101"),
-    "resnet101-gem-lw": LandmarkNetConfig(backbone="resnet101", whitening=True),
-}
+LANDMARKNET_PRESETS = LandmarkNetConfig.presets
+LANDMARKNET_PRESETS.register("cspdarknet53-gem", LandmarkNetConfig())
+LANDMARKNET_PRESETS.register("cspdarknet53-gem-lw", LandmarkNetConfig(whitening=True))
+LANDMARKNET_PRESETS.register("resnet50-gem", LandmarkNetConfig(backbone="resnet50"))
+LANDMARKNET_PRESETS.register("resnet101-gem", LandmarkNetConfig(backbone="resnet101"))
+LANDMARKNET_PRESETS.register("resnet101-gem-lw", LandmarkNetConfig(backbone="resnet101", whitening=True))
 
 
 class LandmarkNet(nn.Module):
@@ -201,10 +193,11 @@ class LandmarkNet(nn.Module):
             raise TypeError(f"config must be a LandmarkNetConfig, a preset name or None, "
                             f"got {type(config).__name__}")
         self.config = config
-        self.backbone = create_backbone(config.backbone, config.backbone_args)
+        backbone: Any = create_backbone(config.backbone, config.backbone_args)  # see BACKBONES
+        self.backbone = backbone
         self.pool = GeM(p=config.p, eps=config.gem_eps, learn_p=config.learn_p)
         self.norm_eps = 1e-6
-        feat = int(self.backbone.num_features)
+        feat = int(backbone.num_features)
         self.whiten: nn.Linear | None = None
         if config.whitening:
             d = config.whiten_dim or feat
@@ -301,7 +294,7 @@ class LandmarkNet(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, map_location: str | torch.device = "cpu",
-                        strict: bool = True, progress: bool = True) -> "LandmarkNet":
+                        strict: bool = True, progress: bool = True) -> LandmarkNet:
         """Loads a network (in train mode, as ``nn.Module`` loads do) from:
 
         - a directory written by :meth:`save` (or its ``config.json``);

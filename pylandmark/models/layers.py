@@ -77,12 +77,16 @@ def init_conv_bn(module: nn.Module) -> None:
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A Conv2d (with bias) equal to ``bn(conv(x))`` with ``bn`` in eval mode (running stats)."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("bn: folding needs running statistics; this BatchNorm has track_running_stats=False")
     scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
         1.0 / torch.sqrt(bn.running_var + bn.eps)
     shift = (bn.bias.detach() if bn.affine else 0.0) - bn.running_mean * scale
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,  # type: ignore[arg-type]
+                      stride=conv.stride, padding=conv.padding,  # type: ignore[arg-type]
+                      dilation=conv.dilation, groups=conv.groups, bias=True,  # type: ignore[arg-type]
                       padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+    assert fused.bias is not None  # built with bias=True
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
         b = conv.bias.detach() * scale if conv.bias is not None else 0.0

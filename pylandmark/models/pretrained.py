@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .presets import WEIGHT_PRESETS, WeightPreset, checkpoints_dir
 

@@ -7,14 +7,14 @@ checkpoints (and cirtorch's ``features.*`` retrieval checkpoints, through
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .layers import init_conv_bn
+from .._checks import check_int
 from ..config import JsonConfig
+from .layers import init_conv_bn
 
 __all__ = ["ResNetCfg", "RESNET_PRESETS", "ResNet", "Bottleneck", "resnet50", "resnet101"]
 
@@ -51,11 +51,10 @@ class ResNetCfg(JsonConfig):
 
 
 #: Named architectures (parameters without ``fc``: 23,508,032 / 42,500,160 / 58,143,808).
-RESNET_PRESETS: dict[str, ResNetCfg] = {
-    "resnet50": ResNetCfg(layers=(3, 4, 6, 3)),
-    "resnet101": ResNetCfg(layers=(3, 4, 23, 3)),
-    "resnet152": ResNetCfg(layers=(3, 8, 36, 3)),
-}
+RESNET_PRESETS = ResNetCfg.presets
+RESNET_PRESETS.register("resnet50", ResNetCfg(layers=(3, 4, 6, 3)))
+RESNET_PRESETS.register("resnet101", ResNetCfg(layers=(3, 4, 23, 3)))
+RESNET_PRESETS.register("resnet152", ResNetCfg(layers=(3, 8, 36, 3)))
 
 
 class Bottleneck(nn.Module):
@@ -107,15 +106,8 @@ class ResNet(nn.Module):
 
     def __init__(self, cfg: ResNetCfg | str = "resnet50", num_classes: int = 0):
         super().__init__()
-        if isinstance(cfg, str):
-            if cfg not in RESNET_PRESETS:
-                raise ValueError(f"cfg: unknown preset {cfg!r}; choose one of {sorted(RESNET_PRESETS)} "
-                                 "or pass a ResNetCfg")
-            cfg = dataclasses.replace(RESNET_PRESETS[cfg])
-        if not isinstance(cfg, ResNetCfg):
-            raise TypeError(f"cfg must be a ResNetCfg or a preset name, got {type(cfg).__name__}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        cfg = ResNetCfg.coerce(cfg, "cfg")
+        num_classes = check_int(num_classes, "num_classes", minimum=0)
         self.cfg = cfg
         w = cfg.width
         self.conv1 = nn.Conv2d(cfg.in_chans, w, 7, stride=2, padding=3, bias=False)
@@ -141,7 +133,9 @@ class ResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_features, H', W') at stride 32."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for i in range(1, len(self.cfg.layers) + 1):
+            x = getattr(self, f"layer{i}")(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> logits (B, num_classes) with a classifier, else the feature map."""

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import init_conv_bn
 from ..config import JsonConfig
+from .layers import init_conv_bn
 
 __all__ = ["VggCfg", "VGG_PRESETS", "VGG", "vgg16"]
 
@@ -42,7 +42,7 @@ class VggCfg(JsonConfig):
     def __post_init__(self) -> None:
         if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
             raise TypeError(f"layers must be a sequence of ints and 'M', got {self.layers!r}")
-        out = []
+        out: list[str | int] = []
         for v in self.layers:
             if v == "M":
                 out.append("M")
@@ -58,7 +58,8 @@ class VggCfg(JsonConfig):
 
 
 #: Named architectures (VGG16 features: 14,714,688 parameters, 26 state-dict keys).
-VGG_PRESETS: dict[str, VggCfg] = {"vgg16": VggCfg()}
+VGG_PRESETS = VggCfg.presets
+VGG_PRESETS.register("vgg16", VggCfg())
 
 
 class VGG(nn.Module):

@@ -6,8 +6,8 @@ from typing import Any
 import torch
 
 from .. import _C
-from .._array import Array
-from ..ops import _p_value, eps_value, gem_layout
+from .._array import Array, gem_layout
+from .._checks import check_number, gem_p
 
 HAVE_CUDA_KERNELS = hasattr(_C, "gem_forward_cuda")
 
@@ -42,7 +42,7 @@ class _GeMFunction(torch.autograd.Function):
             _C.gem_forward_cuda(_spec(xa, "x"), _spec(y, "y"), _spec(p_dev, "p"), eps, _stream(xa))
             ctx.save_for_backward(xa, y, p, p_dev)
         else:
-            _C.gem_forward(_spec(xa, "x"), _spec(y, "y"), _p_value(p), eps)
+            _C.gem_forward(_spec(xa, "x"), _spec(y, "y"), gem_p(p), eps)
             ctx.save_for_backward(xa, y, p)
         ctx.eps = eps
         return y.to(x.dtype)
@@ -59,10 +59,10 @@ class _GeMFunction(torch.autograd.Function):
             _C.gem_backward_cuda(_spec(x, "x"), _spec(gy, "grad_output"), _spec(y, "y"),
                                  _spec(dx, "grad_input"), None if terms is None else _spec(terms, "terms"),
                                  _spec(p_dev, "p"), ctx.eps, _stream(x))
-            grad_p = terms.sum().to(device=p.device, dtype=p.dtype).reshape(p.shape) if need_p else None
+            grad_p = terms.sum().to(device=p.device, dtype=p.dtype).reshape(p.shape) if terms is not None else None
         else:
             dp = _C.gem_backward(_spec(x, "x"), _spec(gy, "grad_output"), _spec(y, "y"),
-                                 _spec(dx, "grad_input"), _p_value(p), ctx.eps, bool(need_p))
+                                 _spec(dx, "grad_input"), gem_p(p), ctx.eps, bool(need_p))
             grad_p = torch.full_like(p, dp) if need_p else None
         return (dx if need_x else None), grad_p, None
 
@@ -74,7 +74,7 @@ def gem_torch(x: torch.Tensor, p: Any = 3.0, eps: float = 1e-6) -> torch.Tensor:
     stream when this build has them (plain torch ops otherwise)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch tensor, got {type(x).__name__}")
-    eps = eps_value(eps)
+    eps = check_number(eps, "eps", minimum=0, above=True)
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
     if isinstance(p, torch.Tensor):
@@ -89,7 +89,7 @@ def gem_torch(x: torch.Tensor, p: Any = 3.0, eps: float = 1e-6) -> torch.Tensor:
     if isinstance(p, torch.Tensor):
         p_t = p
     else:
-        p_t = torch.tensor(_p_value(p), dtype=torch.float64)
+        p_t = torch.tensor(gem_p(p), dtype=torch.float64)
     if x.is_cuda and x.dtype == torch.float64:
         return gem_reference(x, p_t, eps)  # the CUDA kernels take 16- and 32-bit floats
     return _GeMFunction.apply(x, p_t, eps)

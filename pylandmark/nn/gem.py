@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import _p_value, eps_value
+from .._checks import check_number, gem_p
 from .functional import gem_torch
 
 
@@ -19,8 +19,8 @@ class GeM(nn.Module):
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6, learn_p: bool = True):
         super().__init__()
-        p = _p_value(p)
-        eps = eps_value(eps)
+        p = gem_p(p)
+        eps = check_number(eps, "eps", minimum=0, above=True)
         value = torch.full((1,), float(p))
         if learn_p:
             self.p = nn.Parameter(value)

@@ -14,10 +14,12 @@ divide by the number of tuples for a mean.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from .._checks import check_number
 
 __all__ = ["contrastive_loss", "triplet_loss", "ContrastiveLoss", "TripletLoss", "make_loss", "LOSSES"]
 
@@ -36,8 +38,7 @@ def _check(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
     if negatives.dim() != 3 or negatives.shape[0] != query.shape[0] or negatives.shape[2] != query.shape[1]:
         raise ValueError(f"negatives must be (B, N, D) = ({query.shape[0]}, N, {query.shape[1]}), got shape "
                          f"{tuple(negatives.shape)}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
-        raise ValueError(f"margin must be a number >= 0, got {margin!r}")
+    check_number(margin, "margin", minimum=0)
     if neg_mask is None:
         return torch.ones(negatives.shape[:2], dtype=torch.bool, device=negatives.device)
     if not isinstance(neg_mask, torch.Tensor) or neg_mask.dtype != torch.bool:
@@ -93,9 +94,7 @@ class _MarginLoss(nn.Module):
 
     def __init__(self, margin: float):
         super().__init__()
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
-            raise ValueError(f"margin must be a number >= 0, got {margin!r}")
-        self.margin = float(margin)
+        self.margin = check_number(margin, "margin", minimum=0)
 
     def forward(self, query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
                 neg_mask: torch.Tensor | None = None) -> torch.Tensor:

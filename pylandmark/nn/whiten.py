@@ -22,11 +22,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
+from .._checks import check_int, is_torch, to_numpy
 
 __all__ = ["Whitening", "learn_whitening", "pca_whitening", "apply_whitening", "install_whitening",
            "compute_whitening", "strip_whitening", "select_whitening", "KINDS"]
@@ -38,12 +41,7 @@ _MAX_ALPHA = 1e6
 
 
 def _as_f64(x: Any, name: str) -> np.ndarray:
-    if type(x).__module__.split(".")[0] == "torch":
-        x = x.detach().cpu().float().numpy()
-    try:
-        a = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be a float array (numpy or torch), got {type(x).__name__}") from err
+    a = to_numpy(x, name, np.float64)
     if a.ndim != 2:
         raise ValueError(f"{name} must be (N, D) descriptors, got shape {a.shape}")
     if a.shape[0] < 2 or a.shape[1] < 1:
@@ -54,7 +52,7 @@ def _as_f64(x: Any, name: str) -> np.ndarray:
 
 
 def _as_idx(x: Any, name: str, n: int) -> np.ndarray:
-    a = np.asarray(x.detach().cpu().numpy() if type(x).__module__.split(".")[0] == "torch" else x)
+    a = to_numpy(x, name)
     if a.ndim != 1 or a.size == 0 or a.dtype.kind not in "iu":
         raise ValueError(f"{name} must be a non-empty 1-d array of ints (indices into X), got "
                          f"dtype {a.dtype}, shape {a.shape}")
@@ -122,7 +120,7 @@ class Whitening:
         return p
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Whitening":
+    def load(cls, path: str | os.PathLike) -> Whitening:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as f:
@@ -200,11 +198,9 @@ def apply_whitening(x: Any, mean: Any, projection: Any, dim: int | None = None) 
     mm = np.asarray(mean, dtype=np.float64).reshape(-1)
     if pm.ndim != 2 or pm.shape[1] != mm.size:
         raise ValueError(f"projection must be (d, D) with D = len(mean) = {mm.size}, got {pm.shape}")
-    d = pm.shape[0] if dim is None else dim
-    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 1 <= d <= pm.shape[0]:
-        raise ValueError(f"dim must be an int in [1, {pm.shape[0]}] or None, got {dim!r}")
-    pm = pm[: int(d)]
-    if type(x).__module__.split(".")[0] == "torch":
+    d = check_int(dim, "dim", minimum=1, maximum=pm.shape[0], none_ok=True)
+    pm = pm[: pm.shape[0] if d is None else d]
+    if is_torch(x):
         import torch
 
         xt = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -254,10 +250,8 @@ def install_whitening(model: Any, whitening: Whitening, dim: int | None = None) 
     if whitening.dim != feat:
         raise ValueError(f"whitening is for D={whitening.dim} descriptors but the model's pooled "
                          f"descriptors have D={feat}")
-    d = whitening.projection.shape[0] if dim is None else dim
-    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 1 <= d <= whitening.projection.shape[0]:
-        raise ValueError(f"dim must be an int in [1, {whitening.projection.shape[0]}] or None, got {dim!r}")
-    d = int(d)
+    d = check_int(dim, "dim", minimum=1, maximum=whitening.projection.shape[0], none_ok=True)
+    d = whitening.projection.shape[0] if d is None else d
     cfg = dataclasses.replace(model.config, whitening=True, whiten_dim=None if d == feat else d)
     out = LandmarkNet(cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("whiten.")}
@@ -265,6 +259,7 @@ def install_whitening(model: Any, whitening: Whitening, dim: int | None = None) 
     if unexpected or any(not k.startswith("whiten.") for k in missing):
         raise ValueError(f"model state does not fit: missing {missing}, unexpected {unexpected}")
     p = whitening.projection[:d]
+    assert out.whiten is not None  # built with whitening=True
     with torch.no_grad():
         out.whiten.weight.copy_(torch.from_numpy(p).to(out.whiten.weight.dtype))
         out.whiten.bias.copy_(torch.from_numpy(-p @ whitening.mean).to(out.whiten.bias.dtype))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import html
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from tqdm.auto import tqdm
 

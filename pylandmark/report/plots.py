@@ -18,8 +18,9 @@ import importlib.util
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -198,7 +199,8 @@ def worst_queries_page(ranks: np.ndarray, dataset, result: dict, *, n_worst: int
     rows = []
     for q in chosen:
         g = dataset.gnd[q]
-        easy, hard, junk = (set(np.asarray(g.get(key, []), dtype=np.int64).tolist()) for key in ("easy", "hard", "junk"))
+        easy, hard, junk = (set(np.asarray(g.get(key, []), dtype=np.int64).tolist())
+                            for key in ("easy", "hard", "junk"))
         qpath = str(qpaths[q])
         overlay = _box_overlay(resolve_image(qpath), g.get("bbx"), thumb_size)
         aps = " &middot; ".join(f"{p[0].upper()} {100 * float(result[p]['ap'][q]):.1f}"
@@ -245,7 +247,8 @@ def write_evaluation_plots(result: dict, dataset, out_dir: str | os.PathLike, *,
     require_matplotlib()
     ranks = np.asarray(result.get("ranks") if isinstance(result, dict) else None)
     if ranks.ndim != 2 or ranks.shape[0] != dataset.n_queries:
-        raise ValueError(f"result must hold 'ranks', the ({dataset.n_queries}, n) ranking; evaluate with keep_ranks=True")
+        raise ValueError(f"result must hold 'ranks', the ({dataset.n_queries}, n) ranking; "
+                         "evaluate with keep_ranks=True")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--plots {out} is a file; name a folder")

@@ -13,8 +13,9 @@ import logging
 import math
 import numbers
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .html import ThumbStore, esc, legend, page, tile, write_page
 
@@ -174,7 +175,7 @@ def render_report(results: Sequence[dict], *, truth: Sequence[Any] | None = None
     summary = summarize(results, truth)
     kind = summary["kind"]
     has_truth = truth is not None
-    truth = list(truth) if has_truth else [None] * len(results)
+    truth = list(truth) if truth is not None else [None] * len(results)
     query_images = query_images or {}
     store = ThumbStore(thumb_size, bases, max_images)
     store.load([query_images.get(r["query"], r["query"]) for r in results]
@@ -183,7 +184,8 @@ def render_report(results: Sequence[dict], *, truth: Sequence[Any] | None = None
 
     rows = []
     for r, t in zip(results, truth):
-        qcap = f'<span class="name">{esc(_short(r["query"]))}</span>' + (f"<br>true: <b>{esc(t)}</b>" if has_truth else "")
+        qcap = (f'<span class="name">{esc(_short(r["query"]))}</span>'
+                + (f"<br>true: <b>{esc(t)}</b>" if has_truth else ""))
         query = tile(store, query_images.get(r["query"], r["query"]), qcap, big=True, title=r["query"])
         pred = _prediction(r, kind)
         if kind == "recognize":
@@ -193,7 +195,8 @@ def render_report(results: Sequence[dict], *, truth: Sequence[Any] | None = None
                 sub += f' &middot; {esc(r["votes"])}/{n_nb} votes'
             answer = f'<div class="lab">{esc(pred)}</div><div class="sub">{sub}</div>'
         else:
-            answer = f'<div class="sub">nearest label</div><div class="lab">{esc(pred if pred is not None else "-")}</div>'
+            answer = ('<div class="sub">nearest label</div>'
+                      f'<div class="lab">{esc(pred if pred is not None else "-")}</div>')
         if has_truth:
             ok = _same(pred, t)
             answer += f'<span class="verdict {"pos" if ok else "neg"}">{"correct" if ok else "wrong"}</span>'
@@ -204,9 +207,11 @@ def render_report(results: Sequence[dict], *, truth: Sequence[Any] | None = None
                    f'{esc(h.get("label") if h.get("label") is not None else "-")}')
             name = h.get("path") or f'id {h.get("id")}'
             hits.append(f"<li>{tile(store, h.get('path'), cap, _frame(h.get('label'), t, has_truth), title=name)}</li>")
-        rows.append(f'<div class="row">{query}<div class="answer">{answer}</div><ol class="hits">{"".join(hits)}</ol></div>')
+        rows.append(f'<div class="row">{query}<div class="answer">{answer}</div>'
+                    f'<ol class="hits">{"".join(hits)}</ol></div>')
 
-    stats = [f'<span class="stat"><b>{summary["n_queries"]}</b>queries</span>', f'<span class="stat"><b>{k}</b>neighbours shown</span>']
+    stats = [f'<span class="stat"><b>{summary["n_queries"]}</b>queries</span>',
+             f'<span class="stat"><b>{k}</b>neighbours shown</span>']
     body = []
     if has_truth:
         what = "accuracy" if kind == "recognize" else "top-1 accuracy"

@@ -11,8 +11,8 @@ import base64
 import io
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..data.decode import DEFAULT_MAX_PIXELS, decode_image
 from ..data.images import ImageLoadError

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .._checks import check_int
 from .._version import __version__
 from ..ops import METRICS, search
 
@@ -123,8 +124,7 @@ class Index:
     """
 
     def __init__(self, dim: int, metric: str = "cosine", metadata: dict | None = None):
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        dim = check_int(dim, "dim", minimum=1)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         self.dim = int(dim)

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .._array import framework_of
+from .._checks import check_int, framework_of, to_numpy
 from ..ops import METRICS, search
 
 logger = logging.getLogger(__name__)
@@ -79,21 +79,12 @@ class Recognition:
         return len(self.labels)
 
 
-def _numpy(x: Any) -> np.ndarray:
-    fw = framework_of(x)
-    if fw == "torch":
-        return x.detach().cpu().numpy()
-    if fw == "cupy":
-        return x.get()
-    return np.asarray(x)
-
-
 def _labels_array(labels: Any, name: str) -> np.ndarray:
     if labels is None:
         raise ValueError(f"{name} is required: one label per database row")
     fw = framework_of(labels)
     if fw in ("torch", "cupy"):
-        arr = _numpy(labels)
+        arr = to_numpy(labels, name)
     elif isinstance(labels, np.ndarray):
         arr = labels
     elif isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
@@ -183,11 +174,7 @@ def recognize(index_or_db: Any, queries: Any, k: int = 5, vote: str = "majority"
         weighted: winning summed similarity / voters), the known mask, and the neighbours that
         voted with their similarities and labels.
     """
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    k = int(k)
+    k = check_int(k, "k", minimum=1)
     if vote not in VOTES:
         raise ValueError(f"vote must be one of {VOTES}, got {vote!r}")
     if min_score is not None:
@@ -233,8 +220,8 @@ def recognize(index_or_db: Any, queries: Any, k: int = 5, vote: str = "majority"
             raise ValueError(f"labels has {len(lab)} entries but the database has {n_rows} rows")
         q_scores, q_idx = search(queries, index_or_db, k=k, metric=metric)
 
-    scores = _numpy(q_scores).astype(np.float32, copy=False)
-    idx = _numpy(q_idx).astype(np.int64, copy=False)
+    scores = to_numpy(q_scores, "scores").astype(np.float32, copy=False)
+    idx = to_numpy(q_idx, "indices").astype(np.int64, copy=False)
     if scores.ndim == 1:
         scores, idx = scores[None, :], idx[None, :]
     if scores.ndim != 2 or scores.shape != idx.shape:
@@ -278,7 +265,7 @@ def recognize(index_or_db: Any, queries: Any, k: int = 5, vote: str = "majority"
         logger.debug("recognize: k=%d exceeds the %d database rows; %d vote", k, n_rows, n_rows)
     neighbor_ids = None
     if row_ids is not None:
-        row_ids = _numpy(row_ids).astype(np.int64, copy=False).reshape(-1)
+        row_ids = to_numpy(row_ids, "ids").astype(np.int64, copy=False).reshape(-1)
         if row_ids.shape[0] != n_lab:
             raise ValueError(f"the index has {row_ids.shape[0]} ids but {n_lab} labels")
         neighbor_ids = np.where(valid, row_ids[np.where(valid, idx, 0)], -1)

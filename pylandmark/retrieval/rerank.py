@@ -14,13 +14,12 @@ outputs have the framework, device and dtype of the input being expanded. Arithm
 from __future__ import annotations
 
 import logging
-import numbers
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .._array import framework_of
+from .._checks import check_int, framework_of
 from ..ops import METRICS, search
 
 logger = logging.getLogger(__name__)
@@ -61,10 +60,7 @@ def _l2n(x: Any, fw: str) -> Any:
 
 
 def _check_k_alpha(k: Any, alpha: Any, k_name: str = "k", alpha_name: str = "alpha") -> tuple[int, float]:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"{k_name} must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"{k_name} must be >= 1 (the number of neighbours), got {k}")
+    k = check_int(k, k_name, minimum=1, hint=" (the number of neighbours)")
     try:
         a = float(alpha)
     except (TypeError, ValueError) as err:
@@ -219,8 +215,8 @@ def dba(db: Any, k: int = 10, alpha: float = 3.0, *, metric: str = "cosine",
         d = _l2n(d, fw)
     if chunk_size is None:
         chunk_size = max(1, _GATHER_ELEMENTS // max(1, (k + 1) * dim))
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    else:
+        chunk_size = check_int(chunk_size, "chunk_size", minimum=1)
     outs = []
     for r0 in tqdm(range(0, n, chunk_size), desc="DBA", unit="chunk", disable=not progress,
                    leave=False):
@@ -248,6 +244,7 @@ def dba(db: Any, k: int = 10, alpha: float = 3.0, *, metric: str = "cosine",
             idx = idx[keep].reshape(r1 - r0, k)
             sims = sims[keep].reshape(r1 - r0, k)
         outs.append(_expand(x, d, idx, sims, alpha, fw))
+    out: Any
     if fw == "torch":
         import torch
 
@@ -273,9 +270,8 @@ def rerank(queries: Any, db: Any, *, qe_k: int = 0, qe_alpha: float = 3.0, dba_k
         (queries', db'): unchanged inputs where a step is off; otherwise L2-normalised results in
         the inputs' framework and dtype.
     """
-    for name, value in (("qe_k", qe_k), ("dba_k", dba_k)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0 (0 turns the step off), got {value!r}")
+    qe_k = check_int(qe_k, "qe_k", minimum=0, hint=" (0 turns the step off)")
+    dba_k = check_int(dba_k, "dba_k", minimum=0, hint=" (0 turns the step off)")
     if dba_k:
         db = dba(db, dba_k, dba_alpha, metric=metric, progress=progress)
     if qe_k:

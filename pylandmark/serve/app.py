@@ -23,9 +23,10 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -211,7 +212,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(title="pylandmark", summary="Landmark recognition by image search", lifespan=lifespan,
                   redoc_url=None)
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
-    static = {name: resources.files(__package__).joinpath("static", name).read_bytes() for name in STATIC}
+    static = {name: resources.files(__package__).joinpath("static").joinpath(name).read_bytes() for name in STATIC}
 
     @app.exception_handler(ApiError)
     async def _api_error(request, err: ApiError):

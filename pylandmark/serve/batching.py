@@ -14,8 +14,9 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 __all__ = ["Batcher", "Overloaded"]
 

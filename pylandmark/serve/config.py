@@ -7,7 +7,6 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 from ..config import JsonConfig
 from ..data.decode import DEFAULT_MAX_PIXELS
@@ -40,16 +39,16 @@ class ServeConfig(JsonConfig):
     """
 
     index: str = ""
-    weights: Optional[str] = None
+    weights: str | None = None
     device: str = "cpu"
-    image_size: Optional[int] = None
+    image_size: int | None = None
     multiscale: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
-    threads: Optional[int] = None
+    threads: int | None = None
     max_batch: int = 16
-    batch_wait_ms: Optional[float] = None
+    batch_wait_ms: float | None = None
     max_upload_mb: float = 20.0
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_images: int = 16
@@ -100,7 +99,7 @@ class ServeConfig(JsonConfig):
         return json.dumps(self.to_dict())
 
     @classmethod
-    def from_env(cls) -> "ServeConfig":
+    def from_env(cls) -> ServeConfig:
         raw = os.environ.get(ENV_VAR)
         if not raw:
             raise RuntimeError(f"{ENV_VAR} is not set; start the service with `pylandmark serve INDEX`")

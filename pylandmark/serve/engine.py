@@ -8,8 +8,8 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

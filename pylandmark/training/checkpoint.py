@@ -17,8 +17,9 @@ import logging
 import os
 import random
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ CHECKPOINT_VERSION = 1
 
 def rng_state() -> dict[str, Any]:
     """The state of the torch, CUDA, numpy and Python generators, as tensors and JSON-able values."""
-    np_state = np.random.get_state(legacy=True)
+    np_state: Any = np.random.get_state(legacy=True)  # ("MT19937", keys, pos, has_gauss, cached)
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),
@@ -109,7 +110,8 @@ def save_checkpoint(path: str | os.PathLike, contents: Mapping[str, Any], meta: 
     return p
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(path: str | os.PathLike,
+                    map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """Reads a checkpoint written by :func:`save_checkpoint` (tensors only, no code runs).
 
     Returns:

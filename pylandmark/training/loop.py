@@ -31,15 +31,13 @@ After the last epoch the network is exported as a LandmarkNet directory (``<out>
 whitening pairs) or ``"pca"`` the whitening is computed on the exported network and installed
 as its whitening layer (the matrices are also saved, ``whitening_<kind>.safetensors``).
 
-Several processes: run under ``torchrun`` (``torchrun --nproc_per_node 2 -m pylandmark.training.loop
+Several processes: run under ``torchrun`` (``torchrun --nproc_per_node 2 -m pylandmark.training
 --data-root ... --out ...``); mining is split across the ranks, each step's tuples are dealt
 to the ranks, and DistributedDataParallel sums the gradients (NCCL on GPUs, gloo on CPUs).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import csv
 import dataclasses
 import json
 import logging
@@ -47,11 +45,10 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -59,224 +56,30 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_utils
+from ..nn.losses import make_loss
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ..config import JsonConfig
-from ..nn.losses import LOSSES, make_loss
-from .mining import Tuples, describe, mine_tuples
+from .config import RUNTIME_FIELDS, TrainConfig, autocast_dtype, resolve_device
+from .export import export
+from .mining import Tuples, mine_tuples
+from .runlog import RunLog, format_row
+from .validation import validate
 
-__all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "build_model", "build_optimizer", "train_step",
-           "validate", "freeze_batchnorm", "add_arguments", "run", "main"]
+if TYPE_CHECKING:
+    from ..models import LandmarkNet
+
+__all__ = ["train", "build_model", "build_optimizer", "train_step", "freeze_batchnorm"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
-AMP_MODES = ("auto", "float16", "bfloat16", "off")
-WHITENINGS = ("lw", "pca")
-
-# fields that may differ between a run and its resumption (they do not change the recipe)
-_RUNTIME_FIELDS = {"epochs", "device", "workers", "progress", "tensorboard", "validate_every",
-                   "mining_batch_size", "data_root", "test_root", "out_dir", "log_every", "val_queries",
-                   "whitening", "whiten_dim", "whiten_name", "whiten_image_size", "test_datasets",
-                   "test_image_size", "val_image_size", "validate_initial", "recall_ks"}
-
-
-@dataclass
-class TrainConfig(JsonConfig):
-    """Everything a training run needs; the defaults are the paper's recipe (REFERENCE §1) with
-    the paper's network (CSPDarknet-53 + GeM) and the reference command's margin and lr.
-
-    Data:
-        data_root: SfM-120k folder (``retrieval-SfM-120k.pkl`` and ``ims/``).
-        db_name: base name of the db pickle.
-        image_size: longer side of training images (362; never upscaled).
-        query_size, pool_size, negatives: mining sizes (2000, 20000, 5).
-    Network:
-        model: a LandmarkNet preset name (``pylandmark.models.LANDMARKNET_PRESETS``).
-        model_args: LandmarkNetConfig fields to override (e.g. ``backbone_args``).
-        pretrained: backbone weights (file or URL, e.g. timm's ImageNet CSPDarknet-53) or a
-            LandmarkNet directory to start from; None starts from random weights.
-    Optimisation:
-        loss: "contrastive" or "triplet"; margin: its margin (0.85; code default 0.7).
-        lr: base learning rate of Adam (5e-7; code default 1e-6); p_lr_mult: factor for GeM's p.
-        weight_decay: 1e-6 (not applied to p); lr_decay: lr x exp(-lr_decay) per epoch.
-        epochs: 100; batch_size: tuples per optimiser step (5); accumulation: micro-batches per
-            step (batch_size must be divisible by accumulation x processes).
-    Runtime:
-        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
-        amp: "auto" (float16 on CUDA, off on the CPU), "float16", "bfloat16", "off".
-        channels_last: None = on for CUDA.
-        workers: DataLoader processes for image loading (training and mining).
-        mining_batch_size: images per forward pass while mining / validating.
-        seed: seeds everything; the epoch's pairs and pool come from ``default_rng([seed, epoch])``.
-    Validation:
-        validate_every: epochs between validations (0: never); validate_initial: also before
-        the first epoch. val_queries: cap on SfM val queries (None: all). val_image_size: size
-        of val images (None: image_size). recall_ks: k of recall@k.
-        test_root: folder with revisited ``roxford5k`` / ``rparis6k`` (used when present);
-        test_datasets, test_image_size (1024).
-    Whitening (after training, installed into the exported model):
-        whitening: None, "lw" (learned from ``whiten_name`` pairs) or "pca"; whiten_dim;
-        whiten_name; whiten_image_size.
-    Output:
-        out_dir; progress (tqdm bars); tensorboard (needs the ``tensorboard`` package);
-        log_every (steps between debug log lines, 0: none).
-    """
-
-    data_root: str = ""
-    out_dir: str = "runs/sfm120k"
-    db_name: str = "retrieval-SfM-120k"
-    image_size: int = 362
-    query_size: int = 2000
-    pool_size: int = 20000
-    negatives: int = 5
-    model: str = "cspdarknet53-gem"
-    model_args: dict[str, Any] = field(default_factory=dict)
-    pretrained: str | None = None
-    loss: str = "contrastive"
-    margin: float = 0.85
-    lr: float = 5e-7
-    p_lr_mult: float = 10.0
-    weight_decay: float = 1e-6
-    lr_decay: float = 0.01
-    epochs: int = 100
-    batch_size: int = 5
-    accumulation: int = 1
-    device: str = "auto"
-    amp: str = "auto"
-    channels_last: bool | None = None
-    workers: int = 4
-    mining_batch_size: int = 32
-    seed: int = 0
-    validate_every: int = 1
-    validate_initial: bool = False
-    val_queries: int | None = None
-    val_image_size: int | None = None
-    recall_ks: tuple[int, ...] = (1, 5, 10)
-    test_root: str | None = None
-    test_datasets: tuple[str, ...] = ("roxford5k", "rparis6k")
-    test_image_size: int = 1024
-    whitening: str | None = None
-    whiten_dim: int | None = None
-    whiten_name: str = "retrieval-SfM-120k-whiten"
-    whiten_image_size: int = 1024
-    progress: bool = True
-    tensorboard: bool = False
-    log_every: int = 0
-
-    def __post_init__(self) -> None:
-        def pos_int(name: str, minimum: int = 1) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-            setattr(self, name, int(v))
-
-        def pos_float(name: str, allow_zero: bool = False) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-                    (v < 0 if allow_zero else v <= 0):
-                raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
-            setattr(self, name, float(v))
-
-        for n in ("image_size", "query_size", "pool_size", "negatives", "epochs", "batch_size",
-                  "accumulation", "mining_batch_size", "test_image_size", "whiten_image_size"):
-            pos_int(n)
-        for n in ("workers", "validate_every", "seed", "log_every"):
-            pos_int(n, 0)
-        for n in ("lr", "p_lr_mult"):
-            pos_float(n)
-        for n in ("margin", "weight_decay", "lr_decay"):
-            pos_float(n, allow_zero=True)
-        if self.batch_size % self.accumulation:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by accumulation "
-                             f"({self.accumulation}): each micro-batch holds batch_size / accumulation tuples")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
-                                                    or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.whitening not in (None, *WHITENINGS):
-            raise ValueError(f"whitening must be None, 'lw' or 'pca', got {self.whitening!r}")
-        if self.whiten_dim is not None:
-            pos_int("whiten_dim")
-        if self.val_queries is not None:
-            pos_int("val_queries")
-        if self.val_image_size is not None:
-            pos_int("val_image_size")
-        if not isinstance(self.model_args, Mapping):
-            raise TypeError(f"model_args must be a dict of LandmarkNetConfig fields, got {type(self.model_args).__name__}")
-        self.model_args = dict(self.model_args)
-        from ..models import LANDMARKNET_PRESETS
-
-        if self.model not in LANDMARKNET_PRESETS:
-            raise ValueError(f"model must be a LandmarkNet preset, one of {sorted(LANDMARKNET_PRESETS)}; "
-                             f"got {self.model!r}")
-        self.recall_ks = tuple(int(k) for k in self.recall_ks)
-        if not self.recall_ks or min(self.recall_ks) < 1:
-            raise ValueError(f"recall_ks must be ints >= 1, got {self.recall_ks!r}")
-        self.test_datasets = tuple(str(d) for d in self.test_datasets)
-        for n in ("data_root", "out_dir"):
-            v = getattr(self, n)
-            if isinstance(v, os.PathLike):
-                setattr(self, n, os.fspath(v))
-            elif not isinstance(v, str):
-                raise TypeError(f"{n} must be a path, got {type(v).__name__}")
-        for n in ("test_root", "pretrained"):
-            v = getattr(self, n)
-            if isinstance(v, os.PathLike):
-                setattr(self, n, os.fspath(v))
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
-        """A named recipe from :data:`TRAIN_PRESETS` with fields overridden."""
-        if name not in TRAIN_PRESETS:
-            raise ValueError(f"preset must be one of {sorted(TRAIN_PRESETS)}, got {name!r}")
-        return dataclasses.replace(TRAIN_PRESETS[name], **overrides)
-
-
-#: Named recipes. ``cspdarknet53-gem``: the paper's network with the reference recipe;
-#: ``resnet101-gem``: the reference command (ResNet-101 GeM, contrastive margin 0.85, Adam
-#: lr 5e-7, weight decay 1e-6, 100 epochs); ``test``: a tiny 3-stage CSPDarknet (stride 8) with a
-#: trainable whitening layer, for CPU tests and the synthetic example: 96 px images, small mining,
-#: and, since it starts from random weights rather than ImageNet ones, a larger lr annealed
-#: faster (x exp(-0.3) per epoch).
-TRAIN_PRESETS: dict[str, TrainConfig] = {
-    "cspdarknet53-gem": TrainConfig(),
-    "resnet101-gem": TrainConfig(model="resnet101-gem"),
-    "test": TrainConfig(
-        model="cspdarknet53-gem-lw",
-        model_args={"backbone_args": {"stem_chs": 12, "depths": [1, 1, 1], "out_chs": [24, 48, 96],
-                                      "expand_ratio": [2.0, 1.0, 1.0], "bottle_ratio": [0.5, 1.0, 1.0]}},
-        image_size=96, query_size=96, pool_size=192, negatives=3, epochs=8, batch_size=4, lr=2e-3,
-        lr_decay=0.3, margin=0.7, workers=0, mining_batch_size=32, val_image_size=96, test_image_size=96,
-        whiten_image_size=96, progress=False),
-}
 
 
 # ------------------------------------------------------------------------------------ building
 
 
-def _resolve_device(spec: str) -> torch.device:
-    from ..devices import resolve_device
-
-    # under torchrun every process drives the GPU of its LOCAL_RANK
-    local = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-    return resolve_device(spec, cuda_index=local)
-
-
-def _amp_dtype(cfg: TrainConfig, dev: torch.device) -> torch.dtype | None:
-    mode = cfg.amp
-    if mode == "auto":
-        mode = "float16" if dev.type == "cuda" else "off"
-    if mode == "off":
-        return None
-    return torch.float16 if mode == "float16" else torch.bfloat16
-
-
-def build_model(cfg: TrainConfig) -> Any:
+def build_model(cfg: TrainConfig) -> LandmarkNet:
     """The LandmarkNet of ``cfg`` (preset + ``model_args``), initialised from ``pretrained``."""
     from ..models import LandmarkNet, LandmarkNetConfig, load_backbone_weights
 
@@ -368,8 +171,9 @@ def _micro_loss(net: nn.Module, tuples: Sequence[Sequence[torch.Tensor]], loss_f
     return loss_fn(q, p, negs, torch.as_tensor(mask, device=dev))
 
 
-def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Sequence[Sequence[torch.Tensor]]],
-               loss_fn: nn.Module, *, device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: Sequence[Sequence[Sequence[torch.Tensor]]], loss_fn: nn.Module, *,
+               device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
                scaler: Any = None, channels_last: bool = False, world_size: int = 1) -> float:
     """One optimiser step over this process's share of a batch of tuples, with the network in
     training mode and its BatchNorm layers in eval mode (frozen statistics).
@@ -397,7 +201,8 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: 
     total = 0.0
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        ctx = net.no_sync() if (ddp and not last) else contextlib.nullcontext()
+        ctx = net.no_sync() if (isinstance(net, nn.parallel.DistributedDataParallel) and not last) \
+            else contextlib.nullcontext()
         with ctx:
             loss = _micro_loss(fwd, mb, loss_fn, dev, amp_dtype, channels_last)
             scaled = loss * world_size if ddp else loss
@@ -473,163 +278,12 @@ def _epoch_schedule(n_tuples: int, cfg: TrainConfig, world: int, rank: int) -> t
     return steps, dropped
 
 
-# ------------------------------------------------------------------------------------ validation
-
-
-def _sfm_validation(model: nn.Module, val: Any, cfg: TrainConfig, dev: torch.device, amp: bool) -> dict[str, float]:
-    from ..evaluate import compute_ap
-    from ..ops import search
-
-    size = cfg.val_image_size or cfg.image_size
-    n_pairs = val.qidxs.size if cfg.val_queries is None else min(cfg.val_queries, val.qidxs.size)
-    qidxs, pidxs = val.qidxs[:n_pairs], val.pidxs[:n_pairs]
-    desc = describe(model, val.images, image_size=size, batch_size=cfg.mining_batch_size,
-                    num_workers=cfg.workers, device=dev, amp=amp, progress=cfg.progress,
-                    output_device="cpu").float().numpy()
-    n = desc.shape[0]
-    uq = np.unique(qidxs)
-    _, ranks = search(desc[uq], desc, k=n, metric="cosine")
-    ranks = np.asarray(ranks)
-    pos_of = {int(q): r for q, r in zip(uq, ranks)}
-    out: dict[str, float] = {}
-    for k in cfg.recall_ks:
-        hits = 0
-        for q, p in zip(qidxs, pidxs):
-            r = pos_of[int(q)]
-            r = r[r != q]
-            hits += int(p in r[:k])
-        out[f"val_recall@{k}"] = hits / len(qidxs)
-    aps = []
-    for q in uq:
-        r = pos_of[int(q)]
-        r = r[r != q]
-        positives = val.clusters[r] == val.clusters[q]
-        npos = int(positives.sum())
-        if npos:
-            aps.append(compute_ap(np.nonzero(positives)[0], npos))
-    out["val_map"] = float(np.mean(aps)) if aps else float("nan")
-    out["score"] = out["val_map"]
-    return out
-
-
-def _revisited_present(cfg: TrainConfig) -> list[str]:
-    if not cfg.test_root:
-        return []
-    root = Path(cfg.test_root)
-    return [n for n in cfg.test_datasets
-            if (root / n / f"gnd_{n}.pkl").is_file() or (root / f"gnd_{n}.pkl").is_file()]
-
-
-def _revisited_validation(model: nn.Module, names: Sequence[str], cfg: TrainConfig, dev: torch.device,
-                          amp: bool) -> dict[str, float]:
-    from ..data.revisited import RevisitedDataset
-    from ..ops import search
-
-    out: dict[str, float] = {}
-    mediums = []
-    for name in names:
-        ds = RevisitedDataset(name, cfg.test_root)
-        db = describe(model, ds.images, image_size=cfg.test_image_size, batch_size=cfg.mining_batch_size,
-                      num_workers=cfg.workers, device=dev, amp=amp, progress=cfg.progress,
-                      output_device="cpu").float().numpy()
-        qd = describe(model, ds.query_paths, image_size=cfg.test_image_size, batch_size=1,
-                      num_workers=cfg.workers, device=dev, amp=amp, progress=cfg.progress,
-                      bboxes=[ds.query_bbox(i) for i in range(ds.n_queries)], output_device="cpu").float().numpy()
-        _, ranks = search(qd, db, k=db.shape[0], metric="cosine")
-        res = ds.evaluate(np.asarray(ranks))
-        for proto in ("easy", "medium", "hard"):
-            out[f"{name}_map_{proto}"] = float(res[proto]["map"])
-        mediums.append(float(res["medium"]["map"]))
-    out["score"] = float(np.mean(mediums))
-    return out
-
-
-def validate(model: nn.Module, cfg: TrainConfig, val: Any = None, device: Any = None) -> dict[str, float]:
-    """Validation metrics of ``model`` (fractions): revisited Oxford / Paris mAP (E/M/H) when
-    their ground truth is under ``cfg.test_root``, else mAP and recall@k on the SfM val split
-    ``val``. ``score`` is what picks the best checkpoint (mean medium mAP, or val mAP). The
-    generators' states are left as they were."""
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    amp = _amp_dtype(cfg, dev) is not None and dev.type == "cuda"
-    names = _revisited_present(cfg)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            if names:
-                return _revisited_validation(model, names, cfg, dev, amp)
-            if val is None:
-                raise ValueError("no validation data: give the SfM val split or test_root with revisited data")
-            return _sfm_validation(model, val, cfg, dev, amp)
-    finally:
-        model.train(was_training)
-
-
-# ------------------------------------------------------------------------------------ logging
-
-
-class _RunLog:
-    """Console / CSV / JSON-lines / TensorBoard log of the epochs (rank 0 only)."""
-
-    def __init__(self, out: Path, tensorboard: bool, enabled: bool):
-        self.out, self.enabled = out, enabled
-        self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                logger.warning("tensorboard=True but the 'tensorboard' package is not installed "
-                               "(pip install tensorboard); logging to CSV / JSON only")
-
-    def write(self, history: Sequence[Mapping[str, Any]]) -> None:
-        if not self.enabled:
-            return
-        keys: list[str] = []
-        for row in history:
-            keys.extend(k for k in row if k not in keys)
-        tmp = self.out / "log.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            for row in history:
-                w.writerow({k: row.get(k, "") for k in keys})
-        os.replace(tmp, self.out / "log.csv")
-        tmp = self.out / "log.jsonl.tmp"
-        with open(tmp, "w") as f:
-            for row in history:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, self.out / "log.jsonl")
-        if self.writer is not None and history:
-            row = history[-1]
-            for k, v in row.items():
-                if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(k, v, int(row["epoch"]))
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _format_row(row: Mapping[str, Any]) -> str:
-    parts = [f"epoch {row['epoch']}"]
-    if "loss" in row:
-        parts.append(f"loss {row['loss']:.4f}  lr {row['lr']:.3g}  p {row['p']:.3f}  time {row['epoch_s']:.1f}s "
-                     f"(mining {row['mining_s']:.1f}s)  {row['images_per_s']:.1f} img/s")
-    for k, v in row.items():
-        if k.startswith(("val_", "roxford", "rparis")):
-            parts.append(f"{k} {100 * v:.2f}")
-    return "  ".join(parts)
-
-
 # ------------------------------------------------------------------------------------ training
 
 
 def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig) -> None:
     now = cfg.to_dict()
-    diff = [k for k in now if k not in _RUNTIME_FIELDS and saved.get(k) != now[k]]
+    diff = [k for k in now if k not in RUNTIME_FIELDS and saved.get(k) != now[k]]
     if diff:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff)
         raise ValueError(f"resume: the configuration differs from the checkpoint's ({details}); "
@@ -640,7 +294,7 @@ def _unwrap_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _p_value(model: nn.Module) -> float:
+def _p_value(model: LandmarkNet) -> float:
     return float(model.pool.p.detach().reshape(-1)[0])
 
 
@@ -672,7 +326,7 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, **overrides: An
     if not cfg.data_root:
         raise ValueError("data_root is empty: give the SfM-120k folder (with retrieval-SfM-120k.pkl and "
                          "ims/), e.g. from pylandmark.data.download_sfm120k or make_sfm_dataset")
-    dev = _resolve_device(cfg.device)
+    dev = resolve_device(cfg.device)
     own_group = dist_utils.init_from_env(dev.type)
     try:
         return _train(cfg, dev, resume)
@@ -702,7 +356,7 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
-    amp_dtype = _amp_dtype(cfg, dev)
+    amp_dtype = autocast_dtype(cfg, dev)
     channels_last = dev.type == "cuda" if cfg.channels_last is None else bool(cfg.channels_last)
     progress = cfg.progress and main_rank
 
@@ -714,7 +368,7 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
 
     model = build_model(cfg).to(dev)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from the stubs
     optimizer, scheduler = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if (amp_dtype == torch.float16 and dev.type == "cuda") else None
     loss_fn = make_loss(cfg.loss, cfg.margin)
@@ -739,7 +393,7 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
         net = nn.parallel.DistributedDataParallel(
             _GroupForward(model), device_ids=[dev.index] if dev.type == "cuda" else None,
             broadcast_buffers=False)
-    log = _RunLog(out, cfg.tensorboard, main_rank)
+    log = RunLog(out, cfg.tensorboard, main_rank)
     log.write(history)
 
     def checkpoint_meta(epoch: int) -> dict[str, Any]:
@@ -764,7 +418,7 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
             row = {"epoch": 0, **{k: v for k, v in metrics.items() if k != "score"}}
             history.append(row)
             if main_rank:
-                logger.info(_format_row(row))
+                logger.info(format_row(row))
             log.write(history)
 
         for epoch in range(start_epoch, cfg.epochs):
@@ -799,16 +453,16 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
             history.append(row)
             save(epoch + 1, is_best)
             if main_rank:
-                logger.info(_format_row(row))
+                logger.info(format_row(row))
             log.write(history)
             dist_utils.barrier()
     finally:
         log.close()
 
-    return _export(model, cfg, out, best_path, main_rank, dev)
+    return export(model, cfg, out, best_path, main_rank, dev)
 
 
-def _train_epoch(net: nn.Module, model: nn.Module, tuples: Tuples, paths: Sequence[Path], cfg: TrainConfig,
+def _train_epoch(net: nn.Module, model: LandmarkNet, tuples: Tuples, paths: Sequence[Path], cfg: TrainConfig,
                  optimizer: torch.optim.Optimizer, scaler: Any, loss_fn: nn.Module, dev: torch.device,
                  amp_dtype: torch.dtype | None, channels_last: bool, world: int, rank: int, progress: bool,
                  epoch: int) -> tuple[float, int, int]:
@@ -840,147 +494,7 @@ def _train_epoch(net: nn.Module, model: nn.Module, tuples: Tuples, paths: Sequen
                 logger.debug("epoch %d step %d/%d loss %.4f", epoch + 1, s + 1, len(steps), loss)
     finally:
         bar.close()
-    n_tuples = len(order)
-    if world > 1:
-        loss_sum, n_tuples, n_images = dist_utils.all_reduce_sum([loss_sum, n_tuples, n_images], dev)
-    return loss_sum, int(n_tuples), int(n_images)
-
-
-def _export(model: nn.Module, cfg: TrainConfig, out: Path, best_path: Path, main_rank: bool,
-            dev: torch.device) -> Path:
-    """Writes ``model`` (last epoch) and ``model_best``; computes and installs the whitening."""
-    from ..models import LandmarkNet
-
-    target = out / "model"
-    final = model
-    if best_path.exists():
-        contents, _ = load_checkpoint(best_path)
-        best_model = LandmarkNet(model.config)
-        best_model.load_state_dict(contents["model"])
-        if main_rank:
-            model.save(target)
-        final = best_model.to(dev)
-        target = out / "model_best"
-    if cfg.whitening:
-        final = _whiten(final, cfg, out, dev, main_rank)
-    if main_rank:
-        final.save(target)
-        logger.info("exported the trained network to %s", target)
-    dist_utils.barrier()
-    return target
-
-
-def _whiten(model: nn.Module, cfg: TrainConfig, out: Path, dev: torch.device, main_rank: bool) -> nn.Module:
-    from ..data.sfm120k import WhiteningPairs
-    from ..nn.whiten import Whitening, install_whitening, learn_whitening, pca_whitening, strip_whitening
-
-    if cfg.whitening == "lw":
-        pairs = WhiteningPairs(cfg.data_root, cfg.whiten_name)
-        paths, qidxs, pidxs = pairs.images, pairs.qidxs, pairs.pidxs
-    else:
-        try:
-            pairs = WhiteningPairs(cfg.data_root, cfg.whiten_name)
-            paths = pairs.images
-        except FileNotFoundError:
-            from ..data.sfm120k import SfM120k
-
-            paths = SfM120k(cfg.data_root, "train", name=cfg.db_name).images
-        qidxs = pidxs = None
-    amp = _amp_dtype(cfg, dev) is not None and dev.type == "cuda"
-    with torch.random.fork_rng(devices=[]):
-        x = describe(strip_whitening(model).eval(), paths, image_size=cfg.whiten_image_size,
-                     batch_size=cfg.mining_batch_size, num_workers=cfg.workers, device=dev, amp=amp,
-                     progress=cfg.progress and main_rank, output_device="cpu").float().numpy()
-    w: Whitening = learn_whitening(x, qidxs, pidxs) if cfg.whitening == "lw" else pca_whitening(x)
-    if main_rank:
-        w.save(out / f"whitening_{cfg.whitening}.safetensors")
-    logger.info("%s whitening from %d images installed (dim %s)", cfg.whitening, x.shape[0],
-                cfg.whiten_dim or x.shape[1])
-    return install_whitening(model, w, cfg.whiten_dim)
-
-
-# ------------------------------------------------------------------------------------ CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``pylandmark train`` options to ``parser``."""
-    g = parser.add_argument_group("data and output")
-    g.add_argument("--data-root", required=True, help="SfM-120k folder (retrieval-SfM-120k.pkl and ims/)")
-    g.add_argument("--out", required=True, help="output folder (checkpoints, logs, exported model)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g = parser.add_argument_group("recipe (defaults: the preset's)")
-    g.add_argument("--preset", default="cspdarknet53-gem", choices=sorted(TRAIN_PRESETS),
-                   help="named recipe (default cspdarknet53-gem, the paper's network)")
-    g.add_argument("--pretrained", help="backbone weights file / URL, or a LandmarkNet directory, to start from")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--image-size", type=int, help="longer side of training images (362)")
-    g.add_argument("--query-size", type=int, help="tuples mined per epoch (2000)")
-    g.add_argument("--pool-size", type=int, help="negative pool size (20000)")
-    g.add_argument("--negatives", type=int, help="hard negatives per tuple (5)")
-    g.add_argument("--batch-size", type=int, help="tuples per optimiser step (5)")
-    g.add_argument("--accumulation", type=int, help="micro-batches per step (gradient accumulation)")
-    g.add_argument("--loss", choices=sorted(LOSSES))
-    g.add_argument("--margin", type=float)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--lr-decay", type=float, help="lr x exp(-lr_decay) after every epoch (0.01)")
-    g.add_argument("--seed", type=int)
-    g = parser.add_argument_group("runtime")
-    g.add_argument("--device", help="auto (CUDA when available; the default), cpu, cuda or cuda:N")
-    g.add_argument("--amp", choices=AMP_MODES)
-    g.add_argument("--workers", type=int, help="image loading processes")
-    g.add_argument("--validate-every", type=int, help="epochs between validations (0: never)")
-    g.add_argument("--test-root", help="folder with revisited roxford5k / rparis6k for validation")
-    g.add_argument("--whitening", choices=WHITENINGS, help="compute this whitening after training and install it")
-    g.add_argument("--whiten-dim", type=int)
-    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs tensorboard)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-_ARG_FIELDS = {"epochs": "epochs", "image_size": "image_size", "query_size": "query_size", "pool_size": "pool_size",
-               "negatives": "negatives", "batch_size": "batch_size", "accumulation": "accumulation", "loss": "loss",
-               "margin": "margin", "lr": "lr", "weight_decay": "weight_decay", "lr_decay": "lr_decay",
-               "seed": "seed", "device": "device", "amp": "amp", "workers": "workers",
-               "validate_every": "validate_every", "test_root": "test_root", "whitening": "whitening",
-               "whiten_dim": "whiten_dim", "pretrained": "pretrained"}
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` of parsed ``pylandmark train`` arguments."""
-    overrides: dict[str, Any] = {"data_root": args.data_root, "out_dir": args.out}
-    for attr, fld in _ARG_FIELDS.items():
-        v = getattr(args, attr, None)
-        if v is not None:
-            overrides[fld] = v
-    if getattr(args, "tensorboard", False):
-        overrides["tensorboard"] = True
-    if getattr(args, "no_progress", False) or getattr(args, "quiet", False):
-        overrides["progress"] = False
-    return TrainConfig.from_preset(args.preset, **overrides)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``pylandmark train``: trains and prints where the network went."""
-    cfg = config_from_args(args)
-    path = train(cfg, resume=bool(args.resume))
-    if dist_utils.rank() == 0:
-        print(f"trained network: {path}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m pylandmark.training.loop`` (e.g. under torchrun)."""
-    parser = argparse.ArgumentParser(prog="python -m pylandmark.training.loop",
-                                     description="Fine-tune a LandmarkNet on SfM-120k.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"pylandmark train: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if world > 1:  # sums over the ranks, as float64 (exact for these counts)
+        loss_sum, total_tuples, total_images = dist_utils.all_reduce_sum([loss_sum, len(order), n_images], dev)
+        return loss_sum, int(total_tuples), int(total_images)
+    return loss_sum, len(order), n_images

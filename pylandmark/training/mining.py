@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+from .._checks import check_int, to_numpy
 
 __all__ = ["Tuples", "select_negatives", "mine_negatives", "draw_queries", "draw_pool", "mine_tuples",
            "describe"]
@@ -66,7 +69,7 @@ class Tuples:
 
 
 def _as_int_array(x: Any, name: str) -> np.ndarray:
-    a = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
+    a = to_numpy(x, name)
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
     return a.astype(np.int64)
@@ -84,8 +87,7 @@ def select_negatives(ranks: Any, query_clusters: Any, pool_clusters: Any, negati
     Returns:
         (Q, negatives) int64 pool positions, -1 where the ranking ran out first.
     """
-    if isinstance(negatives, bool) or not isinstance(negatives, (int, np.integer)) or negatives < 1:
-        raise ValueError(f"negatives must be an int >= 1, got {negatives!r}")
+    negatives = check_int(negatives, "negatives", minimum=1)
     r = _as_int_array(ranks, "ranks")
     qc = _as_int_array(query_clusters, "query_clusters").reshape(-1)
     pc = _as_int_array(pool_clusters, "pool_clusters").reshape(-1)
@@ -139,23 +141,22 @@ def mine_negatives(query_desc: Any, pool_desc: Any, query_clusters: Any, pool_cl
                          f"descriptors ({q} queries, {m} pool images)")
     k = min(m, max(_FIRST_K, 16 * int(negatives)))
     scores, idx = search(query_desc, pool_desc, k=k, metric="cosine")
-    scores, idx = _numpy(scores).astype(np.float32), _numpy(idx)
+    scores, idx = to_numpy(scores, "scores").astype(np.float32), to_numpy(idx, "indices")
     pos = select_negatives(idx, qc, pc, negatives)
     short = np.nonzero((pos < 0).any(axis=1))[0]
     if short.size and k < m:
         # not enough other clusters near these queries: rank the whole pool for them
-        sel = torch.as_tensor(short) if isinstance(query_desc, torch.Tensor) else short
-        if isinstance(query_desc, torch.Tensor):
-            sel = sel.to(query_desc.device)
+        sel: Any = torch.as_tensor(short, device=query_desc.device) if isinstance(query_desc, torch.Tensor) \
+            else short
         sub, pool = query_desc[sel], pool_desc
         if isinstance(pool, torch.Tensor) and pool.is_cuda and m > SEARCH_CUDA_MAX_K:
             sub, pool = sub.cpu(), pool.cpu()  # the GPU search stops at k = 1024
         s2, i2 = search(sub, pool, k=m, metric="cosine")
-        pos[short] = select_negatives(_numpy(i2), qc[short], pc, negatives)
+        pos[short] = select_negatives(to_numpy(i2, "indices"), qc[short], pc, negatives)
         full_scores = np.full((q, m), np.nan, dtype=np.float32)
         full_idx = np.full((q, m), -1, dtype=np.int64)
         full_scores[:, :k], full_idx[:, :k] = scores, idx
-        full_scores[short], full_idx[short] = _numpy(s2), _numpy(i2)
+        full_scores[short], full_idx[short] = to_numpy(s2, "scores"), to_numpy(i2, "indices")
         scores, idx = full_scores, full_idx
     # similarity of every chosen negative, looked up in the ranking
     sims = np.full(pos.shape, np.nan, dtype=np.float32)
@@ -165,10 +166,6 @@ def mine_negatives(query_desc: Any, pool_desc: Any, query_clusters: Any, pool_cl
             if p >= 0:
                 sims[i, j] = lookup[int(p)]
     return pos, sims
-
-
-def _numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def draw_queries(n_pairs: int, query_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -230,9 +227,9 @@ def mine_tuples(model: torch.nn.Module, dataset: Any, *, query_size: int = 2000,
         ``extract_s``, ``search_s``, ``n_short`` (tuples with fewer negatives) and
         ``neg_similarity`` (mean cosine similarity of the chosen negatives).
     """
-    for name, v, lo in (("query_size", query_size, 1), ("pool_size", pool_size, 1), ("negatives", negatives, 1)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    query_size = check_int(query_size, "query_size", minimum=1)
+    pool_size = check_int(pool_size, "pool_size", minimum=1)
+    negatives = check_int(negatives, "negatives", minimum=1)
     t0 = time.perf_counter()
     pairs = draw_queries(dataset.qidxs.size, query_size, rng)
     pool = draw_pool(len(dataset.clusters), pool_size, rng)

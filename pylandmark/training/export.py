@@ -1,0 +1,77 @@
+"""The end of a training run: the exported LandmarkNet directories, with the whitening computed
+on the trained network and installed as its whitening layer."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .. import distributed as dist_utils
+from .checkpoint import load_checkpoint
+from .config import TrainConfig, autocast_dtype
+from .mining import describe
+
+if TYPE_CHECKING:
+    from ..models import LandmarkNet
+
+__all__ = ["export"]
+
+logger = logging.getLogger(__name__)
+
+
+def export(model: LandmarkNet, cfg: TrainConfig, out: Path, best_path: Path, main_rank: bool,
+           dev: torch.device) -> Path:
+    """Writes ``model`` (last epoch) and ``model_best``; computes and installs the whitening."""
+    from ..models import LandmarkNet
+
+    target = out / "model"
+    final = model
+    if best_path.exists():
+        contents, _ = load_checkpoint(best_path)
+        best_model = LandmarkNet(model.config)
+        best_model.load_state_dict(contents["model"])
+        if main_rank:
+            model.save(target)
+        final = best_model.to(dev)
+        target = out / "model_best"
+    if cfg.whitening:
+        final = _whiten(final, cfg, out, dev, main_rank)
+    if main_rank:
+        final.save(target)
+        logger.info("exported the trained network to %s", target)
+    dist_utils.barrier()
+    return target
+
+
+def _whiten(model: LandmarkNet, cfg: TrainConfig, out: Path, dev: torch.device, main_rank: bool) -> LandmarkNet:
+    from ..data.sfm120k import WhiteningPairs
+    from ..nn.whiten import Whitening, install_whitening, learn_whitening, pca_whitening, strip_whitening
+
+    if cfg.whitening == "lw":
+        pairs = WhiteningPairs(cfg.data_root, cfg.whiten_name)
+        paths = pairs.images
+        qidxs: np.ndarray | None = pairs.qidxs
+        pidxs: np.ndarray | None = pairs.pidxs
+    else:
+        try:
+            pairs = WhiteningPairs(cfg.data_root, cfg.whiten_name)
+            paths = pairs.images
+        except FileNotFoundError:
+            from ..data.sfm120k import SfM120k
+
+            paths = SfM120k(cfg.data_root, "train", name=cfg.db_name).images
+        qidxs = pidxs = None
+    amp = autocast_dtype(cfg, dev) is not None and dev.type == "cuda"
+    with torch.random.fork_rng(devices=[]):
+        x = describe(strip_whitening(model).eval(), paths, image_size=cfg.whiten_image_size,
+                     batch_size=cfg.mining_batch_size, num_workers=cfg.workers, device=dev, amp=amp,
+                     progress=cfg.progress and main_rank, output_device="cpu").float().numpy()
+    w: Whitening = learn_whitening(x, qidxs, pidxs) if cfg.whitening == "lw" else pca_whitening(x)
+    if main_rank:
+        w.save(out / f"whitening_{cfg.whitening}.safetensors")
+    logger.info("%s whitening from %d images installed (dim %s)", cfg.whitening, x.shape[0],
+                cfg.whiten_dim or x.shape[1])
+    return install_whitening(model, w, cfg.whiten_dim)
