@@ -20,7 +20,10 @@ def test_run_bench_times_both_and_agrees_with_numpy():
         assert r.speedup == pytest.approx(r.numpy_ms / r.pylandmark_ms)
         assert r.same_results  # random float data: no ties, so exact top-k must equal numpy's
     text = format_rows(cfg, rows)
-    assert "N=3001 x D=67" in text and text.count("\n") == 3
+    table, legend = text.split("\n\n")
+    # title, column header, one row per batch size; then the legend explaining every column
+    assert "N=3001 x D=67" in table and table.count("\n") == 3
+    assert all(col in legend for col in ("pylandmark ms", "numpy ms", "speed-up", "queries/s", "same"))
 
 
 def test_cli_json_output(capsys):

@@ -137,7 +137,7 @@ def test_state_dict_round_trip():
     (lambda: plm.gem(np.ones((1, 2, 3, 4), np.float32), eps=0.0), ValueError, "eps must be a finite number > 0"),
     (lambda: plm.gem(np.ones((1, 2, 0, 4), np.float32)), ValueError, "H, W >= 1"),
     (lambda: gem_torch(torch.ones(1, 2, 3, 4), torch.ones(2)), ValueError, "1-element tensor"),
-    (lambda: GeM(p=-1.0), ValueError, "p must be > 0"),
+    (lambda: GeM(p=-1.0), ValueError, "p must be a finite number > 0"),
 ])
 def test_bad_input(call, exc, words):
     with pytest.raises(exc) as info:
@@ -205,11 +205,11 @@ def test_an_infinite_value_gives_infinity(cpu_isa, channels_last, dtype):
 @pytest.mark.parametrize("eps", [float("inf"), float("nan"), 0.0, -1.0])
 def test_eps_must_be_finite_and_positive(eps):
     for x in (torch.ones(1, 2, 3, 3), np.ones((1, 2, 3, 3), np.float32)):
-        with pytest.raises(ValueError, match="eps must be > 0 and finite"):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
             plm.gem(x, eps=eps)
-    with pytest.raises(ValueError, match="eps must be > 0 and finite"):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         GeM(eps=eps)
-    with pytest.raises(ValueError, match="eps must be > 0 and finite"):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         gem_torch(torch.ones(1, 2, 3, 3), 3.0, eps)
 
 

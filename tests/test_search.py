@@ -278,7 +278,7 @@ def test_concurrent_calls_from_python_threads(rng):
     (dict(queries=np.zeros((2, 3, 4), np.float32)), ValueError, "queries must be"),
     (dict(db=np.zeros(8, np.float32)), ValueError, "db must be (N, D)"),
     (dict(queries=np.zeros((2, 7), np.float32)), ValueError, "D=7"),
-    (dict(k=0), ValueError, "k must be an int >= 1, got 0"),
+    (dict(k=0), ValueError, "k must be an int in [1, 2147483647], got 0"),
     (dict(k=2.0), TypeError, "k must be an int"),
     (dict(k=True), TypeError, "k must be an int"),
     (dict(db=np.zeros((0, 8), np.float32)), ValueError, "db is empty"),
