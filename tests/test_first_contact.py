@@ -154,12 +154,18 @@ def test_import_from_a_source_checkout(tmp_path):
     assert last.startswith("ImportError: pylandmark's compiled extension is missing") and "pip install" in last
 
 
+def _tool(name: str) -> str | None:
+    """The build tool the test extra installed beside this Python, else the one on PATH."""
+    return shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
 def _configure(tmp_path: Path, env_extra: dict, *defines: str) -> str:
     import pybind11
 
     env = {k: v for k, v in os.environ.items() if k not in ("CUDAARCHS", "PYLANDMARK_CUDA")}
     env.update(env_extra)
-    proc = subprocess.run(["cmake", "-S", str(REPO), "-B", str(tmp_path / "build"), "-G", "Ninja",
+    proc = subprocess.run([_tool("cmake"), "-S", str(REPO), "-B", str(tmp_path / "build"), "-G", "Ninja",
+                           f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}",
                            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}",
                            *defines], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -167,7 +173,8 @@ def _configure(tmp_path: Path, env_extra: dict, *defines: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None, reason="needs nvcc and cmake")
+@pytest.mark.skipif(shutil.which("nvcc") is None or _tool("cmake") is None or _tool("ninja") is None,
+                    reason="needs nvcc, cmake and ninja (cmake and ninja come with the test extra)")
 def test_build_chooses_cuda_by_the_gpus_present(tmp_path):
     if shutil.which("nvidia-smi"):
         pytest.skip("this machine has a GPU; the test fakes nvidia-smi to choose")

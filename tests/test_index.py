@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -474,6 +475,50 @@ def test_a_save_killed_with_sigkill_leaves_nothing_the_next_save_or_load_keeps(t
     else:
         Index.load(path)
     assert _temp_files(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="POSIX file locks")
+def test_a_save_whose_temp_file_a_cleaner_is_inspecting_still_holds_its_lock(tmp_path, rng, monkeypatch):
+    """A cleaner (another process's save or load) may hold the lock on a new, empty temporary
+    file for a moment. The saver must wait for the lock, not go on unlocked: an unlocked file
+    looks abandoned, and the next cleaner deletes it under the saver (seen in the soak test)."""
+    import fcntl
+    import os
+    import threading
+
+    import pylandmark.retrieval.index as m
+
+    real_open = os.open
+    held, timers = [], []
+
+    def open_then_inspect(name, flags, *args):
+        fd = real_open(name, flags, *args)
+        if str(name).endswith(".tmp") and flags & os.O_CREAT:
+            cleaner = real_open(name, os.O_RDONLY)  # a second open file description, as another process has
+            fcntl.flock(cleaner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(str(name))
+            timers.append(threading.Timer(0.3, os.close, (cleaner,)))  # the cleaner looks, then lets go
+            timers[-1].start()
+        return fd
+
+    monkeypatch.setattr(m.os, "open", open_then_inspect)
+    fd, tmp = m._create_temp(tmp_path / "x.plmi")
+    monkeypatch.undo()
+    try:
+        assert held == [tmp]
+        timers[0].join()  # the cleaner has let go
+        probe = os.open(tmp, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # the saver holds the lock now
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(probe)
+        os.write(fd, b"data")
+        m._remove_stale_temps(tmp_path / "x.plmi")
+        assert Path(tmp).exists()  # a live saver's file survives the next cleaner
+    finally:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

@@ -260,7 +260,14 @@ def test_recognize_html_and_report_command(pnu, tmp_path, capsys):
     assert main(["report", str(res_file), "--out", str(out), "--quiet", "--title", "PNU <test>"]) == 0
     assert "wrote" in capsys.readouterr().out
     text = out.read_text()
-    assert "<title>PNU &lt;test&gt;</title>" in text and len(Page(text).rows) == 15 and Page(text).tables == []
+    # recognize --truth-from-folders put each photo's class into its result, so the report has the
+    # confusion matrix too: counted here from the JSON
+    assert "<title>PNU &lt;test&gt;</title>" in text and len(Page(text).rows) == 15
+    (table,) = Page(text).tables
+    classes, truths = table[0][1:], [row[0] for row in table[1:]]
+    assert truths == sorted({r["truth"] for r in results})
+    assert [[int(c) for c in row[1:]] for row in table[1:]] == [
+        [sum(r["truth"] == t and r["label"] == c for r in results) for c in classes] for t in truths]
     assert out.stat().st_mode & 0o044  # readable like any new file, not mkstemp's 0600
     assert main(["report", str(tmp_path / "nope.json"), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -520,15 +520,27 @@ def _create_temp(path: Path) -> tuple[int, str]:
         tmp = _temp_name(path, secrets.token_hex(6))
         try:
             fd = os.open(tmp, flags, 0o666)
-            break
         except FileExistsError:
             continue
-    if fcntl is not None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pass  # a file system without locks: the file is still removed on any exception
-    return fd, str(tmp)
+        if fcntl is None or _lock_own_temp(fd, tmp):
+            return fd, str(tmp)
+        os.close(fd)  # a cleaner removed it before it was locked (the saver stalled): take another
+
+
+def _lock_own_temp(fd: int, tmp: Path) -> bool:
+    """Locks a just-created temporary file; False when the name no longer refers to it.
+
+    The lock blocks rather than failing: a cleaner in another process may hold it for a
+    moment while it looks at the (still empty) file, and a saver that went on unlocked
+    would later look abandoned and have its file deleted under it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        return True  # a file system without locks: the file is still removed on any exception
+    try:
+        return os.stat(tmp, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _remove_stale_temps(path: Path) -> None:
