@@ -8,8 +8,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._version import __version__
-from .ops import cuda_available, gem, get_num_threads, search, set_num_threads
+from ._native import load_native as _load_native
+
+_load_native()
+from ._version import __version__  # noqa: E402
+from .ops import cuda_available, gem, get_num_threads, search, set_num_threads  # noqa: E402
 
 # name -> (module, attribute or None for the module itself), imported on first access
 _LAZY = {

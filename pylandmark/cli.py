@@ -87,11 +87,13 @@ def _index_build(args: argparse.Namespace) -> int:
 
 def _index_add(args: argparse.Namespace) -> int:
     from .retrieval.index import Index
-    from .pipelines import add_images, expand_images
+    from .pipelines import add_images, check_against_index, expand_images
 
     index = Index.load(args.index, mmap=False)
     net, _ = _network(args, index.metadata.get("weights"))
-    ids, skipped = add_images(index, net, expand_images(args.images), _opts(args, index), label=args.label,
+    opts = _opts(args, index)
+    check_against_index(index, args.weights, opts)
+    ids, skipped = add_images(index, net, expand_images(args.images), opts, label=args.label,
                               labels_from_folders=args.labels_from_folders)
     index.save(args.index)
     _emit(args, {"added": len(ids), "count": len(index), "skipped": skipped},
@@ -110,11 +112,13 @@ def _index_info(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from .retrieval.index import Index
-    from .pipelines import expand_images, search_images
+    from .pipelines import check_against_index, expand_images, search_images
 
     index = Index.load(args.index)
     net, _ = _network(args, index.metadata.get("weights"))
-    results = search_images(index, net, expand_images(args.images), _opts(args, index), k=args.k)
+    opts = _opts(args, index)
+    check_against_index(index, args.weights, opts)
+    results = search_images(index, net, expand_images(args.images), opts, k=args.k)
     lines = []
     for r in results:
         lines.append(r["query"])
@@ -126,19 +130,30 @@ def _search(args: argparse.Namespace) -> int:
 
 def _recognize(args: argparse.Namespace) -> int:
     from .retrieval.index import Index
-    from .pipelines import expand_images, recognize_images
+    from .evaluate import format_confusion
+    from .pipelines import check_against_index, expand_images, recognition_summary, recognize_images
 
     index = Index.load(args.index)
     net, _ = _network(args, index.metadata.get("weights"))
-    results = recognize_images(index, net, expand_images(args.images), _opts(args, index), k=args.k,
+    opts = _opts(args, index)
+    check_against_index(index, args.weights, opts)
+    results = recognize_images(index, net, expand_images(args.images), opts, k=args.k,
                                vote=args.vote, min_score=args.min_score)
     lines = []
     for r in results:
+        verdict = "" if "truth" not in r else ("  [right]" if r["label"] == r["truth"] else f"  [wrong: {r['truth']}]")
         lines.append(f"{r['query']}: {r['label']} (confidence {r['confidence']:.2f}, "
-                     f"{r['votes']}/{len(r['neighbours'])} votes)")
+                     f"{r['votes']}/{len(r['neighbours'])} votes){verdict}")
         lines += [f"    {h['score']:.4f}  {h['label']}  {h['path'] or h['id']}" for h in r["neighbours"]]
+    summary = recognition_summary(results)
+    if summary is not None:
+        lines += ["", f"recognised {summary['right']} of {summary['queries']} query images "
+                      f"(accuracy {100 * summary['accuracy']:.1f}%; true class = the query's folder)",
+                  "confusion (rows: true class, columns: predicted):",
+                  format_confusion(summary["classes"], np.asarray(summary["confusion"]))]
     _emit(args, results, "\n".join(lines))
     return 0
+
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -176,7 +191,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.threads is not None:
         set_num_threads(args.threads)
     cfg = BenchConfig(n=args.n, dim=args.dim, queries=tuple(args.queries), k=args.k, repeat=args.repeat)
-    rows = run_bench(cfg)
+    rows = run_bench(cfg, progress=not args.quiet)
     _emit(args, {"config": asdict(cfg), "rows": [asdict(r) for r in rows]}, format_rows(cfg, rows))
     return 0
 

@@ -414,3 +414,44 @@ def recognition_metrics(result: Any, truth: Any, *, unknown: Any = "unknown") ->
         "n_queries": len(labels),
         "n_unknown": sum(_is_absent(a, unknown) for a in labels),
     }
+
+
+def confusion(predictions: Any, truth: Any) -> tuple[list[Any], np.ndarray]:
+    """Confusion counts of a recognition run.
+
+    Args:
+        predictions: (Q,) predicted labels (may include labels absent from truth, e.g. "unknown").
+        truth: (Q,) true labels.
+
+    Returns:
+        (classes, counts): the sorted union of labels (by their string form), and an int64
+        (C, C) matrix where counts[i, j] is the number of queries of class classes[i] predicted
+        as classes[j].
+    """
+    p = _labels_list(predictions, "predictions")
+    t = _labels_list(truth, "truth")
+    if len(p) != len(t):
+        raise ValueError(f"predictions has {len(p)} labels but truth has {len(t)}; pass one per query")
+    classes = sorted({*p, *t}, key=str)
+    pos = {c: i for i, c in enumerate(classes)}
+    counts = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    for a, b in zip(t, p):
+        counts[pos[a], pos[b]] += 1
+    return classes, counts
+
+
+def format_confusion(classes: Sequence[Any], counts: np.ndarray) -> str:
+    """A plain-text confusion table: one row per true class, one column per prediction, and
+    each row's correct / total."""
+    names = [str(c) for c in classes]
+    width = max([len(n) for n in names] + [5])
+    cell = max(len(str(int(counts.max()))) if counts.size else 1, 3)
+    head = " " * width + " " + " ".join(n[:cell].rjust(cell) for n in names) + "   right"
+    rows = [head]
+    for i, name in enumerate(names):
+        total = int(counts[i].sum())
+        if total == 0:
+            continue
+        cells = " ".join(str(int(v)).rjust(cell) if v else ".".rjust(cell) for v in counts[i])
+        rows.append(f"{name.rjust(width)} {cells}   {int(counts[i, i])}/{total}")
+    return "\n".join(rows)

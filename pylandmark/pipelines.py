@@ -85,8 +85,13 @@ def build_index(network, folder: str | Path, opts: ExtractOptions, *, labels_fro
         keep = set(map(str, kept))
         labels = [lab for p, lab in zip(paths, labels) if str(p) in keep]
     index = Index(int(desc.shape[1]), metadata={"weights": weights, **opts.metadata()})
-    index.add(desc, labels=labels, paths=[str(p) for p in kept])
+    index.add(desc, labels=labels, paths=stored_paths(kept))
     return index, skipped
+
+
+def stored_paths(paths: Sequence[Path]) -> list[str]:
+    """Image paths as an index stores them: absolute, so they resolve from any directory."""
+    return [str(Path(p).resolve()) for p in paths]
 
 
 def add_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions,
@@ -98,7 +103,7 @@ def add_images(index: Index, network, images: Sequence[Path], opts: ExtractOptio
         labels = [p.parent.name for p in kept]
     elif label is not None:
         labels = [label] * len(kept)
-    ids = index.add(desc, labels=labels, paths=[str(p) for p in kept])
+    ids = index.add(desc, labels=labels, paths=stored_paths(kept))
     return ids, skipped
 
 
@@ -110,6 +115,26 @@ def index_options(index: Index, **overrides: Any) -> ExtractOptions:
         if value is not None:
             setattr(opts, key, tuple(value) if key == "scales" else value)
     return opts
+
+
+def check_against_index(index: Index, weights: str | None, opts: ExtractOptions) -> list[str]:
+    """Warns (once per mismatch) when queries would be described differently from the index's
+    own images: other weights, image size or scales make the scores meaningless. Returns the
+    warnings."""
+    import warnings
+
+    meta = index.metadata
+    found = []
+    if weights and meta.get("weights") and str(weights) != str(meta["weights"]):
+        found.append(f"--weights {weights} differs from the weights this index was built with "
+                     f"({meta['weights']}); descriptors of different networks are not comparable")
+    if "image_size" in meta and int(meta["image_size"]) != opts.image_size:
+        found.append(f"--image-size {opts.image_size} differs from the index's {meta['image_size']}")
+    if "scales" in meta and tuple(float(s) for s in meta["scales"]) != tuple(float(s) for s in opts.scales):
+        found.append(f"scales {list(opts.scales)} differ from the index's {list(meta['scales'])}")
+    for message in found:
+        warnings.warn(message, stacklevel=2)
+    return found
 
 
 def search_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5) -> list[dict]:
@@ -143,7 +168,38 @@ def recognize_images(index: Index, network, images: Sequence[Path], opts: Extrac
                 for j, r in enumerate(res.neighbors[q]) if r >= 0]
         out.append({"query": str(img), "label": _plain(res.labels[q]), "known": bool(res.known[q]),
                     "confidence": float(res.confidences[q]), "votes": int(res.votes[q]), "neighbours": hits})
+    truth = folder_truth(images, index.labels)
+    if truth is not None:
+        for r, label in zip(out, truth):
+            r["truth"] = label
     return out
+
+
+def folder_truth(images: Sequence[Path], index_labels: Sequence[Any]) -> list[Any] | None:
+    """The true labels of query images that sit in class folders (``<dir>/<label>/<image>``
+    with every parent folder name one of the index's labels), else None."""
+    known = {str(lab): lab for lab in index_labels}
+    parents = [Path(p).parent.name for p in images]
+    if not parents or any(name not in known for name in parents):
+        return None
+    return [_plain(known[name]) for name in parents]
+
+
+def recognition_summary(results: Sequence[dict]) -> dict | None:
+    """Accuracy, per-class counts and the confusion table of recognize_images results that carry
+    a ``truth`` label (None when they do not)."""
+    from .evaluate import accuracy, confusion
+
+    if not results or any("truth" not in r for r in results):
+        return None
+    predicted = [r["label"] for r in results]
+    truth = [r["truth"] for r in results]
+    classes, counts = confusion(predicted, truth)
+    per_class = {str(c): {"queries": int(counts[i].sum()), "right": int(counts[i, i])}
+                 for i, c in enumerate(classes) if counts[i].sum()}
+    return {"accuracy": accuracy(predicted, truth), "right": sum(a == b for a, b in zip(predicted, truth)),
+            "queries": len(results), "per_class": per_class, "classes": [str(c) for c in classes],
+            "confusion": counts.tolist()}
 
 
 def evaluate_revisited(network, names: Sequence[str], data_root: str | Path, opts: ExtractOptions, *,

@@ -1,17 +1,18 @@
-// GPU search entry points: device limits and occupancy from the CUDA runtime, launches on the
-// caller's stream, every launch checked.
+// GPU search entry points: device limits and occupancy from the CUDA runtime, the plan, and the
+// dispatch to the variant (db type, list length) that launches on the caller's stream. The
+// variants' kernels are compiled in their own translation units (search_variant.cuh).
 #include <cuda_runtime.h>
 
 #include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
-#include <utility>
+#include <tuple>
 
 #include "cuda/check.h"
-#include "cuda/launcher.h"
 #include "cuda/search.h"
 #include "cuda/search_launch.cuh"
+#include "cuda/search_variant.h"
 
 namespace plm::cuda {
 
@@ -21,7 +22,8 @@ namespace {
 // per device (and kernel), not on every search.
 std::mutex g_cache_mutex;
 std::map<int, launch::DeviceLimits> g_limits;
-std::map<std::pair<int, const void*>, int> g_blocks_per_sm;
+// (device, db dtype, list length, scan, query planes) -> resident scan blocks per SM
+std::map<std::tuple<int, int, int, int, int>, int> g_blocks_per_sm;
 
 launch::DeviceLimits device_limits(int device) {
   std::lock_guard<std::mutex> lock(g_cache_mutex);
@@ -40,18 +42,18 @@ launch::DeviceLimits device_limits(int device) {
   return d;
 }
 
-// Resident blocks per SM of a scan kernel on `device` (the current device).
-template <class Kernel>
-int blocks_per_sm(int device, Kernel kernel, size_t smem) {
-  const std::pair<int, const void*> key{device, reinterpret_cast<const void*>(kernel)};
+// Resident scan blocks per SM of the plan's kernel on `device` (the current device).
+int blocks_per_sm(int device, const launch::Plan& p, DType db_dtype) {
+  const auto key = std::make_tuple(device, static_cast<int>(db_dtype), p.K, static_cast<int>(p.scan), p.terms);
   {
     std::lock_guard<std::mutex> lock(g_cache_mutex);
     auto it = g_blocks_per_sm.find(key);
     if (it != g_blocks_per_sm.end()) return it->second;
   }
   int blocks = 0;
-  allow_smem(kernel, smem);
-  PLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, launch::kThreads, smem));
+  launch::with_variant(p, db_dtype, [&](auto tc, auto kc) {
+    blocks = variants::blocks_per_sm<typename decltype(tc)::type, decltype(kc)::value>(p);
+  });
   std::lock_guard<std::mutex> lock(g_cache_mutex);
   g_blocks_per_sm[key] = blocks;
   return blocks;
@@ -67,11 +69,8 @@ void check_limits(const SearchDeviceArgs& a) {
 
 launch::Plan plan_for(const SearchDeviceArgs& a) {
   check_limits(a);
-  return launch::make_plan(a, device_limits(a.device), [&](const launch::Plan& p) {
-    int blocks = 0;
-    launch::with_scan_kernel(p, a.db_dtype, [&](auto kernel) { blocks = blocks_per_sm(a.device, kernel, p.smem); });
-    return blocks;
-  });
+  return launch::make_plan(a, device_limits(a.device),
+                           [&](const launch::Plan& p) { return blocks_per_sm(a.device, p, a.db_dtype); });
 }
 
 }  // namespace
@@ -90,8 +89,10 @@ void search(const SearchDeviceArgs& a, const std::function<void*(size_t)>& works
   if (a.Q == 0) return;
   DeviceGuard guard(a.device);
   const launch::Plan plan = plan_for(a);
-  launch::run_search(plan, a, workspace(plan.workspace_bytes), scores, indices,
-                     StreamLauncher{a.stream, launch::kThreads});
+  void* ws = workspace(plan.workspace_bytes);
+  launch::with_variant(plan, a.db_dtype, [&](auto tc, auto kc) {
+    variants::run<typename decltype(tc)::type, decltype(kc)::value>(plan, a, ws, scores, indices, a.stream);
+  });
 }
 
 }  // namespace plm::cuda

@@ -86,27 +86,30 @@ void with_terms(int terms, F&& f) {
   }
 }
 
-// Calls f(kernel pointer) with the scan kernel of the plan for a db of type db_dtype.
-template <class F>
-void with_scan_kernel(const Plan& p, DType db_dtype, F&& f) {
-  with_list_length(p.K, [&](auto kc) {
-    constexpr int K = decltype(kc)::value;
-    with_float_type(db_dtype, kWhat, [&](auto tc) {
-      using T = typename decltype(tc)::type;
-      if constexpr (std::is_same_v<T, float>) {
-        f(&kernels::search_simt<float, K>);
-      } else {
-        if (p.scan == Scan::simt) return f(&kernels::search_simt<T, K>);
-        with_terms(p.terms, [&](auto tc2) {
-          constexpr int TERMS = decltype(tc2)::value;
-          if constexpr (TERMS <= max_terms<T>()) {
-            if (p.scan == Scan::mma_small) f(&kernels::search_mma<T, TERMS, kernels::SmallTile, K>);
-            else f(&kernels::search_mma<T, TERMS, kernels::WideTile, K>);
-          }
-        });
+// Calls f(kernel pointer) with the scan kernel of the plan, for a db of element type T and
+// list length K (the plan's K).
+template <class T, int K, class F>
+void with_scan_kernel_typed(const Plan& p, F&& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    f(&kernels::search_simt<float, K>);
+  } else {
+    if (p.scan == Scan::simt) return f(&kernels::search_simt<T, K>);
+    with_terms(p.terms, [&](auto tc2) {
+      constexpr int TERMS = decltype(tc2)::value;
+      if constexpr (TERMS <= max_terms<T>()) {
+        if (p.scan == Scan::mma_small) f(&kernels::search_mma<T, TERMS, kernels::SmallTile, K>);
+        else f(&kernels::search_mma<T, TERMS, kernels::WideTile, K>);
       }
     });
-  });
+  }
+}
+
+// Calls f(TypeTag<db element type>, integral_constant<K>) for the plan's variant: the search
+// code is instantiated once per (db type, K) pair, so each pair can live in its own
+// translation unit (search.cu) and no one unit holds every kernel.
+template <class F>
+void with_variant(const Plan& p, DType db_dtype, F&& f) {
+  with_list_length(p.K, [&](auto kc) { with_float_type(db_dtype, kWhat, [&](auto tc) { f(tc, kc); }); });
 }
 
 inline size_t scan_smem(Scan scan, int terms, int K) {
@@ -202,11 +205,12 @@ inline Plan make_plan(const SearchInputs& pr, const DeviceLimits& dev,
   return p;
 }
 
-// Runs the whole search for the plan: per chunk, prepare queries, scan, merge. `launch` is
-// called as launch(kernel, grid_x, grid_y, smem_bytes, args...) with kThreads threads per block.
-template <class Launcher>
-void run_search(const Plan& p, const SearchInputs& pr, void* workspace,
-                float* scores, int64_t* indices, Launcher&& launch) {
+// Runs the whole search for the plan, for a db of element type T and list length K = p.K: per
+// chunk, prepare queries, scan, merge. `launch` is called as launch(kernel, grid_x, grid_y,
+// smem_bytes, args...) with kThreads threads per block.
+template <class T, int K, class Launcher>
+void run_search_typed(const Plan& p, const SearchInputs& pr, void* workspace, float* scores, int64_t* indices,
+                      Launcher&& launch) {
   auto* ws = static_cast<unsigned char*>(workspace);
   void* planes = ws;
   auto* qmul = reinterpret_cast<float*>(ws + p.qmul_offset);
@@ -216,8 +220,7 @@ void run_search(const Plan& p, const SearchInputs& pr, void* workspace,
   if (p.norms_pass) {
     inv_norms = reinterpret_cast<float*>(ws + p.norms_offset);
     const bool vec = p.scan != Scan::simt;  // the tensor-core scans need 16-byte aligned rows too
-    with_float_type(pr.db_dtype, kWhat, [&](auto dt) {
-      using T = typename decltype(dt)::type;
+    {
       const auto grid = static_cast<unsigned>(ceil_div(pr.N, kWarps));
       const auto* db = static_cast<const T*>(pr.db);
       const int D = static_cast<int>(pr.D);
@@ -227,7 +230,7 @@ void run_search(const Plan& p, const SearchInputs& pr, void* workspace,
         if (vec) launch(&kernels::db_inv_norms<T, true>, grid, 1u, size_t{0}, db, pr.db_stride, pr.N, D, inv_norms);
         else launch(&kernels::db_inv_norms<T, false>, grid, 1u, size_t{0}, db, pr.db_stride, pr.N, D, inv_norms);
       }
-    });
+    }
   }
   for (int64_t q0 = 0; q0 < pr.Q; q0 += p.chunk) {
     const int64_t qc = std::min<int64_t>(p.chunk, pr.Q - q0);
@@ -244,17 +247,14 @@ void run_search(const Plan& p, const SearchInputs& pr, void* workspace,
                D, Dpad, pr.cosine, static_cast<float*>(planes), qmul);
         return;
       }
-      with_float_type(pr.db_dtype, kWhat, [&](auto dt) {
-        using T = typename decltype(dt)::type;
-        if constexpr (!std::is_same_v<T, float>) {
-          with_terms(p.terms, [&](auto tc) {
-            constexpr int TERMS = decltype(tc)::value;
-            if constexpr (TERMS <= max_terms<T>())
-              launch(&kernels::prep_queries<QT, T, TERMS>, grid, 1u, size_t{0}, qtyped, pr.query_stride, qc,
-                     qpad, D, Dpad, pr.cosine, static_cast<T*>(planes), qmul);
-          });
-        }
-      });
+      if constexpr (!std::is_same_v<T, float>) {
+        with_terms(p.terms, [&](auto tc) {
+          constexpr int TERMS = decltype(tc)::value;
+          if constexpr (TERMS <= max_terms<T>())
+            launch(&kernels::prep_queries<QT, T, TERMS>, grid, 1u, size_t{0}, qtyped, pr.query_stride, qc, qpad,
+                   D, Dpad, pr.cosine, static_cast<T*>(planes), qmul);
+        });
+      }
     });
 
     const Split sp = split_db(p, pr.N, qpad / p.bq);
@@ -273,16 +273,23 @@ void run_search(const Plan& p, const SearchInputs& pr, void* workspace,
                            static_cast<int>(pr.k),
                            pr.cosine,
                            inv_norms};
-    with_scan_kernel(p, pr.db_dtype, [&](auto kernel) {
+    with_scan_kernel_typed<T, K>(p, [&](auto kernel) {
       launch(kernel, static_cast<unsigned>(qpad / p.bq), static_cast<unsigned>(sp.splits), p.smem, args);
     });
-    with_list_length(p.K, [&](auto kc) {
-      constexpr int K = decltype(kc)::value;
-      launch(&kernels::merge_lists<K>, static_cast<unsigned>(qc), 1u, kernels::merge_smem_bytes<K>(),
-             static_cast<const uint64_t*>(lists), sp.splits, static_cast<const float*>(qmul),
-             static_cast<int>(pr.k), scores + q0 * pr.k, indices + q0 * pr.k);
-    });
+    launch(&kernels::merge_lists<K>, static_cast<unsigned>(qc), 1u, kernels::merge_smem_bytes<K>(),
+           static_cast<const uint64_t*>(lists), sp.splits, static_cast<const float*>(qmul), static_cast<int>(pr.k),
+           scores + q0 * pr.k, indices + q0 * pr.k);
   }
+}
+
+// run_search_typed for the plan's variant (every variant instantiated in this unit).
+template <class Launcher>
+void run_search(const Plan& p, const SearchInputs& pr, void* workspace, float* scores, int64_t* indices,
+                Launcher&& launch) {
+  with_variant(p, pr.db_dtype, [&](auto tc, auto kc) {
+    using T = typename decltype(tc)::type;
+    run_search_typed<T, decltype(kc)::value>(p, pr, workspace, scores, indices, launch);
+  });
 }
 
 }  // namespace plm::cuda::launch

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -215,23 +217,37 @@ class LandmarkNet(nn.Module):
         out = Path(path)
         if out.exists() and not out.is_dir():
             raise ValueError(f"path must be a directory (it is an existing file): {out}")
-        out.mkdir(parents=True, exist_ok=True)
+        from .._version import __version__
+
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
         weights = out / WEIGHTS_NAMES[format]
+        meta = {"format": _FORMAT_TAG, "format_version": _FORMAT_VERSION, "pylandmark_version": __version__,
+                "weights": weights.name, "config": self.config.to_dict()}
         if format == "safetensors":
             try:
                 from safetensors.torch import save_file
             except ImportError as err:  # pragma: no cover - depends on the environment
                 raise ImportError("saving as safetensors needs the 'safetensors' package "
                                   "(pip install safetensors), or pass format='torch'") from err
-            save_file(state, str(weights), metadata={"format": _FORMAT_TAG})
-        else:
-            torch.save(state, weights)
-        from .._version import __version__
-
-        meta = {"format": _FORMAT_TAG, "format_version": _FORMAT_VERSION, "pylandmark_version": __version__,
-                "weights": weights.name, "config": self.config.to_dict()}
-        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        # Everything is written under temporary names first and renamed at the end: a failed save
+        # leaves neither partial files nor a directory it created.
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        tmp_weights, tmp_config = out / f".{weights.name}.tmp", out / f".{CONFIG_NAME}.tmp"
+        try:
+            if format == "safetensors":
+                save_file(state, str(tmp_weights), metadata={"format": _FORMAT_TAG})
+            else:
+                torch.save(state, tmp_weights)
+            tmp_config.write_text(json.dumps(meta, indent=2) + "\n")
+            os.replace(tmp_weights, weights)
+            os.replace(tmp_config, out / CONFIG_NAME)
+        except BaseException:
+            for f in (tmp_weights, tmp_config):
+                f.unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
         logger.info("saved LandmarkNet (%s, D=%d) to %s", self.config.backbone, self.dim, out)
         return out
 

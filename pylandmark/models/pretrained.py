@@ -26,6 +26,22 @@ def models_dir() -> Path:
     return cache_dir() / "models"
 
 
+RANDOM_SEED = 0
+
+
+def random_network():
+    """The network ``--weights random`` names: the default LandmarkNet, randomly initialised from
+    a fixed seed, so every run (and the index that records "random") uses the same weights. The
+    caller's global torch RNG state is left as it was."""
+    import torch
+
+    from . import LandmarkNet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        return LandmarkNet()
+
+
 def load_network(weights: str, device: str = "cpu", progress: bool = True):
     """A LandmarkNet in eval mode on `device` from:
 
@@ -43,7 +59,7 @@ def load_network(weights: str, device: str = "cpu", progress: bool = True):
     if weights == RANDOM:
         warnings.warn("--weights random: the network is randomly initialised, its results mean nothing",
                       stacklevel=2)
-        return LandmarkNet().eval().to(device)
+        return random_network().eval().to(device)
     path = Path(weights).expanduser()
     if path.is_dir() or path.name == "config.json":
         return LandmarkNet.from_pretrained(path, map_location=device).eval()

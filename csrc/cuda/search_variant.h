@@ -1,0 +1,21 @@
+// Declarations of the per-variant half of the GPU search (definitions: search_variant.cuh,
+// instantiated once per (db type T, list length K) in generated translation units).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/search_launch.cuh"
+
+namespace plm::cuda::variants {
+
+// Scan blocks of the plan resident per SM of the current device (0: none fit).
+template <class T, int K>
+int blocks_per_sm(const launch::Plan& p);
+
+// The whole search for the plan, queued on `stream` (the current device holds the data).
+template <class T, int K>
+void run(const launch::Plan& p, const SearchInputs& pr, void* workspace, float* scores, int64_t* indices,
+         cudaStream_t stream);
+
+}  // namespace plm::cuda::variants
