@@ -94,26 +94,31 @@ ZIG_TARGET="$ARCH-linux-gnu.$GLIBC"
 for tool in cc c++; do
   printf '#!/bin/sh\nexec "%s" -m ziglang %s -target %s "$@"\n' "$TOOLS/bin/python" "$tool" "$ZIG_TARGET" >"$BIN/zig-$tool"
 done
+chmod +x "$BIN"/zig-*
 if ((CUDA)); then
-  # g++ compiles; a link (-shared) goes to zig with g++'s own static C++ runtime and glibc-2.28 stubs.
+  # g++ compiles; a link (-shared) goes to zig with g++'s own static C++ runtime and glibc-2.28
+  # stubs, plus tools/glibc_compat.c for the two symbols that runtime needs from a newer glibc.
   GXX="${PLM_WHEEL_GXX:-$(command -v g++)}" || die "the CUDA wheel needs g++ (apt-get install g++)"
-  GCCLIB="$(dirname "$("$GXX" -print-libgcc-file-name)")"
+  GCCLIB="$(dirname "$("$GXX" -print-file-name=libstdc++.a)")"
+  [[ -f "$GCCLIB/libstdc++.a" ]] || die "no static libstdc++.a next to $GXX"
+  "$BIN/zig-cc" -O2 -fPIC -c "$ROOT/tools/glibc_compat.c" -o "$BIN/glibc_compat.o"
   cat >"$BIN/gxx-zig-link" <<EOF
 #!/bin/sh
 for a in "\$@"; do
   if [ "\$a" = "-shared" ]; then
-    exec "$BIN/zig-c++" -nostdlib++ "\$@" "$GCCLIB/libstdc++.a" "$GCCLIB/libgcc.a" -lunwind
+    exec "$BIN/zig-c++" -nostdlib++ "\$@" "$BIN/glibc_compat.o" "$GCCLIB/libstdc++.a" "$GCCLIB/libgcc.a" -lunwind
   fi
 done
 exec "$GXX" "\$@"
 EOF
-  cp "$ROOT/tools/glibc_compat.c" "$WORK/glibc_compat.c"
+  chmod +x "$BIN/gxx-zig-link"
 fi
-chmod +x "$BIN"/*
 
 # ---- Source: the tracked and untracked-but-not-ignored files, copied out of the tree ----------
-SRC="$WORK/src"
-mkdir -p "$SRC"
+# Source, build directories and build venvs persist in $CACHE (tar keeps the mtimes, so a rerun
+# recompiles only what changed: a CUDA build is long).
+SRC="$CACHE/src/$DIST"
+rm -rf "$SRC" && mkdir -p "$SRC"
 (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard |
   tar --null --ignore-failed-read -T - -cf - 2>/dev/null) | tar -xf - -C "$SRC"
 ((CUDA)) && "${INTERPS[0]}" "$ROOT/tools/set_dist_name.py" "$DIST" "$SRC/pyproject.toml" >&2
@@ -128,19 +133,26 @@ for py in "${INTERPS[@]}"; do
   raw="$WORK/raw-$tag"
   start=$SECONDS
   env_args=(CMAKE_BUILD_PARALLEL_LEVEL="$JOBS")
-  cfg=(-C "build-dir=$WORK/build-$tag")
+  # The build requirements of pyproject.toml, in a venv kept for the next run.
+  benv="$CACHE/buildenv-$tag"
+  if ! "$benv/bin/python" -c "import scikit_build_core, pybind11, cmake, ninja" 2>/dev/null; then
+    rm -rf "$benv" && "$py" -m venv "$benv"
+    "$benv/bin/pip" install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja >&2
+  fi
+  cfg=(--no-build-isolation -C "build-dir=$CACHE/build/$DIST-$tag" -C cmake.define.PYLANDMARK_STATIC_RUNTIME=ON)
   if ((CUDA)); then
-    cfg+=(-C cmake.define.PYLANDMARK_STATIC_RUNTIME=ON)
+    # No LTO: GCC's LTO objects are unreadable to zig's linker.
+    cfg+=(-C cmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF)
     env_args+=(PYLANDMARK_CUDA=ON CC="$(command -v gcc)" CXX="$BIN/gxx-zig-link" CUDAHOSTCXX="$GXX"
                CUDAARCHS="${CUDAARCHS:-75-real;80-real;86-real;89-real;90-real;100-real;120}"
                CUDAFLAGS="${CUDAFLAGS:---compress-mode=size}")
   else
-    # zig links libc++ statically by itself. CMake's checks only compile (a link there would make
-    # zig build a debug libc++ first, minutes on a fresh machine).
+    # CMake's checks only compile (a link there would make zig build a debug libc++ first,
+    # minutes on a fresh machine).
     env_args+=(PYLANDMARK_CUDA=OFF CC="$BIN/zig-cc" CXX="$BIN/zig-c++")
     cfg+=(-C cmake.define.CMAKE_TRY_COMPILE_TARGET_TYPE=STATIC_LIBRARY)
   fi
-  env "${env_args[@]}" "$py" -m pip wheel -q --no-deps --wheel-dir "$raw" "${cfg[@]}" "$SRC" >&2 \
+  env "${env_args[@]}" PATH="$benv/bin:$PATH" "$benv/bin/python" -m pip wheel -q --no-deps --wheel-dir "$raw" "${cfg[@]}" "$SRC" >&2 \
     || die "the $tag build failed"
   build_s=$((SECONDS - start))
   built="$(ls "$raw"/*.whl)"
@@ -158,7 +170,20 @@ for py in "${INTERPS[@]}"; do
     log "testing $(basename "$whl") in a fresh venv"
     venv="$WORK/venv-$tag"
     "$py" -m venv "$venv"
-    "$venv/bin/pip" install -q "$whl" pytest ml_dtypes >&2
+    # The wheel's own requirements except torch, which comes only from local wheels (--no-index):
+    # a torch resolved from the index could be a multi-GB CUDA build.
+    mapfile -t deps < <("$venv/bin/python" - "$whl" <<'EOF'
+import re, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as zf:
+    meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+    for line in zf.read(meta).decode().splitlines():
+        req = line.partition("Requires-Dist:")[2].strip()
+        if req and "extra ==" not in req and not re.match(r"torch\b", req):
+            print(req)
+EOF
+)
+    "$venv/bin/pip" install -q --no-deps "$whl" >&2
+    "$venv/bin/pip" install -q "${deps[@]}" pytest ml_dtypes >&2
     smoke_args=(--not-under "$ROOT")
     ((CUDA)) && smoke_args+=(--expect-cuda)
     (cd "$WORK" && "$venv/bin/python" "$ROOT/tools/wheel_smoke.py" "${smoke_args[@]}") >&2 || { FAILED=1; result="smoke FAILED"; }
