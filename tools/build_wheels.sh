@@ -159,7 +159,7 @@ for py in "${INTERPS[@]}"; do
   show="$("$TOOLS/bin/auditwheel" show "$built" 2>&1 || true)"
   echo "$show" >&2
   verdict="$(echo "$show" | tr '\n' ' ' | grep -o 'consistent with the following platform tag: "[^"]*"' | grep -o '"[^"]*"' | tr -d '"' || true)"
-  "$TOOLS/bin/auditwheel" repair --plat "$PLAT" --wheel-dir "$OUT" "$built" >&2 || die "auditwheel repair failed for $built"
+  "$TOOLS/bin/auditwheel" repair --only-plat --plat "$PLAT" --wheel-dir "$OUT" "$built" >&2 || die "auditwheel repair failed for $built"
   whl="$(ls -t "$OUT"/"${DIST//-/_}"-*-"$tag"-"$tag"-*"$PLAT"*.whl | head -1)"
   check_args=(--glibc "$GLIBC" --max-mb "$BUDGET_MB" --dist "$DIST")
   ((CUDA)) && check_args+=(--cuda)
@@ -172,16 +172,7 @@ for py in "${INTERPS[@]}"; do
     "$py" -m venv "$venv"
     # The wheel's own requirements except torch, which comes only from local wheels (--no-index):
     # a torch resolved from the index could be a multi-GB CUDA build.
-    mapfile -t deps < <("$venv/bin/python" - "$whl" <<'EOF'
-import re, sys, zipfile
-with zipfile.ZipFile(sys.argv[1]) as zf:
-    meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
-    for line in zf.read(meta).decode().splitlines():
-        req = line.partition("Requires-Dist:")[2].strip()
-        if req and "extra ==" not in req and not re.match(r"torch\b", req):
-            print(req)
-EOF
-)
+    mapfile -t deps < <("$venv/bin/python" "$ROOT/tools/check_wheel.py" --requires "$whl" | grep -v '^torch\b')
     "$venv/bin/pip" install -q --no-deps "$whl" >&2
     "$venv/bin/pip" install -q "${deps[@]}" pytest ml_dtypes >&2
     smoke_args=(--not-under "$ROOT")
@@ -189,8 +180,9 @@ EOF
     (cd "$WORK" && "$venv/bin/python" "$ROOT/tools/wheel_smoke.py" "${smoke_args[@]}") >&2 || { FAILED=1; result="smoke FAILED"; }
     if [[ "$TESTS" != smoke && "$result" == "not run" ]]; then
       result="smoke ok"
-      if "$venv/bin/pip" install -q --no-index "$TORCH" >/dev/null 2>&1; then
-        "$venv/bin/pip" install -q pillow safetensors pytest-benchmark >&2
+      # torch itself from local wheels only, then its own requirements from the index.
+      if "$venv/bin/pip" install -q --no-index --no-deps "$TORCH" >/dev/null 2>&1; then
+        "$venv/bin/pip" install -q "$TORCH" pytest-benchmark >&2
         # tests/ next to csrc/ and benchmarks/ (the emulation and bench tests read them) but
         # without pylandmark/, so only the installed wheel can be imported; shared/ beside it.
         t="$WORK/t"

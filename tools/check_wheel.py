@@ -9,6 +9,7 @@ run time); no symbol needs a GLIBC version newer than --glibc, nor any GLIBCXX/C
 no undefined symbol other than the Python C API is left without a version (a symbol the old
 glibc lacks would otherwise bind to whatever the newer one offers, and fail on old systems only
 when first called). Prints one line per finding and exits 1 on any.
+`check_wheel.py --requires WHEEL` prints the wheel's runtime requirements instead.
 """
 from __future__ import annotations
 
@@ -68,7 +69,19 @@ def check_elf(path: Path, name: str, glibc: tuple[int, ...]) -> list[str]:
     return problems
 
 
+def requires(whl: Path) -> list[str]:
+    """The wheel's unconditional requirements (Requires-Dist without an extra marker)."""
+    with zipfile.ZipFile(whl) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = zf.read(meta).decode().splitlines()
+    reqs = [ln.partition(":")[2].strip() for ln in lines if ln.startswith("Requires-Dist:")]
+    return [r for r in reqs if "extra ==" not in r]
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--requires":  # used by build_wheels.sh
+        print("\n".join(requires(Path(sys.argv[2]))))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("wheel", type=Path)
     ap.add_argument("--glibc", default="2.28", help="oldest glibc the wheel must run on")
