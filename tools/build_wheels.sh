@@ -139,6 +139,7 @@ for py in "${INTERPS[@]}"; do
   benv="$CACHE/buildenv-$tag"
   if ! "$benv/bin/python" -c "import scikit_build_core, pybind11, cmake, ninja" 2>/dev/null; then
     rm -rf "$benv" && "$py" -m venv "$benv"
+    "$benv/bin/pip" install -q --upgrade pip >&2   # -C (config settings) needs pip >= 23.1
     "$benv/bin/pip" install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja >&2
   fi
   # No LTO (pybind11 turns it on by default): GCC's LTO objects are unreadable to zig's linker,
