@@ -30,11 +30,19 @@ def framework_of(x: Any) -> str:
 
 @dataclass
 class Array:
-    """An input array with its framework, seen through one interface."""
+    """An input array with its framework, seen through one interface.
+
+    A torch view with the negative or conjugate bit set (``x.conj().imag``, ``torch._neg_view``)
+    shares its base's memory but stands for other values; it is resolved into a tensor holding
+    those values, because the native code reads raw memory."""
 
     obj: Any  # the numpy array / torch tensor / cupy array actually passed to _C
     framework: str
     name: str
+
+    def __post_init__(self) -> None:
+        if self.framework == "torch" and (self.obj.is_neg() or self.obj.is_conj()):
+            self.obj = self.obj.resolve_conj().resolve_neg()
 
     @property
     def shape(self) -> tuple[int, ...]:

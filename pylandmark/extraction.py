@@ -22,11 +22,18 @@ from tqdm.auto import tqdm
 
 from .data.images import (IMAGENET_MEAN, IMAGENET_STD, ImageList, LoadFailure, list_images,
                           prepare_image, to_rgb)
+from .devices import resolve_device
 from .models.layers import fold_batchnorm, l2n
 
-__all__ = ["extract", "LoadFailure", "multiscale_combine", "prepare_inference_model"]
+__all__ = ["extract", "LoadFailure", "SkippedImages", "multiscale_combine", "prepare_inference_model"]
 
 logger = logging.getLogger(__name__)
+
+MAX_SCALES = 16
+
+
+class SkippedImages(RuntimeWarning):
+    """``extract(..., on_error="skip")`` left out images it could not read (one warning per call)."""
 
 DEFAULT_SCALES_MS = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 
@@ -113,8 +120,8 @@ def _check_scales(scales: Any) -> tuple[float, ...]:
         out = tuple(float(s) for s in scales)
     except (TypeError, ValueError) as err:
         raise TypeError(f"scales must be a sequence of numbers, got {scales!r}") from err
-    if not out or not all(math.isfinite(s) and 0 < s <= 4 for s in out):
-        raise ValueError(f"scales must be a non-empty sequence of numbers in (0, 4], got {scales!r}; "
+    if not 0 < len(out) <= MAX_SCALES or not all(math.isfinite(s) and 0 < s <= 4 for s in out):
+        raise ValueError(f"scales must be 1 to {MAX_SCALES} numbers in (0, 4], got {scales!r:.80}; "
                          "the paper's multi-scale setting is (1, 1/sqrt(2), 1/2)")
     return out
 
@@ -160,7 +167,7 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
             scales: Sequence[float] = (1.0,), bboxes: Sequence[Any] | None = None, batch_size: int = 16,
             num_workers: int = 0, device: str | torch.device | None = None, amp: bool | None = None,
             output: str = "numpy", on_error: str = "raise", progress: bool = True,
-            max_buffered: int | None = None) -> Any:
+            max_buffered: int | None = None, whitening: Any = None) -> Any:
     """Global descriptors of a set of images, (N, D) float16, unit L2 norm.
 
     Args:
@@ -172,14 +179,16 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
             normalised tensors or PIL images (or tuples starting with one).
         image_size: longer side after resizing (LANCZOS, never upscaled); None keeps the size.
             Not applied to tensors coming from a Dataset.
-        scales: image scales; the descriptors are combined as ``(mean_s v_s^p)^(1/p)`` with p
-            the model's ``multiscale_p`` (its GeM p; 1 with whitening), then L2-normalised. The
-            paper's multi-scale setting is ``(1, 1/sqrt(2), 1/2)``.
+        scales: image scales (bilinear resize, align_corners=False; up-scales such as sqrt(2)
+            work too); the descriptors are combined as ``(mean_s v_s^p)^(1/p)`` with p the
+            model's ``multiscale_p`` (its GeM p; 1 with a whitening layer), then L2-normalised.
+            The paper's multi-scale setting is ``(1, 1/sqrt(2), 1/2)``.
         bboxes: one (x1, y1, x2, y2) or None per path: the query crop, resized so it keeps its
             scale relative to the full image.
         batch_size: images per forward pass; a batch only ever holds images of one shape.
         num_workers: DataLoader worker processes for decoding and resizing (0: in-process).
-        device: where the network runs; default the model's device.
+        device: where the network runs ("auto", "cpu", "cuda", "cuda:N" or a torch.device);
+            default the model's device.
         amp: autocast (float16 on CUDA, bfloat16 on CPU); default on for CUDA, off for CPU.
         output: "numpy" (a float16 numpy array) or "torch" (a float16 tensor on ``device``).
         on_error: "raise" (default): an unreadable image raises FileNotFoundError /
@@ -190,6 +199,10 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
         progress: show a tqdm progress bar.
         max_buffered: most images held while waiting for same-shape batch mates (default
             ``2 * batch_size``); beyond that the emptiest group is run as a partial batch.
+        whitening: a post-hoc whitening ``L2N(P (x - m))`` applied (in float64) to the final
+            descriptors: the name of one the model holds (``model.whitenings``, e.g. the Lw of a
+            cirtorch network; its multi-scale variant when there are several scales), a
+            :class:`~pylandmark.nn.whiten.Whitening`, or a file written by ``Whitening.save``.
 
     Returns:
         (N, D) float16 descriptors, or ``(descriptors, skipped)`` with ``on_error="skip"``.
@@ -211,11 +224,9 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
         raise ValueError(f"image_size must be a number >= 1 or None, got {image_size!r}")
     param = next(model.parameters(), None)
     if device is not None:
-        dev = torch.device(device)
+        dev = resolve_device(device)
     else:
         dev = param.device if param is not None else torch.device("cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device is {dev} but torch sees no CUDA device; pass device='cpu'")
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
     amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
 
@@ -227,6 +238,9 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
     if n == 0:
         raise ValueError("images is empty: nothing to extract")
     ms_p = float(getattr(model, "multiscale_p", 1.0))
+    from .nn.whiten import select_whitening
+
+    lw = select_whitening(model, whitening, multiscale=len(scales) > 1)
     net = prepare_inference_model(model, dev)
 
     loader = torch.utils.data.DataLoader(
@@ -252,6 +266,8 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
                     raise ValueError(f"model must return (B, D) descriptors, got shape {tuple(v.shape)}")
                 per_scale.append(v.float())
         v = multiscale_combine(torch.stack(per_scale), ms_p if len(scales) > 1 else 1.0)
+        if lw is not None:  # float64, as the projection can amplify float32 rounding
+            v = lw.apply(v.double())
         for (i, _), row in zip(items, v):
             results[i] = row
         bar.update(len(items))
@@ -282,12 +298,12 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
         if shutdown is not None:
             shutdown()
 
-    if skipped:
-        names = ", ".join(f"{f.source} ({f.message})" for f in skipped[:5])
+    if skipped:  # the one report of the skipped images (the caller also gets the list)
+        names = ", ".join(f.message if f.source in f.message else f"{f.source} ({f.message})"
+                          for f in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         msg = f"extract: skipped {len(skipped)} of {n} images that could not be read: {names}{more}"
-        logger.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        warnings.warn(msg, SkippedImages, stacklevel=2)
     kept = sorted(results)
     if kept:
         desc = torch.stack([results[i] for i in kept]).to(torch.float16)

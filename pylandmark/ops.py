@@ -14,6 +14,8 @@ from ._array import CUDA, Array, as_array, contiguous, current_stream, empty_lik
 
 METRICS = ("cosine", "ip")
 SEARCH_CUDA_MAX_K = getattr(_C, "SEARCH_CUDA_MAX_K", 1024)  # largest k of the GPU search
+MAX_THREADS = 4096  # set_num_threads accepts 0 .. MAX_THREADS
+MAX_K = 2 ** 31 - 1
 
 
 def search(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> tuple[Any, Any]:
@@ -56,8 +58,8 @@ def _operands(queries: Any, db: Any, k: Any, metric: str) -> tuple[Array, Array,
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     k = int(k)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be >= 1 (and at most {MAX_K}), got {k}")
     q = as_array(queries, "queries")
     d = as_array(db, "db")
     require_float(q)
@@ -130,9 +132,7 @@ def gem(x: Any, p: Any = 3.0, eps: float = 1e-6) -> Any:
     Returns:
         (B, C) in x's dtype and framework. Differentiable for torch inputs (x and p).
     """
-    eps = float(eps)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    eps = eps_value(eps)
     fw = type(x).__module__.split(".")[0]
     if fw == "torch":
         from .nn.functional import gem_torch
@@ -163,13 +163,24 @@ def _gem_cupy(a: Array, p: float, eps: float) -> Any:
     return y.astype(a.obj.dtype, copy=False)
 
 
+def eps_value(eps: Any) -> float:
+    """GeM's clamp floor as a float; anything but a finite number > 0 is an error."""
+    try:
+        e = float(eps)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}") from err
+    if not (e > 0 and np.isfinite(e)):
+        raise ValueError(f"eps must be > 0 and finite, got {e}")
+    return e
+
+
 def _p_value(p: Any) -> float:
     try:
         pf = float(p)
     except (TypeError, ValueError) as err:
         raise TypeError(f"p must be a float or a 1-element tensor, got {type(p).__name__}") from err
     if not pf > 0 or not np.isfinite(pf):
-        raise ValueError(f"p must be a finite number > 0, got {pf}")
+        raise ValueError(f"p must be > 0 and finite, got {pf}")
     return pf
 
 
@@ -197,9 +208,9 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Sets the CPU kernels' thread count; 0 restores the default (all cores)."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    """Sets the CPU kernels' thread count (1 .. MAX_THREADS); 0 restores the default (all cores)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= MAX_THREADS:
+        raise ValueError(f"n must be an int in [0, {MAX_THREADS}] (0: all cores), got {n!r}")
     _C.set_num_threads(int(n))
 
 

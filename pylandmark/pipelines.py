@@ -13,6 +13,8 @@ from .retrieval.index import Index
 
 log = logging.getLogger(__name__)
 
+MAX_IMAGE_SIZE = 16384  # longer image side recorded in an index (the paper uses 1024)
+
 
 @dataclass
 class ExtractOptions:
@@ -24,9 +26,10 @@ class ExtractOptions:
     num_workers: int = 0
     device: str = "cpu"
     progress: bool = True
+    whitening: str | None = None  # a whitening the network holds, or a Whitening.save() file
 
     def metadata(self) -> dict:
-        return {"image_size": self.image_size, "scales": list(self.scales)}
+        return {"image_size": self.image_size, "scales": list(self.scales), "whitening": self.whitening}
 
 
 def expand_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -53,19 +56,22 @@ def expand_images(inputs: Sequence[str | Path]) -> list[Path]:
 def describe(network, images: Sequence[Path], opts: ExtractOptions, *, skip_bad: bool = False,
              bboxes: Sequence[Any] | None = None) -> tuple[np.ndarray, list[Path], list[str]]:
     """(N, D) float16 descriptors of the images that could be read, their paths, and one message
-    per skipped image (empty unless skip_bad)."""
+    per skipped image (empty unless skip_bad; extraction warns once about them). Raises
+    ValueError when no image at all could be read."""
     from .extraction import extract
 
     result = extract(network, [str(p) for p in images], image_size=opts.image_size, scales=opts.scales,
                      bboxes=bboxes, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                     device=opts.device, progress=opts.progress, on_error="skip" if skip_bad else "raise")
+                     device=opts.device, progress=opts.progress, on_error="skip" if skip_bad else "raise",
+                     whitening=opts.whitening)
     if not skip_bad:
         return result, list(images), []
     desc, failures = result
     bad = {f.index for f in failures}
     kept = [p for i, p in enumerate(images) if i not in bad]
-    for f in failures:
-        log.warning("skipped %s: %s", f.source, f.message)
+    if not kept:  # nothing useful: an error, not an empty result
+        raise ValueError(f"none of the {len(images)} images could be read (first: {failures[0].source}: "
+                         f"{failures[0].message})")
     return desc, kept, [f"{f.source}: {f.message}" for f in failures]
 
 
@@ -108,9 +114,27 @@ def add_images(index: Index, network, images: Sequence[Path], opts: ExtractOptio
 
 
 def index_options(index: Index, **overrides: Any) -> ExtractOptions:
-    """Extraction options recorded in the index, with explicit overrides (None = keep)."""
+    """Extraction options recorded in the index, with explicit overrides (None = keep). An index
+    may come from elsewhere: what it records is checked before anything runs on it."""
     meta = index.metadata
-    opts = ExtractOptions(image_size=int(meta.get("image_size", 1024)), scales=tuple(meta.get("scales", (1.0,))))
+    opts = ExtractOptions()
+    if overrides.get("image_size") is None:
+        size = meta.get("image_size", 1024)
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"the index records image_size {size!r:.40}, expected an int in [1, {MAX_IMAGE_SIZE}]; "
+                             "pass --image-size")
+        opts.image_size = size
+    if overrides.get("scales") is None:
+        scales = meta.get("scales", [1.0])
+        if not isinstance(scales, list) or not 1 <= len(scales) <= 16 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 4 for v in scales):
+            raise ValueError(f"the index records scales {scales!r:.60}, expected 1 to 16 numbers in (0, 4]")
+        opts.scales = tuple(float(v) for v in scales)
+    if overrides.get("whitening") is None:
+        whitening = meta.get("whitening")
+        if whitening is not None and (not isinstance(whitening, str) or len(whitening) > 200):
+            raise ValueError(f"the index records whitening {whitening!r:.60}, expected a name; pass --whitening")
+        opts.whitening = whitening or None
     for key, value in overrides.items():
         if value is not None:
             setattr(opts, key, tuple(value) if key == "scales" else value)
@@ -140,38 +164,53 @@ def check_against_index(index: Index, weights: str | None, opts: ExtractOptions)
 def search_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5) -> list[dict]:
     """For each query image: its top-k neighbours (score, id, label, path)."""
     desc, _, _ = describe(network, images, opts)
+    return search_results(index, desc, [str(p) for p in images], k=k)
+
+
+def search_results(index: Index, desc: np.ndarray, queries: Sequence[str], k: int = 5) -> list[dict]:
+    """The JSON of `pylandmark search --json` for (Q, D) query descriptors named `queries`."""
     scores, rows = index.search_rows(desc, k=k)
     labels, paths, ids = index.labels, index.paths, index.ids
     out = []
-    for img, srow, rrow in zip(images, np.asarray(scores), np.asarray(rows)):
+    for name, srow, rrow in zip(queries, np.asarray(scores), np.asarray(rows)):
         hits = [{"rank": r + 1, "score": float(s), "id": int(ids[i]),
-                 "label": None if labels is None else labels[i], "path": None if paths is None else paths[i]}
+                 "label": None if labels is None else _plain(labels[i]),
+                 "path": None if paths is None else paths[i]}
                 for r, (s, i) in enumerate(zip(srow, rrow)) if i >= 0]
-        out.append({"query": str(img), "neighbours": hits})
+        out.append({"query": str(name), "neighbours": hits})
     return out
 
 
 def recognize_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5,
                      vote: str = "majority", min_score: float | None = None) -> list[dict]:
     """For each query image: the recognised label, its confidence and the neighbours that voted."""
-    from .retrieval.recognition import recognize
-
     if index.labels is None:
         raise ValueError("this index has no labels; build it with --labels-from-folders or add labels")
     desc, _, _ = describe(network, images, opts)
-    res = recognize(index, desc, k=k, vote=vote, min_score=min_score)
-    paths, ids = index.paths, index.ids
-    out = []
-    for q, img in enumerate(images):
-        hits = [{"score": float(res.scores[q, j]), "id": int(ids[r]), "label": res.neighbor_labels[q, j],
-                 "path": None if paths is None else paths[r]}
-                for j, r in enumerate(res.neighbors[q]) if r >= 0]
-        out.append({"query": str(img), "label": _plain(res.labels[q]), "known": bool(res.known[q]),
-                    "confidence": float(res.confidences[q]), "votes": int(res.votes[q]), "neighbours": hits})
+    out = recognition_results(index, desc, [str(p) for p in images], k=k, vote=vote, min_score=min_score)
     truth = folder_truth(images, index.labels)
     if truth is not None:
         for r, label in zip(out, truth):
             r["truth"] = label
+    return out
+
+
+def recognition_results(index: Index, desc: np.ndarray, queries: Sequence[str], k: int = 5,
+                        vote: str = "majority", min_score: float | None = None) -> list[dict]:
+    """The JSON of `pylandmark recognize --json` for (Q, D) query descriptors named `queries`."""
+    from .retrieval.recognition import recognize
+
+    if index.labels is None:
+        raise ValueError("this index has no labels; build it with --labels-from-folders or add labels")
+    res = recognize(index, desc, k=k, vote=vote, min_score=min_score)
+    paths, ids = index.paths, index.ids
+    out = []
+    for q, name in enumerate(queries):
+        hits = [{"score": float(res.scores[q, j]), "id": int(ids[r]), "label": _plain(res.neighbor_labels[q, j]),
+                 "path": None if paths is None else paths[r]}
+                for j, r in enumerate(res.neighbors[q]) if r >= 0]
+        out.append({"query": str(name), "label": _plain(res.labels[q]), "known": bool(res.known[q]),
+                    "confidence": float(res.confidences[q]), "votes": int(res.votes[q]), "neighbours": hits})
     return out
 
 
@@ -203,8 +242,10 @@ def recognition_summary(results: Sequence[dict]) -> dict | None:
 
 
 def evaluate_revisited(network, names: Sequence[str], data_root: str | Path, opts: ExtractOptions, *,
-                       qe_k: int = 0, qe_alpha: float = 3.0, dba_k: int = 0, dba_alpha: float = 3.0) -> dict:
-    """mAP and mP@k (easy / medium / hard) per dataset, with optional alpha-QE and DBA."""
+                       qe_k: int = 0, qe_alpha: float = 3.0, dba_k: int = 0, dba_alpha: float = 3.0,
+                       keep_ranks: bool = False) -> dict:
+    """mAP and mP@k (easy / medium / hard) per dataset, with optional alpha-QE and DBA. With
+    keep_ranks each dataset's entry also holds "ranks", the (Q, N) int64 ranking (for plots)."""
     from .data.revisited import RevisitedDataset
     from .ops import search
     from .retrieval.rerank import rerank
@@ -220,6 +261,8 @@ def evaluate_revisited(network, names: Sequence[str], data_root: str | Path, opt
         _, ranks = search(q, db, k=len(db))
         res = ds.evaluate(ranks)
         results[name] = {"options": {**asdict(opts), "qe_k": qe_k, "dba_k": dba_k}, **res}
+        if keep_ranks:
+            results[name]["ranks"] = np.asarray(ranks)
     return results
 
 

@@ -209,3 +209,172 @@ def test_evaluate_on_a_revisited_layout_matches_the_api(weights, tmp_path, capsy
                                 kind="stable"), ds.gnd)
     saved2 = json.loads(out.read_text())["roxford5k"]
     assert code == 0 and saved2["medium"]["map"] == pytest.approx(ref2["medium"]["map"], abs=1e-9)
+
+
+# ---- one line, exit code 2, for every user mistake ------------------------------------------------
+
+def one_line_error(capsys, *argv, code=2):
+    got, out, err = run(capsys, *argv)
+    assert got == code, (got, out, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("device,words", [
+    ("foo", "device must be auto"), ("meta", "device must be auto"), ("gpu", "use cuda"),
+    ("cuda", "without CUDA"), ("cuda:7", "without CUDA"), ("cpu:3", "one CPU device"),
+])
+def test_bad_devices_are_one_line_for_every_command(weights, pnu, tmp_path, capsys, device, words):
+    if torch.cuda.is_available():
+        pytest.skip("the messages differ where CUDA is present")
+    img = pnu / "test" / "rg" / "00000000.png"
+    for argv in (["extract", img, "--out", tmp_path / "o.npy", "--weights", weights],
+                 ["index", "build", pnu / "train", "--out", tmp_path / "i.plmi", "--weights", weights],
+                 ["train", "--data-root", tmp_path, "--out", tmp_path / "run"]):
+        err = one_line_error(capsys, *argv, "--device", device, "--quiet")
+        assert words in err, err
+    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "i.plmi").exists()
+
+
+def test_device_auto_runs_where_cuda_is_missing(weights, pnu, tmp_path, capsys):
+    code, text, _ = run(capsys, "extract", pnu / "test" / "rg", "--out", tmp_path / "d.npy", "--weights", weights,
+                        "--image-size", SIZE, "--device", "auto", "--json", "--quiet")
+    assert code == 0 and json.loads(text)["count"] == 3
+
+
+def test_training_resolves_devices_with_the_shared_parser(tmp_path):
+    from pylandmark.devices import resolve_device
+    from pylandmark.training.loop import TrainConfig, train
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a torch without CUDA")
+    with pytest.raises(ValueError) as shared:
+        resolve_device("cuda:1")
+    with pytest.raises(ValueError) as trained:
+        train(TrainConfig(data_root=str(tmp_path), out_dir=str(tmp_path / "run"), device="cuda:1"))
+    assert str(trained.value) == str(shared.value)
+    assert str(resolve_device("auto")) == "cpu"
+
+
+@pytest.mark.parametrize("argv", [
+    ["extract", "{img}", "--out", "{tmp}/o.npy", "--weights", "{w}", "--image-size", "0"],
+    ["extract", "{img}", "--out", "{tmp}/o.npy", "--weights", "{w}", "--batch-size", "-3"],
+    ["search", "{tmp}/x.plmi", "{img}", "-k", "0"],
+    ["bench", "--n", "zero"],
+])
+def test_bad_numbers_are_argument_errors(argv, weights, pnu, tmp_path, capsys):
+    argv = [a.format(img=pnu / "test" / "rg" / "00000000.png", tmp=tmp_path, w=weights) for a in argv]
+    err = one_line_error(capsys, *argv)
+    assert "error: argument" in err and "see pylandmark" in err, err
+    assert not (tmp_path / "o.npy").exists()
+
+
+@pytest.fixture
+def bad_weights(weights, tmp_path):
+    """Copies of the tiny network: one with a wrong-shaped tensor, one with a string boolean."""
+    from safetensors.torch import load_file, save_file
+
+    shapes = tmp_path / "shapes"
+    shutil.copytree(weights, shapes)
+    state = load_file(str(shapes / "model.safetensors"))
+    state["backbone.stem.conv1.conv.weight"] = torch.zeros(3, 3, 3, 3)
+    save_file(state, str(shapes / "model.safetensors"))
+    config = tmp_path / "config"
+    shutil.copytree(weights, config)
+    meta = json.loads((config / "config.json").read_text())
+    meta["config"]["learn_p"] = "false"
+    (config / "config.json").write_text(json.dumps(meta))
+    return shapes, config
+
+
+def test_bad_weight_directories_are_one_line(bad_weights, pnu, tmp_path, capsys):
+    shapes, config = bad_weights
+    img = pnu / "test" / "rg" / "00000000.png"
+    err = one_line_error(capsys, "extract", img, "--out", tmp_path / "o.npy", "--weights", shapes, "--quiet")
+    assert "other shapes" in err
+    err = one_line_error(capsys, "extract", img, "--out", tmp_path / "o.npy", "--weights", config, "--quiet")
+    assert "learn_p must be true or false" in err
+
+
+@pytest.mark.parametrize("content", [b"\x80\x04not a pickle", b"cos\nsystem\n(S'true'\ntR.",
+                                     b"\x80\x02]q\x00(]q\x01h\x01ae."])
+def test_a_corrupt_or_hostile_ground_truth_in_evaluate_is_one_line(weights, tmp_path, capsys, content):
+    folder = tmp_path / "roxford5k"
+    folder.mkdir()
+    (folder / "gnd_roxford5k.pkl").write_bytes(content)
+    err = one_line_error(capsys, "evaluate", "roxford5k", "--weights", weights, "--data-root", tmp_path, "--quiet")
+    assert "gnd_roxford5k.pkl" in err
+
+
+def test_crafted_indexes_are_one_line(built, pnu, tmp_path, capsys):
+    from test_index import _craft
+
+    crafted = tmp_path / "crafted.plmi"
+    shutil.copy(built, crafted)
+    _craft(crafted, sections={"labels": json.dumps(["a"] * 3).encode()})
+    img = pnu / "test" / "rg" / "00000000.png"
+    for argv in (["index", "info", crafted], ["search", crafted, img], ["recognize", crafted, img],
+                 ["index", "add", crafted, img, "--label", "x"]):
+        err = one_line_error(capsys, *argv, "--quiet")
+        assert "labels section" in err, err
+
+
+def test_an_index_never_makes_the_cli_download(built, pnu, tmp_path, capsys, monkeypatch):
+    """metadata.weights = a URL: search/recognize refuse to follow it (an index file may come
+    from anyone); an explicit --weights is used as given."""
+    import pylandmark.data.download as download
+
+    def no_download(*a, **k):
+        raise AssertionError("the CLI tried to download")
+
+    monkeypatch.setattr(download, "download_url", no_download)
+    index = plm.Index.load(built, mmap=False)
+    weights = index.metadata["weights"]
+    index.metadata["weights"] = "https://example.com/evil/model.safetensors"
+    url_index = index.save(tmp_path / "url.plmi")
+    img = pnu / "test" / "rg" / "00000000.png"
+    for command in ("search", "recognize"):
+        err = one_line_error(capsys, command, url_index, img, "--quiet")
+        assert "never makes pylandmark download" in err and "--weights" in err
+        code, _, _ = run(capsys, command, url_index, img, "--weights", weights, "--quiet")
+        assert code == 0
+    index.metadata["weights"] = weights  # a local path is followed
+    code, _, _ = run(capsys, "search", index.save(tmp_path / "local.plmi"), img, "--quiet")
+    assert code == 0
+
+
+def test_nothing_useful_produced_is_an_error(weights, tmp_path, capsys):
+    folder = tmp_path / "photos" / "cls"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    err = one_line_error(capsys, "index", "build", tmp_path / "photos", "--labels-from-folders", "--out",
+                         tmp_path / "x.plmi", "--weights", weights, "--quiet")
+    assert "none of the 3 images could be read" in err and not (tmp_path / "x.plmi").exists()
+    err = one_line_error(capsys, "extract", folder, "--skip-bad", "--out", tmp_path / "x.npy", "--weights",
+                         weights, "--quiet")
+    assert "none of the 3 images" in err and not (tmp_path / "x.npy").exists()
+
+
+def test_each_skipped_image_is_reported_once_and_quiet_silences_it(weights, pnu, tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    good = pnu / "test" / "wb" / "00000000.png"
+    argv = ["extract", good, bad, "--out", tmp_path / "x.npy", "--weights", weights, "--image-size", SIZE,
+            "--skip-bad"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0 and (out + err).count("broken.jpg") == 1, out + err
+    code, out, err = run(capsys, *argv, "--quiet")
+    assert code == 0 and "broken.jpg" not in err
+
+
+def test_an_unexpected_failure_is_one_line_too(weights, pnu, tmp_path, capsys, monkeypatch):
+    import pylandmark.pipelines as pipelines
+
+    def boom(*a, **k):
+        raise RuntimeError("something inside broke\nwith a second line")
+
+    monkeypatch.setattr(pipelines, "describe", boom)
+    err = one_line_error(capsys, "extract", pnu / "test" / "rg", "--out", tmp_path / "o.npy", "--weights", weights,
+                         "--quiet", code=1)
+    assert "RuntimeError: something inside broke" in err and "PYLANDMARK_DEBUG" in err

@@ -22,6 +22,7 @@ class Server:
         self.sent = 0  # body bytes sent
         self.honour_range = True
         self.cut_after = None  # send only this many body bytes, then close
+        self.endless = False  # no Content-Length, zeros until the client hangs up
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -34,6 +35,18 @@ class Server:
                 name = self.path.lstrip("/")
                 rng = self.headers.get("Range")
                 outer.requests.append((name, rng))
+                if outer.endless:
+                    self.send_response(200)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.close_connection = True
+                    try:
+                        while outer.sent < 1 << 32:
+                            self.wfile.write(bytes(1 << 16))
+                            outer.sent += 1 << 16
+                    except OSError:
+                        pass
+                    return
                 if name not in outer.files:
                     self.send_error(404, "not here")
                     return
@@ -213,3 +226,67 @@ def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("PYLANDMARK_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert cache_dir() == Path(tmp_path) / ".cache" / "pylandmark"
+
+
+# ---- bounded downloads and extractions -------------------------------------------------------
+
+def test_an_endless_response_stops_at_the_limit(server, tmp_path):
+    server.endless = True
+    dest = tmp_path / "zeros.bin"
+    with pytest.raises(DownloadError, match="max_bytes") as err:
+        download_url(server.url("zeros"), dest, max_bytes=3 << 20, progress=False, timeout=10)
+    assert "\n" not in str(err.value)
+    assert not dest.exists() and not (tmp_path / "zeros.bin.part").exists()
+    assert server.sent < 64 << 20  # stopped near the limit, not at the server's 4 GiB
+
+
+def test_an_announced_size_beyond_the_limit_is_refused_before_the_body(server, payload, tmp_path):
+    with pytest.raises(DownloadError, match="max_bytes"):
+        download_url(server.url("data.bin"), tmp_path / "d.bin", max_bytes=1 << 20, progress=False)
+    assert not (tmp_path / "d.bin.part").exists() and not (tmp_path / "d.bin").exists()
+
+
+def test_expected_size(server, payload, tmp_path):
+    dest = tmp_path / "d.bin"
+    with pytest.raises(ChecksumError, match=f"{len(payload)} bytes.*expected {len(payload) - 1}"):
+        download_url(server.url("data.bin"), dest, size=len(payload) - 1, progress=False)
+    assert not dest.exists() and not (tmp_path / "d.bin.part").exists()
+    assert download_url(server.url("data.bin"), dest, size=len(payload), progress=False).read_bytes() == payload
+    dest.write_bytes(b"short")  # an existing file of the wrong size is fetched again
+    assert download_url(server.url("data.bin"), dest, size=len(payload), progress=False).read_bytes() == payload
+
+
+def test_file_urls_must_name_regular_files(tmp_path):
+    dest = tmp_path / "zero.bin"
+    with pytest.raises(DownloadError, match="not a regular file"):
+        download_url("file:///dev/zero", dest, progress=False)
+    assert not dest.exists() and not (tmp_path / "zero.bin.part").exists()
+
+
+@pytest.mark.parametrize("kwargs,pattern", [({"size": -1}, "size"), ({"size": 1.5}, "size"),
+                                            ({"max_bytes": 0}, "max_bytes"), ({"max_bytes": None}, "max_bytes")])
+def test_bad_size_arguments(tmp_path, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        download_url("http://127.0.0.1:9/x", tmp_path / "x", **kwargs)
+
+
+def test_an_archive_that_expands_without_bound_is_stopped(tmp_path):
+    import io
+    import tarfile
+
+    from pylandmark.data.download import extract_tar
+
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"ims/zeros{i}.jpg")
+            info.size = 32 << 20
+            tar.addfile(info, io.BytesIO(bytes(info.size)))
+    assert archive.stat().st_size < 1 << 20
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="expands to more than") as err:
+        extract_tar(archive, out, lambda p: p)
+    assert "\n" not in str(err.value)
+    assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) <= 64 << 20
+    assert not list(out.rglob("*.tmp"))
+    assert extract_tar(archive, tmp_path / "ok", lambda p: p, max_bytes=100 << 20) == 3

@@ -183,3 +183,45 @@ def test_extreme_values_neither_underflow_nor_overflow(cpu_isa, channels_last, s
     assert torch.isfinite(x.grad).all() and torch.isfinite(p.grad).all()
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-3, atol=1e-6 * float(x64.grad.abs().max()))
     torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("cpu_isa", ALL_ISAS, indirect=True)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_an_infinite_value_gives_infinity(cpu_isa, channels_last, dtype):
+    """(mean x^p)^(1/p) of a channel holding +inf is +inf (float64 always said so; the float32
+    scaled form computed inf / inf = NaN)."""
+    x = torch.rand(2, 3, 4, 5, dtype=dtype) + 0.5
+    x[1, 2, 3, 1] = float("inf")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    for p in (3.0, 2.5):
+        y = plm.gem(x, p=p)
+        assert torch.isinf(y[1, 2]) and y[1, 2] > 0
+        finite = torch.ones_like(y, dtype=torch.bool)
+        finite[1, 2] = False
+        torch.testing.assert_close(y[finite].double(), gem_float64(x, p)[finite], rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("eps", [float("inf"), float("nan"), 0.0, -1.0])
+def test_eps_must_be_finite_and_positive(eps):
+    for x in (torch.ones(1, 2, 3, 3), np.ones((1, 2, 3, 3), np.float32)):
+        with pytest.raises(ValueError, match="eps must be > 0 and finite"):
+            plm.gem(x, eps=eps)
+    with pytest.raises(ValueError, match="eps must be > 0 and finite"):
+        GeM(eps=eps)
+    with pytest.raises(ValueError, match="eps must be > 0 and finite"):
+        gem_torch(torch.ones(1, 2, 3, 3), 3.0, eps)
+
+
+def test_negative_views_are_pooled_by_value():
+    x = torch.rand(2, 3, 1, 1) + 0.1
+    for view in (torch._neg_view(-x), torch.complex(torch.zeros_like(x), -x).conj().imag):
+        assert view.is_neg()
+        torch.testing.assert_close(plm.gem(view, p=3.0), plm.gem(x, p=3.0))
+        xx = x.clone().requires_grad_(True)
+        y = plm.gem(torch._neg_view(-xx), p=3.0)  # differentiable through the view
+        y.sum().backward()
+        ref = x.clone().requires_grad_(True)
+        plm.gem(ref, p=3.0).sum().backward()
+        torch.testing.assert_close(xx.grad, ref.grad)

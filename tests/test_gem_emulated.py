@@ -144,3 +144,18 @@ def test_a_layout_with_neither_axis_contiguous_is_rejected(emu_gem, rng):
     p_buf = torch.tensor([3.0])
     rc = emu_gem.plm_emu_gem_forward(x.data_ptr(), 0, dims, strides, p_buf.data_ptr(), EPS, y.data_ptr(), 0, info, 512)
     assert rc == 1 and b"contiguous spatial axis" in info.value
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("p", [3.0, 2.5])
+def test_an_infinite_value_gives_infinity(emu_gem, rng, channels_last, dtype, p):
+    """A channel holding +inf pools to +inf (the scaled form divided inf by inf: NaN)."""
+    x = make(rng, (2, 36, 5, 4), dtype, channels_last) + 0.5
+    x[1, 7, 2, 3] = float("inf")
+    y = emu_forward(emu_gem, x, p)
+    assert torch.isinf(y[1, 7]) and y[1, 7] > 0
+    y_ref = gem_float64(x, p, EPS)
+    finite = torch.isfinite(y_ref)
+    assert finite.sum() == y.numel() - 1
+    torch.testing.assert_close(y[finite].double(), y_ref[finite], rtol=2e-5, atol=0)

@@ -30,7 +30,8 @@ def filled(rng):
 def test_add_normalises_once_and_stores_float16(filled):
     index, x, _, _ = filled
     assert len(index) == 1003 and index.descriptors.dtype == np.float16
-    np.testing.assert_array_equal(index.descriptors, unit_rows(x).astype(np.float16))
+    # normalised in float64 and rounded once: a float32 normalisation would round twice
+    np.testing.assert_array_equal(index.descriptors, unit_rows(x.astype(np.float64)).astype(np.float16))
     np.testing.assert_array_equal(index.ids, np.arange(1003))
 
 
@@ -230,3 +231,300 @@ def test_labels_are_all_or_none(rng):
 
 def test_top_level_name():
     assert plm.Index is Index
+
+
+# ---- all-or-nothing changes -------------------------------------------------------------------
+
+def _state(index):
+    return (len(index), index.ids.tolist(), np.asarray(index.descriptors).tobytes(),
+            None if index.labels is None else index.labels.tolist(), index.paths)
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    (dict(labels=["c", {"x": 1}], paths=["/a", "/b"]), TypeError),       # the second label is bad
+    (dict(labels=["c", "d"], paths=["/a", 3]), TypeError),               # a path that is no path
+    (dict(labels=["c", "d"], paths=["/a"]), ValueError),                 # one path short
+    (dict(labels=["c", "d"], paths=["/a", "/b"], ids=[0, 77]), ValueError),  # id 0 is taken
+    (dict(labels=["c", "d"], paths=["/a", "/b"], ids=[5, 5]), ValueError),
+    (dict(labels=["c", "d"]), ValueError),                               # paths missing
+])
+def test_a_failed_add_changes_nothing(rng, tmp_path, kwargs, exc):
+    index = Index(4)
+    index.add(rng.standard_normal((3, 4)), labels=["a", "b", "a"], paths=["/x", "/y", "/z"])
+    before = _state(index)
+    with pytest.raises(exc):
+        index.add(np.ones((2, 4)), **kwargs)
+    assert _state(index) == before
+    again = Index.load(index.save(tmp_path / "after.plmi"))
+    assert _state(again) == before
+
+
+@pytest.mark.parametrize("ids,exc", [([0, 99], KeyError), (["zero"], ValueError), ([[0.5]], ValueError)])
+def test_a_failed_remove_changes_nothing(rng, ids, exc):
+    index = Index(4)
+    index.add(rng.standard_normal((3, 4)), labels=["a", "b", "a"])
+    before = _state(index)
+    with pytest.raises(exc):
+        index.remove(ids)
+    assert _state(index) == before
+
+
+def test_add_normalises_extreme_magnitudes_before_rounding(rng):
+    """1e20 * v squares past float32 (the old norm was inf and stored zeros); 1e-30 * v
+    squares into subnormals; near 3e38 even the float64 sum of squares needs care. Every stored
+    row is v / |v| rounded once to float16."""
+    v = rng.standard_normal((3, 16)).astype(np.float32)
+    x = np.concatenate([v[:1] * np.float32(1e20), v[1:2] * np.float32(1e-30),
+                        v[2:] / np.abs(v[2:]).max() * np.float32(3e38)])
+    assert np.isfinite(x).all()
+    index = Index(16)
+    index.add(x)
+    np.testing.assert_array_equal(index.descriptors, unit_rows(x.astype(np.float64)).astype(np.float16))
+    # float16 rounding of unit rows: at most half an ulp of 1.0 (2^-11) per element
+    np.testing.assert_allclose(index.descriptors, unit_rows(v.astype(np.float64)), atol=2 ** -11)
+
+
+# ---- one version per load, crafted headers, temporary files -----------------------------------
+
+def _version(v: int, dim: int = 8) -> Index:
+    """Version v of a file: every label, path and row says v, and the row count depends on v."""
+    index = Index(dim, metadata={"version": v})
+    n = 5 + v % 7
+    rows = np.zeros((n, dim), np.float32)
+    rows[:, v % dim] = 1.0
+    index.add(rows, labels=[f"v{v}"] * n, paths=[f"/v{v}/{i}" for i in range(n)])
+    return index
+
+
+def _consistent(index: Index) -> int:
+    v = index.metadata["version"]
+    n = 5 + v % 7
+    assert len(index) == n and index.labels.tolist() == [f"v{v}"] * n
+    assert index.paths == [f"/v{v}/{i}" for i in range(n)]
+    assert (np.argmax(np.asarray(index.descriptors), axis=1) == v % index.dim).all()
+    return v
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_a_load_racing_a_save_sees_one_version(tmp_path, monkeypatch, mmap):
+    """The file is replaced right after the loader parsed its header: what it returns still
+    comes from the file it opened (header, sections and matrix read through one descriptor)."""
+    import pylandmark.retrieval.index as index_module
+
+    path = _version(1).save(tmp_path / "race.plmi")
+    newer = tmp_path / "newer.plmi"
+    _version(2).save(newer)
+    real_loads = json.loads
+    swapped = []
+
+    def loads(data, *a, **k):
+        if not swapped:
+            swapped.append(True)
+            import os
+            os.replace(newer, path)
+        return real_loads(data, *a, **k)
+
+    monkeypatch.setattr(index_module.json, "loads", loads)
+    loaded = Index.load(path, mmap=mmap, verify=True)
+    monkeypatch.undo()
+    assert swapped and _consistent(loaded) == 1
+    assert _consistent(Index.load(path)) == 2
+
+
+def _craft(path, header_changes=None, sections=None, drop=()):
+    """Rewrites the index at `path` with changed header fields and/or section bytes, all
+    checksums (header CRC, section CRCs and the matrix sum) valid for the new content."""
+    from pylandmark.retrieval.index import _PREFIX, _sum64
+    import zlib
+
+    data = path.read_bytes()
+    header = _header(data)
+    blobs = {name: data[s["offset"]:s["offset"] + s["nbytes"]] for name, s in header["sections"].items()}
+    blobs.update(sections or {})
+    for name in drop:
+        blobs.pop(name)
+    out = bytearray(8192)
+    offset = 8192
+    secs = {}
+    for name, blob in blobs.items():
+        key = "sum64" if name == "matrix" else "crc32"
+        value = _sum64(np.frombuffer(blob, np.uint8)) if name == "matrix" else zlib.crc32(blob)
+        secs[name] = {"offset": offset, "nbytes": len(blob), key: value}
+        out += blob
+        offset += len(blob)
+    header["sections"] = secs
+    for key, value in (header_changes or {}).items():
+        if callable(value):
+            value(header)
+        else:
+            header[key] = value
+    hb = json.dumps(header).encode()
+    assert len(hb) < 8192 - 24
+    out[:24] = _PREFIX.pack(b"PLMINDEX", FORMAT_VERSION, len(hb), zlib.crc32(hb), 0)
+    out[24:24 + len(hb)] = hb
+    path.write_bytes(bytes(out))
+    return path
+
+
+def _set_section(name, key, value):
+    def change(header):
+        header["sections"][name][key] = value
+    return change
+
+
+CRAFTED = {
+    "labels short": dict(sections={"labels": json.dumps(["a"] * 4).encode()}),
+    "paths short": dict(sections={"paths": json.dumps(["/p"] * 4).encode()}),
+    "labels not a list": dict(sections={"labels": b'{"a": 1}'}),
+    "label a dict": dict(sections={"labels": json.dumps([{"x": 1}] * 5).encode()}),
+    "path a number": dict(sections={"paths": json.dumps([1] * 5).encode()}),
+    "labels invalid json": dict(sections={"labels": b'["a", '}),
+    "labels not utf-8": dict(sections={"labels": b'["\xff"]'}),
+    "labels nested deep": dict(sections={"labels": b"[" * 200000}),
+    "id -1": dict(sections={"ids": np.array([0, 1, -1, 3, 4], "<i8").tobytes()}),
+    "duplicate ids": dict(sections={"ids": np.array([0, 1, 1, 3, 4], "<i8").tobytes()}),
+    "negative offset": dict(header_changes={"x": _set_section("ids", "offset", -8)}),
+    "float offset": dict(header_changes={"x": _set_section("ids", "offset", 8192.5)}),
+    "string nbytes": dict(header_changes={"x": _set_section("labels", "nbytes", "20")}),
+    "offset inside the header": dict(header_changes={"x": _set_section("matrix", "offset", 0)}),
+    "section not a dict": dict(header_changes={"x": _set_section("labels", "offset", None)}),
+    "no ids section": dict(drop=("ids",)),
+    "bool dim": dict(header_changes={"dim": True}),
+    "float count": dict(header_changes={"count": 5.0}),
+    "huge dim": dict(header_changes={"dim": 2 ** 62}),
+    "metadata a list": dict(header_changes={"metadata": [1, 2]}),
+    "sections a list": dict(header_changes={"sections": [1]}),
+    "unknown metric": dict(header_changes={"metric": "l2"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_headers_with_valid_checksums_raise_index_format_error(tmp_path, rng, case):
+    index = Index(8)
+    index.add(rng.standard_normal((5, 8)), labels=list("abcde"), paths=[f"/{i}" for i in range(5)])
+    path = _craft(index.save(tmp_path / "crafted.plmi"), **CRAFTED[case])
+    for mmap in (True, False):
+        with pytest.raises(IndexFormatError) as info:
+            Index.load(path, mmap=mmap)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_header_length_beyond_the_file_is_refused_without_reading_it(tmp_path, rng):
+    from pylandmark.retrieval.index import _PREFIX
+
+    path = tmp_path / "long.plmi"
+    path.write_bytes(_PREFIX.pack(b"PLMINDEX", FORMAT_VERSION, 0xFFFFFFF0, 0, 0) + b"{}")
+    with pytest.raises(IndexFormatError, match="truncated"):
+        Index.load(path)
+
+
+def _temp_files(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name != "kept.plmi")
+
+
+SAVER = """
+import os, sys, time
+import numpy as np
+import pylandmark.retrieval.index as m
+stage = sys.argv[2]
+def hang(*a, **k):
+    open(sys.argv[3], "w").close()
+    time.sleep(600)
+if stage == "write":
+    m.os.fsync = hang          # killed while the data are written
+else:
+    m.os.replace = hang        # killed after the data are complete, before the rename
+index = m.Index(64)
+index.add(np.ones((20000, 64), np.float32))
+index.save(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("stage", ["write", "rename"])
+@pytest.mark.parametrize("then", ["save", "load"])
+def test_a_save_killed_with_sigkill_leaves_nothing_the_next_save_or_load_keeps(tmp_path, rng, stage, then):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "kept.plmi"
+    index = Index(64)
+    index.add(rng.standard_normal((10, 64)))
+    index.save(path)
+    before = path.read_bytes()
+    ready = tmp_path.parent / f"ready-{stage}-{then}"
+    child = subprocess.Popen([sys.executable, "-c", SAVER, str(path), stage, str(ready)])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert child.poll() is None and time.monotonic() < deadline, "the saver did not start"
+            time.sleep(0.05)
+        assert _temp_files(tmp_path), "the saver should have a temporary file open"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert path.read_bytes() == before
+    if then == "save":
+        index.save(path)
+    else:
+        Index.load(path)
+    assert _temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_get_the_umask_mode(tmp_path, rng, umask):
+    import os
+
+    index = Index(4)
+    index.add(rng.standard_normal((2, 4)))
+    old = os.umask(umask)
+    try:
+        path = index.save(tmp_path / "mode.plmi")
+        index.save(path)  # replacing keeps the rule
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+def _soak_saver(path, seed, stop_at):
+    import time
+    v = seed
+    while time.monotonic() < stop_at:
+        _version(v).save(path)
+        v += 2
+    return v
+
+
+def _soak_loader(path, stop_at):
+    import time
+    seen = set()
+    loads = 0
+    while time.monotonic() < stop_at:
+        verify = loads % 2 == 0
+        index = Index.load(path, mmap=loads % 3 != 0, verify=verify)
+        seen.add(_consistent(index))
+        loads += 1
+    return loads, len(seen)
+
+
+def test_soak_concurrent_savers_and_loaders_see_whole_versions(tmp_path):
+    """Two processes save alternating versions of one file while two others load it (with and
+    without the matrix checksum, mapped and read): every load must be one whole version."""
+    import time
+
+    path = tmp_path / "soak.plmi"
+    _version(0).save(path)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        stop_at = time.monotonic() + 12.0  # the workers start within seconds; each runs to this time
+        savers = [pool.apply_async(_soak_saver, (path, s, stop_at)) for s in (0, 1)]
+        loaders = [pool.apply_async(_soak_loader, (path, stop_at)) for _ in range(2)]
+        saved = [s.get(timeout=60) for s in savers]
+        results = [ld.get(timeout=60) for ld in loaders]
+    assert all(v > 10 for v in saved), saved
+    assert all(loads > 20 and versions > 2 for loads, versions in results), results
+    assert [p.name for p in tmp_path.iterdir()] == ["soak.plmi"]

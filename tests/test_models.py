@@ -261,7 +261,7 @@ def test_landmarknet_gradients_reach_p_and_backbone():
 
 def test_landmarknet_bad_arguments():
     with pytest.raises(ValueError, match="backbone"):
-        LandmarkNet(backbone="vgg16")
+        LandmarkNet(backbone="vgg19")  # vgg16 is a backbone since the cirtorch presets
     with pytest.raises(ValueError, match="whiten_dim"):
         LandmarkNetConfig(whiten_dim=128)
     with pytest.raises(ValueError, match="backbone_args"):

@@ -342,3 +342,80 @@ def test_search_kernel_describes_only_the_gpu_search():
 
     with pytest.raises(ValueError, match="GPU search"):
         search_kernel(np.ones((2, 8), np.float32), np.ones((5, 8), np.float16), 5)
+
+
+# ---- exact answers at the edges ---------------------------------------------------------------
+
+EXTREME_SCALES = [1e20, 1e-22, 3e37, 1e-30, 1e-40]  # float32 squares overflow / underflow / subnormals
+
+
+@pytest.mark.parametrize("cpu_isa", ALL_ISAS, indirect=True)
+@pytest.mark.parametrize("dbdtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("Q", [1, 5, 70])  # the few-query path, and the tiled path
+def test_cosine_at_extreme_magnitudes_is_exact(rng, cpu_isa, dbdtype, Q):
+    """Rows c * q_i score cos = 1 whatever c; the old float32 sums of squares gave 0.0 for
+    1e20 * q (overflow) and 1.0157 for 1e-22 * q (underflowed squares)."""
+    D = 37
+    q = rng.standard_normal((Q, D)).astype(np.float32)
+    noise = rng.standard_normal((600, D)).astype(np.float32)
+    rows = [q[i % Q] * np.float32(s) for i, s in enumerate(EXTREME_SCALES)]
+    db32 = np.concatenate([noise[:300], np.stack(rows), noise[300:]])
+    db = db32.astype(ml_dtypes.bfloat16) if dbdtype == "bfloat16" else db32
+    scores, idx = plm.search(q, db, k=8, metric="cosine")
+    ref = reference_scores(q, db, "cosine")
+    for i, s in enumerate(EXTREME_SCALES):
+        row = 300 + i
+        assert abs(ref[i % Q, row]) <= 1 + 1e-12
+        hit = np.flatnonzero(idx[i % Q] == row)
+        assert hit.size == 1, (s, idx[i % Q])
+        # the reference is of the stored (rounded) row: float32 accumulation over D terms
+        assert abs(scores[i % Q, hit[0]] - ref[i % Q, row]) <= 1.2e-6 * np.sqrt(D) + 1e-7, s
+    check_topk(scores, idx, ref, 8, tolerance(q, db, "cosine"))
+
+
+@pytest.mark.parametrize("cpu_isa", ALL_ISAS, indirect=True)
+def test_extreme_queries_are_normalised_exactly(rng, cpu_isa):
+    D = 24
+    db = make(rng, (300, D), "float16")
+    base = rng.standard_normal((1, D)).astype(np.float32)
+    q = np.concatenate([base * np.float32(s) for s in (1e20, 1e-30, 1e-40, 1.0)])
+    scores, idx = plm.search(q, db, k=5)
+    np.testing.assert_array_equal(idx[:3], np.repeat(idx[3:], 3, axis=0))
+    np.testing.assert_allclose(scores[:3], np.repeat(scores[3:], 3, axis=0), atol=2e-6)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_every_non_finite_query_is_rejected_with_the_row(rng, bad):
+    db = make(rng, (10, 8), "float32")
+    q = make(rng, (3, 8), "float32")
+    q[1, 2] = bad
+    for metric in ("cosine", "ip"):
+        with pytest.raises(ValueError, match="row 1 contains NaN or inf"):
+            plm.search(q, db, k=2, metric=metric)
+
+
+def test_negative_and_conjugate_views_are_read_by_value(rng):
+    """torch views with the negative or conjugate bit share memory with their base; the values
+    they stand for are what must be searched."""
+    base = torch.from_numpy(rng.standard_normal((6, 1)).astype(np.float32))
+    db = torch.from_numpy(rng.standard_normal((9, 1)).astype(np.float32))
+    z = torch.complex(torch.zeros_like(base), base)
+    views = [z.conj().imag, torch._neg_view(base)]
+    assert all(v.is_neg() for v in views)
+    for v in views:
+        for metric in ("cosine", "ip"):
+            for query, data in ((v, db), (db[:3], torch._neg_view(-db))):
+                scores, idx = plm.search(query, data, k=4, metric=metric)
+                want_s, want_i = plm.search(query.clone(), data.clone(), k=4, metric=metric)
+                torch.testing.assert_close(scores, want_s)
+                assert torch.equal(idx, want_i)
+
+
+def test_thread_counts_beyond_reason_are_one_value_error():
+    from pylandmark.ops import get_num_threads, set_num_threads
+
+    before = get_num_threads()
+    for n in (2 ** 40, 2 ** 63, -1):
+        with pytest.raises(ValueError, match="n must be an int in"):
+            set_num_threads(n)
+    assert get_num_threads() == before

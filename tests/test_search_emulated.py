@@ -198,3 +198,31 @@ def test_workspace_garbage_never_reaches_the_results(emu_search, rng):
     q, db = make(rng, (3, 64), F16, "cpu"), make(rng, (129, 64), F16, "cpu")
     scores, idx, _ = run_and_check(emu_search, q, db, 5, sms=64)
     assert ((idx >= 0) & (idx < 129)).all() and np.isfinite(scores.numpy()).all()
+
+
+# (Q, N, D, query dtype, db dtype, kernel, norms pass): rows c * q score cos = 1 whatever c
+EXTREME = [
+    (6, 400, 64, F32, BF16, "mma_small", False),
+    (40, 400, 64, F32, BF16, "mma_wide", False),
+    (7, 400, 40, F32, F32, "simt", False),
+    (600, 300, 64, F32, BF16, "mma_wide", True),
+    (300, 300, 40, F32, F32, "simt", True),
+]
+
+
+@pytest.mark.parametrize("Q,N,D,qdtype,dbdtype,kernel,norms_pass", EXTREME)
+def test_cosine_at_extreme_magnitudes(emu_search, rng, Q, N, D, qdtype, dbdtype, kernel, norms_pass):
+    """db rows 1e20 * q (float32 squares overflow: the old norm gave score 0), 1e-22 * q and
+    1e-30 * q (squares underflow: the old scores exceeded 1), and queries scaled the same way."""
+    q = make(rng, (Q, D), qdtype, "cpu")
+    db = make_db(rng, (N, D), dbdtype, "cosine", "cpu")
+    scales = (1e20, 1e-22, 1e-30, 3e37)
+    for i, s in enumerate(scales):
+        db[10 + i] = (q[i].double() * s).to(db.dtype)
+    q[Q - 1] = q[Q - 1] * 1e20
+    q[Q - 2] = q[Q - 2] * 1e-30
+    scores, idx, info = run_and_check(emu_search, q, db, 6, kernel=kernel)
+    assert ("norms_pass=1" in info) == norms_pass, info
+    for i in range(len(scales)):
+        assert idx[i, 0] == 10 + i, (scales[i], idx[i])
+        assert abs(float(scores[i, 0]) - 1.0) <= tolerance(qdtype, dbdtype), (scales[i], scores[i])

@@ -344,6 +344,7 @@ def test_validate_sfm_metrics_against_brute_force(small_root):
 # ----------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow  # eight epochs of real training: minutes on two cores
 def test_short_run_learns(tmp_path):
     root = make_sfm_dataset(tmp_path / "data", n_clusters=84, images_per_cluster=6, image_size=96, seed=0,
                             val_clusters=12)

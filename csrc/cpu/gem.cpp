@@ -66,6 +66,7 @@ constexpr double kMinPlainSum = 0x1p-80;
 double gem_scaled(const float* xc_values, int64_t stride, int64_t n, double p, double eps) {
   double m = eps;
   for (int64_t i = 0; i < n; ++i) m = std::max(m, static_cast<double>(xc_values[i * stride]));
+  if (std::isinf(m)) return m;  // a value of +inf: its power, and so the mean, is +inf (inf / inf is NaN)
   double sum = 0.0;
   for (int64_t i = 0; i < n; ++i)
     sum += std::pow(std::max(static_cast<double>(xc_values[i * stride]), eps) / m, p);

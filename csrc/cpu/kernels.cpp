@@ -2,9 +2,6 @@
 // once per ISA with PLM_ISA_NS naming the namespace; nothing here allocates or throws.
 #include "cpu/kernels.h"
 
-
-
-
 #include <cstdint>
 
 #if defined(PLM_ISA_avx512) || defined(PLM_ISA_avx2)
@@ -46,10 +43,7 @@ static void pack_rows_t(const void* src, int64_t row_stride, int64_t rows, int64
       d += W;
     }
     for (; d < Dp; d += W) vstore(out + d, vf{});
-    if (inv_norms) {
-      float n2 = hsum(sq);
-      inv_norms[r] = n2 > 0.0f ? 1.0f / __builtin_sqrtf(n2) : 0.0f;
-    }
+    if (inv_norms) inv_norms[r] = inv_norm_or_redo<DT == 1>(hsum(sq));
   }
 }
 
@@ -159,10 +153,7 @@ static inline void micro_direct(const float* q, int64_t Dp, const void* const* r
   }
   for (int j = 0; j < nr; ++j) {
     for (int i = 0; i < MR; ++i) out[i * ld + j] = hsum(acc[i][j]);
-    if (NORMS) {
-      float n2 = hsum(sq[j]);
-      inv_norms[j] = n2 > 0.0f ? 1.0f / __builtin_sqrtf(n2) : 0.0f;
-    }
+    if (NORMS) inv_norms[j] = inv_norm_or_redo<DT == 1>(hsum(sq[j]));
   }
 }
 

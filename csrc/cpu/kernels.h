@@ -13,12 +13,28 @@ namespace plm::cpu {
 constexpr int64_t kPad = 16;
 inline int64_t padded_dim(int64_t d) { return (d + kPad - 1) / kPad * kPad; }
 
+// inv_norms entry of a row whose float32 sum of squares cannot be trusted: the search redoes
+// that row in double (see search.cpp). Real entries are >= 0.
+constexpr float kRedoRow = -1.0f;
+
+// 1/||row||_2 from the row's float32 sum of squares n2, or kRedoRow where n2 may be wrong: it
+// overflowed (elements beyond ~1e19), or is below 2^-100, where squares that underflowed into
+// subnormals (or to zero) could matter; above 2^-100 each such square errs by at most 2^-149,
+// a relative 2^-49 of n2. A float16 row (HALF) reaches neither: its largest square is 2^32, its
+// smallest nonzero one 2^-48, so n2 == 0 means a zero row.
+template <bool HALF>
+inline float inv_norm_or_redo(float n2) {
+  if (HALF || (n2 >= 0x1p-100f && n2 <= 3.402823466e38f)) return n2 > 0.0f ? 1.0f / __builtin_sqrtf(n2) : 0.0f;
+  return kRedoRow;
+}
+
 struct KernelTable {
   const char* name;
   int direct_max_q;  // scores_direct takes at most this many queries
 
   // src: rows x D elements of dt, rows row_stride elements apart -> dst: rows x Dp float32.
-  // inv_norms (optional, rows): 1/||row||_2, 0 for an all-zero row.
+  // inv_norms (optional, rows): 1/||row||_2, 0 for an all-zero row, kRedoRow where the float32
+  // sum of squares cannot be trusted (see inv_norm_or_redo).
   void (*pack_rows)(const void* src, DType dt, int64_t row_stride, int64_t rows, int64_t D,
                     int64_t Dp, float* dst, float* inv_norms);
 
@@ -27,7 +43,7 @@ struct KernelTable {
                       float* out);
 
   // As scores_tile but reads nt db rows (dt, row_stride apart, D long) directly; nq <= direct_max_q.
-  // inv_norms (optional, nt) is filled from the same pass over the rows.
+  // inv_norms (optional, nt) is filled from the same pass over the rows (as pack_rows does).
   void (*scores_direct)(const float* q, int64_t nq, const void* db, DType dt, int64_t row_stride,
                         int64_t nt, int64_t D, float* out, float* inv_norms);
 

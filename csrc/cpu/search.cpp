@@ -38,6 +38,31 @@ const unsigned char* db_row(const SearchArgs& a, int64_t n) {
   return static_cast<const unsigned char*>(a.db) + n * a.db_stride * dtype_size(a.db_dtype);
 }
 
+// Rows whose float32 norm the kernels could not trust (inv_norms[j] == kRedoRow: elements
+// beyond ~1e19, or so small that their squares underflow) are scored again in double, which
+// holds every square and product of float32 values exactly in range: scores[i * ld + j] becomes
+// the cosine and inv_norms[j] 1. Rare; costs one pass over such a row per query block.
+void redo_extreme_rows(const Plan& p, const float* queries, int64_t nq, int64_t n0, int64_t nt,
+                       float* scores, int64_t ld, float* inv_norms) {
+  const SearchArgs& a = *p.args;
+  std::vector<float> row;
+  for (int64_t j = 0; j < nt; ++j) {
+    if (inv_norms[j] != kRedoRow) continue;
+    row.resize(p.Dp);
+    p.kernels->pack_rows(db_row(a, n0 + j), a.db_dtype, a.db_stride, 1, a.D, p.Dp, row.data(), nullptr);
+    double n2 = 0.0;
+    for (int64_t d = 0; d < a.D; ++d) n2 += static_cast<double>(row[d]) * row[d];
+    const double inv = 1.0 / std::sqrt(n2);  // inf for a zero row, NaN for a NaN row
+    for (int64_t i = 0; i < nq; ++i) {
+      const float* q = queries + i * p.Dp;
+      double dot = 0.0;
+      for (int64_t d = 0; d < a.D; ++d) dot += static_cast<double>(q[d]) * row[d];
+      scores[i * ld + j] = n2 == 0.0 ? 0.0f : static_cast<float>(dot * inv);
+    }
+    inv_norms[j] = 1.0f;
+  }
+}
+
 // Offers scores[i * ld + j] (times inv_norms[j] for cosine) for queries [0, nq) and rows
 // [n0, n0 + nt) to lists[0..nq).
 void offer_block(const float* scores, int64_t ld, int64_t nq, int64_t nt, int64_t n0,
@@ -67,6 +92,7 @@ void scan(const Plan& p, int64_t q0, int64_t q1, int64_t n0, int64_t n1, TopKLis
       const int64_t nt = std::min(kDirectRows, n1 - n);
       K.scores_direct(p.queries + q0 * p.Dp, q1 - q0, db_row(a, n), a.db_dtype, a.db_stride,
                       nt, a.D, scores.data(), a.cosine ? inv.data() : nullptr);
+      if (a.cosine) redo_extreme_rows(p, p.queries + q0 * p.Dp, q1 - q0, n, nt, scores.data(), nt, inv.data());
       offer_block(scores.data(), nt, q1 - q0, nt, n, a.cosine ? inv.data() : nullptr, lists);
     }
     return;
@@ -80,6 +106,7 @@ void scan(const Plan& p, int64_t q0, int64_t q1, int64_t n0, int64_t n1, TopKLis
       K.pack_rows(db_row(a, n), a.db_dtype, a.db_stride, nt, a.D, p.Dp, tile.data(),
                   a.cosine ? inv.data() : nullptr);
       K.scores_tile(p.queries + qb * p.Dp, nq, tile.data(), nt, p.Dp, scores.data());
+      if (a.cosine) redo_extreme_rows(p, p.queries + qb * p.Dp, nq, n, nt, scores.data(), nt, inv.data());
       offer_block(scores.data(), nt, nq, nt, n, a.cosine ? inv.data() : nullptr, lists + (qb - q0));
     }
   }
@@ -104,18 +131,20 @@ void search(const SearchArgs& a) {
   const int64_t Dp = padded_dim(a.D);
 
   std::vector<float> queries(a.Q * Dp);
-  std::vector<float> qinv(a.Q);
-  K.pack_rows(a.queries, a.query_dtype, a.query_stride, a.Q, a.D, Dp, queries.data(), qinv.data());
+  K.pack_rows(a.queries, a.query_dtype, a.query_stride, a.Q, a.D, Dp, queries.data(), nullptr);
   for (int64_t i = 0; i < a.Q; ++i) {
-    const float* row = queries.data() + i * Dp;
+    float* row = queries.data() + i * Dp;
     for (int64_t d = 0; d < a.D; ++d)
-      if (std::isnan(row[d]))
-        throw std::invalid_argument("queries: row " + std::to_string(i) + " contains NaN; "
+      if (!std::isfinite(row[d]))
+        throw std::invalid_argument("queries: row " + std::to_string(i) + " contains NaN or inf; "
                                     "replace or drop such rows before searching");
+    if (!a.cosine) continue;
+    // unit queries, the norm in double: float32 squares of 1e20 overflow, of 1e-25 underflow
+    double n2 = 0.0;
+    for (int64_t d = 0; d < a.D; ++d) n2 += static_cast<double>(row[d]) * row[d];
+    const double inv = n2 > 0.0 ? 1.0 / std::sqrt(n2) : 0.0;
+    for (int64_t d = 0; d < a.D; ++d) row[d] = static_cast<float>(row[d] * inv);
   }
-  if (a.cosine)
-    for (int64_t i = 0; i < a.Q; ++i)
-      for (int64_t d = 0; d < a.D; ++d) queries[i * Dp + d] *= qinv[i];
 
   Plan p;
   p.kernels = &K;

@@ -13,7 +13,7 @@ struct SearchArgs : SearchInputs {
   int threads;  // <= 0: get_num_threads()
 };
 
-// Throws std::invalid_argument when a query holds NaN.
+// Throws std::invalid_argument when a query holds NaN or inf.
 void search(const SearchArgs& args);
 
 }  // namespace plm::cpu

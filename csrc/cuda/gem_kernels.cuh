@@ -54,6 +54,12 @@ __device__ __forceinline__ bool needs_scaling(float sum) {
   return !(sum >= 0x1p-80f && sum <= 3.402823466e38f);
 }
 
+// M (mean (xc/M)^p)^(1/p) from M and the sum of (xc/M)^p; +inf when M is (inf / inf is NaN).
+__device__ __forceinline__ float scaled_gem(float m, float scaled_sum, int64_t HW, float p) {
+  if (m > 3.402823466e38f) return m;
+  return m * powf(scaled_sum / static_cast<float>(HW), 1.0f / p);
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads) gem_fwd_rows(const T* __restrict__ x, int64_t B, int64_t C, int64_t HW, int64_t sb,
                              int64_t sc, const float* __restrict__ p_ptr, float eps,
@@ -80,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) gem_fwd_rows(const T* __restrict__ x
     float scaled = 0.0f;
     for (int64_t j = lane; j < HW; j += 32) scaled += powf(fmaxf(load_f(base + j), eps) / m, p);
     scaled = warp_sum(scaled);
-    if (lane == 0) y[row] = m * powf(scaled / static_cast<float>(HW), 1.0f / p);
+    if (lane == 0) y[row] = scaled_gem(m, scaled, HW, p);
     return;
   }
   if (lane == 0) y[row] = powf(acc / static_cast<float>(HW), 1.0f / p);
@@ -124,7 +130,7 @@ __global__ void __launch_bounds__(kThreads) gem_fwd_cols(const T* __restrict__ x
       for (int64_t s = 0; s < HW; ++s) m = fmaxf(m, load_f(base + s * shw));
       float scaled = 0.0f;
       for (int64_t s = 0; s < HW; ++s) scaled += powf(fmaxf(load_f(base + s * shw), eps) / m, p);
-      y[b * C + c] = m * powf(scaled / static_cast<float>(HW), 1.0f / p);
+      y[b * C + c] = scaled_gem(m, scaled, HW, p);
     } else {
       y[b * C + c] = powf(sum / static_cast<float>(HW), 1.0f / p);
     }

@@ -54,8 +54,8 @@ struct ScanArgs {
 
 // ---- 1. queries --------------------------------------------------------------------------------
 //
-// OutT float (the SIMT scan): q / |q| for cosine, q for inner product, qmul = 1, exactly the
-// CPU kernel's query form. OutT half/bfloat16 (tensor cores): q scaled by a power of two so its
+// OutT float (the SIMT scan): q / |q| for cosine, q for inner product, qmul = 1, the CPU
+// kernel's query form (|q| from q scaled by a power of two, so 1e20 and 1e-30 queries work). OutT half/bfloat16 (tensor cores): q scaled by a power of two so its
 // largest element sits where OutT has full precision, split into TERMS planes (the rounded
 // value, then the rounding error of the planes before), so that float32 or mixed-type queries
 // keep all 24 bits; qmul undoes the scale and applies 1/|q|. Planes: [TERMS][Qpad][Dpad],
@@ -68,38 +68,44 @@ __global__ void __launch_bounds__(kThreads) prep_queries(const QT* __restrict__ 
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= Qpad) return;
-  const OutT zero = from_float<OutT>(0.0f);
-  float n2 = 0.0f, amax = 0.0f;
+  float amax = 0.0f;
   bool finite = true;
   if (row < Qc) {
     for (int d = lane; d < D; d += 32) {
       const float v = to_float<QT>(q[row * q_stride + d]);
-      n2 += v * v;
       amax = fmaxf(amax, fabsf(v));
       finite = finite && fabsf(v) <= 3.402823466e38f;  // false for inf and NaN
     }
   }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    n2 += __shfl_xor_sync(topk::kFullMask, n2, off);
-    amax = fmaxf(amax, __shfl_xor_sync(topk::kFullMask, amax, off));
-  }
+  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(topk::kFullMask, amax, off));
   finite = __all_sync(topk::kFullMask, finite);
   const bool real = row < Qc && finite;
-  const float qinv = cosine ? (n2 > 0.0f ? 1.0f / sqrtf(n2) : 0.0f) : 1.0f;
+  // 2^(ex-1) <= amax < 2^ex: the squares of q * 2^-ex sum to [1/4, D] whatever the query's
+  // magnitude, so none overflows (1e20 queries) and none that matters underflows (1e-30).
+  int ex = 0;
+  if (real && amax > 0.0f) frexpf(amax, &ex);
+  float n2 = 0.0f;
+  if (real && cosine) {
+    for (int d = lane; d < D; d += 32) {
+      const float v = ldexpf(to_float<QT>(q[row * q_stride + d]), -ex);
+      n2 += v * v;
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) n2 += __shfl_xor_sync(topk::kFullMask, n2, off);
+  const float scaled_inv = n2 > 0.0f ? 1.0f / sqrtf(n2) : 0.0f;  // 1 / |q * 2^-ex|
   int shift = 0;
+  constexpr int target = std::is_same_v<OutT, __half> ? 13 : 1;
   if constexpr (TERMS > 0 && !std::is_same_v<OutT, float>) {
     // Largest element into [2^12, 2^13) for half (11-bit significand, max 65504), or [1, 2)
     // for bfloat16 (float32's range: keep products with large db values finite).
-    constexpr int target = std::is_same_v<OutT, __half> ? 13 : 1;
-    int ex = 0;
-    frexpf(amax, &ex);
     shift = amax > 0.0f ? target - ex : 0;
   }
   for (int d = lane; d < Dpad; d += 32) {
     float v = (real && d < D) ? to_float<QT>(q[row * q_stride + d]) : 0.0f;
     if constexpr (std::is_same_v<OutT, float>) {
-      out[row * Dpad + d] = v * qinv;
+      out[row * Dpad + d] = cosine ? ldexpf(v, -ex) * scaled_inv : v;  // q / |q| without overflow
     } else {
       float rest = ldexpf(v, shift);
 #pragma unroll
@@ -111,14 +117,36 @@ __global__ void __launch_bounds__(kThreads) prep_queries(const QT* __restrict__ 
     }
   }
   if (lane == 0) {
+    // planes hold q * 2^shift = q * 2^(target - ex); 1/|q| = 2^-ex * scaled_inv
     float m = 0.0f;
-    if (row < Qc) m = finite ? (std::is_same_v<OutT, float> ? 1.0f : ldexpf(qinv, -shift))
-                             : __uint_as_float(0x7fc00000u);
+    if (row < Qc) m = !finite ? __uint_as_float(0x7fc00000u)
+                      : std::is_same_v<OutT, float> ? 1.0f
+                      : cosine ? ldexpf(scaled_inv, -target) : ldexpf(1.0f, -shift);
     qmul[row] = m;
   }
 }
 
 // ---- 1b. db row norms, once per search when many query tiles would each recompute them -----------
+
+// 1/|x| of a db row from its float32 sum of squares n2, or, where n2 cannot be trusted, from the
+// row itself in double (rare: one thread, one pass): n2 overflowed (elements beyond ~1e19) or is
+// below 2^-100, where squares that underflowed into subnormals (or to zero) could matter. A
+// half row reaches neither (squares within [2^-48, 2^32]), so only there is n2 == 0 a zero row.
+// Rows of norm below 2^-128 (every element subnormal) get 0, as zero rows do: their inverse
+// norm is not a float32.
+template <class T>
+__device__ __forceinline__ float row_inv_norm(float n2, const T* __restrict__ x, int D) {
+  if (std::is_same_v<T, __half> || (n2 >= 0x1p-100f && n2 <= 3.402823466e38f))
+    return n2 > 0.0f ? 1.0f / sqrtf(n2) : 0.0f;
+  double s = 0.0;
+  for (int d = 0; d < D; ++d) {
+    const double v = to_float<T>(x[d]);
+    s += v * v;
+  }
+  if (s == 0.0) return 0.0f;
+  const double inv = 1.0 / sqrt(s);  // NaN stays NaN; inf gives 0, as the float32 form did
+  return inv <= 3.402823466e38 ? static_cast<float>(inv) : 0.0f;
+}
 
 // One warp per row: out[n] = 1/|x_n| (0 for a zero row), float32 sums of squares. VEC: rows are
 // 16-byte aligned half/bfloat16 and D % 8 == 0, read 16 bytes per lane.
@@ -140,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) db_inv_norms(const T* __restrict__ d
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) n2 += __shfl_xor_sync(topk::kFullMask, n2, off);
-  if (lane == 0) out[row] = n2 > 0.0f ? 1.0f / sqrtf(n2) : 0.0f;
+  if (lane == 0) out[row] = row_inv_norm<T>(n2, x, D);
 }
 
 // ---- 2. per-query selection shared by both scan kernels -----------------------------------------
@@ -294,12 +322,13 @@ __device__ __forceinline__ ScanRange scan_range(const ScanArgs& a) {
 
 // 1/|x| of db row n (0 for a zero row): from this block's sums of squares (two halves per row in
 // `parts`, row n - n0 at index tid) or from the precomputed norms. Rows past the range give 0.
+template <class T>
 __device__ __forceinline__ float tile_inv_norm(const ScanArgs& a, bool row_norms, const float* parts, int64_t n,
                                                int64_t n_end) {
-  if (!row_norms) return n < n_end ? a.db_inv_norms[n] : 0.0f;
+  if (n >= n_end) return 0.0f;
+  if (!row_norms) return a.db_inv_norms[n];
   const int i = threadIdx.x;
-  const float n2 = parts[i] + parts[kTileRows + i];
-  return n2 > 0.0f ? 1.0f / sqrtf(n2) : 0.0f;
+  return row_inv_norm<T>(parts[i] + parts[kTileRows + i], static_cast<const T*>(a.db) + n * a.db_stride, a.D);
 }
 
 // ---- 2a. tensor-core scan (sm_80+, half/bfloat16 db, 16-byte aligned rows) ----------------------
@@ -452,7 +481,7 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
       const int64_t n0 = r.n_begin + static_cast<int64_t>(tile) * kTileRows;
       if (row_norms) norm_part[norm_half * kTileRows + norm_row] = norm_acc;
       __syncthreads();
-      if (a.cosine && tid < kTileRows) sel.inv_norm[tid] = tile_inv_norm(a, row_norms, norm_part, n0 + tid, r.n_end);
+      if (a.cosine && tid < kTileRows) sel.inv_norm[tid] = tile_inv_norm<T>(a, row_norms, norm_part, n0 + tid, r.n_end);
       __syncthreads();
       const int g = lane / 4, t4 = lane % 4;
 #pragma unroll
@@ -550,8 +579,9 @@ __global__ void __launch_bounds__(kThreads) search_simt(ScanArgs a) {
     }
     if (a.cosine && tid < kTileRows) {
       const int64_t n = n0 + tid;
-      sel.inv_norm[tid] = a.db_inv_norms ? (n < r.n_end ? a.db_inv_norms[n] : 0.0f)
-                                         : (norm_acc > 0.0f ? 1.0f / sqrtf(norm_acc) : 0.0f);
+      sel.inv_norm[tid] = n >= r.n_end ? 0.0f
+                          : a.db_inv_norms ? a.db_inv_norms[n]
+                                           : row_inv_norm<T>(norm_acc, db + n * a.db_stride, a.D);
     }
     __syncthreads();
 #pragma unroll

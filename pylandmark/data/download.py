@@ -2,17 +2,21 @@
 
 ``download_url`` streams to ``<dest>.part``, resumes an interrupted download with an HTTP Range
 request, checks the size the server announced and the expected hashes, and only then renames
-the file into place. Without network access it fails with a message naming the URL and the
-path where the file can be put by hand.
+the file into place. Every download is bounded: by its expected size when one is known, else by
+``max_bytes`` (default 2 GiB), checked against the announced size before the body and while it
+streams. Without network access it fails with a message naming the URL and the path where the
+file can be put by hand. ``extract_tar`` bounds what an archive may expand to the same way.
 """
 from __future__ import annotations
 
 import hashlib
 import http.client
 import logging
+import numbers
 import os
 import re
 import shutil
+import stat
 import tarfile
 import urllib.error
 import urllib.parse
@@ -24,10 +28,16 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cache_dir", "download_url", "DownloadError", "ChecksumError"]
+__all__ = ["cache_dir", "download_url", "extract_tar", "DownloadError", "ChecksumError", "DEFAULT_MAX_BYTES"]
 
 _CHUNK = 1 << 20
 _SCHEMES = ("http", "https", "ftp", "file")
+#: largest download accepted when the caller knows no size (checkpoints are ~100-600 MB)
+DEFAULT_MAX_BYTES = 2 << 30
+#: an archive may expand to this many times its own size (JPEG archives barely compress) ...
+ARCHIVE_RATIO = 4
+#: ... plus this much
+ARCHIVE_SLACK = 64 << 20
 
 
 class DownloadError(OSError):
@@ -90,14 +100,18 @@ def _hint(url: str, dest: Path, expected: dict[str, str | None]) -> str:
 
 
 def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | None = None,
-                 progress: bool = True, timeout: float = 60) -> Path:
+                 size: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES, progress: bool = True,
+                 timeout: float = 60) -> Path:
     """Download ``url`` to ``dest`` unless a verified copy is already there.
 
     Args:
-        url: http(s), ftp or file URL.
+        url: http(s), ftp or file URL (a file URL must name a regular file).
         dest: the file to write (its folder is created). An existing directory means
             ``dest/<last part of the URL>``.
         sha256, md5: expected hex digests (either, both or none).
+        size: the expected size in bytes, when known: any other size is an error.
+        max_bytes: without ``size``, the most bytes accepted (default 2 GiB); a larger
+            announced size is refused before the body, and a transfer that grows past it stops.
         progress: show a tqdm progress bar.
         timeout: seconds to wait for the connection and for each read.
 
@@ -114,9 +128,10 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
 
     Raises:
         DownloadError: the URL could not be fetched or the transfer broke off (the part is kept,
-            so running again resumes); the message names the URL and where to put the file.
-        ChecksumError: the complete file has the wrong hash (the part is deleted).
-        ValueError: a malformed url, sha256 or md5.
+            so running again resumes), or the file is larger than ``max_bytes`` (the part is
+            deleted); the message names the URL and where to put the file.
+        ChecksumError: the complete file has the wrong hash or size (the part is deleted).
+        ValueError: a malformed url, sha256, md5, size or max_bytes.
     """
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, got {type(url).__name__}")
@@ -128,6 +143,11 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
     expected = {"sha256": _check_hex(sha256, 64, "sha256"), "md5": _check_hex(md5, 32, "md5")}
     if not timeout or timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0):
+        raise ValueError(f"size must be a byte count >= 0 or None, got {size!r}")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral) or max_bytes < 1:
+        raise ValueError(f"max_bytes must be a byte count >= 1, got {max_bytes!r}")
+    limit = _Limit(int(size) if size is not None else int(max_bytes), size is not None)
     dest = Path(dest).expanduser()
     if dest.is_dir():
         name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
@@ -136,7 +156,10 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
                              "pass the file path as dest")
         dest = dest / name
 
-    if dest.is_file():
+    if dest.is_file() and limit.exact and dest.stat().st_size != limit.bytes:
+        logger.warning("%s exists but has %d bytes, expected %d; downloading it again", dest,
+                       dest.stat().st_size, limit.bytes)
+    elif dest.is_file():
         hashers = _hashers(expected["sha256"], expected["md5"])
         if not hashers:
             logger.debug("%s exists (no hash given to check); not downloading", dest)
@@ -150,8 +173,14 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    if scheme == "file":
+        _check_local_source(url)
     for attempt in range(2):
-        restart = _fetch(url, dest, part, expected, progress, timeout)
+        try:
+            restart = _fetch(url, dest, part, expected, limit, progress, timeout)
+        except (_TooLarge, ChecksumError):
+            part.unlink(missing_ok=True)
+            raise
         if not restart:
             break
         if attempt:
@@ -162,6 +191,8 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
     hashers = _hashers(expected["sha256"], expected["md5"])
     _hash_into(part, hashers)
     bad = _mismatch(hashers, expected)
+    if bad is None and limit.exact and part.stat().st_size != limit.bytes:
+        bad = f"{part.stat().st_size} bytes, expected {limit.bytes}"
     if bad is not None:
         part.unlink(missing_ok=True)
         raise ChecksumError(f"the file downloaded from {url} has {bad}; deleted the partial file "
@@ -172,11 +203,46 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
     return dest
 
 
-def _fetch(url: str, dest: Path, part: Path, expected: dict[str, str | None], progress: bool,
-           timeout: float) -> bool:
+class _Limit:
+    """The most bytes a download may have; ``exact``: the size it must have."""
+
+    def __init__(self, nbytes: int, exact: bool):
+        self.bytes, self.exact = nbytes, exact
+
+    def check(self, total: int | None, url: str, dest: Path) -> None:
+        if total is None:
+            return
+        if self.exact and total != self.bytes:
+            raise ChecksumError(f"{url} has {total} bytes, expected {self.bytes}; not the expected file")
+        if total > self.bytes:
+            raise _TooLarge(f"{url} is {total} bytes, more than max_bytes={self.bytes}; pass a larger "
+                            f"max_bytes if that is expected (nothing was written to {dest})")
+
+
+class _TooLarge(DownloadError):
+    pass
+
+
+def _check_local_source(url: str) -> None:
+    """A file:// URL must name a regular file (not /dev/zero, a pipe or a folder)."""
+    path = urllib.request.url2pathname(urllib.parse.urlsplit(url).path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise DownloadError(f"could not download {url}: {err.strerror}: {path}") from err
+    if not stat.S_ISREG(mode):
+        raise DownloadError(f"could not download {url}: {path} is not a regular file")
+
+
+def _fetch(url: str, dest: Path, part: Path, expected: dict[str, str | None], limit: _Limit,
+           progress: bool, timeout: float) -> bool:
     """Fill ``part`` with the whole file. Returns True when the part must be discarded and the
     download restarted from zero."""
     offset = part.stat().st_size if part.is_file() else 0
+    if offset > limit.bytes:
+        logger.info("%s: the partial file is larger than the file may be; starting again", part)
+        part.unlink()
+        offset = 0
     headers = {"User-Agent": "pylandmark", "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -219,6 +285,7 @@ def _fetch(url: str, dest: Path, part: Path, expected: dict[str, str | None], pr
                 logger.info("%s: the server ignored the range request; downloading from the "
                             "start", url)
             offset, total, mode = 0, length, "wb"
+        limit.check(total, url, dest)
         done = offset
         bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                    desc=dest.name, disable=not progress, leave=False)
@@ -226,7 +293,8 @@ def _fetch(url: str, dest: Path, part: Path, expected: dict[str, str | None], pr
             with open(part, mode) as f:
                 while True:
                     try:
-                        block = response.read(_CHUNK)
+                        # at most one byte past the limit: enough to know it was passed
+                        block = response.read(min(_CHUNK, limit.bytes + 1 - done))
                     except (OSError, http.client.HTTPException) as err:
                         raise DownloadError(
                             f"the download of {url} broke off after {done} bytes ({err!r}); "
@@ -237,6 +305,12 @@ def _fetch(url: str, dest: Path, part: Path, expected: dict[str, str | None], pr
                     f.write(block)
                     done += len(block)
                     bar.update(len(block))
+                    if done > limit.bytes:
+                        if limit.exact:
+                            raise ChecksumError(f"{url} sent more than the expected {limit.bytes} bytes; "
+                                                "not the expected file")
+                        raise _TooLarge(f"{url} sent more than max_bytes={limit.bytes} bytes; stopped "
+                                        "and deleted the partial file (pass a larger max_bytes if expected)")
         finally:
             bar.close()
     if total is not None and done != total:
@@ -259,18 +333,27 @@ def _content_range_total(value: str | None) -> int | None:
 
 
 def extract_tar(archive: str | Path, out: str | Path,
-                target: Callable[[PurePosixPath], PurePosixPath | None]) -> int:
+                target: Callable[[PurePosixPath], PurePosixPath | None], *,
+                max_bytes: int | None = None) -> int:
     """Extracts regular files of a tar archive under ``out``, resumably and safely.
 
     ``target(member_path)`` says where each member goes, relative to ``out`` (None: skip it).
     Absolute paths, ``..``, links and devices are skipped with a warning; files already present
     with the member's size are kept; each file is written under a temporary name and renamed, so
-    an interrupted extraction never leaves a truncated file under the real name. Returns the
-    number of files written.
+    an interrupted extraction never leaves a truncated file under the real name. The members
+    taken may add up to ``max_bytes`` (default: 4 x the archive's size + 64 MiB; image archives
+    barely compress), so a small compressed archive cannot fill the disk. Returns the number of
+    files written.
+
+    Raises:
+        ValueError: the archive expands past ``max_bytes`` (files extracted so far are kept).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if max_bytes is None:
+        max_bytes = ARCHIVE_RATIO * os.path.getsize(archive) + ARCHIVE_SLACK
     written = 0
+    total = 0
     with tarfile.open(archive, "r:*") as tar:
         for member in tar:
             if not member.isreg():
@@ -283,6 +366,10 @@ def extract_tar(archive: str | Path, out: str | Path,
             if rel is None or not rel.parts:
                 continue
             dest = out.joinpath(*rel.parts)
+            total += member.size
+            if total > max_bytes:
+                raise ValueError(f"{archive} expands to more than {max_bytes} bytes (at {member.name!r}); "
+                                 "not the expected archive, or pass a larger max_bytes")
             if dest.is_file() and dest.stat().st_size == member.size:
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -290,8 +377,12 @@ def extract_tar(archive: str | Path, out: str | Path,
             if src is None:
                 continue
             tmp = dest.with_name(dest.name + ".tmp")
-            with src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            os.replace(tmp, dest)
+            try:
+                with src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                os.replace(tmp, dest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             written += 1
     return written

@@ -61,7 +61,8 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             return to_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
             Image.DecompressionBombError) as err:
-        raise ImageLoadError(f"cannot read image {p}: {err}") from err
+        reason = str(err).replace(f"'{p}'", "it").replace(str(p), "it") or type(err).__name__
+        raise ImageLoadError(f"cannot read image {p}: {reason}") from err  # names the file once
 
 
 def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

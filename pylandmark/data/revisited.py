@@ -10,22 +10,22 @@ Layout under ``root`` (as the official download script makes it)::
 A ground-truth file directly in ``root`` (``<root>/gnd_<name>.pkl``) is found too; images are then
 looked for in ``<root>/jpg``.
 
-The ground-truth pickles are read with a restricted unpickler: the official files only hold
-dicts, lists, str, int and float, so no class or function may be loaded from them (numpy arrays
-are allowed, for re-saved copies); anything else is refused before it can run.
+The ground-truth pickles are read by :mod:`pylandmark.data.safe_pickle`: the official files only
+hold dicts, lists, str, int and float, so no class or function may be loaded from them (numpy
+arrays are allowed, for re-saved copies), and their size, depth and element count are bounded.
 """
 from __future__ import annotations
 
-import io
 import logging
+import numbers
 import os
-import pickle
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from . import safe_pickle
 from .download import download_url, extract_tar
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ DISTRACTORS = "revisitop1m"
 GND_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
 GND_MD5 = {"roxford5k": "f2b67579f625a587b5b0828dbf2e8eb0",
            "rparis6k": "2feae0a8257a5c6ca1b31b8eb73c8571"}
+GND_SIZE = {"roxford5k": 149871, "rparis6k": 276508}  # bytes of the official files
+#: download limits: image archives are 1-2 GB each, distractor parts about 1 GB
+MAX_IMAGES_BYTES = 8 << 30
+MAX_DISTRACTOR_BYTES = 16 << 30
 IMAGE_URLS = {
     "roxford5k": ("https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz",),
     "rparis6k": ("https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz",
@@ -46,41 +50,7 @@ IMAGE_URLS = {
 DISTRACTOR_URL = "http://ptak.felk.cvut.cz/revisitop/revisitop1m/jpg/revisitop1m.{i}.tar.gz"
 DISTRACTOR_PARTS = 100
 EXPECTED_SIZES = {"roxford5k": (4993, 70), "rparis6k": (6322, 70)}
-
-# the only globals a ground-truth pickle may reference: numpy array reconstruction
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),  # bytes in protocol-2 pickles (numpy array data)
-    ("builtins", "bytes"),
-    ("__builtin__", "bytes"),
-}
-
-
-class _Refused(pickle.UnpicklingError):
-    """A global that a ground-truth file never needs."""
-
-
-class _GndUnpickler(pickle.Unpickler):
-    """Loads plain containers and numpy arrays only; any other global is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise _Refused(
-            f"refusing to load {module}.{name}: a revisited ground-truth file holds only dicts, "
-            "lists, strings and numbers (or numpy arrays); this file is not one, or was tampered "
-            "with")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise _Refused("refusing persistent ids in a ground-truth file")
-
+_MAX_GND_BYTES = 64 << 20  # the official files are 150 and 280 KB
 
 def load_gnd(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a ``gnd_<dataset>.pkl`` file without executing pickle code.
@@ -94,55 +64,44 @@ def load_gnd(path: str | os.PathLike) -> dict[str, Any]:
         (int64 arrays of indices into imlist).
 
     Raises:
-        pickle.UnpicklingError: the file references code or is not a pickle.
-        ValueError: the content does not have the ground-truth structure.
+        pylandmark.data.safe_pickle.PickleRefused (a pickle.UnpicklingError and a ValueError):
+            the file references code, is not a pickle, is too large or too deep, or does not
+            have the ground-truth structure.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        cfg = _GndUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except _Refused as err:
-        raise pickle.UnpicklingError(f"{path}: {err}") from None
-    except Exception as err:  # malformed streams raise many kinds of errors
-        raise pickle.UnpicklingError(f"{path} is not a readable ground-truth pickle: {err}") from err
-    if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
-        raise ValueError(f"{path}: expected a dict with 'imlist', 'qimlist' and 'gnd'")
-    imlist = [str(x) for x in _seq(cfg["imlist"], path, "imlist")]
-    qimlist = [str(x) for x in _seq(cfg["qimlist"], path, "qimlist")]
-    entries = _seq(cfg["gnd"], path, "gnd")
+    cfg = safe_pickle.mapping(safe_pickle.load(path, numpy=True, max_bytes=_MAX_GND_BYTES),
+                              f"{path}", ("imlist", "qimlist", "gnd"))
+    imlist = safe_pickle.str_list(cfg["imlist"], f"{path}: 'imlist'")
+    qimlist = safe_pickle.str_list(cfg["qimlist"], f"{path}: 'qimlist'")
+    entries = cfg["gnd"]
+    if isinstance(entries, np.ndarray) or not isinstance(entries, (list, tuple)):
+        raise safe_pickle.PickleRefused(f"{path}: 'gnd' must be a list of dicts")
     if len(entries) != len(qimlist):
-        raise ValueError(f"{path}: {len(entries)} gnd entries but {len(qimlist)} queries")
+        raise safe_pickle.PickleRefused(f"{path}: {len(entries)} gnd entries but {len(qimlist)} queries")
     gnd = []
     for q, e in enumerate(entries):
-        if not isinstance(e, dict):
-            raise ValueError(f"{path}: gnd[{q}] is not a dict")
-        item: dict[str, Any] = {}
-        for key in ("easy", "hard", "junk"):
-            arr = np.asarray(e.get(key, []))
-            if arr.size and arr.dtype.kind not in "iu":
-                raise ValueError(f"{path}: gnd[{q}][{key!r}] must hold integer indices")
-            arr = arr.astype(np.int64).reshape(-1)
-            if arr.size and (arr.min() < 0 or arr.max() >= len(imlist)):
-                raise ValueError(f"{path}: gnd[{q}][{key!r}] holds indices outside imlist")
-            item[key] = arr
+        e = safe_pickle.mapping(e, f"{path}: gnd[{q}]")
+        item: dict[str, Any] = {key: safe_pickle.index_array(e.get(key, []), f"{path}: gnd[{q}][{key!r}]", len(imlist),
+                                                                  "imlist")
+                                for key in ("easy", "hard", "junk")}
         if "bbx" in e and e["bbx"] is not None:
-            bbx = np.asarray(e["bbx"], dtype=np.float64).reshape(-1)
-            if bbx.size != 4:
-                raise ValueError(f"{path}: gnd[{q}]['bbx'] must be [x1, y1, x2, y2]")
-            item["bbx"] = tuple(float(v) for v in bbx)
+            item["bbx"] = _bbox(e["bbx"], f"{path}: gnd[{q}]['bbx']")
         else:
             item["bbx"] = None
         gnd.append(item)
     return {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
 
 
-def _seq(x: Any, path: Path, key: str) -> Sequence[Any]:
-    if isinstance(x, np.ndarray):
-        return list(x)
-    if not isinstance(x, (list, tuple)):
-        raise ValueError(f"{path}: {key!r} must be a list")
-    return x
+def _bbox(value: Any, where: str) -> tuple[float, float, float, float]:
+    if isinstance(value, np.ndarray):
+        value = value.reshape(-1).tolist() if value.dtype.kind in "iuf" else None
+    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+        raise safe_pickle.PickleRefused(f"{where} must be [x1, y1, x2, y2] numbers")
+    box = tuple(float(v) for v in value)
+    if not all(np.isfinite(box)):
+        raise safe_pickle.PickleRefused(f"{where} must be finite, got {box}")
+    return box
 
 
 def _check_name(name: Any) -> str:
@@ -340,7 +299,7 @@ def download_revisited(name: str, root: str | os.PathLike, *, images: bool = Tru
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     gnd_path = download_url(GND_URL.format(name=name), folder / f"gnd_{name}.pkl",
-                            md5=GND_MD5[name], progress=progress, timeout=timeout)
+                            md5=GND_MD5[name], size=GND_SIZE[name], progress=progress, timeout=timeout)
     if images:
         cfg = load_gnd(gnd_path)
         jpg = folder / "jpg"
@@ -351,7 +310,7 @@ def download_revisited(name: str, root: str | os.PathLike, *, images: bool = Tru
         else:
             for url in IMAGE_URLS[name]:
                 archive = download_url(url, folder / url.rsplit("/", 1)[-1], progress=progress,
-                                       timeout=timeout)
+                                       timeout=timeout, max_bytes=MAX_IMAGES_BYTES)
                 n = _extract_jpgs(archive, jpg, flat=True)
                 logger.info("extracted %d images from %s", n, archive.name)
                 if not keep_archives:
@@ -369,7 +328,7 @@ def download_revisited(name: str, root: str | os.PathLike, *, images: bool = Tru
                 continue
             url = DISTRACTOR_URL.format(i=i)
             archive = download_url(url, dfolder / url.rsplit("/", 1)[-1], progress=progress,
-                                   timeout=timeout)
+                                   timeout=timeout, max_bytes=MAX_DISTRACTOR_BYTES)
             n = _extract_jpgs(archive, djpg, flat=False)
             marker.write_text(f"{n}\n")
             logger.info("distractors part %d/%d: %d images", i, DISTRACTOR_PARTS, n)

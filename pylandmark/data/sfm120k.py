@@ -11,21 +11,20 @@ The pickles may also sit in ``<root>/dbs/``. Each split holds ``cids`` (image id
 ``cluster`` (the 3D model id of every image), and the parallel lists ``qidxs`` / ``pidxs``
 (query and positive image indices into ``cids``).
 
-The pickles are read with a restricted unpickler: the official files hold only dicts, lists,
-strings and ints, so no global (class or function) may be loaded from them; anything else is
-refused before it can run.
+The pickles are read by :mod:`pylandmark.data.safe_pickle`: the official files hold only dicts,
+lists, strings and ints, so no global (class or function) may be loaded from them, and their
+size, depth and element count are bounded.
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
-import pickle
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 import numpy as np
 
+from . import safe_pickle
 from .download import download_url, extract_tar
 
 __all__ = ["SfM120k", "WhiteningPairs", "download_sfm120k", "load_sfm_pickle", "cid_to_path",
@@ -41,40 +40,24 @@ SPLITS = ("train", "val")
 #: (images, pairs) of the official retrieval-SfM-120k.pkl, per split
 EXPECTED_COUNTS = {"train": (91642, 181697), "val": (6403, 1691)}
 _DONE_MARKER = ".ims_extracted"
-
-
-class _Refused(pickle.UnpicklingError):
-    """A pickle needed a global; the SfM-120k files never do."""
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    """Loads dicts, lists, tuples, strings, bytes, numbers only: every global is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise _Refused(f"refusing to load {module}.{name}: an SfM-120k file holds only dicts, lists, "
-                       "strings and numbers; this file is not one, or was tampered with")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise _Refused("refusing a persistent id: not an SfM-120k file")
+#: download limits (the official files: dbs ~30 MB each, ims.tar.gz ~20 GB)
+MAX_DB_BYTES = 512 << 20
+MAX_IMS_BYTES = 64 << 30
 
 
 def load_sfm_pickle(path: str | os.PathLike) -> Any:
-    """Reads an SfM-120k pickle (``retrieval-SfM-*.pkl``) without executing code from it.
+    """Reads an SfM-120k pickle (``retrieval-SfM-*.pkl``) with :mod:`pylandmark.data.safe_pickle`:
+    no code runs, no global loads, and size, depth and element count are bounded.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a plain pickle of containers and numbers (or is corrupt).
+        ValueError (``safe_pickle.PickleRefused``): not a plain pickle of containers and numbers,
+            corrupt, or too large.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"SfM-120k file not found: {p}")
-    data = p.read_bytes()
-    try:
-        return _PlainUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except _Refused as err:
-        raise ValueError(f"{p}: {err}") from err
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"{p} is not a readable SfM-120k pickle: {err}") from err
+    return safe_pickle.load(p, f"{p} (SfM-120k)")
 
 
 def cid_to_path(root: str | os.PathLike, cid: str) -> Path:
@@ -91,33 +74,6 @@ def _find_db(root: Path, name: str) -> Path:
         raise FileNotFoundError(f"{name}.pkl not found in {root} (nor in {root / 'dbs'}); run "
                                 f"pylandmark.data.download_sfm120k({str(root)!r}) or put the file there")
     return found
-
-
-def _as_index_array(values: Any, where: str, n: int | None) -> np.ndarray:
-    try:
-        arr = np.asarray(values)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where} must be a list of ints: {err}") from err
-    if arr.ndim != 1:
-        raise ValueError(f"{where} must be a flat list of ints, got shape {arr.shape}")
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"{where} must hold ints, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    if n is not None and (arr.min() < 0 or arr.max() >= n):
-        raise ValueError(f"{where} holds an index outside [0, {n}) (min {arr.min()}, max {arr.max()})")
-    return arr
-
-
-def _check_cids(cids: Any, where: str) -> list[str]:
-    if not isinstance(cids, (list, tuple)):
-        raise ValueError(f"{where}['cids'] must be a list of image ids, got {type(cids).__name__}")
-    out = [c.decode("latin1") if isinstance(c, bytes) else c for c in cids]
-    bad = next((c for c in out if not isinstance(c, str) or len(c) < 6), None)
-    if bad is not None:
-        raise ValueError(f"{where}['cids'] holds {bad!r}; image ids are strings of >= 6 characters")
-    return out
 
 
 class SfM120k:
@@ -156,13 +112,13 @@ class SfM120k:
         missing = [k for k in ("cids", "cluster", "qidxs", "pidxs") if k not in entry]
         if missing:
             raise ValueError(f"{where} lacks {missing}; expected keys cids, cluster, qidxs, pidxs")
-        self.cids = _check_cids(entry["cids"], where)
+        self.cids = safe_pickle.str_list(entry["cids"], f"{where}['cids']", 6)
         n = len(self.cids)
-        self.clusters = _as_index_array(entry["cluster"], f"{where}['cluster']", None)
+        self.clusters = safe_pickle.index_array(entry["cluster"], f"{where}['cluster']")
         if self.clusters.size != n:
             raise ValueError(f"{where}: 'cluster' has {self.clusters.size} entries but 'cids' has {n}")
-        self.qidxs = _as_index_array(entry["qidxs"], f"{where}['qidxs']", n)
-        self.pidxs = _as_index_array(entry["pidxs"], f"{where}['pidxs']", n)
+        self.qidxs = safe_pickle.index_array(entry["qidxs"], f"{where}['qidxs']", n, "cids")
+        self.pidxs = safe_pickle.index_array(entry["pidxs"], f"{where}['pidxs']", n, "cids")
         if self.qidxs.size != self.pidxs.size:
             raise ValueError(f"{where}: 'qidxs' ({self.qidxs.size}) and 'pidxs' ({self.pidxs.size}) "
                              "must be parallel lists of the same length")
@@ -230,10 +186,10 @@ class WhiteningPairs:
         missing = [k for k in ("cids", "qidxs", "pidxs") if k not in db]
         if missing:
             raise ValueError(f"{self.path} lacks {missing}; expected top-level cids, qidxs, pidxs")
-        self.cids = _check_cids(db["cids"], self.path.name)
+        self.cids = safe_pickle.str_list(db["cids"], f"{self.path.name}['cids']", 6)
         n = len(self.cids)
-        self.qidxs = _as_index_array(db["qidxs"], f"{self.path.name}['qidxs']", n)
-        self.pidxs = _as_index_array(db["pidxs"], f"{self.path.name}['pidxs']", n)
+        self.qidxs = safe_pickle.index_array(db["qidxs"], f"{self.path.name}['qidxs']", n)
+        self.pidxs = safe_pickle.index_array(db["pidxs"], f"{self.path.name}['pidxs']", n)
         if self.qidxs.size != self.pidxs.size or self.qidxs.size == 0:
             raise ValueError(f"{self.path}: qidxs ({self.qidxs.size}) and pidxs ({self.pidxs.size}) must "
                              "be non-empty parallel lists")
@@ -334,7 +290,7 @@ def download_sfm120k(root: str | os.PathLike, *, images: bool = True, whitening:
     for nm in names:
         fname = f"{nm}.pkl"
         path = download_url(f"{base}dbs/{fname}", out / fname, progress=progress, timeout=timeout,
-                            **hashes(fname))
+                            max_bytes=MAX_DB_BYTES, **hashes(fname))
         if nm == DB_NAME:
             try:
                 _verify_db(path, expected_counts)
@@ -349,7 +305,7 @@ def download_sfm120k(root: str | os.PathLike, *, images: bool = True, whitening:
         else:
             ims.mkdir(parents=True, exist_ok=True)
             archive = download_url(f"{base}{IMS_ARCHIVE}", out / "ims.tar.gz", progress=progress,
-                                   timeout=timeout, **hashes("ims.tar.gz"))
+                                   timeout=timeout, max_bytes=MAX_IMS_BYTES, **hashes("ims.tar.gz"))
             n = _extract_images(archive, ims)
             marker.write_text(f"{n}\n")
             logger.info("extracted %d SfM-120k images into %s", n, ims)

@@ -58,6 +58,10 @@ class CspDarknetCfg(JsonConfig):
     negative_slope: float = 0.01
     bn_eps: float = 1e-5
 
+    BOUNDS = {"in_chans": (1, 64), "stem_chs": (1, 8192), "stem_kernel": (1, 15), "depths": (0, 64),
+              "out_chs": (1, 8192), "expand_ratio": (1 / 64, 64), "bottle_ratio": (1 / 64, 64),
+              "negative_slope": (0, 1), "bn_eps": (1e-12, 1)}
+
     def __post_init__(self) -> None:
         self.depths = _tuple(self.depths, "depths", int)
         self.out_chs = _tuple(self.out_chs, "out_chs", int)

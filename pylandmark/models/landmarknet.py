@@ -2,7 +2,9 @@
 
 ``LandmarkNet()`` is the network of the paper we reproduce: CSPDarknet-53, learnable GeM
 (p initialised to 3), 1024-d descriptors, no whitening. Checkpoints are a directory holding
-``config.json`` and ``model.safetensors`` (or ``model.pt``, a torch.save of tensors only).
+``config.json`` and ``model.safetensors`` (or ``model.pt``, a torch.save of tensors only), plus
+``whitenings.safetensors`` when the network carries precomputed post-hoc whitenings
+(:attr:`LandmarkNet.whitenings`, e.g. the Lw of a cirtorch checkpoint).
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from ..nn import GeM
 from .cspdarknet import CSPDARKNET_PRESETS, CSPDarknet, CspDarknetCfg
 from .layers import l2n
 from .resnet import RESNET_PRESETS, ResNet, ResNetCfg
-from ..config import JsonConfig
+from ..config import JsonConfig, check_values
+from .serialization import safe_torch_load
+from .vgg import VGG, VGG_PRESETS, VggCfg
 
 __all__ = ["LandmarkNetConfig", "LandmarkNet", "LANDMARKNET_PRESETS", "BACKBONES", "create_backbone",
            "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -34,6 +38,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = {"safetensors": "model.safetensors", "torch": "model.pt"}
+WHITENINGS_NAME = "whitenings.safetensors"
+#: the descriptor kinds a precomputed whitening exists for: single-scale and multi-scale
+WHITENING_KINDS = ("ss", "ms")
 _FORMAT_TAG = "pylandmark.LandmarkNet"
 _FORMAT_VERSION = 1
 
@@ -46,12 +53,20 @@ def _resnet(cfg: dict[str, Any], name: str) -> ResNet:
     return ResNet(_with_overrides(RESNET_PRESETS[name], cfg))
 
 
-def _with_overrides(base: CspDarknetCfg | ResNetCfg, overrides: Mapping[str, Any]):
+def _vgg(cfg: dict[str, Any], name: str) -> VGG:
+    return VGG(_with_overrides(VGG_PRESETS[name], cfg))
+
+
+def _with_overrides(base: CspDarknetCfg | ResNetCfg | VggCfg, overrides: Mapping[str, Any]):
     names = {f.name for f in dataclasses.fields(base)}
     unknown = set(overrides) - names
     if unknown:
         raise ValueError(f"backbone_args: unknown fields {sorted(unknown)} for {type(base).__name__}; "
                          f"valid fields are {sorted(names)}")
+    try:
+        check_values(type(base), overrides)
+    except ValueError as err:
+        raise ValueError(f"backbone_args: {err}") from None
     return dataclasses.replace(base, **overrides)
 
 
@@ -62,6 +77,14 @@ BACKBONES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "resnet50": lambda a: _resnet(a, "resnet50"),
     "resnet101": lambda a: _resnet(a, "resnet101"),
     "resnet152": lambda a: _resnet(a, "resnet152"),
+    "vgg16": lambda a: _vgg(a, "vgg16"),
+}
+
+
+#: the configs the built-in backbones start from (their backbone_args override these)
+_BACKBONE_BASES: dict[str, CspDarknetCfg | ResNetCfg] = {
+    "cspdarknet53": CSPDARKNET_PRESETS["cspdarknet53"],
+    **{name: RESNET_PRESETS[name] for name in ("resnet50", "resnet101", "resnet152")},
 }
 
 
@@ -99,12 +122,17 @@ class LandmarkNetConfig(JsonConfig):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    BOUNDS = {"p": (1e-3, 1e3), "gem_eps": (1e-30, 1.0), "whiten_dim": (1, 65536), "mean": (-1e3, 1e3),
+              "std": (1e-6, 1e3)}
+
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone: unknown name {self.backbone!r}; choose one of {sorted(BACKBONES)}")
         if not isinstance(self.backbone_args, Mapping):
             raise TypeError(f"backbone_args must be a dict, got {type(self.backbone_args).__name__}")
         self.backbone_args = dict(self.backbone_args)
+        if self.backbone in _BACKBONE_BASES:  # fail here, not when the network is built
+            _with_overrides(_BACKBONE_BASES[self.backbone], self.backbone_args)
         if not float(self.p) > 0:
             raise ValueError(f"p must be > 0, got {self.p}")
         if not float(self.gem_eps) > 0:
@@ -156,6 +184,9 @@ class LandmarkNet(nn.Module):
         pool: :class:`pylandmark.nn.GeM`.
         whiten: ``nn.Linear(num_features, whiten_dim)`` or None.
         dim: descriptor size D.
+        whitenings: precomputed post-hoc whitenings of the descriptors, ``{name: {"ss" | "ms":
+            Whitening}}`` ("ss" for single-scale, "ms" for multi-scale descriptors); applied by
+            :func:`pylandmark.extract` when asked (``whitening=name``), saved with the network.
     """
 
     def __init__(self, config: LandmarkNetConfig | str | None = None, **overrides: Any):
@@ -182,6 +213,7 @@ class LandmarkNet(nn.Module):
                 self.whiten.weight.copy_(torch.eye(d, feat))
                 self.whiten.bias.zero_()
         self.dim = self.whiten.out_features if self.whiten is not None else feat
+        self.whitenings: dict[str, dict[str, Any]] = {}
 
     @property
     def multiscale_p(self) -> float:
@@ -189,7 +221,8 @@ class LandmarkNet(nn.Module):
         return 1.0 if self.whiten is not None else float(self.pool.p.detach().reshape(-1)[0])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, C, ceil(H/32), ceil(W/32)) backbone features."""
+        """(B, 3, H, W) normalised images -> (B, C, h, w) backbone features (stride 32:
+        h = ceil(H/32) for CSPDarknet and ResNet; stride 16, h = floor(H/16) for VGG16)."""
         return self.backbone.forward_features(x)
 
     def pool_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -203,6 +236,11 @@ class LandmarkNet(nn.Module):
         """(B, 3, H, W) normalised images -> (B, D) unit-norm descriptors (float32 for half)."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"x must be (B, 3, H, W) images, got shape {tuple(x.shape)}")
+        least = int(getattr(self.backbone, "min_input_size", 1))
+        if min(x.shape[-2:]) < least:
+            raise ValueError(f"x is {tuple(x.shape[-2:])} pixels, too small for the {self.config.backbone} "
+                             f"backbone (at least {least} per side, after scaling): use larger images "
+                             "or scales")
         return self.pool_features(self.forward_features(x))
 
     # ------------------------------------------------------------------ checkpoints
@@ -234,16 +272,26 @@ class LandmarkNet(nn.Module):
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         tmp_weights, tmp_config = out / f".{weights.name}.tmp", out / f".{CONFIG_NAME}.tmp"
+        whitenings_file = out / WHITENINGS_NAME
+        tmp_whitenings = out / f".{WHITENINGS_NAME}.tmp"
+        if self.whitenings:
+            meta["whitenings"] = WHITENINGS_NAME
         try:
             if format == "safetensors":
                 save_file(state, str(tmp_weights), metadata={"format": _FORMAT_TAG})
             else:
                 torch.save(state, tmp_weights)
+            if self.whitenings:
+                _save_whitenings(self.whitenings, tmp_whitenings)
             tmp_config.write_text(json.dumps(meta, indent=2) + "\n")
             os.replace(tmp_weights, weights)
+            if self.whitenings:
+                os.replace(tmp_whitenings, whitenings_file)
+            elif whitenings_file.is_file():  # left over from an earlier save into this directory
+                whitenings_file.unlink()
             os.replace(tmp_config, out / CONFIG_NAME)
         except BaseException:
-            for f in (tmp_weights, tmp_config):
+            for f in (tmp_weights, tmp_config, tmp_whitenings):
                 f.unlink(missing_ok=True)
             if created:
                 shutil.rmtree(out, ignore_errors=True)
@@ -252,32 +300,117 @@ class LandmarkNet(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, map_location: str | torch.device = "cpu",
-                        strict: bool = True) -> "LandmarkNet":
-        """Loads a network written by :meth:`save` (a directory, or its ``config.json``)."""
-        p = Path(path)
+    def from_pretrained(cls, name_or_path: str | Path, *, map_location: str | torch.device = "cpu",
+                        strict: bool = True, progress: bool = True) -> "LandmarkNet":
+        """Loads a network (in train mode, as ``nn.Module`` loads do) from:
+
+        - a directory written by :meth:`save` (or its ``config.json``);
+        - a retrieval checkpoint file in cirtorch's format (``{'state_dict', 'meta'}``: VGG16 or
+          ResNet-50/101/152 + GeM, end-to-end whitening, precomputed Lw), or its URL;
+        - a backbone checkpoint file or URL (timm / torchvision; the paper's CSPDarknet-53);
+        - a weight preset name (:data:`pylandmark.models.presets.WEIGHT_PRESETS`, e.g.
+          ``"gl18-tl-resnet101-gem-w"``: downloaded once into the cache, its hash checked), or
+          a :data:`LANDMARKNET_PRESETS` name fine-tuned into ``<cache>/models/<name>``.
+
+        ``strict`` applies to a :meth:`save` directory (loading there with ``strict=False``
+        tolerates missing / unexpected keys); ``progress`` shows a download bar.
+        """
+        p = Path(name_or_path).expanduser() if isinstance(name_or_path, (str, Path)) else None
+        if p is None or not str(name_or_path):
+            raise TypeError(f"name_or_path must be a preset name, a directory, a file or a URL, got "
+                            f"{name_or_path!r}")
         if p.is_file() and p.name == CONFIG_NAME:
             p = p.parent
         cfg_file = p / CONFIG_NAME
         if not cfg_file.is_file():
-            raise FileNotFoundError(f"path: no {CONFIG_NAME} in {p}; pass the directory written by "
-                                    "LandmarkNet.save()")
-        meta = json.loads(cfg_file.read_text())
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT_TAG or "config" not in meta:
-            raise ValueError(f"{cfg_file} is not a LandmarkNet config (no format tag {_FORMAT_TAG!r})")
-        if int(meta.get("format_version", 0)) > _FORMAT_VERSION:
-            raise ValueError(f"{cfg_file} has format_version {meta['format_version']}; this pylandmark "
-                             f"reads up to {_FORMAT_VERSION}: upgrade pylandmark")
-        model = cls(LandmarkNetConfig.from_dict(meta["config"]))
-        weights = p / str(meta.get("weights", WEIGHTS_NAMES["safetensors"]))
+            if p.is_dir():
+                raise FileNotFoundError(f"path: no {CONFIG_NAME} in {p}; pass the directory written by "
+                                        "LandmarkNet.save()")
+            from .pretrained import load_pretrained
+
+            return load_pretrained(str(name_or_path), progress=progress).to(map_location)
+        meta = _read_config(cfg_file)
+        config = LandmarkNetConfig.from_dict(meta["config"])
+        weights = _weights_path(p, meta.get("weights", WEIGHTS_NAMES["safetensors"]), cfg_file)
         if not weights.is_file():
             raise FileNotFoundError(f"weights file {weights} named in {cfg_file} is missing")
-        state = read_state_dict(weights)
+        _check_size_fits(config, weights, cfg_file)
+        model = cls(config)
+        state = _named_tensors(read_state_dict(weights), weights)
+        _check_shapes(model, state, weights, strict)
         result = model.load_state_dict(state, strict=strict)
         if not strict and (result.missing_keys or result.unexpected_keys):
             logger.warning("loading %s: missing keys %s, unexpected keys %s", weights,
                            result.missing_keys, result.unexpected_keys)
+        if meta.get("whitenings"):
+            wfile = p / str(meta["whitenings"])
+            if not wfile.is_file():
+                raise FileNotFoundError(f"whitenings file {wfile} named in {cfg_file} is missing")
+            model.whitenings = _load_whitenings(wfile, model.dim)
         return model.to(map_location)
+
+
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_config(cfg_file: Path) -> dict:
+    """The checked contents of a model directory's config.json (a file from elsewhere)."""
+    with open(cfg_file, "rb") as f:
+        raw = f.read(_MAX_CONFIG_BYTES + 1)
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ValueError(f"{cfg_file} is larger than {_MAX_CONFIG_BYTES} bytes; not a LandmarkNet config")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{cfg_file} is not valid JSON ({str(err)[:100]})") from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT_TAG or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{cfg_file} is not a LandmarkNet config (no format tag {_FORMAT_TAG!r})")
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{cfg_file}: format_version must be an integer, got {version!r:.40}")
+    if version > _FORMAT_VERSION:
+        raise ValueError(f"{cfg_file} has format_version {version}; this pylandmark "
+                         f"reads up to {_FORMAT_VERSION}: upgrade pylandmark")
+    return meta
+
+
+def _weights_path(folder: Path, name: Any, cfg_file: Path) -> Path:
+    """The weights file a config names: a relative path inside the model directory, never an
+    absolute path or one that climbs out with '..'."""
+    if not isinstance(name, str) or not name or "\\" in name:
+        raise ValueError(f"{cfg_file}: 'weights' must name a file in {folder}, got {name!r:.80}")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or rel.drive:
+        raise ValueError(f"{cfg_file}: 'weights' must name a file inside {folder}, got {name!r:.80}")
+    return folder / rel
+
+
+def _check_size_fits(config: LandmarkNetConfig, weights: Path, cfg_file: Path) -> None:
+    """Builds the network on the meta device (no memory) and refuses a config that describes more
+    tensor elements than the weights file could hold at 2 bytes each: a crafted config cannot
+    make the loader allocate a network its weights do not match."""
+    with torch.device("meta"):
+        numel = sum(t.numel() for t in LandmarkNet(config).state_dict().values())
+    size = weights.stat().st_size
+    if 2 * numel > size:
+        raise ValueError(f"{cfg_file} describes a network of {numel} values but {weights.name} holds only "
+                         f"{size} bytes: the config and the weights do not belong together")
+
+
+def _check_shapes(model: nn.Module, state: Mapping[str, torch.Tensor], weights: Path, strict: bool) -> None:
+    """One-line errors for weights that do not fit the network (torch's are many lines)."""
+    own = model.state_dict()
+    bad = [f"{k}: file {tuple(v.shape)}, network {tuple(own[k].shape)}" for k, v in state.items()
+           if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ValueError(f"{weights} does not fit its config: {len(bad)} tensors have other shapes ({bad[0]}"
+                         f"{f'; and {len(bad) - 1} more' if len(bad) > 1 else ''})")
+    if strict:
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not fit its config: {len(missing)} tensors missing "
+                             f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
 
 
 def _no_half(x: torch.Tensor) -> torch.Tensor:
@@ -295,16 +428,64 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
         except ImportError as err:  # pragma: no cover
             raise ImportError(f"{path} is a safetensors file; pip install safetensors") from err
-        return load_file(str(path), device="cpu")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read {path} as a tensors-only torch checkpoint: {err}") from err
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"cannot read {path} as safetensors: {str(err).splitlines()[0][:200]}") from None
+    obj = safe_torch_load(path)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
     return dict(obj)
 
 
+def _named_tensors(state: Mapping[str, Any], path: Path) -> Mapping[str, torch.Tensor]:
+    """A LandmarkNet weights file holds a flat state_dict: names and tensors only."""
+    bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path} holds {type(state[bad]).__name__} under {str(bad)[:80]!r}; expected only "
+                         "named tensors (a state_dict)")
+    return state
+
+
 def _looks_like_safetensors(head: bytes) -> bool:
     # 8-byte little-endian header length followed by a JSON object
     return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30
+
+
+def _save_whitenings(whitenings: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    """``{name: {kind: Whitening}}`` -> one safetensors file, keys ``<name>/<kind>/mean`` and
+    ``<name>/<kind>/projection`` (float64)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for name, kinds in whitenings.items():
+        for kind, w in kinds.items():
+            tensors[f"{name}/{kind}/mean"] = np.ascontiguousarray(w.mean, dtype=np.float64)
+            tensors[f"{name}/{kind}/projection"] = np.ascontiguousarray(w.projection, dtype=np.float64)
+    save_file(tensors, str(path), metadata={"format": "pylandmark.Whitenings"})
+
+
+def _load_whitenings(path: Path, dim: int) -> dict[str, dict[str, Any]]:
+    from safetensors import safe_open
+
+    from ..nn.whiten import Whitening
+
+    out: dict[str, dict[str, Any]] = {}
+    with safe_open(str(path), framework="numpy") as f:
+        keys = set(f.keys())
+        for key in sorted(keys):
+            name, _, rest = key.rpartition("/")
+            if rest != "mean":
+                continue
+            name, _, kind = name.rpartition("/")
+            proj = f"{name}/{kind}/projection"
+            if not name or kind not in WHITENING_KINDS or proj not in keys:
+                raise ValueError(f"{path}: unexpected entry {key!r}; not a whitenings file written by "
+                                 "LandmarkNet.save()")
+            w = Whitening(f.get_tensor(key), f.get_tensor(proj), "lw")
+            if w.dim != dim:
+                raise ValueError(f"{path}: whitening {name!r} ({kind}) is for D={w.dim} descriptors, "
+                                 f"the network's are D={dim}")
+            out.setdefault(name, {})[kind] = w
+    return out

@@ -37,6 +37,9 @@ class ResNetCfg(JsonConfig):
     expansion: int = 4
     bn_eps: float = 1e-5
 
+    BOUNDS = {"layers": (1, 64), "in_chans": (1, 64), "width": (1, 8192), "expansion": (1, 64),
+              "bn_eps": (1e-12, 1)}
+
     def __post_init__(self) -> None:
         if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
             raise TypeError(f"layers must be a sequence of 4 ints, got {self.layers!r}")

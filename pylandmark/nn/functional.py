@@ -7,7 +7,7 @@ import torch
 
 from .. import _C
 from .._array import Array
-from ..ops import _p_value, gem_layout
+from ..ops import _p_value, eps_value, gem_layout
 
 HAVE_CUDA_KERNELS = hasattr(_C, "gem_forward_cuda")
 
@@ -74,6 +74,7 @@ def gem_torch(x: torch.Tensor, p: Any = 3.0, eps: float = 1e-6) -> torch.Tensor:
     stream when this build has them (plain torch ops otherwise)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch tensor, got {type(x).__name__}")
+    eps = eps_value(eps)
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
     if isinstance(p, torch.Tensor):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops import _p_value, eps_value
 from .functional import gem_torch
 
 
@@ -18,10 +19,8 @@ class GeM(nn.Module):
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6, learn_p: bool = True):
         super().__init__()
-        if not p > 0:
-            raise ValueError(f"p must be > 0, got {p}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        p = _p_value(p)
+        eps = eps_value(eps)
         value = torch.full((1,), float(p))
         if learn_p:
             self.p = nn.Parameter(value)

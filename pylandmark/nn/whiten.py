@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["Whitening", "learn_whitening", "pca_whitening", "apply_whitening", "install_whitening",
-           "compute_whitening", "strip_whitening", "KINDS"]
+           "compute_whitening", "strip_whitening", "select_whitening", "KINDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -297,3 +297,43 @@ def compute_whitening(model: Any, images: Sequence[Any], kind: str = "lw", *, qi
     logger.info("learning %s whitening from %d descriptors", kind, x.shape[0])
     return learn_whitening(x, qidxs, pidxs) if kind == "lw" else pca_whitening(x)
 
+
+
+def select_whitening(model: Any, whitening: Any, multiscale: bool) -> Whitening | None:
+    """The post-hoc whitening to apply to ``model``'s descriptors.
+
+    Args:
+        model: the network (its ``whitenings``, ``{name: {"ss" | "ms": Whitening}}``, are
+            looked up by name; its ``dim`` is checked).
+        whitening: None (none), a :class:`Whitening`, the name of one of the model's
+            precomputed whitenings (e.g. cirtorch's ``"retrieval-SfM-120k"``), or the path of a
+            file written by :meth:`Whitening.save`.
+        multiscale: picks the multi-scale ("ms") or single-scale ("ss") variant of a named one.
+    """
+    if whitening is None:
+        return None
+    held = getattr(model, "whitenings", None) or {}
+    if isinstance(whitening, Whitening):
+        w = whitening
+    elif isinstance(whitening, (str, os.PathLike)):
+        name = str(whitening)
+        kind = "ms" if multiscale else "ss"
+        if name in held:
+            if kind not in held[name]:
+                raise ValueError(f"whitening {name!r} of this network has no {kind!r} ("
+                                 f"{'multi' if multiscale else 'single'}-scale) variant, only "
+                                 f"{sorted(held[name])}; change the number of scales")
+            w = held[name][kind]
+        elif Path(name).expanduser().is_file():
+            w = Whitening.load(Path(name).expanduser())
+        else:
+            names = ", ".join(sorted(held)) or "none"
+            raise ValueError(f"whitening {name!r} is neither a precomputed whitening of this network "
+                             f"(it has: {names}) nor a whitening file written by Whitening.save()")
+    else:
+        raise TypeError(f"whitening must be None, a Whitening, a name or a file path, got "
+                        f"{type(whitening).__name__}")
+    dim = getattr(model, "dim", None)
+    if dim is not None and w.dim != int(dim):
+        raise ValueError(f"whitening is for D={w.dim} descriptors but the network gives D={dim}")
+    return w

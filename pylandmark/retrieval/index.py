@@ -12,24 +12,34 @@ File layout (little endian), version 1:
         bytes for memory mapping, then int64 ids, then JSON labels and paths.
 
 Each section carries a checksum (CRC-32; for the matrix a 64-bit word sum, fast enough to
-check a multi-GB file on open). Files are written to a temporary name and renamed, so a crash
-never leaves a half-written index under the real name.
+check a multi-GB file on open). Files are written to a temporary name (``.<name>.<random>.tmp``,
+locked by its writer) and renamed, so a crash never leaves a half-written index under the real
+name; the next save or load of that index deletes temporary files whose writer died. A load
+reads everything through one open file, so it sees one whole version even while another
+process saves.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import secrets
+import stat
 import struct
-import tempfile
+import time
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .._version import __version__
 from ..ops import METRICS, search
+
+try:  # POSIX: a saver holds a lock on its temporary file, so a dead saver's file is recognisable
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +48,10 @@ FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sIIII")
 _MATRIX_ALIGN = 4096
 _SUM_CHUNK = 1 << 24  # words per checksum chunk, bounds the temporary memory
+_ADD_CHUNK = 1 << 16  # rows normalised at once in float64, bounds the temporary memory
+_MAX_HEADER = 64 << 20  # bytes; real headers hold a few KB of metadata
+_MAX_DIM = 1 << 20
+_FRESH_TEMP_S = 10.0  # an empty unlocked temporary file younger than this may be a save starting
 
 
 class IndexFormatError(ValueError):
@@ -60,13 +74,43 @@ def _sum64(buf: np.ndarray) -> int:
     return int(total)
 
 
-def _to_float32(x: Any, name: str) -> np.ndarray:
+def _as_rows(x: Any, dim: int) -> np.ndarray:
+    """(n, dim) float array of any float dtype, without copying numpy input."""
     if type(x).__module__.split(".")[0] == "torch":
-        x = x.detach().float().cpu().numpy()
+        x = x.detach().resolve_conj().resolve_neg()  # .numpy() refuses views with those bits
+        if not x.is_floating_point():
+            raise TypeError(f"descriptors must hold real floating-point values, got {x.dtype}")
+        x = (x.float() if str(x.dtype) == "torch.bfloat16" else x).cpu().numpy()
     arr = np.asarray(x)
     if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
-        raise TypeError(f"{name} must hold floating-point values, got dtype {arr.dtype}")
-    return arr.astype(np.float32, copy=False)
+        raise TypeError(f"descriptors must hold floating-point values, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise ValueError(f"descriptors must be (n, {dim}), got shape {arr.shape}")
+    return arr
+
+
+def _encode(x: np.ndarray, cosine: bool) -> np.ndarray:
+    """(n, D) float rows -> float16 rows: unit length for cosine (normalised in float64 before
+    the cast, so neither 1e20 nor 1e-30 rows lose their direction), as given for ip."""
+    out = np.empty(x.shape, np.float16)
+    for start in range(0, len(x), _ADD_CHUNK):
+        block = x[start:start + _ADD_CHUNK].astype(np.float64)
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            bad = start + int(np.flatnonzero(~finite)[0])
+            raise ValueError(f"descriptors row {bad} holds NaN or inf; drop or fix it before adding")
+        if cosine:
+            # scale by the largest element first: float64 squares of float64 input could overflow too
+            peak = np.abs(block).max(axis=1, keepdims=True, initial=0.0)
+            np.divide(block, peak, out=block, where=peak > 0)
+            norms = np.sqrt(np.einsum("ij,ij->i", block, block))[:, None]
+            np.divide(block, norms, out=block, where=norms > 0)
+        elif np.abs(block).max(initial=0) > 65504:
+            raise ValueError("descriptors exceed the float16 range (65504); scale them first")
+        out[start:start + len(block)] = block
+    return out
 
 
 class Index:
@@ -126,32 +170,21 @@ class Index:
     def add(self, descriptors: Any, labels: Sequence | None = None, ids: Sequence[int] | None = None,
             paths: Sequence[str] | None = None) -> np.ndarray:
         """Appends (n, D) descriptors; returns their int64 ids (consecutive after the largest
-        existing id unless given). Labels and paths are all-or-none across the index."""
-        x = _to_float32(descriptors, "descriptors")
-        if x.ndim == 1:
-            x = x[None]
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"descriptors must be (n, {self.dim}), got shape {x.shape}")
-        n = x.shape[0]
-        if not np.isfinite(x).all():
-            bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
-            raise ValueError(f"descriptors row {bad} holds NaN or inf; drop or fix it before adding")
-        if self.metric == "cosine":
-            norms = np.linalg.norm(x, axis=1, keepdims=True)
-            x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-        elif np.abs(x).max(initial=0) > 65504:
-            raise ValueError("descriptors exceed the float16 range (65504); scale them first")
+        existing id unless given). Labels and paths are all-or-none across the index.
+
+        All or nothing: every argument is checked before the index changes, so a call that
+        raises leaves the index as it was."""
+        rows = _encode(_as_rows(descriptors, self.dim), self.metric == "cosine")
+        n = len(rows)
         new_ids = self._new_ids(ids, n)
-        labels = self._check_column(labels, n, "labels", self._labels)
-        paths = self._check_column(paths, n, "paths", self._paths)
-        if paths is not None:
-            paths = [str(p) for p in paths]
-        self._matrix = np.concatenate([np.asarray(self._matrix), x.astype(np.float16)])
-        self._ids = np.concatenate([self._ids, new_ids])
-        if labels is not None:
-            self._labels = (self._labels or []) + [_json_value(v, "labels") for v in labels]
-        if paths is not None:
-            self._paths = (self._paths or []) + paths
+        labels = self._check_column(labels, n, "labels", self._labels, _label_value)
+        paths = self._check_column(paths, n, "paths", self._paths, _path_value)
+        matrix = np.concatenate([np.asarray(self._matrix), rows])
+        all_ids = np.concatenate([self._ids, new_ids])
+        all_labels = self._labels if labels is None else (self._labels or []) + labels
+        all_paths = self._paths if paths is None else (self._paths or []) + paths
+        # nothing below can fail
+        self._matrix, self._ids, self._labels, self._paths = matrix, all_ids, all_labels, all_paths
         self._gpu_matrix = None
         return new_ids
 
@@ -159,22 +192,24 @@ class Index:
         if ids is None:
             start = int(self._ids.max()) + 1 if len(self._ids) else 0
             return np.arange(start, start + n, dtype=np.int64)
-        arr = np.asarray(ids)
-        if arr.shape != (n,) or arr.dtype.kind not in "iu":
-            raise ValueError(f"ids must be {n} integers, got {arr.shape} {arr.dtype}")
-        arr = arr.astype(np.int64)
+        arr = _id_array(ids, "ids")
+        if arr.shape != (n,):
+            raise ValueError(f"ids must be {n} integers, got shape {arr.shape}")
         if (arr < 0).any():
             raise ValueError("ids must be >= 0 (-1 marks missing results)")
         if len(np.unique(arr)) != n or np.isin(arr, self._ids).any():
             raise ValueError("ids must be unique, also against the ids already in the index")
         return arr
 
-    def _check_column(self, values, n: int, name: str, existing) -> list | None:
+    def _check_column(self, values, n: int, name: str, existing, convert: Callable[[Any, str], Any]) -> list | None:
+        """The column's new entries, converted; raises before anything changes."""
         if values is None:
             if existing is not None and n:
                 raise ValueError(f"this index has {name} for every row; pass {name} for the new rows too")
             return None
-        values = list(values)
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise TypeError(f"{name} must be a sequence with one entry per descriptor, got {type(values).__name__}")
+        values = [convert(v, name) for v in values]
         if len(values) != n:
             raise ValueError(f"{name} must have one entry per descriptor ({n}), got {len(values)}")
         if existing is None and len(self):
@@ -182,18 +217,17 @@ class Index:
         return values
 
     def remove(self, ids: Sequence[int]) -> int:
-        """Removes the rows with these ids; returns how many were removed (unknown ids: error)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        """Removes the rows with these ids; returns how many were removed. Unknown ids are an
+        error, and then nothing is removed."""
+        ids = _id_array(ids, "ids").reshape(-1)
         missing = ids[~np.isin(ids, self._ids)]
         if len(missing):
             raise KeyError(f"ids not in the index: {missing[:10].tolist()}")
         keep = ~np.isin(self._ids, ids)
-        self._matrix = np.asarray(self._matrix)[keep]
-        self._ids = self._ids[keep]
-        if self._labels is not None:
-            self._labels = [v for v, k in zip(self._labels, keep) if k]
-        if self._paths is not None:
-            self._paths = [v for v, k in zip(self._paths, keep) if k]
+        matrix = np.asarray(self._matrix)[keep]
+        labels = None if self._labels is None else [v for v, k in zip(self._labels, keep) if k]
+        paths = None if self._paths is None else [v for v, k in zip(self._paths, keep) if k]
+        self._matrix, self._ids, self._labels, self._paths = matrix, self._ids[keep], labels, paths
         self._gpu_matrix = None
         return int((~keep).sum())
 
@@ -264,9 +298,10 @@ class Index:
         else:
             raise RuntimeError("index header layout did not settle")  # cannot happen: offsets grow monotonically
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _remove_stale_temps(path)
+        fd, tmp = _create_temp(path)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb") as f:  # closing it releases the lock, after the rename
                 f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes), 0))
                 f.write(header_bytes)
                 f.seek(sections["matrix"]["offset"])
@@ -280,10 +315,11 @@ class Index:
                 f.truncate(max(sec["offset"] + sec["nbytes"] for sec in sections.values()))
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+                os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_folder(path.parent)
         log.info("saved %d descriptors to %s", len(self), path)
         return path
 
@@ -291,12 +327,17 @@ class Index:
     def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> "Index":
         """Opens an index file. With mmap the matrix stays on disk (read-only, shared by
         processes) and is paged in by searches. verify checks the matrix checksum too (one
-        read of the file); the header and small sections are always checked."""
+        read of the file); the header and small sections are always checked.
+
+        Everything is read through one open file, so a load that races a save sees either the
+        old file or the new one, never a mix. A damaged or crafted file raises
+        IndexFormatError, never an index whose parts disagree."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no index file at {path}")
-        size = path.stat().st_size
+        _remove_stale_temps(path)
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             prefix = f.read(_PREFIX.size)
             if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
                 raise IndexFormatError(f"{path} is not a pylandmark index (bad magic)")
@@ -306,21 +347,19 @@ class Index:
                                        f"pylandmark ({__version__}) reads ({FORMAT_VERSION}); upgrade pylandmark")
             if version < 1:
                 raise IndexFormatError(f"{path}: invalid format version {version}")
+            if _PREFIX.size + hlen > size:
+                raise IndexFormatError(f"{path} is truncated (header incomplete)")
+            if hlen > _MAX_HEADER:
+                raise IndexFormatError(f"{path} has an invalid header ({hlen} bytes, at most {_MAX_HEADER})")
             header_bytes = f.read(hlen)
             if len(header_bytes) != hlen:
                 raise IndexFormatError(f"{path} is truncated (header incomplete)")
             if zlib.crc32(header_bytes) != hcrc:
                 raise IndexFormatError(f"{path} is damaged (header checksum mismatch)")
             try:
-                header = json.loads(header_bytes)
-                dim, count, metric = int(header["dim"]), int(header["count"]), header["metric"]
-                sections = header["sections"]
-                if header["dtype"] != "float16" or metric not in METRICS or dim < 1 or count < 0:
-                    raise ValueError("unsupported values")
-                if sections["matrix"]["nbytes"] != count * dim * 2 or sections["ids"]["nbytes"] != count * 8:
-                    raise ValueError("section sizes disagree with count and dim")
-            except (ValueError, KeyError, TypeError) as err:
-                raise IndexFormatError(f"{path} has an invalid header ({err})") from err
+                dim, count, metric, metadata, sections = _parse_header(header_bytes, _PREFIX.size + hlen)
+            except ValueError as err:
+                raise IndexFormatError(f"{path} has an invalid header ({err})") from None
             end = max(s["offset"] + s["nbytes"] for s in sections.values())
             if size < end:
                 raise IndexFormatError(f"{path} is truncated ({size} bytes, the header says {end})")
@@ -334,21 +373,26 @@ class Index:
                     raise IndexFormatError(f"{path} is damaged ({name} checksum mismatch)")
                 return data
 
-            ids = np.frombuffer(small("ids"), dtype="<i8").astype(np.int64)
-            labels_raw, paths_raw = small("labels"), small("paths")
-        index = cls(dim, metric, header.get("metadata") or {})
-        moff = sections["matrix"]["offset"]
-        if count == 0:
-            matrix = np.empty((0, dim), np.float16)
-        elif mmap:
-            matrix = np.memmap(path, dtype=np.float16, mode="r", offset=moff, shape=(count, dim))
-        else:
-            matrix = np.fromfile(path, dtype=np.float16, count=count * dim, offset=moff).reshape(count, dim)
+            try:
+                ids = _check_ids(np.frombuffer(small("ids"), dtype="<i8").astype(np.int64))
+                labels = _column(small("labels"), count, "labels", _label_value)
+                paths = _column(small("paths"), count, "paths", _path_value)
+            except (ValueError, TypeError) as err:
+                raise IndexFormatError(f"{path} is damaged or crafted ({err})") from None
+            moff = sections["matrix"]["offset"]
+            if count == 0:
+                matrix = np.empty((0, dim), np.float16)
+            elif mmap:
+                matrix = np.memmap(f, dtype=np.float16, mode="r", offset=moff, shape=(count, dim))
+            else:
+                matrix = np.empty((count, dim), np.float16)
+                f.seek(moff)
+                if f.readinto(memoryview(matrix).cast("B")) != matrix.nbytes:
+                    raise IndexFormatError(f"{path} is truncated (descriptor matrix incomplete)")
         if verify and _sum64(matrix) != sections["matrix"]["sum64"]:
             raise IndexFormatError(f"{path} is damaged (descriptor matrix checksum mismatch)")
-        index._matrix, index._ids = matrix, ids
-        index._labels = None if labels_raw is None else json.loads(labels_raw)
-        index._paths = None if paths_raw is None else json.loads(paths_raw)
+        index = cls(dim, metric, metadata)
+        index._matrix, index._ids, index._labels, index._paths = matrix, ids, labels, paths
         return index
 
     def info(self) -> dict:
@@ -364,9 +408,171 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
-def _json_value(v: Any, name: str) -> Any:
+def _label_value(v: Any, name: str) -> Any:
     if isinstance(v, np.generic):
         v = v.item()
     if not isinstance(v, (str, int, float, bool)) and v is not None:
         raise TypeError(f"{name} entries must be str or int, got {type(v).__name__}")
     return v
+
+
+def _path_value(v: Any, name: str) -> str:
+    if isinstance(v, os.PathLike):
+        v = os.fspath(v)
+    if not isinstance(v, str):
+        raise TypeError(f"{name} entries must be str or os.PathLike, got {type(v).__name__}")
+    return v
+
+
+def _id_array(ids: Any, name: str) -> np.ndarray:
+    """int64 array of ids; floats, strings and other non-integers are an error (never truncated)."""
+    arr = np.asarray(ids)
+    if arr.size == 0:
+        return arr.astype(np.int64).reshape(arr.shape)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} must fit in int64")
+    return arr.astype(np.int64)
+
+
+# ---- the file format's checks -------------------------------------------------------------------
+
+def _int(value: Any, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _parse_header(raw: bytes, data_start: int) -> tuple[int, int, str, dict, dict]:
+    """(dim, count, metric, metadata, sections) from the header JSON; ValueError names what is
+    wrong. Sections must lie after the header (data_start) with integer offsets and sizes."""
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"not JSON: {str(err)[:100]}") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a JSON object")
+    dim = _int(header.get("dim"), "dim", 1, _MAX_DIM)
+    count = _int(header.get("count"), "count", 0, 1 << 48)
+    metric = header.get("metric")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if header.get("dtype") != "float16":
+        raise ValueError(f"dtype must be float16, got {header.get('dtype')!r}")
+    metadata = header.get("metadata", {})
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"metadata must be an object, got {type(metadata).__name__}")
+    sections = header.get("sections")
+    if not isinstance(sections, dict) or "matrix" not in sections or "ids" not in sections:
+        raise ValueError("sections must be an object with 'matrix' and 'ids'")
+    known = {"matrix": "sum64", "ids": "crc32", "labels": "crc32", "paths": "crc32"}
+    checked = {}
+    for name, sec in sections.items():
+        if name not in known:
+            continue  # a later minor addition this version does not read
+        if not isinstance(sec, dict):
+            raise ValueError(f"section {name!r} must be an object")
+        checked[name] = {"offset": _int(sec.get("offset"), f"{name} offset", data_start, 1 << 62),
+                         "nbytes": _int(sec.get("nbytes"), f"{name} nbytes", 0, 1 << 62),
+                         known[name]: _int(sec.get(known[name]), f"{name} {known[name]}", 0, (1 << 64) - 1)}
+    if checked["matrix"]["nbytes"] != count * dim * 2 or checked["ids"]["nbytes"] != count * 8:
+        raise ValueError("section sizes disagree with count and dim")
+    return dim, count, metric, metadata, checked
+
+
+def _check_ids(ids: np.ndarray) -> np.ndarray:
+    if len(ids) and ids.min() < 0:
+        raise ValueError("negative ids (-1 marks missing results)")
+    increasing = len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())  # the usual case, O(n)
+    if not increasing and len(np.unique(ids)) != len(ids):
+        raise ValueError("duplicate ids")
+    return ids
+
+
+def _column(raw: bytes | None, count: int, name: str, convert: Callable[[Any, str], Any]) -> list | None:
+    """A labels or paths section: a JSON list of count entries of the column's type."""
+    if raw is None:
+        return None
+    try:
+        values = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"the {name} section is not JSON: {str(err)[:100]}") from None
+    if not isinstance(values, list) or len(values) != count:
+        got = f"{len(values)} entries" if isinstance(values, list) else type(values).__name__
+        raise ValueError(f"the {name} section must be a list of {count} entries, got {got}")
+    return [convert(v, name) for v in values]
+
+
+# ---- temporary files ------------------------------------------------------------------------------
+
+def _temp_name(path: Path, token: str) -> Path:
+    return path.with_name(f".{path.name}.{token}.tmp")
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temporary file next to `path`, locked for as long as the saver lives, with the
+    mode the umask gives (0666 & ~umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = _temp_name(path, secrets.token_hex(6))
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass  # a file system without locks: the file is still removed on any exception
+    return fd, str(tmp)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Deletes temporary files of `path` left by saves that died (kill -9, power loss): a live
+    saver holds a lock on its file, so a file that can be locked has no writer."""
+    if fcntl is None:
+        return
+    prefix = f".{path.name}."
+    try:
+        names = [e.name for e in os.scandir(path.parent) if e.name.startswith(prefix) and e.name.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        full = path.parent / name
+        try:
+            fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if st.st_size == 0 and time.time() - st.st_mtime < _FRESH_TEMP_S:
+                continue  # may be a save between creating its file and locking it
+            if os.stat(full, follow_symlinks=False).st_ino != st.st_ino:
+                continue
+            os.unlink(full)
+            log.info("removed %s, left by a save that did not finish", full)
+        except OSError:
+            continue  # locked by a live saver, gone already, or not ours to delete
+        finally:
+            os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes the rename durable (POSIX); best effort where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -260,17 +260,11 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
 
 
 def _resolve_device(spec: str) -> torch.device:
+    from ..devices import resolve_device
+
     # under torchrun every process drives the GPU of its LOCAL_RANK
     local = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-    if spec == "auto":
-        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device is {spec!r} but torch sees no CUDA device; use device='cpu'")
-        if dev.index is None:
-            dev = torch.device("cuda", local)
-    return dev
+    return resolve_device(spec, cuda_index=local)
 
 
 def _amp_dtype(cfg: TrainConfig, dev: torch.device) -> torch.dtype | None:
@@ -932,7 +926,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-decay", type=float, help="lr x exp(-lr_decay) after every epoch (0.01)")
     g.add_argument("--seed", type=int)
     g = parser.add_argument_group("runtime")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", help="auto (CUDA when available; the default), cpu, cuda or cuda:N")
     g.add_argument("--amp", choices=AMP_MODES)
     g.add_argument("--workers", type=int, help="image loading processes")
     g.add_argument("--validate-every", type=int, help="epochs between validations (0: never)")
