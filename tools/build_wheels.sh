@@ -179,9 +179,12 @@ for py in "${INTERPS[@]}"; do
     "$venv/bin/pip" install -q "${deps[@]}" pytest ml_dtypes >&2
     smoke_args=(--not-under "$ROOT")
     ((CUDA)) && smoke_args+=(--expect-cuda)
-    (cd "$WORK" && "$venv/bin/python" "$ROOT/tools/wheel_smoke.py" "${smoke_args[@]}") >&2 || { FAILED=1; result="smoke FAILED"; }
-    if [[ "$TESTS" != smoke && "$result" == "not run" ]]; then
+    if (cd "$WORK" && "$venv/bin/python" "$ROOT/tools/wheel_smoke.py" "${smoke_args[@]}") >&2; then
       result="smoke ok"
+    else
+      FAILED=1; result="smoke FAILED"
+    fi
+    if [[ "$TESTS" != smoke && "$result" == "smoke ok" ]]; then
       # torch itself from local wheels only, then its own requirements from the index.
       if "$venv/bin/pip" install -q --no-index --no-deps "$TORCH" >/dev/null 2>&1; then
         "$venv/bin/pip" install -q "$TORCH" pytest-benchmark >&2
