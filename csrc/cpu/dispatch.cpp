@@ -7,6 +7,10 @@
 
 #include "cpu/kernels.h"
 
+#if defined(PLM_HAVE_AVX2) || defined(PLM_HAVE_AVX512)
+#include <cpuid.h>
+#endif
+
 namespace plm::cpu {
 
 namespace {
@@ -18,19 +22,50 @@ struct IsaEntry {
 };
 
 bool always() { return true; }
-#if defined(PLM_HAVE_AVX2)
-bool has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
+
+#if defined(PLM_HAVE_AVX2) || defined(PLM_HAVE_AVX512)
+// CPUID and XGETBV read directly: __builtin_cpu_supports depends on the compiler runtime's CPU
+// model, which some toolchains (zig's compiler-rt, used for the manylinux wheels) leave empty,
+// and the vector state must be enabled by the OS as well as present in the CPU.
+struct X86Features {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+};
+
+X86Features detect_x86() {
+  X86Features f;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27), avx = c & (1u << 28);
+  if (!osxsave || !avx) return f;
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  const bool ymm = (xcr0_lo & 0x6u) == 0x6u;     // SSE and AVX state saved by the OS
+  const bool zmm = (xcr0_lo & 0xe6u) == 0xe6u;   // plus opmask and both ZMM halves
+  f.fma = ymm && (c & (1u << 12));
+  f.f16c = ymm && (c & (1u << 29));
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  f.avx2 = ymm && (b & (1u << 5));
+  f.avx512f = zmm && (b & (1u << 16));
+  f.avx512dq = zmm && (b & (1u << 17));
+  f.avx512bw = zmm && (b & (1u << 30));
+  f.avx512vl = zmm && (b & (1u << 31));
+  return f;
 }
+
+const X86Features& x86() {
+  static const X86Features f = detect_x86();
+  return f;
+}
+#endif
+#if defined(PLM_HAVE_AVX2)
+bool has_avx2() { return x86().avx2 && x86().fma && x86().f16c; }
 #endif
 #if defined(PLM_HAVE_AVX512)
 bool has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+  const X86Features& f = x86();
+  return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.f16c && f.fma;
 }
 #endif
 
