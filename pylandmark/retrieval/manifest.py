@@ -39,7 +39,7 @@ from .index import _PREFIX, MAGIC, MANIFEST_MAGIC, Index, IndexFormatError
 from .topk import merge_topk, merge_topk_torch
 
 __all__ = ["ShardedIndex", "ShardEntry", "write_manifest", "read_manifest", "load_manifest", "load_shard", "shard_dir",
-           "shard_header_crc", "MANIFEST_VERSION"]
+           "shard_header_crc", "remove_stale_shards", "MANIFEST_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ _MAX_MANIFEST = 64 << 20  # bytes of JSON; a million shards fit in far less
 _MAX_SHARDS = 1 << 20
 _MAX_ID = (1 << 62)
 SHARD_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.plmi")
+# the names pylandmark's own jobs give shards (only these are ever deleted)
+OWN_SHARD_RE = re.compile(r"(?:[0-9a-f]{16}-\d{5}-of-\d{5}|base-[0-9a-f]{8})\.plmi")
 
 
 def shard_dir(path: str | os.PathLike) -> Path:
@@ -61,6 +63,27 @@ class ShardEntry(dict):
 
     def __init__(self, file: str, count: int, id_offset: int, header_crc: int):
         super().__init__(file=str(file), count=int(count), id_offset=int(id_offset), header_crc=int(header_crc))
+
+
+def remove_stale_shards(path: str | os.PathLike, keep: set[str] | frozenset = frozenset()) -> int:
+    """Deletes shard files in :func:`shard_dir` ``(path)`` that pylandmark's jobs wrote (by their
+    names) and that ``keep`` does not name: shards of earlier builds, once the manifest that
+    replaced theirs is in place. Removes the folder when it ends up empty. Returns how many."""
+    folder = shard_dir(path)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for f in folder.iterdir():
+        if f.name not in keep and OWN_SHARD_RE.fullmatch(f.name) and f.is_file() and not f.is_symlink():
+            f.unlink(missing_ok=True)
+            removed += 1
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty: kept shards, or files that are not ours
+    if removed:
+        log.info("removed %d shard files of earlier builds from %s", removed, folder)
+    return removed
 
 
 def shard_header_crc(path: str | os.PathLike) -> int:
