@@ -23,6 +23,7 @@ import logging
 import os
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -141,8 +142,8 @@ def comm_device() -> torch.device:
 
 def broadcast_tensor(x: torch.Tensor | None, src: int = 0) -> torch.Tensor:
     """The tensor rank ``src`` passes (others pass None or anything), on every rank, on
-    :func:`comm_device`. Shape and dtype travel first; half-precision values travel as their
-    16-bit patterns (bit-exact on every backend)."""
+    :func:`comm_device`. Shape and dtype travel first, then the raw bytes (bit-exact for every
+    dtype, and gloo has no collectives for some, such as float16 or int16)."""
     if not is_distributed():
         if x is None:
             raise ValueError("broadcast_tensor: the source rank must pass a tensor")
@@ -153,15 +154,14 @@ def broadcast_tensor(x: torch.Tensor | None, src: int = 0) -> torch.Tensor:
     shape, dtype_name = meta
     dtype = getattr(torch, dtype_name)
     dev = comm_device()
-    wire = torch.int16 if dtype in (torch.float16, torch.bfloat16) else dtype
+    nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
     if rank() == src:
-        buf = x.detach().to(dev).contiguous()
-        buf = buf.view(wire) if wire != dtype else buf
+        buf = x.detach().to(dev).contiguous().reshape(-1).view(torch.uint8)
     else:
-        buf = torch.empty(shape, dtype=wire, device=dev)
-    if buf.numel():
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    if nbytes:
         dist.broadcast(buf, src)
-    return buf.view(dtype) if wire != dtype else buf
+    return buf.view(dtype).reshape(shape)
 
 
 def share_bounds(n: int, world: int | None = None) -> list[int]:
