@@ -343,8 +343,14 @@ def describe_everywhere(network, images: Sequence[Path], opts: ExtractOptions,
                               bboxes=None if bboxes is None else list(bboxes)[lo:hi])
     else:
         desc = np.empty((0, int(network.dim)), np.float16)
+    return _gather_rows(desc, bounds)
+
+
+def _gather_rows(rows: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
+    """Every rank's (n_r, D) rows concatenated in rank order, on every rank (exact for float16)."""
     counts = [bounds[r + 1] - bounds[r] for r in range(du.world_size())]
-    return du.all_gather_rows(torch.from_numpy(np.ascontiguousarray(desc)), counts).numpy()
+    t = torch.from_numpy(np.ascontiguousarray(rows)).to(du.comm_device())  # NCCL gathers GPU tensors
+    return du.all_gather_rows(t, counts).cpu().numpy()
 
 
 def open_index(path: str | Path, device: str | None):
@@ -417,8 +423,7 @@ def evaluate_revisited(network, names: Sequence[str], data_root: str | Path, opt
         q = describe_everywhere(network, ds.query_paths, opts,
                                 bboxes=[ds.query_bbox(i) for i in range(ds.n_queries)])
         if qe_k or dba_k:
-            counts = [bounds[r + 1] - bounds[r] for r in range(du.world_size())]
-            full = du.all_gather_rows(torch.from_numpy(np.ascontiguousarray(db)), counts).numpy()
+            full = _gather_rows(db, bounds)
             q, full = rerank(q, full, qe_k=qe_k, qe_alpha=qe_alpha, dba_k=dba_k, dba_alpha=dba_alpha)
             db = np.asarray(full)[lo:hi]
         index = DistributedIndex.from_rows(db, metric="cosine")
