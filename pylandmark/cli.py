@@ -180,16 +180,16 @@ def _search(args: argparse.Namespace) -> int:
 
 def _recognize(args: argparse.Namespace) -> int:
     from .evaluate import format_confusion
-    from .pipelines import check_against_index, expand_images, recognition_summary, recognize_images
+    from .pipelines import check_against_index, expand_images, recognition_summary
 
+    if _world() > 1:  # the same results from a sharded search
+        from .distributed_jobs import recognize_images
+    else:
+        from .pipelines import recognize_images
     index = _open_index(args)
     net, _ = _network(args, index.metadata.get("weights"))
     opts = _opts(args, index)
     check_against_index(index, args.weights, opts)
-    if _world() > 1:
-        from . import distributed_jobs
-
-        recognize_images = distributed_jobs.recognize_images  # noqa: F811 - same results, sharded search
     results = recognize_images(index, net, expand_images(args.images), opts, k=args.k,
                                vote=args.vote, min_score=args.min_score)
     lines = []
@@ -222,10 +222,11 @@ def _open_index(args: argparse.Namespace):
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import format_table
-    from .pipelines import evaluate_revisited
 
-    if _world() > 1:
-        from .distributed_jobs import evaluate_revisited  # noqa: F811 - sharded search, same results
+    if _world() > 1:  # the same results from shares of the database and a sharded search
+        from .distributed_jobs import evaluate_revisited
+    else:
+        from .pipelines import evaluate_revisited
     net, _ = _network(args)
     results = evaluate_revisited(net, args.datasets, args.data_root, _opts(args), qe_k=args.qe,
                                  qe_alpha=args.qe_alpha, dba_k=args.dba, dba_alpha=args.dba_alpha)

@@ -120,15 +120,17 @@ class DistributedIndex:
         """Opens this rank's rows of an index file or shard manifest (collective).
 
         Only the shard files holding this rank's rows are opened (memory-mapped; ``verify``
-        checks their descriptor checksums); ``device="cuda"`` keeps them on this rank's GPU, and
-        with ``resident=False`` they stay in host memory and are streamed through the GPU."""
+        checks their descriptor checksums, each rank its own shards; for a single file, rank 0
+        checks the whole file); ``device="cuda"`` keeps them on this rank's GPU, and with
+        ``resident=False`` they stay in host memory and are streamed through the GPU."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no index file at {path}")
         with open(path, "rb") as f:
             is_manifest = f.read(8) == MANIFEST_MAGIC
         if not is_manifest:
-            index = Index.load(path, mmap=True, verify=verify)
+            # one file: its checksum covers every row, so one rank reading it all is enough
+            index = Index.load(path, mmap=True, verify=verify and du.rank() == 0)
             return cls.from_index(index, device=device, resident=resident)
         from .manifest import load_shard, read_manifest
 
