@@ -14,6 +14,12 @@
 
     python benchmarks/bench_distributed.py [--n 200000] [--queries 1 64 1024] [--ranks 1 2 3]
                                            [--images DIR] [--image-size 512] [--json FILE]
+
+3. With ``--gpu-stream`` (needs a GPU): out-of-core search of a host-resident db streamed through
+   the GPU (``search_chunked``) against the pinned host-to-device copy bandwidth and against the
+   same db resident on the GPU, CUDA-event timed.
+
+    python benchmarks/bench_distributed.py --gpu-stream [--gpu-rows 8000000] [--json FILE]
 """
 from __future__ import annotations
 
@@ -110,6 +116,46 @@ def search_worker(args: argparse.Namespace) -> dict:
     return out
 
 
+def bench_gpu_stream(args: argparse.Namespace) -> dict:
+    """GB/s of search_chunked over a pageable and a pinned host db, next to the pinned copy
+    bandwidth (the ceiling when Q is small) and the resident-db search."""
+    import torch
+
+    import pylandmark as plm
+    from pylandmark.bench import cuda_median_ms
+    from pylandmark.retrieval.chunked import search_chunked
+
+    if not plm.cuda_available():
+        raise SystemExit("--gpu-stream needs a GPU and a CUDA build of pylandmark")
+    n, d = args.gpu_rows, args.dim
+    host = torch.empty((n, d), dtype=torch.float16)
+    for start in range(0, n, 1 << 20):  # random unit-ish rows without a float32 copy of all of them
+        block = torch.randn((min(1 << 20, n - start), d))
+        host[start:start + block.shape[0]] = (block / block.norm(dim=1, keepdim=True)).half()
+    pinned = host.pin_memory()
+    gbytes = host.numel() * 2 / 1e9
+    dev_buf = torch.empty_like(pinned, device="cuda")
+    copy_ms = cuda_median_ms(lambda: dev_buf.copy_(pinned, non_blocking=True), repeat=args.repeat)
+    out = {"rows": n, "dim": d, "gbytes": gbytes, "h2d_pinned_gb_s": gbytes / copy_ms * 1e3, "search": []}
+    resident = dev_buf
+    for q in args.queries:
+        queries = torch.randn((q, d), device="cuda")
+        row = {"Q": q}
+        for name, db in (("pageable", host), ("pinned", pinned)):
+            ms = cuda_median_ms(lambda: search_chunked(queries, db, k=args.k, device="cuda"), repeat=args.repeat)
+            row[f"{name}_ms"], row[f"{name}_gb_s"] = ms, gbytes / ms * 1e3
+        row["resident_ms"] = cuda_median_ms(lambda: plm.search(queries, resident, k=args.k), repeat=args.repeat)
+        out["search"].append(row)
+    print(f"\nout-of-core GPU search, {n:,} x {d} float16 ({gbytes:.1f} GB) in host memory, k = {args.k}; "
+          f"pinned host-to-device copy {out['h2d_pinned_gb_s']:.1f} GB/s")
+    print("| Q | pageable db ms (GB/s) | pinned db ms (GB/s) | db resident on the GPU ms |")
+    print("|---|---|---|---|")
+    for r in out["search"]:
+        print(f"| {r['Q']} | {r['pageable_ms']:.1f} ({r['pageable_gb_s']:.1f}) | {r['pinned_ms']:.1f} "
+              f"({r['pinned_gb_s']:.1f}) | {r['resident_ms']:.1f} |")
+    return out
+
+
 def run_worker(args: argparse.Namespace) -> None:
     from pylandmark import distributed as du
 
@@ -148,6 +194,8 @@ def main() -> None:
     p.add_argument("--skip-extract", action="store_true")
     p.add_argument("--rounds", type=int, default=2, help="alternating extraction rounds (best of each)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--gpu-stream", action="store_true", help="only the out-of-core GPU search (needs a GPU)")
+    p.add_argument("--gpu-rows", type=int, default=8_000_000, help="host db rows for --gpu-stream (16 GB)")
     # worker mode (internal)
     p.add_argument("--worker", choices=("extract", "search"))
     p.add_argument("--result")
@@ -156,6 +204,11 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return run_worker(args)
+    if args.gpu_stream:
+        res = bench_gpu_stream(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        return None
 
     import pylandmark as plm
 
