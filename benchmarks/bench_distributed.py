@@ -64,7 +64,7 @@ def extract_worker(args: argparse.Namespace) -> dict:
     from pylandmark.pipelines import ExtractOptions
 
     du.init_from_env("cpu")
-    torch.set_num_threads(max(1, cores() // du.world_size()))
+    torch.set_num_threads(args.torch_threads or max(1, cores() // du.world_size()))
     torch.manual_seed(0)
     net = LandmarkNet()
     images = sorted(Path(args.images).rglob("*.png"))[: args.limit or None]
@@ -168,10 +168,11 @@ def run_worker(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
-def launch(ranks: int, worker: str, args: argparse.Namespace, result: Path, extra: list[str]) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores() // ranks)), PYTHONPATH=str(REPO))
+def launch(ranks: int, worker: str, args: argparse.Namespace, result: Path, extra: list[str],
+           threads: int = 0) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads or max(1, cores() // ranks)), PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-           __file__, "--worker", worker, "--result", str(result), *extra]
+           __file__, "--worker", worker, "--result", str(result), "--torch-threads", str(threads), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{worker} on {ranks} ranks failed:\n{proc.stderr[-4000:]}")
@@ -199,6 +200,7 @@ def main() -> None:
     # worker mode (internal)
     p.add_argument("--worker", choices=("extract", "search"))
     p.add_argument("--result")
+    p.add_argument("--torch-threads", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--index")
     p.add_argument("--out")
     args = p.parse_args()
@@ -220,10 +222,14 @@ def main() -> None:
         if not args.skip_extract:
             common = ["--images", args.images, "--image-size", str(args.image_size), "--out", str(tmp),
                       "--limit", str(args.limit)]
-            # alternating rounds, best of each: background load from other users hits both alike
-            runs = [launch(r, "extract", args, tmp / f"extract-{r}.json", common)
-                    for _ in range(args.rounds) for r in (1, 2)]
-            rows = [max((x for x in runs if x["ranks"] == r), key=lambda x: x["images_per_s"]) for r in (1, 2)]
+            # alternating rounds, best of each: background load from other users hits all alike.
+            # (ranks, torch threads per rank): one process on all cores, one on one core, one
+            # rank per core
+            configs = [(1, 0), (1, 1), (2, 0)]
+            runs = [launch(r, "extract", args, tmp / f"extract-{r}-{t}.json", common, threads=t)
+                    for _ in range(args.rounds) for r, t in configs]
+            rows = [max((x for x in runs[i::len(configs)]), key=lambda x: x["images_per_s"])
+                    for i in range(len(configs))]
             report["extract"] = runs
             print(f"\nextraction, {rows[0]['images']} PNU photos at {args.image_size} px, random-init CSPDarknet-53, "
                   f"best of {args.rounds} alternating rounds")
