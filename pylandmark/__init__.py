@@ -25,6 +25,7 @@ _LAZY = {
     "Index": ("retrieval.index", "Index"),
     "retrieval": ("retrieval", None),
     "training": ("training", None),
+    "distributed": ("distributed", None),
     "train": ("training", "train"),
 }
 

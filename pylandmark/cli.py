@@ -44,7 +44,21 @@ EXAMPLES = {
 }
 
 
+# commands that split their work across torchrun ranks (see distributed_jobs.py)
+DISTRIBUTED = {"extract", "index build", "index add", "search", "recognize", "evaluate"}
+
+
+def _world() -> int:
+    """Ranks of the torchrun launch running this process (WORLD_SIZE; 1 outside torchrun)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def _emit(args: argparse.Namespace, payload, text: str) -> None:
+    if _world() > 1 and os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 prints
     print(json.dumps(payload, indent=1, default=str) if getattr(args, "json", False) else text)
 
 
@@ -133,6 +147,16 @@ def _extract(args: argparse.Namespace) -> int:
 
     images = expand_images(args.images)
     net, _ = _network(args)
+    if _world() > 1:
+        from .distributed_jobs import extract_to_file, npy_path
+
+        res = extract_to_file(net, images, _opts(args), args.out, skip_bad=args.skip_bad)
+        listing = Path(args.out).with_suffix(".paths.txt")
+        payload = {"out": str(args.out), "paths": str(listing), "count": res["count"], "dim": res["dim"],
+                   "skipped": res["skipped"], "ranks": res["ranks"]}
+        _emit(args, payload, f"wrote {res['count']} x {res['dim']} float16 descriptors to {npy_path(args.out)} "
+                             f"(paths in {listing}; {len(res['ranks'])} ranks)")
+        return 0
     desc, kept, skipped = describe(net, images, _opts(args), skip_bad=args.skip_bad)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,12 +172,24 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _index_build(args: argparse.Namespace) -> int:
     from .pipelines import build_index
+    from .retrieval.manifest import remove_stale_shards
 
     net, weights = _network(args)
-    index, skipped = build_index(net, args.folder, _opts(args), labels_from_folders=args.labels_from_folders,
-                                 weights=weights)
-    index.save(args.out)
-    info = {**index.info(), "out": args.out, "skipped": skipped}
+    ranks = None
+    if _world() > 1:  # one shard per rank plus a manifest (distributed_jobs.py says why)
+        from . import distributed_jobs
+
+        res = distributed_jobs.build_index(net, args.folder, _opts(args), args.out,
+                                           labels_from_folders=args.labels_from_folders, weights=weights)
+        index, skipped, ranks = res["index"], res["skipped"], res["ranks"]
+        if index is None:
+            return 0
+    else:
+        index, skipped = build_index(net, args.folder, _opts(args), labels_from_folders=args.labels_from_folders,
+                                     weights=weights)
+        index.save(args.out)
+        remove_stale_shards(args.out)  # shards of an earlier distributed build at this path
+    info = {**index.info(), "out": args.out, "skipped": skipped, **({"ranks": ranks} if ranks else {})}
     _emit(args, info, f"indexed {len(index)} images ({info['classes']} classes) into {args.out}"
                       f"{'; skipped ' + str(len(skipped)) if skipped else ''}")
     return 0
@@ -162,11 +198,20 @@ def _index_build(args: argparse.Namespace) -> int:
 def _index_add(args: argparse.Namespace) -> int:
     from .pipelines import add_images, check_against_index, expand_images
     from .retrieval.index import Index
+    from .retrieval.manifest import ShardedIndex
 
-    index = Index.load(args.index, mmap=False)
+    index = Index.load(args.index, mmap=False, verify=_world() == 1)
     net, _ = _network(args, index)
     opts = _opts(args, index)
     check_against_index(index, args.weights, opts)
+    if _world() > 1 or isinstance(index, ShardedIndex):  # new rows become new shards
+        from . import distributed_jobs
+
+        del index
+        res = distributed_jobs.add_images(args.index, net, expand_images(args.images), opts, label=args.label,
+                                          labels_from_folders=args.labels_from_folders)
+        _emit(args, res, f"added {res['added']} images; {args.index} now holds {res['count']}")
+        return 0
     ids, skipped = add_images(index, net, expand_images(args.images), opts, label=args.label,
                               labels_from_folders=args.labels_from_folders)
     index.save(args.index)
@@ -188,11 +233,16 @@ def _search(args: argparse.Namespace) -> int:
     from .pipelines import check_against_index, expand_images, search_images
     from .retrieval.index import Index
 
-    index = Index.load(args.index)
+    index = _open_index(args)
     net, _ = _network(args, index)
     opts = _opts(args, index)
     check_against_index(index, args.weights, opts)
-    results = search_images(index, net, expand_images(args.images), opts, k=args.k)
+    if _world() > 1:
+        from . import distributed_jobs
+
+        results = distributed_jobs.search_images(index, net, expand_images(args.images), opts, k=args.k)
+    else:
+        results = search_images(index, net, expand_images(args.images), opts, k=args.k)
     lines = []
     for r in results:
         lines.append(r["query"])
@@ -218,10 +268,13 @@ def _html(args: argparse.Namespace, results: list) -> None:
 
 def _recognize(args: argparse.Namespace) -> int:
     from .evaluate import format_confusion
-    from .pipelines import check_against_index, expand_images, recognition_summary, recognize_images
-    from .retrieval.index import Index
+    from .pipelines import check_against_index, expand_images, recognition_summary
 
-    index = Index.load(args.index)
+    if _world() > 1:  # the same results from a sharded search
+        from .distributed_jobs import recognize_images
+    else:
+        from .pipelines import recognize_images
+    index = _open_index(args)
     net, _ = _network(args, index)
     opts = _opts(args, index)
     check_against_index(index, args.weights, opts)
@@ -245,14 +298,28 @@ def _recognize(args: argparse.Namespace) -> int:
 
 
 
+def _open_index(args: argparse.Namespace):
+    """The index to search: all of it in one process; this rank's rows under torchrun."""
+    from .retrieval.index import Index
+
+    if _world() > 1:
+        from .retrieval.sharded import DistributedIndex
+
+        return DistributedIndex.open(args.index, device=args.device)
+    return Index.load(args.index)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import format_table
-    from .pipelines import evaluate_revisited
 
     if args.plots:
         from .report.plots import require_matplotlib
 
         require_matplotlib()  # before the long evaluation, not after it
+    if _world() > 1:  # the same results from shares of the database and a sharded search
+        from .distributed_jobs import evaluate_revisited
+    else:
+        from .pipelines import evaluate_revisited
     net, _ = _network(args)
     results = evaluate_revisited(net, args.datasets, args.data_root, _opts(args), qe_k=args.qe,
                                  qe_alpha=args.qe_alpha, dba_k=args.dba, dba_alpha=args.dba_alpha,
@@ -505,14 +572,29 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help, or a one-line argument error (exit code 2)
         return stop.code if isinstance(stop.code, int) else 2
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
-        if args.quiet:
-            from .extraction import SkippedImages  # the per-call report of unreadable images
+    command = args.command + (f" {args.index_command}" if getattr(args, "index_command", None) else "")
+    distributed = _world() > 1 and command in DISTRIBUTED
+    follower = distributed and os.environ.get("RANK", "0") != "0"
+    # under torchrun rank 0 speaks for all: the others log errors only (skipped images of
+    # every rank are in rank 0's summary)
+    logging.basicConfig(level=logging.ERROR if follower or args.quiet else logging.INFO, format="%(message)s")
+    if distributed:  # launched by torchrun: join the process group, one device per rank
+        from .distributed_jobs import join, leave
 
-            warnings.simplefilter("ignore", SkippedImages)
-        return _run(args)
+        args.device = join(getattr(args, "device", "cpu"))
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            if follower:
+                warnings.simplefilter("ignore")
+            elif args.quiet:
+                from .extraction import SkippedImages  # the per-call report of unreadable images
+
+                warnings.simplefilter("ignore", SkippedImages)
+            return _run(args)
+    finally:
+        if distributed:
+            leave()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

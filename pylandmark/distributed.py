@@ -1,9 +1,20 @@
-"""Helpers for training on several processes (torch.distributed; launched by ``torchrun``).
+"""Several processes on torch.distributed (launched by ``torchrun``): training, extraction,
+index building and sharded search.
 
-``torchrun --nproc_per_node N -m pylandmark.training ...`` (or any script calling
-:func:`pylandmark.train`) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
-``MASTER_PORT``; :func:`init_from_env` then joins the process group (NCCL on the GPU, gloo on
-the CPU). Without those variables everything runs in one process and these helpers are no-ops.
+``torchrun --nproc_per_node N -m pylandmark.training ...`` (or ``-m pylandmark <command>``,
+or any script calling these functions) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_from_env` then joins the process group (NCCL on
+the GPU, gloo on the CPU). Without those variables everything runs in one process and these
+helpers are no-ops.
+
+Sharded search (every rank holds one shard of an index; see
+:mod:`pylandmark.retrieval.sharded`) is re-exported here::
+
+    import pylandmark as plm
+    plm.distributed.init_from_env("cpu")
+    index = plm.distributed.DistributedIndex.open("big.plmi")     # this rank's rows only
+    scores, ids = index.search(queries, k=5)    # (Q, k) on every rank, = one search of all rows
+    result = index.recognize(queries, k=5)      # a Recognition, on every rank
 """
 from __future__ import annotations
 
@@ -13,11 +24,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "world_size", "rank", "local_rank", "is_main", "init_from_env", "barrier",
-           "all_gather_rows", "broadcast_object", "all_reduce_sum"]
+           "all_gather_rows", "broadcast_object", "all_reduce_sum", "all_gather_objects", "broadcast_tensor",
+           "share_bounds", "comm_device", "DistributedIndex", "search", "recognize"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +123,68 @@ def all_reduce_sum(values: Sequence[float], device: torch.device | str = "cpu") 
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
     dist.all_reduce(t)
     return [float(v) for v in t.cpu()]
+
+
+def all_gather_objects(obj: Any) -> list:
+    """Every rank's ``obj`` (picklable, small), in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def comm_device() -> torch.device:
+    """Where collective tensors live: the CPU for gloo, the current CUDA device for NCCL."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_tensor(x: torch.Tensor | None, src: int = 0) -> torch.Tensor:
+    """The tensor rank ``src`` passes (others pass None or anything), on every rank, on
+    :func:`comm_device`. Shape and dtype travel first, then the raw bytes (bit-exact for every
+    dtype, and gloo has no collectives for some, such as float16 or int16)."""
+    if not is_distributed():
+        if x is None:
+            raise ValueError("broadcast_tensor: the source rank must pass a tensor")
+        return x
+    meta = broadcast_object(None if rank() != src else (tuple(x.shape), str(x.dtype).replace("torch.", "")), src)
+    if meta is None:
+        raise ValueError(f"broadcast_tensor: rank {src} passed no tensor")
+    shape, dtype_name = meta
+    dtype = getattr(torch, dtype_name)
+    dev = comm_device()
+    nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+    if rank() == src:
+        buf = x.detach().to(dev).contiguous().reshape(-1).view(torch.uint8)
+    else:
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    if nbytes:
+        dist.broadcast(buf, src)
+    return buf.view(dtype).reshape(shape)
+
+
+def share_bounds(n: int, world: int | None = None) -> list[int]:
+    """Contiguous, balanced shares of ``n`` items over the ranks: rank r takes
+    ``[bounds[r], bounds[r + 1])`` (sizes differ by at most one, larger shares first)."""
+    world = world_size() if world is None else int(world)
+    if world < 1 or n < 0:
+        raise ValueError(f"share_bounds needs n >= 0 and world >= 1, got {n}, {world}")
+    base, extra = divmod(int(n), world)
+    bounds = [0]
+    for r in range(world):
+        bounds.append(bounds[-1] + base + (1 if r < extra else 0))
+    return bounds
+
+
+def __getattr__(name: str) -> Any:
+    # the sharded-search API lives in retrieval/sharded.py; re-exported on first use
+    if name in ("DistributedIndex", "search", "recognize"):
+        from .retrieval import sharded
+
+        value = {"DistributedIndex": sharded.DistributedIndex, "search": sharded.search,
+                 "recognize": sharded.recognize}[name]
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

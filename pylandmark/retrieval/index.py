@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - Windows
 log = logging.getLogger(__name__)
 
 MAGIC = b"PLMINDEX"
+MANIFEST_MAGIC = b"PLMSHARD"  # a manifest of index shards (retrieval/manifest.py)
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sIIII")
 _MATRIX_ALIGN = 4096
@@ -327,7 +328,9 @@ class Index:
     def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> "Index":
         """Opens an index file. With mmap the matrix stays on disk (read-only, shared by
         processes) and is paged in by searches. verify checks the matrix checksum too (one
-        read of the file); the header and small sections are always checked.
+        read of the file); the header and small sections are always checked. A shard manifest
+        (written by a distributed build) opens as one read-only
+        :class:`~pylandmark.retrieval.manifest.ShardedIndex`.
 
         Everything is read through one open file, so a load that races a save sees either the
         old file or the new one, never a mix. A damaged or crafted file raises
@@ -339,6 +342,10 @@ class Index:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(_PREFIX.size)
+            if prefix[:8] == MANIFEST_MAGIC:  # shards + manifest: opened as one ShardedIndex
+                from .manifest import load_manifest
+
+                return load_manifest(path, f, mmap=mmap, verify=verify)
             if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
                 raise IndexFormatError(f"{path} is not a pylandmark index (bad magic)")
             _, version, hlen, hcrc, _ = _PREFIX.unpack(prefix)

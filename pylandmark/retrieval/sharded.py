@@ -1,0 +1,429 @@
+"""Sharded search on torch.distributed: every rank holds one share of the rows of an index.
+
+A search is collective (every rank calls it): the queries are broadcast from one rank (or
+given to every rank alike), each rank searches its rows with :func:`pylandmark.search`, and the
+per-rank top-k lists, (score, global row), are all-gathered and merged exactly
+(:func:`~pylandmark.retrieval.topk.merge_topk_torch`). Every rank then holds the same answer,
+equal to a single-process search of the whole index: same scores (a row's score does not depend
+on which other rows share its search), same rows, ties to the lower global row.
+
+Which rows a rank holds: for a manifest with as many shards as ranks, rank r holds shard r (the
+shards of a distributed build); otherwise (a single index file, or other shard counts) the rows
+are split into contiguous, balanced ranges, a range possibly spanning several shard files. Rows
+stay memory-mapped on the CPU, or are copied to the rank's GPU (``device="cuda"``: cuda:LOCAL_RANK),
+or are streamed through it from host memory when they do not fit (``resident=False``,
+:func:`~pylandmark.retrieval.chunked.search_chunked`).
+
+Traffic per search: the queries (Q x D values) from the source rank, and (Q x k) float32 scores
+plus int64 rows from every rank to every rank: 12 Q k W bytes received per rank.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .. import distributed as du
+from .._array import framework_of
+from ..ops import METRICS
+from ..ops import search as _search
+from .index import MANIFEST_MAGIC, Index
+from .topk import merge_topk_torch
+
+__all__ = ["DistributedIndex", "search", "recognize", "rank_rows"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Segment:
+    """Rows [start, start + len) of the logical index held by this rank."""
+
+    start: int
+    matrix: Any  # (n, D): float16 numpy (memory map) or torch tensor on the device
+    ids: np.ndarray
+    labels: list | None
+    paths: list | None
+
+    def __len__(self) -> int:
+        return int(self.matrix.shape[0])
+
+
+def rank_rows(counts: Sequence[int], world: int) -> list[int]:
+    """Row bounds of the ranks for shards of ``counts`` rows: the shard boundaries when there is
+    one shard per rank, else balanced contiguous ranges. Returns ``world + 1`` bounds."""
+    if len(counts) == world:
+        return [0, *np.cumsum(counts).astype(int).tolist()]
+    return du.share_bounds(int(sum(counts)), world)
+
+
+class DistributedIndex:
+    """This rank's rows of an index, searched together with every other rank's.
+
+    Every method that searches or looks rows up is collective: all ranks call it, in the same
+    order, with the same ``k``. Without a process group (one process) it holds every row and
+    behaves like the index itself.
+
+    Build one with :meth:`open` (an index file or manifest), :meth:`from_index` (an index every
+    rank has loaded) or :meth:`from_rows` (each rank's own descriptors).
+
+    Attributes:
+        dim, metric, metadata: of the whole index.
+        bounds: (W + 1,) global row bounds; this rank holds ``[bounds[rank], bounds[rank + 1])``.
+        labelled: whether the rows carry labels.
+    """
+
+    def __init__(self, segments: Sequence[_Segment], bounds: Sequence[int], dim: int, metric: str,
+                 metadata: dict | None = None, *, device: Any = None, resident: bool = True):
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        self.dim, self.metric, self.metadata = int(dim), metric, dict(metadata or {})
+        self.bounds = [int(b) for b in bounds]
+        self.rank, self.world = du.rank(), du.world_size()
+        if len(self.bounds) != self.world + 1:
+            raise ValueError(f"bounds must have world + 1 = {self.world + 1} entries, got {len(self.bounds)}")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", du.local_rank() if du.is_distributed() else torch.cuda.current_device())
+        self.resident = bool(resident)
+        self.segments = [s for s in segments if len(s)]
+        if self.device.type == "cuda" and self.resident:
+            for s in self.segments:
+                s.matrix = torch.from_numpy(np.ascontiguousarray(s.matrix)).to(self.device)
+        flags = du.all_gather_objects(self._local_flags())
+        seen = {f for f in flags if f is not None}
+        if len(seen) > 1:
+            raise ValueError(f"the ranks' rows disagree on labels/paths/dim ({sorted(seen)}); "
+                             "every shard must come from the same index")
+        self.labelled, self.has_paths, dim_seen = seen.pop() if seen else (False, False, self.dim)
+        if dim_seen != self.dim:
+            raise ValueError(f"rows have D={dim_seen} but the index says D={self.dim}")
+
+    def _local_flags(self) -> tuple | None:
+        if not self.segments:
+            return None
+        got = {(s.labels is not None, s.paths is not None, int(s.matrix.shape[1])) for s in self.segments}
+        if len(got) > 1:
+            raise ValueError(f"this rank's shards disagree on labels/paths/dim: {sorted(got)}")
+        return got.pop()
+
+    # ---- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, device: Any = None, resident: bool = True,
+             verify: bool = True) -> "DistributedIndex":
+        """Opens this rank's rows of an index file or shard manifest (collective).
+
+        Only the shard files holding this rank's rows are opened (memory-mapped; ``verify``
+        checks their descriptor checksums, each rank its own shards; for a single file, rank 0
+        checks the whole file); ``device="cuda"`` keeps them on this rank's GPU, and with
+        ``resident=False`` they stay in host memory and are streamed through the GPU."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no index file at {path}")
+        with open(path, "rb") as f:
+            is_manifest = f.read(8) == MANIFEST_MAGIC
+        if not is_manifest:
+            # one file: its checksum covers every row, so one rank reading it all is enough
+            index = Index.load(path, mmap=True, verify=verify and du.rank() == 0)
+            return cls.from_index(index, device=device, resident=resident)
+        from .manifest import load_shard, read_manifest
+
+        header = read_manifest(path)
+        counts = [s["count"] for s in header["shards"]]
+        bounds = rank_rows(counts, du.world_size())
+        lo, hi = bounds[du.rank()], bounds[du.rank() + 1]
+        segments, start = [], 0
+        for i, (entry, n) in enumerate(zip(header["shards"], counts)):
+            a, b = max(lo, start), min(hi, start + n)
+            if a < b:
+                shard = load_shard(path, header, i, verify=verify)
+                segments.append(_slice(shard, a - start, b - start, a, entry["id_offset"]))
+            start += n
+        return cls(segments, bounds, header["dim"], header["metric"], header.get("metadata") or {},
+                   device=device, resident=resident)
+
+    @classmethod
+    def from_index(cls, index: Any, *, device: Any = None, resident: bool = True) -> "DistributedIndex":
+        """This rank's range of an :class:`~pylandmark.Index` or
+        :class:`~pylandmark.retrieval.manifest.ShardedIndex` that every rank has opened."""
+        from .manifest import ShardedIndex
+
+        if isinstance(index, ShardedIndex):
+            counts = [len(s) for s in index.shards]
+            bounds = rank_rows(counts, du.world_size())
+            lo, hi = bounds[du.rank()], bounds[du.rank() + 1]
+            segments = []
+            for shard, start, off in zip(index.shards, index.row_offsets[:-1], index.id_offsets):
+                a, b = max(lo, int(start)), min(hi, int(start) + len(shard))
+                if a < b:
+                    segments.append(_slice(shard, a - int(start), b - int(start), a, int(off)))
+        elif isinstance(index, Index):
+            bounds = du.share_bounds(len(index))
+            lo, hi = bounds[du.rank()], bounds[du.rank() + 1]
+            segments = [_slice(index, lo, hi, lo, 0)]
+        else:
+            raise TypeError(f"index must be an Index or ShardedIndex, got {type(index).__name__}")
+        return cls(segments, bounds, index.dim, index.metric, index.metadata, device=device, resident=resident)
+
+    @classmethod
+    def from_rows(cls, descriptors: Any, *, metric: str = "cosine", ids: Any = None, labels: Sequence | None = None,
+                  paths: Sequence[str] | None = None, device: Any = None,
+                  resident: bool = True) -> "DistributedIndex":
+        """Each rank passes its own (n_r, D) rows (collective): global rows follow rank order.
+        The rows are searched as given (no normalisation; cosine normalises on the fly).
+
+        Args:
+            descriptors: (n_r, D) float16/bfloat16/float32 numpy array or CPU tensor.
+            ids: (n_r,) int64 ids (default: the global row).
+            labels, paths: n_r entries each, or None (on every rank alike).
+        """
+        if framework_of(descriptors) == "torch":
+            descriptors = descriptors.detach().cpu().numpy()
+        x = np.asarray(descriptors)
+        if x.ndim != 2:
+            raise ValueError(f"descriptors must be (n, D), got shape {x.shape}")
+        counts = [int(c) for c in du.all_gather_objects(int(x.shape[0]))]
+        dims = {int(d) for d, c in zip(du.all_gather_objects(int(x.shape[1])), counts)}
+        if len(dims) != 1:
+            raise ValueError(f"the ranks' descriptors have different D: {sorted(dims)}")
+        bounds = [0, *np.cumsum(counts).astype(int).tolist()]
+        lo = bounds[du.rank()]
+        ids = np.arange(lo, lo + x.shape[0], dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+        if ids.shape != (x.shape[0],):
+            raise ValueError(f"ids must have one entry per row ({x.shape[0]}), got shape {ids.shape}")
+        for name, col in (("labels", labels), ("paths", paths)):
+            if col is not None and len(col) != x.shape[0]:
+                raise ValueError(f"{name} must have one entry per row ({x.shape[0]}), got {len(col)}")
+        seg = _Segment(lo, x, ids, None if labels is None else list(labels), None if paths is None else list(paths))
+        return cls([seg], bounds, dims.pop(), metric, {}, device=device, resident=resident)
+
+    # ---- contents ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Rows of the whole index (all ranks)."""
+        return self.bounds[-1]
+
+    @property
+    def local_rows(self) -> tuple[int, int]:
+        """``(start, end)``: the global rows this rank holds."""
+        return self.bounds[self.rank], self.bounds[self.rank + 1]
+
+    def __repr__(self) -> str:
+        lo, hi = self.local_rows
+        return (f"DistributedIndex(dim={self.dim}, metric={self.metric!r}, count={len(self)}, "
+                f"rank={self.rank} of {self.world} holding rows [{lo}, {hi}), device={str(self.device)!r})")
+
+    # ---- search -----------------------------------------------------------------------------
+
+    def search_rows(self, queries: Any, k: int = 5, *, src: int | None = 0) -> tuple[Any, Any]:
+        """Collective exact search of the whole index.
+
+        Args:
+            queries: (Q, D) or (D,) float16/bfloat16/float32, numpy or torch, on rank ``src``
+                (other ranks may pass None); with ``src=None`` every rank passes the same queries
+                and nothing is broadcast.
+            k: neighbours (>= 1).
+            src: the rank whose queries are searched, or None.
+
+        Returns:
+            scores (Q, k) float32, best first, and global rows (Q, k) int64 (-1 / -inf padding
+            when k exceeds the rows), identical on every rank; numpy unless this rank passed
+            torch queries (then tensors on this rank's device). 1-d queries give 1-d results.
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        k = int(k)
+        if len(self) == 0:
+            raise ValueError("the index is empty; add descriptors before searching")
+        fw = framework_of(queries) if queries is not None else "numpy"
+        q = self._queries(queries, src)
+        one = q.dim() == 1
+        if one:
+            q = q[None]
+        if q.dim() != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (Q, {self.dim}) or ({self.dim},), got shape {tuple(q.shape)}")
+        scores, rows = self._local_topk(q, k)
+        if du.world_size() > 1 and q.shape[0]:
+            dev = du.comm_device()
+            s_all = [torch.empty_like(scores, device=dev) for _ in range(du.world_size())]
+            r_all = [torch.empty_like(rows, device=dev) for _ in range(du.world_size())]
+            torch.distributed.all_gather(s_all, scores.to(dev).contiguous())
+            torch.distributed.all_gather(r_all, rows.to(dev).contiguous())
+            scores, rows = merge_topk_torch(torch.cat(s_all, 1), torch.cat(r_all, 1), k)
+        if one:
+            scores, rows = scores[0], rows[0]
+        if fw == "torch":
+            out_dev = queries.device if queries is not None else self.device
+            return scores.to(out_dev), rows.to(out_dev)
+        return scores.cpu().numpy(), rows.cpu().numpy()
+
+    def search(self, queries: Any, k: int = 5, *, src: int | None = 0) -> tuple[Any, Any]:
+        """Like :meth:`search_rows`, with ids instead of rows (-1 for padding)."""
+        scores, rows = self.search_rows(queries, k, src=src)
+        r = rows.cpu().numpy() if framework_of(rows) == "torch" else rows
+        ids = self.lookup_ids(r)
+        if framework_of(rows) == "torch":
+            return scores, torch.as_tensor(ids, device=rows.device)
+        return scores, ids
+
+    def _queries(self, queries: Any, src: int | None) -> torch.Tensor:
+        def as_tensor(x: Any) -> torch.Tensor:
+            if x is None:
+                raise ValueError("queries is None on a rank that must provide them")
+            if framework_of(x) == "torch":
+                return x.detach()
+            arr = np.asarray(x)
+            if arr.dtype.name == "bfloat16":
+                return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
+            return torch.from_numpy(np.ascontiguousarray(arr))
+
+        if src is None or du.world_size() == 1:
+            return as_tensor(queries)
+        return du.broadcast_tensor(as_tensor(queries) if du.rank() == src else None, src)
+
+    def _local_topk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, k) float32 scores and global rows of this rank's rows, on the search device."""
+        from .chunked import search_chunked
+
+        dev = self.device
+        q = q.to(dev)
+        parts_s, parts_r = [], []
+        for seg in self.segments:
+            if dev.type == "cpu" or self.resident:
+                s, r = _search(q, seg.matrix, k=k, metric=self.metric)
+            else:
+                s, r = search_chunked(q, seg.matrix, k=k, metric=self.metric, device=dev)
+            parts_s.append(s)
+            parts_r.append(r.where(r < 0, r + seg.start))
+        if not parts_s:
+            return (torch.full((q.shape[0], k), -torch.inf, dtype=torch.float32, device=dev),
+                    torch.full((q.shape[0], k), -1, dtype=torch.int64, device=dev))
+        if len(parts_s) == 1:
+            return parts_s[0], parts_r[0]
+        return merge_topk_torch(torch.cat(parts_s, 1), torch.cat(parts_r, 1), k)
+
+    # ---- row contents -----------------------------------------------------------------------
+
+    def _owned(self, rows: np.ndarray) -> list[tuple[int, _Segment, int]]:
+        """(position in rows, segment, row within it) for the rows this rank holds."""
+        out = []
+        flat = rows.reshape(-1)
+        for seg in self.segments:
+            sel = np.flatnonzero((flat >= seg.start) & (flat < seg.start + len(seg)))
+            out += [(int(i), seg, int(flat[i] - seg.start)) for i in sel]
+        return out
+
+    def lookup_ids(self, rows: Any) -> np.ndarray:
+        """ids of global ``rows`` (any shape, -1 -> -1), from the ranks that hold them (collective;
+        every rank passes the same rows)."""
+        rows = np.asarray(rows, np.int64)
+        ids = np.zeros(rows.size, np.int64)
+        for i, seg, j in self._owned(rows):
+            ids[i] = seg.ids[j] + 1  # + 1: a zero marks "not mine" in the sum below
+        if du.world_size() > 1 and rows.size:
+            t = torch.from_numpy(ids).to(du.comm_device())
+            torch.distributed.all_reduce(t)
+            ids = t.cpu().numpy()
+        return (ids - 1).reshape(rows.shape)
+
+    def lookup(self, rows: Any) -> dict[str, Any]:
+        """ids, labels and paths of global ``rows`` (collective; every rank passes the same rows).
+
+        Returns ``{"ids": int64 array like rows, "labels": object array like rows or None,
+        "paths": object array like rows or None}`` (-1 / None where rows is -1)."""
+        rows = np.asarray(rows, np.int64)
+        ids = self.lookup_ids(rows)
+        mine = {}
+        for i, seg, j in self._owned(rows):
+            mine[i] = (None if seg.labels is None else seg.labels[j], None if seg.paths is None else seg.paths[j])
+        merged: dict[int, tuple] = {}
+        for part in du.all_gather_objects(mine):
+            merged.update(part)
+        labels = np.full(rows.size, None, dtype=object)
+        paths = np.full(rows.size, None, dtype=object)
+        for i, (lab, p) in merged.items():
+            labels[i], paths[i] = lab, p
+        return {"ids": ids, "labels": labels.reshape(rows.shape) if self.labelled else None,
+                "paths": paths.reshape(rows.shape) if self.has_paths else None}
+
+    def label_set(self) -> list:
+        """The distinct labels of the whole index (collective), sorted by their string form."""
+        mine = set()
+        for seg in self.segments:
+            if seg.labels is not None:
+                mine.update(seg.labels)
+        out = set()
+        for part in du.all_gather_objects(mine):
+            out |= part
+        return sorted(out, key=str)
+
+    def recognize(self, queries: Any, k: int = 5, vote: str = "majority", min_score: float | None = None, *,
+                  src: int | None = 0, unknown: Any = "unknown"):
+        """Collective :func:`pylandmark.recognize` over the whole index: the sharded top-k, then
+        the vote (see :mod:`pylandmark.retrieval.recognition`) on every rank.
+
+        Returns a :class:`~pylandmark.retrieval.recognition.Recognition` whose ``neighbors``
+        are global rows and ``neighbor_ids`` their ids, identical on every rank."""
+        from .recognition import recognize as _recognize
+
+        if not self.labelled:
+            raise ValueError("this index has no labels; build it with --labels-from-folders or add labels")
+        if any(_same_label(v, unknown) for v in self.label_set()):
+            raise ValueError(f"unknown={unknown!r} is also a database label; pass another unknown=")
+        scores, rows = self.search_rows(queries, k, src=src)
+        scores = np.atleast_2d(np.asarray(scores.cpu() if framework_of(scores) == "torch" else scores))
+        rows = np.atleast_2d(np.asarray(rows.cpu() if framework_of(rows) == "torch" else rows))
+        uniq = np.unique(rows[rows >= 0])
+        found = self.lookup(uniq)
+        compact = np.where(rows >= 0, np.searchsorted(uniq, np.maximum(rows, 0)), -1)
+        res = _recognize(_Found(scores, compact, found["labels"], found["ids"]), None, k=k, vote=vote,
+                         min_score=min_score, unknown=unknown)
+        res.neighbors = rows
+        return res
+
+
+class _Found:
+    """A finished search dressed as a labelled index, so that recognition's vote runs unchanged
+    on the rows the sharded search found (compact rows 0..u-1 into their labels)."""
+
+    def __init__(self, scores: np.ndarray, rows: np.ndarray, labels: np.ndarray, ids: np.ndarray):
+        self._scores, self._rows = scores, rows
+        self.labels, self.ids = labels, ids
+        self.descriptors = None
+
+    def search_rows(self, _queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._scores, self._rows
+
+    search = search_rows
+
+
+def _same_label(v: Any, unknown: Any) -> bool:
+    """Equal as recognition compares labels: a str never equals a number."""
+    return isinstance(v, str) == isinstance(unknown, str) and v == unknown
+
+
+def _slice(index: Index, a: int, b: int, start: int, id_offset: int) -> _Segment:
+    """Rows [a, b) of a loaded index (a view of its memory map) as a segment at global ``start``."""
+    cols = {}
+    for name in ("labels", "paths"):
+        col = getattr(index, f"_{name}")
+        cols[name] = None if col is None or len(index) == 0 else list(col[a:b])
+    return _Segment(start, index._matrix[a:b], index._ids[a:b].astype(np.int64) + int(id_offset),
+                    cols["labels"], cols["paths"])
+
+
+def search(index: DistributedIndex, queries: Any, k: int = 5, *, src: int | None = 0) -> tuple[Any, Any]:
+    """``index.search(queries, k, src=src)``: (Q, k) scores and ids on every rank (collective)."""
+    return index.search(queries, k, src=src)
+
+
+def recognize(index: DistributedIndex, queries: Any, k: int = 5, vote: str = "majority",
+              min_score: float | None = None, *, src: int | None = 0):
+    """``index.recognize(...)``: a Recognition of the queries on every rank (collective)."""
+    return index.recognize(queries, k, vote, min_score, src=src)

@@ -1,0 +1,230 @@
+"""`torchrun -m pylandmark ...` on 2 and 3 gloo ranks against the same command in one process:
+index build / add and extract give the same rows, ids, labels, paths and descriptors; search,
+recognize and evaluate print the same results; only rank 0 prints; a rank that dies leaves no
+complete index and the re-run resumes from the shards already written.
+
+Descriptors are compared bit for bit. That holds because every rank runs each image through the
+same computation as the single process: the same network, one image per forward pass
+(``--batch-size 1``) and one thread everywhere (the workers get OMP_NUM_THREADS=1 as torchrun
+gives them; the single-process reference sets torch to 1 thread), so no reduction runs in
+another order."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pylandmark as plm
+from pylandmark.cli import main
+from pylandmark.models import LandmarkNet
+from pylandmark.retrieval.manifest import ShardedIndex, shard_dir
+
+TINY = {"depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 24, 32, 48]}
+NET_ARGS = ["--image-size", "96", "--batch-size", "1", "--quiet"]
+
+
+def torchrun(n: int, *args, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+           *[str(a) for a in args]]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@contextlib.contextmanager
+def one_thread_in(folder: Path):
+    """Like a rank: one torch thread, and the work folder as the current directory (relative
+    arguments, such as --weights net, are recorded as given)."""
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    torch.set_num_threads(1)
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+
+
+def one_process(capsys, work: Path, *argv) -> str:
+    """The same command in this process, as one rank would run it."""
+    with one_thread_in(work):
+        capsys.readouterr()
+        assert main([str(a) for a in argv]) == 0
+        return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """Class folders of small photos (one unreadable file in rank 0's share), query photos and a
+    tiny seeded network."""
+    root = tmp_path_factory.mktemp("dist_cli")
+    rng = np.random.default_rng(5)
+    for c in range(3):
+        folder = root / "db" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(4 + c):
+            a = (rng.random((60 + 7 * i, 80, 3)) * 255).astype(np.uint8)
+            a[..., c] = 200
+            Image.fromarray(a).save(folder / f"im{i}.png")
+    (root / "db" / "class0" / "broken.png").write_bytes(b"not a png")
+    (root / "q").mkdir()
+    for i in range(3):
+        a = (rng.random((70, 90, 3)) * 255).astype(np.uint8)
+        a[..., i] = 200
+        Image.fromarray(a).save(root / "q" / f"q{i}.png")
+    torch.manual_seed(0)
+    LandmarkNet(backbone_args=TINY).save(root / "net")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(work) -> Path:
+    """The single-process build (one thread), the reference of every comparison."""
+    with one_thread_in(work):
+        assert main(["index", "build", "db", "--labels-from-folders", "--weights", "net", "--out", "single.plmi",
+                     *NET_ARGS]) == 0
+    return work / "single.plmi"
+
+
+def assert_same_index(a, b):
+    assert len(a) == len(b)
+    np.testing.assert_array_equal(a.descriptors, b.descriptors)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    assert list(a.labels) == list(b.labels) and a.paths == b.paths and a.metadata == b.metadata
+
+
+@pytest.fixture(scope="module")
+def built(work, reference):
+    """`torchrun --nproc-per-node 2 -m pylandmark index build ...` and what it printed."""
+    proc = torchrun(2, "-m", "pylandmark", "index", "build", "db", "--labels-from-folders", "--weights", "net",
+                    "--out", "dist.plmi", "--json", *NET_ARGS, cwd=work)
+    return work / "dist.plmi", proc
+
+
+def test_build_equals_one_process(built, reference):
+    out, proc = built
+    info = json.loads(proc.stdout)  # one JSON document: only rank 0 printed
+    # 16 files sorted by class then name: rank 0 describes 8 (one unreadable), rank 1 the other 8
+    assert info["ranks"] == [{"rank": 0, "images": 8, "indexed": 7, "resumed": False},
+                             {"rank": 1, "images": 8, "indexed": 8, "resumed": False}]
+    assert info["count"] == 15 and info["shards"] == [7, 8] and len(info["skipped"]) == 1
+    index = plm.Index.load(out)
+    assert isinstance(index, ShardedIndex)
+    assert_same_index(index, plm.Index.load(reference))
+    assert sorted(p.name.split("-", 1)[1] for p in shard_dir(out).iterdir()) == ["00000-of-00002.plmi",
+                                                                                 "00001-of-00002.plmi"]
+
+
+@pytest.mark.slow
+def test_search_and_recognize_under_torchrun(built, reference, work, capsys):
+    out, _ = built
+    # 3 ranks over the 2 shards: row ranges that cut through a shard; k = 20 > any rank's rows
+    proc = torchrun(3, "-m", "pylandmark", "search", out, "q", "db/class1", "-k", "20", "--json", *NET_ARGS,
+                    cwd=work)
+    dist_hits = json.loads(proc.stdout)
+    single = json.loads(one_process(capsys, work, "search", reference, "q", "db/class1", "-k", "20", "--json",
+                                    *NET_ARGS))
+    assert dist_hits == single and len(single[0]["neighbours"]) == 15
+    proc = torchrun(2, "-m", "pylandmark", "recognize", out, "db/class1", "db/class2", "--json", *NET_ARGS,
+                    cwd=work)
+    single = json.loads(one_process(capsys, work, "recognize", reference, "db/class1", "db/class2", "--json",
+                                    *NET_ARGS))
+    assert json.loads(proc.stdout) == single and all("truth" in r for r in single)
+
+
+@pytest.mark.slow
+def test_add_and_extract_under_torchrun(built, reference, work, capsys, tmp_path):
+    out, _ = built
+    single_add = shutil.copy(reference, tmp_path / "single_add.plmi")
+    one_process(capsys, work, "index", "add", single_add, "q", "--label", "new", *NET_ARGS)
+    expected = plm.Index.load(single_add)
+    # onto the sharded index: new shards appended; onto a single file: it becomes shard 0
+    file_add = shutil.copy(reference, tmp_path / "file_add.plmi")
+    for target in (out, file_add):
+        proc = torchrun(2, "-m", "pylandmark", "index", "add", target, "q", "--label", "new", "--json", *NET_ARGS,
+                        cwd=work)
+        res = json.loads(proc.stdout)
+        assert res["added"] == 3 and res["count"] == 18 and [r["images"] for r in res["ranks"]] == [2, 1]
+        assert_same_index(plm.Index.load(target), expected)
+    assert plm.Index.load(file_add).info()["shards"] == [15, 2, 1]
+
+    proc = torchrun(2, "-m", "pylandmark", "extract", "db/class2", "q", "--out", tmp_path / "d2.npy", "--json",
+                    "--weights", "net", *NET_ARGS, cwd=work)
+    assert [r["images"] for r in json.loads(proc.stdout)["ranks"]] == [5, 4]
+    one_process(capsys, work, "extract", "db/class2", "q", "--out", tmp_path / "d1.npy", "--weights", "net",
+                *NET_ARGS)
+    assert (tmp_path / "d1.npy").read_bytes() == (tmp_path / "d2.npy").read_bytes()
+    assert (tmp_path / "d1.paths.txt").read_text() == (tmp_path / "d2.paths.txt").read_text()
+    assert not (tmp_path / "d2.npy.parts").exists()  # the parts are gone once the .npy is whole
+
+
+DYING = textwrap.dedent('''
+    """Rank 1 dies (as if killed) once rank 0's shard is on disk; rank 0 is killed by torchrun."""
+    import os, sys, time
+    from pathlib import Path
+    import torch
+    from pylandmark import distributed as du
+    from pylandmark import distributed_jobs
+    from pylandmark.models import LandmarkNet
+    from pylandmark.pipelines import ExtractOptions
+
+    du.init_from_env("cpu")
+    net = LandmarkNet.from_pretrained("net")
+
+    class Dying(LandmarkNet):
+        def forward(self, x):
+            if du.rank() == 1:
+                while not list(Path("dist2.plmi.shards").glob("*-00000-of-00002.plmi")):
+                    time.sleep(0.05)
+                os._exit(17)
+            return super().forward(x)
+
+    net.__class__ = Dying  # same weights, so the re-run's job key is the same
+    distributed_jobs.build_index(net, "db", ExtractOptions(image_size=96, batch_size=1, progress=False),
+                                 "dist2.plmi", labels_from_folders=True, weights="net")
+''')
+
+
+@pytest.mark.slow
+def test_dying_rank_leaves_no_complete_index_and_the_rerun_resumes(work, reference, capsys):
+    # an earlier, different index at the same path must survive the failed build untouched
+    one_process(capsys, work, "index", "build", "db/class2", "--weights", "net", "--out", "dist2.plmi", *NET_ARGS)
+    before = (work / "dist2.plmi").read_bytes()
+    (work / "dying.py").write_text(DYING)
+    proc = torchrun(2, "dying.py", cwd=work, check=False)
+    assert proc.returncode != 0
+    assert (work / "dist2.plmi").read_bytes() == before
+    assert len(plm.Index.load(work / "dist2.plmi")) == 6  # still the old class2-only index
+    left = sorted(p.name for p in shard_dir(work / "dist2.plmi").iterdir() if p.suffix == ".plmi")
+    assert len(left) == 1 and left[0].endswith("-00000-of-00002.plmi")  # rank 0's finished shard only
+
+    proc = torchrun(2, "-m", "pylandmark", "index", "build", "db", "--labels-from-folders", "--weights", "net",
+                    "--out", "dist2.plmi", "--json", *NET_ARGS, cwd=work)
+    ranks = json.loads(proc.stdout)["ranks"]
+    assert [(r["resumed"], r["indexed"]) for r in ranks] == [(True, 7), (False, 8)]
+    assert_same_index(plm.Index.load(work / "dist2.plmi"), plm.Index.load(reference))
+
+
+@pytest.mark.slow
+def test_evaluate_under_torchrun(work, capsys, tmp_path):
+    from pylandmark.data import make_revisited_dataset
+
+    make_revisited_dataset(tmp_path, "roxford5k", n_clusters=3, db_per_cluster=4, image_size=64, seed=1)
+    for extra in ([], ["--qe", "2", "--dba", "2"]):
+        args = ["evaluate", "roxford5k", "--weights", "net", "--data-root", tmp_path, "--image-size", "64", "--quiet",
+                *extra]
+        one_process(capsys, work, *args, "--out", tmp_path / "one.json")
+        torchrun(3, "-m", "pylandmark", *args, "--out", tmp_path / "three.json", cwd=work)
+        assert json.loads((tmp_path / "one.json").read_text()) == json.loads((tmp_path / "three.json").read_text())
