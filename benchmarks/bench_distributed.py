@@ -142,9 +142,10 @@ def bench_gpu_stream(args: argparse.Namespace) -> dict:
         queries = torch.randn((q, d), device="cuda")
         row = {"Q": q}
         for name, db in (("pageable", host), ("pinned", pinned)):
-            ms = cuda_median_ms(lambda: search_chunked(queries, db, k=args.k, device="cuda"), repeat=args.repeat)
+            ms = cuda_median_ms(lambda q=queries, db=db: search_chunked(q, db, k=args.k, device="cuda"),
+                                repeat=args.repeat)
             row[f"{name}_ms"], row[f"{name}_gb_s"] = ms, gbytes / ms * 1e3
-        row["resident_ms"] = cuda_median_ms(lambda: plm.search(queries, resident, k=args.k), repeat=args.repeat)
+        row["resident_ms"] = cuda_median_ms(lambda q=queries: plm.search(q, resident, k=args.k), repeat=args.repeat)
         out["search"].append(row)
     print(f"\nout-of-core GPU search, {n:,} x {d} float16 ({gbytes:.1f} GB) in host memory, k = {args.k}; "
           f"pinned host-to-device copy {out['h2d_pinned_gb_s']:.1f} GB/s")

@@ -231,7 +231,6 @@ def _index_info(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from .pipelines import check_against_index, expand_images, search_images
-    from .retrieval.index import Index
 
     index = _open_index(args)
     net, _ = _network(args, index)

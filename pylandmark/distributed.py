@@ -22,11 +22,14 @@ import datetime
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:  # imported on first use by __getattr__ below
+    from .retrieval.sharded import DistributedIndex, recognize, search  # noqa: F401
 
 __all__ = ["is_distributed", "world_size", "rank", "local_rank", "is_main", "init_from_env", "barrier",
            "all_gather_rows", "broadcast_object", "all_reduce_sum", "all_gather_objects", "broadcast_tensor",
@@ -149,7 +152,8 @@ def broadcast_tensor(x: torch.Tensor | None, src: int = 0) -> torch.Tensor:
         if x is None:
             raise ValueError("broadcast_tensor: the source rank must pass a tensor")
         return x
-    meta = broadcast_object(None if rank() != src else (tuple(x.shape), str(x.dtype).replace("torch.", "")), src)
+    here = None if rank() != src or x is None else (tuple(x.shape), str(x.dtype).replace("torch.", ""))
+    meta = broadcast_object(here, src)
     if meta is None:
         raise ValueError(f"broadcast_tensor: rank {src} passed no tensor")
     shape, dtype_name = meta
@@ -157,6 +161,7 @@ def broadcast_tensor(x: torch.Tensor | None, src: int = 0) -> torch.Tensor:
     dev = comm_device()
     nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
     if rank() == src:
+        assert x is not None  # meta would be None otherwise
         buf = x.detach().to(dev).contiguous().reshape(-1).view(torch.uint8)
     else:
         buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)

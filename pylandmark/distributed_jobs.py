@@ -26,8 +26,9 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +36,14 @@ import torch
 from . import distributed as du
 from .pipelines import ExtractOptions, describe, stored_paths
 from .retrieval.index import _PREFIX, Index, IndexFormatError
-from .retrieval.manifest import (ShardedIndex, read_manifest, remove_stale_shards, shard_dir, shard_header_crc,
-                                 write_manifest)
+from .retrieval.manifest import (
+    ShardedIndex,
+    read_manifest,
+    remove_stale_shards,
+    shard_dir,
+    shard_header_crc,
+    write_manifest,
+)
 
 __all__ = ["join", "leave", "build_index", "add_images", "extract_to_file", "describe_everywhere",
            "search_images", "recognize_images", "evaluate_revisited", "network_fingerprint"]

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from shard_util import rows_with_ties
 
 import pylandmark as plm
 from pylandmark.retrieval.chunked import default_chunk_rows, search_chunked
-
-from shard_util import rows_with_ties
 
 
 @pytest.fixture

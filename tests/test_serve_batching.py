@@ -119,12 +119,11 @@ def test_bad_settings_name_the_argument(kw, words):
 
 @pytest.fixture(scope="module")
 def engine(shared_data, tmp_path_factory):
+    import torch
     from serve_util import build_index, tiny_weights
 
     from pylandmark.serve.config import ServeConfig
     from pylandmark.serve.engine import Engine
-
-    import torch
 
     threads_before = torch.get_num_threads()
     d = tmp_path_factory.mktemp("engine")

@@ -10,16 +10,14 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from shard_util import make_sharded
 
 import pylandmark as plm
+from pylandmark.distributed import share_bounds
 from pylandmark.retrieval.index import IndexFormatError
-from pylandmark.retrieval.manifest import (ShardedIndex, read_manifest, remove_stale_shards, shard_dir,
-                                           write_manifest)
+from pylandmark.retrieval.manifest import ShardedIndex, read_manifest, remove_stale_shards, shard_dir, write_manifest
 from pylandmark.retrieval.sharded import DistributedIndex, rank_rows
 from pylandmark.retrieval.topk import merge_topk, merge_topk_torch
-from pylandmark.distributed import share_bounds
-
-from shard_util import make_sharded
 
 
 def reference_merge(scores, rows, k):

@@ -13,12 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
+from shard_util import make_sharded
 
 import pylandmark as plm
 from pylandmark.distributed import share_bounds
 from pylandmark.retrieval.sharded import DistributedIndex
-
-from shard_util import make_sharded
 
 KS = (1, 3, 5, 12, 60)
 

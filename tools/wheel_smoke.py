@@ -4,8 +4,9 @@
     python tools/wheel_smoke.py [--expect-cuda] [--not-under DIR]
 
 Checks that the package imports without torch from site-packages, that it finds the CPU
-kernel variants /proc/cpuinfo says this machine runs, that search on each of them gives the exact top-k of a float64 numpy reference, that GeM
-matches its float64 formula, and that bad input raises a clear error. Exits 1 on a failure.
+kernel variants /proc/cpuinfo says this machine runs, that search on each of them gives the
+exact top-k of a float64 numpy reference, that GeM matches its float64 formula, and that bad
+input raises a clear error. Exits 1 on a failure.
 """
 from __future__ import annotations
 

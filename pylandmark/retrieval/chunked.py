@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import numbers
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 

@@ -28,8 +28,9 @@ import stat
 import struct
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ from ..ops import METRICS, search
 try:  # POSIX: a saver holds a lock on its temporary file, so a dead saver's file is recognisable
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class Index:
         self._labels: list | None = None
         self._paths: list | None = None
         self._device = "cpu"
-        self._gpu_matrix = None
+        self._gpu_matrix: Any = None  # a torch tensor once .to(device) put the matrix there
 
     # ---- contents ---------------------------------------------------------------------------
 
@@ -220,11 +221,11 @@ class Index:
     def remove(self, ids: Sequence[int]) -> int:
         """Removes the rows with these ids; returns how many were removed. Unknown ids are an
         error, and then nothing is removed."""
-        ids = _id_array(ids, "ids").reshape(-1)
-        missing = ids[~np.isin(ids, self._ids)]
+        wanted = _id_array(ids, "ids").reshape(-1)
+        missing = wanted[~np.isin(wanted, self._ids)]
         if len(missing):
             raise KeyError(f"ids not in the index: {missing[:10].tolist()}")
-        keep = ~np.isin(self._ids, ids)
+        keep = ~np.isin(self._ids, wanted)
         matrix = np.asarray(self._matrix)[keep]
         labels = None if self._labels is None else [v for v, k in zip(self._labels, keep) if k]
         paths = None if self._paths is None else [v for v, k in zip(self._paths, keep) if k]
@@ -252,7 +253,7 @@ class Index:
         rows = np.asarray(rows)
         return scores, np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
 
-    def to(self, device: str) -> "Index":
+    def to(self, device: str) -> Index:
         """Keeps the matrix on a torch device ("cuda", "cuda:1") for searches; "cpu" drops it."""
         if str(device) == "cpu":
             self._gpu_matrix, self._device = None, "cpu"
@@ -325,7 +326,7 @@ class Index:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> "Index":
+    def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> Index:
         """Opens an index file. With mmap the matrix stays on disk (read-only, shared by
         processes) and is paged in by searches. verify checks the matrix checksum too (one
         read of the file); the header and small sections are always checked. A shard manifest
@@ -345,7 +346,7 @@ class Index:
             if prefix[:8] == MANIFEST_MAGIC:  # shards + manifest: opened as one ShardedIndex
                 from .manifest import load_manifest
 
-                return load_manifest(path, f, mmap=mmap, verify=verify)
+                return load_manifest(path, f, mmap=mmap, verify=verify)  # type: ignore[return-value]
             if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
                 raise IndexFormatError(f"{path} is not a pylandmark index (bad magic)")
             _, version, hlen, hcrc, _ = _PREFIX.unpack(prefix)
@@ -381,7 +382,10 @@ class Index:
                 return data
 
             try:
-                ids = _check_ids(np.frombuffer(small("ids"), dtype="<i8").astype(np.int64))
+                id_bytes = small("ids")
+                if id_bytes is None:
+                    raise ValueError("the ids section is missing")
+                ids = _check_ids(np.frombuffer(id_bytes, dtype="<i8").astype(np.int64))
                 labels = _column(small("labels"), count, "labels", _label_value)
                 paths = _column(small("paths"), count, "paths", _path_value)
             except (ValueError, TypeError) as err:
@@ -394,7 +398,7 @@ class Index:
             else:
                 matrix = np.empty((count, dim), np.float16)
                 f.seek(moff)
-                if f.readinto(memoryview(matrix).cast("B")) != matrix.nbytes:
+                if f.readinto(matrix.data.cast("B")) != matrix.nbytes:
                     raise IndexFormatError(f"{path} is truncated (descriptor matrix incomplete)")
         if verify and _sum64(matrix) != sections["matrix"]["sum64"]:
             raise IndexFormatError(f"{path} is damaged (descriptor matrix checksum mismatch)")

@@ -27,8 +27,9 @@ import os
 import re
 import secrets
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -132,7 +133,7 @@ def read_manifest(path: str | os.PathLike, f: BinaryIO | None = None) -> dict:
     Returns the header dict; raises IndexFormatError for anything damaged or crafted."""
     path = Path(path)
     own = f is None
-    if own:
+    if f is None:
         f = open(path, "rb")
     try:
         f.seek(0)
@@ -215,7 +216,7 @@ def load_shard(path: str | os.PathLike, header: dict, i: int, *, mmap: bool = Tr
 
 
 def load_manifest(path: str | os.PathLike, f: BinaryIO | None = None, *, mmap: bool = True,
-                  verify: bool = True) -> "ShardedIndex":
+                  verify: bool = True) -> ShardedIndex:
     """Opens a manifest and every shard it lists (memory-mapped with ``mmap``; ``verify`` also
     checks each shard's descriptor checksum and that the global ids are unique)."""
     path = Path(path)
@@ -327,7 +328,7 @@ class ShardedIndex:
         rows = np.asarray(rows)
         return scores, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
 
-    def to(self, device: str) -> "ShardedIndex":
+    def to(self, device: str) -> ShardedIndex:
         """Keeps every shard's matrix on a torch device (see :meth:`Index.to`)."""
         for s in self.shards:
             s.to(device)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,6 +101,8 @@ class DistributedIndex:
         if len(seen) > 1:
             raise ValueError(f"the ranks' rows disagree on labels/paths/dim ({sorted(seen)}); "
                              "every shard must come from the same index")
+        self.labelled: bool
+        self.has_paths: bool
         self.labelled, self.has_paths, dim_seen = seen.pop() if seen else (False, False, self.dim)
         if dim_seen != self.dim:
             raise ValueError(f"rows have D={dim_seen} but the index says D={self.dim}")
@@ -116,7 +119,7 @@ class DistributedIndex:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, device: Any = None, resident: bool = True,
-             verify: bool = True) -> "DistributedIndex":
+             verify: bool = True) -> DistributedIndex:
         """Opens this rank's rows of an index file or shard manifest (collective).
 
         Only the shard files holding this rank's rows are opened (memory-mapped; ``verify``
@@ -149,7 +152,7 @@ class DistributedIndex:
                    device=device, resident=resident)
 
     @classmethod
-    def from_index(cls, index: Any, *, device: Any = None, resident: bool = True) -> "DistributedIndex":
+    def from_index(cls, index: Any, *, device: Any = None, resident: bool = True) -> DistributedIndex:
         """This rank's range of an :class:`~pylandmark.Index` or
         :class:`~pylandmark.retrieval.manifest.ShardedIndex` that every rank has opened."""
         from .manifest import ShardedIndex
@@ -174,7 +177,7 @@ class DistributedIndex:
     @classmethod
     def from_rows(cls, descriptors: Any, *, metric: str = "cosine", ids: Any = None, labels: Sequence | None = None,
                   paths: Sequence[str] | None = None, device: Any = None,
-                  resident: bool = True) -> "DistributedIndex":
+                  resident: bool = True) -> DistributedIndex:
         """Each rank passes its own (n_r, D) rows (collective): global rows follow rank order.
         The rows are searched as given (no normalisation; cosine normalises on the fly).
 

@@ -5,6 +5,7 @@ import importlib.util
 import logging
 import os
 import socket
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -65,6 +66,7 @@ def serve(config: ServeConfig) -> int:
 
     _check_port(config.host, config.port)
     quiet = config.quiet
+    target: Any  # the app itself (one worker) or its factory's import path (workers import it)
     if config.workers == 1:
         from .engine import Engine
 
