@@ -252,16 +252,25 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _truth(args: argparse.Namespace, results: list) -> list | None:
+    """The true labels for a results page: the folder names with --truth-from-folders, else the
+    "truth" that recognize put into every result (query photos in class folders), else None."""
+    from .report.results import truth_from_folders
+
+    if args.truth_from_folders:
+        return truth_from_folders(results)
+    if results and all("truth" in r for r in results):
+        return [r["truth"] for r in results]
+    return None
+
+
 def _html(args: argparse.Namespace, results: list) -> None:
     """--html FILE: the results as a self-contained page (thumbnails embedded)."""
     if not getattr(args, "html", None):
         return
-    from .report.results import truth_from_folders, write_report
+    from .report.results import write_report
 
-    truth = truth_from_folders(results) if args.truth_from_folders else None
-    if truth is None and results and all("truth" in r for r in results):  # recognize found class folders
-        truth = [r["truth"] for r in results]
-    write_report(results, args.html, truth=truth, progress=not args.quiet)
+    write_report(results, args.html, truth=_truth(args, results), progress=not args.quiet)
     logging.getLogger("pylandmark").info("wrote %s", args.html)
 
 
@@ -398,13 +407,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report.results import load_results, truth_from_folders, write_report
+    from .report.results import load_results, write_report
 
     results = load_results(args.results)
-    truth = truth_from_folders(results) if args.truth_from_folders else None
-    if truth is None and results and all("truth" in r for r in results):  # recognize found class folders
-        truth = [r["truth"] for r in results]
-    out = write_report(results, args.out, truth=truth, title=args.title, thumb_size=args.thumb_size,
+    out = write_report(results, args.out, truth=_truth(args, results), title=args.title, thumb_size=args.thumb_size,
                        bases=[Path(args.results).resolve().parent], progress=not args.quiet)
     _emit(args, {"out": str(out), "queries": len(results)}, f"wrote {out} ({len(results)} queries)")
     return 0
