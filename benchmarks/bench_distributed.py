@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,16 +36,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cores() -> int:
@@ -214,6 +203,7 @@ def main() -> None:
         return None
 
     import pylandmark as plm
+    from pylandmark.bench import cpu_name
 
     print(f"CPU: {cpu_name()}, {cores()} cores, kernels {plm._C.cpu_isa()}, load average "
           f"{os.getloadavg()[0]:.1f} (shared machine)")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from PIL import Image
 
 import pylandmark as plm
-from pylandmark.bench import cuda_median_ms
+from pylandmark.bench import cpu_name, cuda_median_ms
 from pylandmark.extraction import prepare_inference_model
 from pylandmark.models import LandmarkNet
 
@@ -42,16 +41,6 @@ def naive_extract(model: torch.nn.Module, paths: list[Path], image_size: int) ->
             x = (x - MEAN) / STD
             out.append(model(x[None])[0])
     return torch.stack(out).numpy()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def bench_cpu(args: argparse.Namespace) -> None:

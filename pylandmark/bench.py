@@ -2,15 +2,28 @@
 from __future__ import annotations
 
 import logging
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from .ops import get_num_threads, search
 
 log = logging.getLogger(__name__)
+
+
+def cpu_name() -> str:
+    """The CPU model, for benchmark tables ("AMD EPYC 7B13"; Linux /proc/cpuinfo, else platform)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 @dataclass
