@@ -143,12 +143,12 @@ def _opts(args: argparse.Namespace, index=None):
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from .pipelines import describe, expand_images
+    from .pipelines import describe, expand_images, npy_path, save_descriptors
 
     images = expand_images(args.images)
     net, _ = _network(args)
     if _world() > 1:
-        from .distributed_jobs import extract_to_file, npy_path
+        from .distributed_jobs import extract_to_file
 
         res = extract_to_file(net, images, _opts(args), args.out, skip_bad=args.skip_bad)
         listing = Path(args.out).with_suffix(".paths.txt")
@@ -158,11 +158,7 @@ def _extract(args: argparse.Namespace) -> int:
                              f"(paths in {listing}; {len(res['ranks'])} ranks)")
         return 0
     desc, kept, skipped = describe(net, images, _opts(args), skip_bad=args.skip_bad)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, desc)
-    listing = out.with_suffix(".paths.txt")
-    listing.write_text("".join(f"{p}\n" for p in kept))
+    out, listing = save_descriptors(args.out, desc, kept)
     payload = {"out": str(out), "paths": str(listing), "count": len(kept), "dim": int(desc.shape[1]),
                "skipped": skipped}
     _emit(args, payload, f"wrote {len(kept)} x {desc.shape[1]} float16 descriptors to {out} "

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from . import distributed as du
-from .pipelines import ExtractOptions, describe, stored_paths
+from ._files import replaced_atomically
+from .pipelines import ExtractOptions, describe, npy_path, stored_paths
 from .retrieval.index import _PREFIX, Index, IndexFormatError
 from .retrieval.manifest import (
     ShardedIndex,
@@ -279,12 +280,6 @@ def _adopt_base_file(path: Path, crc: int, count: int) -> dict:
     return {"file": name, "count": count, "id_offset": 0, "header_crc": crc}
 
 
-def npy_path(out: str | Path) -> Path:
-    """Where ``np.save(out, ...)`` writes: ``out``, with ``.npy`` appended when missing."""
-    out = Path(out)
-    return out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
-
-
 def extract_to_file(network, images: Sequence[Path], opts: ExtractOptions, out: str | Path, *,
                     skip_bad: bool = False) -> dict:
     """``pylandmark extract`` on every rank: parts in ``<out>.parts/``, then rank 0 writes the
@@ -302,10 +297,7 @@ def extract_to_file(network, images: Sequence[Path], opts: ExtractOptions, out: 
     reports = _gather_reports(report)
     count, dim = sum(r["indexed"] for r in reports), _dim(reports, network)
     if du.rank() == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-        tmp_list = listing.with_name(f".{listing.name}.{secrets.token_hex(6)}.tmp")
-        try:
+        with replaced_atomically(target) as tmp, replaced_atomically(listing) as tmp_list:
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(count, dim))
             names, row = [], 0
             for r in reports:
@@ -316,11 +308,6 @@ def extract_to_file(network, images: Sequence[Path], opts: ExtractOptions, out: 
             arr.flush()
             del arr
             tmp_list.write_text("".join(f"{p}\n" for p in names))
-            os.replace(tmp, target)
-            os.replace(tmp_list, listing)
-        finally:
-            tmp.unlink(missing_ok=True)
-            tmp_list.unlink(missing_ok=True)
         for r in reports:
             (parts / r["file"]).unlink(missing_ok=True)
         _remove_if_empty(parts)

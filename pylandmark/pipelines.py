@@ -217,6 +217,27 @@ def recognition_results(index: Any, desc: np.ndarray, queries: Sequence[str], k:
     return out
 
 
+def npy_path(out: str | Path) -> Path:
+    """Where ``np.save(out, ...)`` writes: ``out``, with ``.npy`` appended when missing."""
+    out = Path(out)
+    return out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
+
+
+def save_descriptors(out: str | Path, descriptors: np.ndarray, paths: Sequence[Any]) -> tuple[Path, Path]:
+    """Writes ``pylandmark extract``'s outputs: the (N, D) array as ``.npy`` and one path per
+    line in ``<out>.paths.txt``, each through a temporary file (a failure keeps the old pair).
+    Returns both paths."""
+    from ._files import replaced_atomically
+
+    out = Path(out)
+    target, listing = npy_path(out), out.with_suffix(".paths.txt")
+    with replaced_atomically(target) as tmp, replaced_atomically(listing) as tmp_list:
+        with open(tmp, "wb") as f:
+            np.save(f, descriptors)
+        tmp_list.write_text("".join(f"{p}\n" for p in paths))
+    return target, listing
+
+
 def folder_truth(images: Sequence[Path], index_labels: Any) -> list[Any] | None:
     """The true labels of query images that sit in class folders (``<dir>/<label>/<image>``
     with every parent folder name one of the index's labels), else None."""

@@ -111,12 +111,12 @@ class Whitening:
         """Writes ``mean`` and ``projection`` (float64) to a ``.safetensors`` file."""
         from safetensors.numpy import save_file
 
+        from .._files import replaced_atomically
+
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        save_file({"mean": np.ascontiguousarray(self.mean), "projection": np.ascontiguousarray(self.projection)},
-                  str(tmp), metadata={"kind": self.kind, "format": "pylandmark.Whitening"})
-        os.replace(tmp, p)
+        with replaced_atomically(p) as tmp:
+            save_file({"mean": np.ascontiguousarray(self.mean), "projection": np.ascontiguousarray(self.projection)},
+                      str(tmp), metadata={"kind": self.kind, "format": "pylandmark.Whitening"})
         return p
 
     @classmethod

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .._files import replaced_atomically
 from .._version import __version__
 from .thumbs import data_uri, resolve_image, thumbnail_jpeg
 
@@ -171,21 +171,8 @@ def write_page(out: str | os.PathLike, text: str) -> Path:
     out = Path(out)
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a folder; name the .html file to write")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        readable(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return out
 
 
-def readable(path: str | os.PathLike) -> None:
-    """Gives a temporary file the mode of any new file (mkstemp makes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

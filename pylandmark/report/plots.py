@@ -17,14 +17,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .html import ThumbStore, esc, legend, page, readable, tile, write_page
+from .._files import replaced_atomically
+from .html import ThumbStore, esc, legend, page, tile, write_page
 
 __all__ = ["require_matplotlib", "protocol_lists", "pr_curve", "interpolated_precision",
            "write_evaluation_plots", "worst_queries_page", "PROTOCOLS"]
@@ -93,15 +93,8 @@ def interpolated_precision(recall: np.ndarray, precision: np.ndarray, grid: np.n
 
 
 def _savefig(fig, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with replaced_atomically(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-        readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

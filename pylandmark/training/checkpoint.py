@@ -16,13 +16,14 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .._files import replaced_atomically
 
 __all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
 
@@ -84,29 +85,11 @@ def save_checkpoint(path: str | os.PathLike, contents: Mapping[str, Any], meta: 
         meta_json = json.dumps(meta, allow_nan=True)
     except (TypeError, ValueError) as err:
         raise TypeError(f"meta must be JSON-serialisable: {err}") from err
-    p.parent.mkdir(parents=True, exist_ok=True)
     obj = dict(contents)
     obj["format"] = f"{CHECKPOINT_FORMAT}/{CHECKPOINT_VERSION}"
     obj["meta_json"] = meta_json
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable (best effort; not possible on every platform)
-        dfd = os.open(p.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    with replaced_atomically(p, durable=True) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     return p
 
 

@@ -42,7 +42,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -56,6 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_utils
+from .._files import replaced_atomically
 from ..nn.losses import make_loss
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RUNTIME_FIELDS, TrainConfig, autocast_dtype, resolve_device
@@ -408,9 +408,8 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
                     "rng": rng_state()}
         save_checkpoint(last_path, contents, checkpoint_meta(epoch))
         if is_best:
-            tmp = best_path.with_name(best_path.name + ".tmp")
-            shutil.copyfile(last_path, tmp)
-            os.replace(tmp, best_path)
+            with replaced_atomically(best_path, durable=True) as tmp:
+                shutil.copyfile(last_path, tmp)
 
     try:
         if cfg.validate_initial and start_epoch == 0 and not history and cfg.validate_every:

@@ -6,10 +6,11 @@ import csv
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .._files import replaced_atomically
 
 __all__ = ["RunLog", "format_row"]
 
@@ -37,18 +38,14 @@ class RunLog:
         keys: list[str] = []
         for row in history:
             keys.extend(k for k in row if k not in keys)
-        tmp = self.out / "log.csv.tmp"
-        with open(tmp, "w", newline="") as f:
+        with replaced_atomically(self.out / "log.csv") as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             for row in history:
                 w.writerow({k: row.get(k, "") for k in keys})
-        os.replace(tmp, self.out / "log.csv")
-        tmp = self.out / "log.jsonl.tmp"
-        with open(tmp, "w") as f:
+        with replaced_atomically(self.out / "log.jsonl") as tmp, open(tmp, "w") as f:
             for row in history:
                 f.write(json.dumps(row) + "\n")
-        os.replace(tmp, self.out / "log.jsonl")
         if self.writer is not None and history:
             row = history[-1]
             for k, v in row.items():
