@@ -6,6 +6,7 @@ import http.server
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ class Server:
         self.honour_range = True
         self.cut_after = None  # send only this many body bytes, then close
         self.endless = False  # no Content-Length, zeros until the client hangs up
+        self.drip_s = None  # send the body one byte per this many seconds
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -71,6 +73,17 @@ class Server:
                 if outer.cut_after is not None:
                     part = part[: outer.cut_after]
                     self.close_connection = True
+                drip = outer.drip_s
+                if drip is not None:
+                    try:
+                        for i in range(len(part)):
+                            self.wfile.write(part[i:i + 1])
+                            self.wfile.flush()
+                            outer.sent += 1
+                            time.sleep(drip)
+                    except OSError:
+                        self.close_connection = True
+                    return
                 self.wfile.write(part)
                 outer.sent += len(part)
 
@@ -213,6 +226,8 @@ def test_file_url(payload, tmp_path):
     ({"sha256": "abc"}, "sha256"),
     ({"md5": "z" * 32}, "md5"),
     ({"timeout": 0}, "timeout"),
+    ({"min_rate": -1}, "min_rate"),
+    ({"min_rate": float("nan")}, "min_rate"),
 ])
 def test_bad_arguments(tmp_path, kwargs, pattern):
     args = {"url": "http://127.0.0.1:9/x", "dest": tmp_path / "x"} | kwargs
@@ -238,6 +253,25 @@ def test_an_endless_response_stops_at_the_limit(server, tmp_path):
     assert "\n" not in str(err.value)
     assert not dest.exists() and not (tmp_path / "zeros.bin.part").exists()
     assert server.sent < 64 << 20  # stopped near the limit, not at the server's 4 GiB
+
+
+def test_a_server_that_drips_bytes_is_stopped_and_the_part_resumes(server, payload, tmp_path, monkeypatch):
+    import pylandmark.data.download as dl
+
+    monkeypatch.setattr(dl, "RATE_WINDOW_S", 0.5)  # the check's stretch, shortened from a minute
+    server.drip_s = 0.01  # about 100 bytes/s, far below min_rate
+    dest = tmp_path / "d.bin"
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="too slow") as err:
+        download_url(server.url("data.bin"), dest, min_rate=10_000, progress=False, timeout=10)
+    assert time.monotonic() - start < 5  # one stretch and a bit, not the hours the body would take
+    assert "\n" not in str(err.value) and "resume" in str(err.value)
+    part = tmp_path / "d.bin.part"
+    kept = part.read_bytes()
+    assert 0 < len(kept) < 1000 and kept == payload[:len(kept)] and not dest.exists()
+    server.drip_s = None  # a better connection: the run resumes from the part
+    assert download_url(server.url("data.bin"), dest, progress=False).read_bytes() == payload
+    assert server.requests[-1] == ("data.bin", f"bytes={len(kept)}-")
 
 
 def test_an_announced_size_beyond_the_limit_is_refused_before_the_body(server, payload, tmp_path):

@@ -4,8 +4,10 @@
 request, checks the size the server announced and the expected hashes, and only then renames
 the file into place. Every download is bounded: by its expected size when one is known, else by
 ``max_bytes`` (default 2 GiB), checked against the announced size before the body and while it
-streams. Without network access it fails with a message naming the URL and the path where the
-file can be put by hand. ``extract_tar`` bounds what an archive may expand to the same way.
+streams, and in time: a transfer slower than ``min_rate`` bytes/s over a minute stops (the part
+is kept, so a run on a better connection resumes). Without network access it fails with a
+message naming the URL and the path where the file can be put by hand. ``extract_tar`` bounds
+what an archive may expand to the same way.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import re
 import shutil
 import stat
 import tarfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,6 +38,8 @@ _CHUNK = 1 << 20
 _SCHEMES = ("http", "https", "ftp", "file")
 #: largest download accepted when the caller knows no size (checkpoints are ~100-600 MB)
 DEFAULT_MAX_BYTES = 2 << 30
+DEFAULT_MIN_RATE = 16 << 10  # bytes/s: a 2 GiB file at this rate takes 36 h
+RATE_WINDOW_S = 60.0  # the rate is checked over each such stretch of the transfer
 #: an archive may expand to this many times its own size (JPEG archives barely compress) ...
 ARCHIVE_RATIO = 4
 #: ... plus this much
@@ -102,7 +107,7 @@ def _hint(url: str, dest: Path, expected: dict[str, str | None]) -> str:
 
 def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | None = None,
                  size: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES, progress: bool = True,
-                 timeout: float = 60) -> Path:
+                 timeout: float = 60, min_rate: float = DEFAULT_MIN_RATE) -> Path:
     """Download ``url`` to ``dest`` unless a verified copy is already there.
 
     Args:
@@ -115,6 +120,8 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
             announced size is refused before the body, and a transfer that grows past it stops.
         progress: show a tqdm progress bar.
         timeout: seconds to wait for the connection and for each read.
+        min_rate: the slowest transfer accepted, in bytes/s averaged over each minute (default
+            16 KiB/s); a server that drips bytes cannot hold the download open for days.
 
     Returns:
         the path of the verified file.
@@ -144,11 +151,13 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
     expected = {"sha256": _check_hex(sha256, 64, "sha256"), "md5": _check_hex(md5, 32, "md5")}
     if not timeout or timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if isinstance(min_rate, bool) or not isinstance(min_rate, numbers.Real) or not min_rate >= 0:
+        raise ValueError(f"min_rate must be bytes/s >= 0 (0: no floor), got {min_rate!r}")
     if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0):
         raise ValueError(f"size must be a byte count >= 0 or None, got {size!r}")
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral) or max_bytes < 1:
         raise ValueError(f"max_bytes must be a byte count >= 1, got {max_bytes!r}")
-    limit = _Limit(int(size) if size is not None else int(max_bytes), size is not None)
+    limit = _Limit(int(size) if size is not None else int(max_bytes), size is not None, float(min_rate))
     dest = Path(dest).expanduser()
     if dest.is_dir():
         name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
@@ -205,9 +214,11 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
 
 
 class _Limit:
-    """The most bytes a download may have; ``exact``: the size it must have."""
+    """The most bytes a download may have (``exact``: the size it must have) and the slowest
+    rate it may go at."""
 
-    def __init__(self, nbytes: int, exact: bool):
+    def __init__(self, nbytes: int, exact: bool, min_rate: float = 0.0):
+        self.min_rate = min_rate
         self.bytes, self.exact = nbytes, exact
 
     def check(self, total: int | None, url: str, dest: Path) -> None:
@@ -288,14 +299,17 @@ def _fetch(url: str, dest: Path, part: Path, expected: dict[str, str | None], li
             offset, total, mode = 0, length, "wb"
         limit.check(total, url, dest)
         done = offset
+        window_start, window_done = time.monotonic(), done
+        read = getattr(response, "read1", response.read)
         bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                    desc=dest.name, disable=not progress, leave=False)
         try:
             with open(part, mode) as f:
                 while True:
                     try:
-                        # at most one byte past the limit: enough to know it was passed
-                        block = response.read(min(_CHUNK, limit.bytes + 1 - done))
+                        # at most one byte past the limit: enough to know it was passed; read1
+                        # returns what has arrived, so a slow server cannot stall one call
+                        block = read(min(_CHUNK, limit.bytes + 1 - done))
                     except (OSError, http.client.HTTPException) as err:
                         raise DownloadError(
                             f"the download of {url} broke off after {done} bytes ({err!r}); "
@@ -306,6 +320,15 @@ def _fetch(url: str, dest: Path, part: Path, expected: dict[str, str | None], li
                     f.write(block)
                     done += len(block)
                     bar.update(len(block))
+                    elapsed = time.monotonic() - window_start
+                    if elapsed >= RATE_WINDOW_S:
+                        if (done - window_done) / elapsed < limit.min_rate:
+                            raise DownloadError(
+                                f"the download of {url} is too slow ({(done - window_done) / elapsed:.0f} "
+                                f"bytes/s over {elapsed:.0f} s, less than min_rate={limit.min_rate:.0f}); "
+                                f"stopped after {done} bytes, run again to resume from {part}. "
+                                f"{_hint(url, dest, expected)}")
+                        window_start, window_done = time.monotonic(), done
                     if done > limit.bytes:
                         if limit.exact:
                             raise ChecksumError(f"{url} sent more than the expected {limit.bytes} bytes; "
