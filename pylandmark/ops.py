@@ -4,6 +4,7 @@ Input checks and output allocation live here; the loops live in ``pylandmark._C`
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -76,12 +77,32 @@ def _operands(queries: Any, db: Any, k: Any, metric: str) -> tuple[Array, Array,
         raise ValueError("db is empty (N=0); add descriptors before searching")
     if q.shape[1] == 0:
         raise ValueError("queries: D must be at least 1")
+    _check_result_size(q.shape[0], k, d.shape[0])
     if q.shape[0] and not _unit_last_stride(q):
         q = contiguous(q)
     if not _unit_last_stride(d):
         raise ValueError("db: the last axis must be contiguous (element stride 1); pass a "
                          "contiguous copy (np.ascontiguousarray / .contiguous())")
     return q, d, k, one
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+
+
+def _check_result_size(n_queries: int, k: int, n_rows: int) -> None:
+    """Refuses results that cannot fit: (Q, k) float32 scores + int64 indices beyond half the
+    machine's memory would be killed by the OS midway, not raise."""
+    need = n_queries * k * 12
+    memory = _physical_memory()
+    if memory and need > memory // 2:
+        hint = f" (the db has only N={n_rows} rows; beyond them the result is padding)" if k > n_rows else ""
+        raise ValueError(f"k={k} for {n_queries} queries needs {need / 2**30:.1f} GiB of results, more than half "
+                         f"of this machine's {memory / 2**30:.0f} GiB; pass a smaller k{hint} or search fewer "
+                         "queries per call")
 
 
 def _search_cuda(q: Array, d: Array, scores: Array, indices: Array, k: int, cosine: bool) -> None:

@@ -421,3 +421,14 @@ def test_thread_counts_beyond_reason_are_one_value_error():
         with pytest.raises(ValueError, match="n must be an int in"):
             set_num_threads(n)
     assert get_num_threads() == before
+
+
+def test_results_beyond_the_machine_memory_are_a_value_error_not_an_oom_kill(rng, monkeypatch):
+    import pylandmark.ops as ops
+
+    monkeypatch.setattr(ops, "_physical_memory", lambda: 1 << 20)  # a 1 MiB machine: half is 512 KiB
+    db = make(rng, (30, 8), "float16")
+    with pytest.raises(ValueError, match=r"k=1000 for 100 queries needs .* GiB of results.*only N=30 rows"):
+        plm.search(make(rng, (100, 8), "float32"), db, k=1000)  # 100 x 1000 x 12 B = 1.2 MB
+    scores, idx = plm.search(make(rng, (10, 8), "float32"), db, k=1000)  # 120 KB fits
+    assert idx.shape == (10, 1000) and (idx[:, 30:] == -1).all() and sorted(idx[0, :30]) == list(range(30))
