@@ -199,6 +199,148 @@ static void scores_direct(const float* q, int64_t nq, const void* db, DType dt,
   }
 }
 
+// ---- register-blocked many-query scoring (AVX2) ---------------------------------------------
+// GEMM-style: C (queries x rows) accumulates outer products of a broadcast query element and a
+// vector of 8 db rows. A 6 x 16 tile holds 12 accumulators, 2 db vectors and 1 broadcast in
+// 15 of the 16 ymm registers, and does 12 FMAs per 2 loads + 6 broadcasts (from L1). The db
+// tile is converted to float32 and transposed into 16-row panels once per tile (amortised over
+// every query of the block), the queries into 6-query panels once per block. d is split into
+// kBlockKC slices: one db panel slice (KC x 16 floats, 16 KiB) stays in L1 while the queries'
+// slice (nq x KC floats, <= ~256 KiB for the search's query blocks) streams from L2. Each slice
+// starts its accumulators at zero and is added to C, so no float32 sum runs over more than
+// kBlockKC products (the error bound of the lane-split dot products it replaces).
+#if PLM_W == 8
+#define PLM_HAVE_BLOCKED 1
+constexpr int kBlockMR = 6, kBlockNR = 16;
+constexpr int64_t kBlockKC = 256;
+
+static void pack_query_panels(const float* q, int64_t nq, int64_t Dp, float* dst) {
+  const int64_t panels = (nq + kBlockMR - 1) / kBlockMR;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* out = dst + p * Dp * kBlockMR;
+    for (int i = 0; i < kBlockMR; ++i) {
+      const int64_t row = p * kBlockMR + i;
+      for (int64_t d = 0; d < Dp; ++d) out[d * kBlockMR + i] = row < nq ? q[row * Dp + d] : 0.0f;
+    }
+  }
+}
+
+static inline void transpose8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// nt rows -> ceil(nt / 16) panels of Dp x 16 floats (d-major; rows past nt and d past D zero),
+// with each row's 1/norm from the same values (4 partial sums per row, d mod 4 apart).
+template <int DT>
+static void pack_db_panels_t(const void* db, int64_t row_stride, int64_t nt, int64_t D, int64_t Dp,
+                             float* dst, float* inv_norms) {
+  const auto* base = static_cast<const unsigned char*>(db);
+  const int64_t row_bytes = row_stride * elem_size<DT>();
+  const int64_t panels = (nt + kBlockNR - 1) / kBlockNR;
+  const int64_t full = D - D % W;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* out = dst + p * Dp * kBlockNR;
+    for (int h = 0; h < kBlockNR / W; ++h) {
+      const int64_t r0 = p * kBlockNR + h * W;
+      const int64_t valid = imin(W, nt - r0);  // may be <= 0 for the last panel's upper half
+      const void* rows[W];
+      for (int r = 0; r < W; ++r) rows[r] = base + (r0 + (r < valid ? r : 0)) * row_bytes;
+      vf sq[4] = {};
+      for (int64_t d = 0; d < Dp; d += W) {
+        __m256 v[W];
+        for (int r = 0; r < W; ++r) {
+          vf x = vf{};
+          if (r < valid) {
+            if (d < full) {
+              __builtin_prefetch(static_cast<const char*>(rows[r]) + (d + kPrefetchAhead) * elem_size<DT>());
+              x = load_as_float<DT>(rows[r], d);
+            } else if (d < D) {
+              x = load_tail<DT>(rows[r], d, D - d);
+            }
+          }
+          v[r] = (__m256)x;
+        }
+        transpose8(v);
+        for (int l = 0; l < W; ++l) {
+          vf c = (vf)v[l];
+          vstore(out + (d + l) * kBlockNR + h * W, c);
+          sq[l & 3] += c * c;
+        }
+      }
+      if (inv_norms) {
+        vf n2 = (sq[0] + sq[2]) + (sq[1] + sq[3]);
+        for (int64_t r = 0; r < valid; ++r) inv_norms[r0 + r] = inv_norm_or_redo<DT == 1>(n2[r]);
+      }
+    }
+  }
+}
+
+// C[0..6) x [0..16) (+)= A (kc x 6, d-major) times B (kc x 16, d-major).
+static inline void micro_block(const float* __restrict a, const float* __restrict b, int64_t kc,
+                               float* c, int64_t ld, bool first) {
+  vf acc[kBlockMR][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < kBlockMR; ++i) acc[i][0] = acc[i][1] = vf{};
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k) {
+    const vf b0 = vload(b + k * kBlockNR), b1 = vload(b + k * kBlockNR + W);
+#pragma GCC unroll 8
+    for (int i = 0; i < kBlockMR; ++i) {
+      const vf ai = (vf)_mm256_broadcast_ss(a + k * kBlockMR + i);  // a load, not an add + shuffle
+      acc[i][0] += ai * b0;
+      acc[i][1] += ai * b1;
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kBlockMR; ++i) {
+    float* ci = c + i * ld;
+    if (first) {
+      vstore(ci, acc[i][0]);
+      vstore(ci + W, acc[i][1]);
+    } else {
+      vstore(ci, vload(ci) + acc[i][0]);
+      vstore(ci + W, vload(ci + W) + acc[i][1]);
+    }
+  }
+}
+
+static void scores_block(const float* qp, int64_t nq, const void* db, DType dt, int64_t row_stride,
+                         int64_t nt, int64_t D, float* out, int64_t ld, float* inv_norms,
+                         float* work) {
+  const int64_t Dp = padded_dim(D);
+  switch (dt) {
+    case DType::f16: pack_db_panels_t<1>(db, row_stride, nt, D, Dp, work, inv_norms); break;
+    case DType::bf16: pack_db_panels_t<2>(db, row_stride, nt, D, Dp, work, inv_norms); break;
+    default: pack_db_panels_t<0>(db, row_stride, nt, D, Dp, work, inv_norms); break;
+  }
+  const int64_t qpanels = (nq + kBlockMR - 1) / kBlockMR;
+  const int64_t dpanels = (nt + kBlockNR - 1) / kBlockNR;
+  for (int64_t k0 = 0; k0 < Dp; k0 += kBlockKC) {
+    const int64_t kc = imin(kBlockKC, Dp - k0);
+    for (int64_t jp = 0; jp < dpanels; ++jp) {
+      const float* b = work + (jp * Dp + k0) * kBlockNR;
+      for (int64_t ip = 0; ip < qpanels; ++ip)
+        micro_block(qp + (ip * Dp + k0) * kBlockMR, b, kc, out + ip * kBlockMR * ld + jp * kBlockNR,
+                    ld, k0 == 0);
+    }
+  }
+}
+#endif  // PLM_W == 8
+
 // ---- GeM ------------------------------------------------------------------------------------
 
 template <bool CUBE>
@@ -396,6 +538,17 @@ const KernelTable PLM_CAT(kernels_, PLM_ISA_NS) = {
     PLM_ISA_NS::pack_rows,
     PLM_ISA_NS::scores_tile,
     PLM_ISA_NS::scores_direct,
+#if defined(PLM_HAVE_BLOCKED)
+    PLM_ISA_NS::kBlockMR,
+    PLM_ISA_NS::kBlockNR,
+    PLM_ISA_NS::pack_query_panels,
+    PLM_ISA_NS::scores_block,
+#else
+    0,
+    0,
+    nullptr,
+    nullptr,
+#endif
     PLM_ISA_NS::gem_fwd_rows,
     PLM_ISA_NS::gem_fwd_cols,
     PLM_ISA_NS::gem_bwd_rows,

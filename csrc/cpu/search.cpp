@@ -34,6 +34,8 @@ struct Plan {
   int64_t tile_rows;
 };
 
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
 const unsigned char* db_row(const SearchArgs& a, int64_t n) {
   return static_cast<const unsigned char*>(a.db) + n * a.db_stride * dtype_size(a.db_dtype);
 }
@@ -97,6 +99,23 @@ void scan(const Plan& p, int64_t q0, int64_t q1, int64_t n0, int64_t n1, TopKLis
     }
     return;
   }
+  if (K.scores_block) {
+    const int64_t ld = round_up(p.tile_rows, K.block_nr);
+    std::vector<float> panels(round_up(p.query_block, K.block_mr) * p.Dp), work(ld * p.Dp);
+    std::vector<float> scores(round_up(p.query_block, K.block_mr) * ld), inv(p.tile_rows);
+    for (int64_t qb = q0; qb < q1; qb += p.query_block) {
+      const int64_t nq = std::min(p.query_block, q1 - qb);
+      K.pack_query_panels(p.queries + qb * p.Dp, nq, p.Dp, panels.data());
+      for (int64_t n = n0; n < n1; n += p.tile_rows) {
+        const int64_t nt = std::min(p.tile_rows, n1 - n);
+        K.scores_block(panels.data(), nq, db_row(a, n), a.db_dtype, a.db_stride, nt, a.D,
+                       scores.data(), ld, a.cosine ? inv.data() : nullptr, work.data());
+        if (a.cosine) redo_extreme_rows(p, p.queries + qb * p.Dp, nq, n, nt, scores.data(), ld, inv.data());
+        offer_block(scores.data(), ld, nq, nt, n, a.cosine ? inv.data() : nullptr, lists + (qb - q0));
+      }
+    }
+    return;
+  }
   std::vector<float> tile(p.tile_rows * p.Dp), inv(p.tile_rows);
   std::vector<float> scores(p.query_block * p.tile_rows);
   for (int64_t qb = q0; qb < q1; qb += p.query_block) {
@@ -120,8 +139,6 @@ std::vector<TopKList> make_lists(float* scores, int64_t* indices, int64_t Q, int
   }
   return lists;
 }
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 }  // namespace
 
