@@ -214,18 +214,23 @@ static void scores_direct(const float* q, int64_t nq, const void* db, DType dt,
 constexpr int kBlockMR = 6, kBlockNR = 16;
 constexpr int64_t kBlockKC = 256;
 
+// Layout: d slices of kBlockKC, each holding every panel's kc x 6 block in turn, so that the
+// micro-kernel calls of one slice read the queries as one sequential stream.
 static void pack_query_panels(const float* q, int64_t nq, int64_t Dp, float* dst) {
   const int64_t panels = (nq + kBlockMR - 1) / kBlockMR;
-  for (int64_t p = 0; p < panels; ++p) {
-    float* out = dst + p * Dp * kBlockMR;
-    for (int i = 0; i < kBlockMR; ++i) {
-      const int64_t row = p * kBlockMR + i;
-      for (int64_t d = 0; d < Dp; ++d) out[d * kBlockMR + i] = row < nq ? q[row * Dp + d] : 0.0f;
+  for (int64_t k0 = 0; k0 < Dp; k0 += kBlockKC) {
+    const int64_t kc = imin(kBlockKC, Dp - k0);
+    for (int64_t p = 0; p < panels; ++p) {
+      float* out = dst + k0 * panels * kBlockMR + p * kc * kBlockMR;
+      for (int i = 0; i < kBlockMR; ++i) {
+        const int64_t row = p * kBlockMR + i;
+        for (int64_t d = 0; d < kc; ++d) out[d * kBlockMR + i] = row < nq ? q[row * Dp + k0 + d] : 0.0f;
+      }
     }
   }
 }
 
-static inline void transpose8(__m256* r) {
+__attribute__((always_inline)) static inline void transpose8(__m256* r) {
   __m256 t[8], u[8];
   for (int i = 0; i < 4; ++i) {
     t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -260,7 +265,25 @@ static void pack_db_panels_t(const void* db, int64_t row_stride, int64_t nt, int
       const void* rows[W];
       for (int r = 0; r < W; ++r) rows[r] = base + (r0 + (r < valid ? r : 0)) * row_bytes;
       vf sq[4] = {};
-      for (int64_t d = 0; d < Dp; d += W) {
+      int64_t d = 0;
+      if (valid == W) {  // the common case, without per-row and per-column tests
+        for (; d < full; d += W) {
+          __m256 v[W];
+#pragma GCC unroll 8
+          for (int r = 0; r < W; ++r) {
+            __builtin_prefetch(static_cast<const char*>(rows[r]) + (d + kPrefetchAhead) * elem_size<DT>());
+            v[r] = (__m256)load_as_float<DT>(rows[r], d);
+          }
+          transpose8(v);
+#pragma GCC unroll 8
+          for (int l = 0; l < W; ++l) {
+            vf c = (vf)v[l];
+            vstore(out + (d + l) * kBlockNR + h * W, c);
+            sq[l & 3] += c * c;
+          }
+        }
+      }
+      for (; d < Dp; d += W) {
         __m256 v[W];
         for (int r = 0; r < W; ++r) {
           vf x = vf{};
@@ -318,9 +341,27 @@ static inline void micro_block(const float* __restrict a, const float* __restric
   }
 }
 
+// Pulls the next tile's rows into L2 a few lines at a time while this tile is scored, so that
+// packing it reads L2 instead of waiting on memory.
+struct TilePrefetcher {
+  const unsigned char* row;
+  int64_t row_bytes, line_bytes, rows_left, off = 0;
+  void step(int64_t lines) {
+    for (; lines > 0 && rows_left > 0; --lines) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + off), _MM_HINT_T1);
+      off += 64;
+      if (off >= line_bytes) {
+        off = 0;
+        row += row_bytes;
+        --rows_left;
+      }
+    }
+  }
+};
+
 static void scores_block(const float* qp, int64_t nq, const void* db, DType dt, int64_t row_stride,
                          int64_t nt, int64_t D, float* out, int64_t ld, float* inv_norms,
-                         float* work) {
+                         float* work, const void* next, int64_t next_nt) {
   const int64_t Dp = padded_dim(D);
   switch (dt) {
     case DType::f16: pack_db_panels_t<1>(db, row_stride, nt, D, Dp, work, inv_norms); break;
@@ -329,13 +370,20 @@ static void scores_block(const float* qp, int64_t nq, const void* db, DType dt, 
   }
   const int64_t qpanels = (nq + kBlockMR - 1) / kBlockMR;
   const int64_t dpanels = (nt + kBlockNR - 1) / kBlockNR;
+  const int64_t esize = dt == DType::f32 ? 4 : 2;
+  TilePrefetcher pf{static_cast<const unsigned char*>(next), row_stride * esize, D * esize,
+                    next ? next_nt : 0};
+  const int64_t calls = qpanels * dpanels * ((Dp + kBlockKC - 1) / kBlockKC);
+  const int64_t per_call = (next_nt * ((D * esize + 63) / 64) + calls - 1) / calls;
   for (int64_t k0 = 0; k0 < Dp; k0 += kBlockKC) {
     const int64_t kc = imin(kBlockKC, Dp - k0);
     for (int64_t jp = 0; jp < dpanels; ++jp) {
       const float* b = work + (jp * Dp + k0) * kBlockNR;
-      for (int64_t ip = 0; ip < qpanels; ++ip)
-        micro_block(qp + (ip * Dp + k0) * kBlockMR, b, kc, out + ip * kBlockMR * ld + jp * kBlockNR,
+      for (int64_t ip = 0; ip < qpanels; ++ip) {
+        pf.step(per_call);
+        micro_block(qp + (k0 * qpanels + ip * kc) * kBlockMR, b, kc, out + ip * kBlockMR * ld + jp * kBlockNR,
                     ld, k0 == 0);
+      }
     }
   }
 }

@@ -58,9 +58,11 @@ struct KernelTable {
   // out[i*ld + j] = <q_i, row_j> for i < round_up(nq, block_mr), j < round_up(nt, block_nr) (rows
   // past nq or nt score 0); qp from pack_query_panels; the nt db rows (dt, row_stride apart, D
   // long) are read once into work (round_up(nt, block_nr) x Dp floats). inv_norms (optional, nt)
-  // as in pack_rows.
+  // as in pack_rows. next (optional): the next next_nt rows to be scored (same layout), fetched
+  // into cache meanwhile.
   void (*scores_block)(const float* qp, int64_t nq, const void* db, DType dt, int64_t row_stride,
-                       int64_t nt, int64_t D, float* out, int64_t ld, float* inv_norms, float* work);
+                       int64_t nt, int64_t D, float* out, int64_t ld, float* inv_norms, float* work,
+                       const void* next, int64_t next_nt);
 
   // GeM over rows of n contiguous elements (row r at x + r*row_stride elements):
   // y[r] = (mean_i max(x_ri, eps)^p)^(1/p).

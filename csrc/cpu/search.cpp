@@ -66,21 +66,37 @@ void redo_extreme_rows(const Plan& p, const float* queries, int64_t nq, int64_t 
 }
 
 // Offers scores[i * ld + j] (times inv_norms[j] for cosine) for queries [0, nq) and rows
-// [n0, n0 + nt) to lists[0..nq).
-void offer_block(const float* scores, int64_t ld, int64_t nq, int64_t nt, int64_t n0,
-                 const float* inv_norms, TopKList* lists) {
+// [n0, n1 + nt) to lists[0..nq). Runs of kOfferRun scores are first tested at once (a loop the
+// compiler vectorises): once a list is full, almost no score beats its threshold.
+constexpr int64_t kOfferRun = 32;
+
+template <bool COSINE>
+void offer_block_t(const float* scores, int64_t ld, int64_t nq, int64_t nt, int64_t n0,
+                   const float* inv_norms, TopKList* lists) {
   for (int64_t i = 0; i < nq; ++i) {
     const float* row = scores + i * ld;
     TopKList& list = lists[i];
     float thr = list.threshold();
-    for (int64_t j = 0; j < nt; ++j) {
-      float s = inv_norms ? row[j] * inv_norms[j] : row[j];
-      if (s > thr) {
-        list.offer(s, n0 + j);
-        thr = list.threshold();
+    for (int64_t j0 = 0; j0 < nt; j0 += kOfferRun) {
+      const int64_t j1 = std::min(nt, j0 + kOfferRun);
+      int hit = 0;
+      for (int64_t j = j0; j < j1; ++j) hit |= (COSINE ? row[j] * inv_norms[j] : row[j]) > thr;
+      if (!hit) continue;
+      for (int64_t j = j0; j < j1; ++j) {
+        const float s = COSINE ? row[j] * inv_norms[j] : row[j];
+        if (s > thr) {
+          list.offer(s, n0 + j);
+          thr = list.threshold();
+        }
       }
     }
   }
+}
+
+void offer_block(const float* scores, int64_t ld, int64_t nq, int64_t nt, int64_t n0,
+                 const float* inv_norms, TopKList* lists) {
+  if (inv_norms) return offer_block_t<true>(scores, ld, nq, nt, n0, inv_norms, lists);
+  offer_block_t<false>(scores, ld, nq, nt, n0, nullptr, lists);
 }
 
 // Scores queries [q0, q1) against db rows [n0, n1) into lists (one per query, q0 first).
@@ -108,8 +124,10 @@ void scan(const Plan& p, int64_t q0, int64_t q1, int64_t n0, int64_t n1, TopKLis
       K.pack_query_panels(p.queries + qb * p.Dp, nq, p.Dp, panels.data());
       for (int64_t n = n0; n < n1; n += p.tile_rows) {
         const int64_t nt = std::min(p.tile_rows, n1 - n);
+        const int64_t next_nt = std::min(p.tile_rows, n1 - n - nt);
         K.scores_block(panels.data(), nq, db_row(a, n), a.db_dtype, a.db_stride, nt, a.D,
-                       scores.data(), ld, a.cosine ? inv.data() : nullptr, work.data());
+                       scores.data(), ld, a.cosine ? inv.data() : nullptr, work.data(),
+                       next_nt > 0 ? db_row(a, n + nt) : nullptr, next_nt);
         if (a.cosine) redo_extreme_rows(p, p.queries + qb * p.Dp, nq, n, nt, scores.data(), ld, inv.data());
         offer_block(scores.data(), ld, nq, nt, n, a.cosine ? inv.data() : nullptr, lists + (qb - q0));
       }
