@@ -103,19 +103,32 @@ static void scores_tile(const float* q, int64_t nq, const float* tile, int64_t n
 }
 
 // Few queries: stream the db rows once, converting on the fly, with the row norms in the same pass.
+// AVX2 takes up to 16 this way (groups of queries over 4 rows held in L1, see
+// scores_direct_groups): packing panels would cost as much as the FMAs at so few queries.
+#if PLM_W == 8
+constexpr int kDirectMaxQ = 16;
+#else
 constexpr int kDirectMaxQ = 4;
+#endif
 // Rows streamed at once: more rows keep more memory requests in flight, fewer leave registers
 // for more queries.
+// AVX2 has 16 ymm registers: MR x NR accumulators + NR row norms + NR rows + 1 query must fit,
+// or an accumulator spills and its FMA chain goes through memory.
 template <int MR>
 constexpr int direct_nr() {
+#if PLM_W == 8
+  return MR == 1 ? 4 : MR <= 3 ? 3 : 2;
+#else
   return MR == 1 ? 8 : 4;
+#endif
 }
 // Software prefetch distance in elements (measured on Zen 5: ~25% more bandwidth than none).
 constexpr int64_t kPrefetchAhead = 256;
 
 template <int DT, int MR, int NR, bool NORMS>
 static inline void micro_direct(const float* q, int64_t Dp, const void* const* rows, int64_t D,
-                                float* out, int64_t ld, int64_t nr, float* inv_norms) {
+                                float* out, int64_t ld, int64_t nr, float* inv_norms,
+                                int64_t pf_bytes) {
   vf acc[MR][NR];
   vf sq[NR];
 #pragma GCC unroll 8
@@ -141,7 +154,9 @@ static inline void micro_direct(const float* q, int64_t Dp, const void* const* r
     vf b[NR];
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
-      __builtin_prefetch(static_cast<const char*>(rows[j]) + (d + kPrefetchAhead) * elem_size<DT>());
+      // one prefetch per 64-byte line, not one per vector
+      if (pf_bytes && ((d * elem_size<DT>()) & 63) == 0)
+        __builtin_prefetch(static_cast<const char*>(rows[j]) + d * elem_size<DT>() + pf_bytes);
       b[j] = load_as_float<DT>(rows[j], d);
     }
     step(d, b);
@@ -157,6 +172,20 @@ static inline void micro_direct(const float* q, int64_t Dp, const void* const* r
   }
 }
 
+// Software prefetch offset, bytes from the element being read: AVX2 fetches the same place two
+// row blocks ahead (each row is only a short stream for the hardware prefetcher, and at one
+// query a block is scored in less time than a memory miss takes), the others a fixed distance
+// along the row.
+template <int DT, int NR>
+static inline int64_t direct_prefetch_bytes(int64_t row_bytes) {
+#if PLM_W == 8
+  return 2 * NR * row_bytes;
+#else
+  (void)row_bytes;
+  return kPrefetchAhead * elem_size<DT>();
+#endif
+}
+
 template <int DT, int MR, bool NORMS>
 static void scores_direct_t(const float* q, const void* db, int64_t row_stride, int64_t nt,
                             int64_t D, float* out, float* inv_norms) {
@@ -164,13 +193,45 @@ static void scores_direct_t(const float* q, const void* db, int64_t row_stride, 
   const int64_t Dp = padded_dim(D);
   const auto* base = static_cast<const unsigned char*>(db);
   const int64_t row_bytes = row_stride * elem_size<DT>();
+  const int64_t pf = direct_prefetch_bytes<DT, NR>(row_bytes);
   for (int64_t j0 = 0; j0 < nt; j0 += NR) {
     const int64_t nr = imin(NR, nt - j0);
     const void* rows[NR];
     for (int j = 0; j < NR; ++j) rows[j] = base + (j0 + (j < nr ? j : 0)) * row_bytes;
-    micro_direct<DT, MR, NR, NORMS>(q, Dp, rows, D, out + j0, nt, nr, inv_norms ? inv_norms + j0 : nullptr);
+    micro_direct<DT, MR, NR, NORMS>(q, Dp, rows, D, out + j0, nt, nr, inv_norms ? inv_norms + j0 : nullptr, pf);
   }
 }
+
+#if PLM_W == 8
+// 5..16 queries: for each 3 rows (6 KiB of float16, read from memory once, then from L1), the
+// first 3 queries with the row norms (9 + 3 accumulators + 3 rows + 1 query: the 16 ymm
+// registers), then the rest 4 at a time (12 accumulators + 3 rows + 1 query).
+template <int DT>
+static void scores_direct_groups(const float* q, int64_t nq, const void* db, int64_t row_stride,
+                                 int64_t nt, int64_t D, float* out, float* inv_norms) {
+  constexpr int NR = 3;
+  const int64_t Dp = padded_dim(D);
+  const auto* base = static_cast<const unsigned char*>(db);
+  const int64_t row_bytes = row_stride * elem_size<DT>();
+  const int64_t pf = direct_prefetch_bytes<DT, NR>(row_bytes);
+  for (int64_t j0 = 0; j0 < nt; j0 += NR) {
+    const int64_t nr = imin(NR, nt - j0);
+    const void* rows[NR];
+    for (int j = 0; j < NR; ++j) rows[j] = base + (j0 + (j < nr ? j : 0)) * row_bytes;
+    float* o = out + j0;  // only the first group reads memory, so only it prefetches
+    if (inv_norms) micro_direct<DT, 3, NR, true>(q, Dp, rows, D, o, nt, nr, inv_norms + j0, pf);
+    else micro_direct<DT, 3, NR, false>(q, Dp, rows, D, o, nt, nr, nullptr, pf);
+    int64_t i = 3;
+    for (; i + 4 <= nq; i += 4) micro_direct<DT, 4, NR, false>(q + i * Dp, Dp, rows, D, o + i * nt, nt, nr, nullptr, 0);
+    switch (nq - i) {
+      case 3: micro_direct<DT, 3, NR, false>(q + i * Dp, Dp, rows, D, o + i * nt, nt, nr, nullptr, 0); break;
+      case 2: micro_direct<DT, 2, NR, false>(q + i * Dp, Dp, rows, D, o + i * nt, nt, nr, nullptr, 0); break;
+      case 1: micro_direct<DT, 1, NR, false>(q + i * Dp, Dp, rows, D, o + i * nt, nt, nr, nullptr, 0); break;
+      default: break;
+    }
+  }
+}
+#endif
 
 template <int DT>
 static void scores_direct_dt(const float* q, int64_t nq, const void* db, int64_t row_stride,
@@ -184,7 +245,11 @@ static void scores_direct_dt(const float* q, int64_t nq, const void* db, int64_t
     PLM_DIRECT_CASE(2)
     PLM_DIRECT_CASE(3)
     PLM_DIRECT_CASE(4)
-    default: return;
+    default:
+#if PLM_W == 8
+      if (nq <= kDirectMaxQ) scores_direct_groups<DT>(q, nq, db, row_stride, nt, D, out, inv_norms);
+#endif
+      return;
   }
 #undef PLM_DIRECT_CASE
 }
