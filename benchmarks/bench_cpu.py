@@ -135,6 +135,28 @@ def spread(ts: list[float]) -> tuple[float, float, float]:
     return med, (min(ts) / med - 1) * 100, (max(ts) / med - 1) * 100
 
 
+def load_native(path: str):
+    """Another build's pylandmark/_C extension (e.g. main's, for a before/after table in one run),
+    loaded under its own name beside the installed one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plm_baseline_build._C", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def search_with_native(mod, q, db, k):
+    """plm.search with pylandmark.ops calling `mod` instead of the installed extension."""
+    from pylandmark import ops
+
+    installed, ops._C = ops._C, mod
+    try:
+        return plm.search(q, db, k=k, metric="cosine")
+    finally:
+        ops._C = installed
+
+
 def search_rows(args, rng, probe):
     import torch
 
@@ -147,6 +169,12 @@ def search_rows(args, rng, probe):
     threads = plm.get_num_threads()
     methods: dict[str, Callable] = {
         "pylandmark fp16": lambda q, k: plm.search(q, db16, k=k, metric="cosine"),
+    }
+    if args.baseline_native:
+        other = load_native(args.baseline_native)
+        methods[f"pylandmark baseline build ({other.cpu_isa()})"] = (
+            lambda q, k: search_with_native(other, q, db16, k))
+    methods |= {
         "numpy fp32 matmul+argpartition": lambda q, k: (None, numpy_topk(q, db32, k)),
         "torch fp32 matmul+topk": lambda q, k: torch.topk(torch.from_numpy(q) @ tdb.T, k, dim=1),
     }
@@ -264,6 +292,8 @@ def main(argv=None) -> None:
     ap.add_argument("--queries", type=int, nargs="+", default=[1, 64, 1024])
     ap.add_argument("--k", type=int, nargs="+", default=[5, 100])
     ap.add_argument("--repeat", type=int, default=0, help="interleaved rounds (default: by size)")
+    ap.add_argument("--baseline-native", metavar="SO",
+                    help="also time this other build of pylandmark/_C*.so (e.g. main's) in the same run")
     ap.add_argument("--no-sq", action="store_true", help="skip faiss SQ fp16 (20 s a call at Q = 1024)")
     ap.add_argument("--no-probe", action="store_true", help="skip the FMA peak and streaming-read rows")
     ap.add_argument("--gem-shape", type=int, nargs=4, default=[64, 1024, 32, 24])

@@ -154,8 +154,8 @@ static inline void micro_direct(const float* q, int64_t Dp, const void* const* r
     vf b[NR];
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
-      // one prefetch per 64-byte line, not one per vector
-      if (pf_bytes && ((d * elem_size<DT>()) & 63) == 0)
+      // AVX2: one prefetch per 64-byte line, not one per vector (load slots are scarcer there)
+      if (pf_bytes && (PLM_W != 8 || ((d * elem_size<DT>()) & 63) == 0))
         __builtin_prefetch(static_cast<const char*>(rows[j]) + d * elem_size<DT>() + pf_bytes);
       b[j] = load_as_float<DT>(rows[j], d);
     }
@@ -654,9 +654,11 @@ const KernelTable PLM_CAT(kernels_, PLM_ISA_NS) = {
 #if defined(PLM_HAVE_BLOCKED)
     PLM_ISA_NS::kBlockMR,
     PLM_ISA_NS::kBlockNR,
+    static_cast<int>(PLM_ISA_NS::kBlockKC),
     PLM_ISA_NS::pack_query_panels,
     PLM_ISA_NS::scores_block,
 #else
+    0,
     0,
     0,
     nullptr,

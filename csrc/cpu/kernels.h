@@ -52,6 +52,7 @@ struct KernelTable {
   // block_mr == 0 and null pointers elsewhere, where search uses pack_rows + scores_tile.
   int block_mr;  // queries per query panel
   int block_nr;  // db rows per db panel
+  int block_kc;  // d slice: the queries' slice (queries x block_kc floats) should stay in L2
   // q: nq x Dp packed float32 rows -> dst: ceil(nq / block_mr) panels, each Dp x block_mr
   // (d-major), queries past nq zero.
   void (*pack_query_panels)(const float* q, int64_t nq, int64_t Dp, float* dst);

@@ -19,6 +19,7 @@ namespace plm::cpu {
 namespace {
 
 constexpr int64_t kQueryBlockBytes = 1 << 20;  // packed queries kept hot while the db streams
+constexpr int64_t kSliceBytes = 320 << 10;     // blocked kernels: the queries' d slice, in L2
 constexpr int64_t kTileBytes = 256 << 10;      // one packed db tile
 constexpr int64_t kDirectRows = 256;           // rows scored per call on the few-query path
 constexpr int64_t kMinRowsPerThread = 2048;
@@ -197,7 +198,16 @@ void search(const SearchArgs& a) {
   if (!p.direct && a.Q >= threads * kMinQueriesPerThread) {
     // Many queries: each thread owns whole query blocks, streams the db once per block, and
     // keeps its lists in the output arrays.
-    p.query_block = std::min(p.query_block, round_up((a.Q + threads - 1) / threads, 6));
+    if (K.scores_block) {
+      // Equal blocks, a multiple of the threads in number: every block streams the whole db and
+      // packs it for its queries, so the largest blocks whose d slice stays in L2 are best.
+      const int64_t slice = std::min<int64_t>(Dp, K.block_kc) * 4;
+      const int64_t most = std::clamp<int64_t>(kSliceBytes / slice, K.block_mr, 512);
+      const int64_t nblocks = round_up((a.Q + most - 1) / most, threads);
+      p.query_block = round_up((a.Q + nblocks - 1) / nblocks, K.block_mr);
+    } else {
+      p.query_block = std::min(p.query_block, round_up((a.Q + threads - 1) / threads, 6));
+    }
     auto lists = make_lists(a.scores, a.indices, a.Q, a.k);
     const int64_t nblocks = (a.Q + p.query_block - 1) / p.query_block;
     WorkQueue work(nblocks);
