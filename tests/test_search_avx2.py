@@ -5,6 +5,11 @@ a float64 reference under every ISA this machine runs. Sizes straddle every bloc
 one below, at and one above the block sizes, k near N, and ties that cross panel boundaries."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import ALL_ISAS
@@ -94,3 +99,25 @@ def test_thread_counts_agree_on_the_blocked_kernel(rng, cpu_isa):
     for s, i in results[3::2]:
         np.testing.assert_array_equal(s, results[1][0])
         np.testing.assert_array_equal(i, results[1][1])
+
+
+NATIVE = Path(__file__).resolve().parent / "native" / "run_native.sh"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["host", "aarch64"])
+def test_native_driver(tmp_path, target):
+    """csrc/cpu built without Python by tests/native/run_native.sh and checked against double
+    arithmetic by its driver: on this machine (every x86 ISA it runs), and cross-built for
+    aarch64 and run under qemu-user (Debian: g++-aarch64-linux-gnu qemu-user)."""
+    need = {"host": ["g++"], "aarch64": ["aarch64-linux-gnu-g++", "qemu-aarch64"]}[target]
+    missing = [tool for tool in need if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+    res = subprocess.run(["bash", str(NATIVE), target], capture_output=True, text=True,
+                         env={**os.environ, "OUT_DIR": str(tmp_path)}, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "FAIL" not in res.stdout and "all checks passed" in res.stdout
+    if target == "aarch64":  # the generic kernels are NEON code with hardware float16 conversion
+        asm = (tmp_path / "kernels_generic.s").read_text()
+        assert asm.count("fmla") > 100 and "fcvtl" in asm

@@ -6,6 +6,8 @@
 
 #if defined(PLM_ISA_avx512) || defined(PLM_ISA_avx2)
 #include <immintrin.h>  // before the namespace: simd.h is included inside it
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 #ifndef PLM_ISA_NS
