@@ -23,6 +23,7 @@ constexpr int64_t kSliceBytes = 320 << 10;     // blocked kernels: the queries' 
 constexpr int64_t kTileBytes = 256 << 10;      // one packed db tile
 constexpr int64_t kDirectRows = 256;           // rows scored per call on the few-query path
 constexpr int64_t kMinRowsPerThread = 2048;
+constexpr int64_t kRangesPerThread = 8;        // few queries: db ranges per thread, dealt out
 constexpr int64_t kMinQueriesPerThread = 48;   // below this, threads split the db instead
 
 struct Plan {
@@ -222,22 +223,31 @@ void search(const SearchArgs& a) {
     return;
   }
 
-  // Few queries: each thread scans one db range into private lists, merged afterwards.
+  // Few queries: the threads scan db ranges into private lists, merged afterwards. The ranges
+  // are handed out in increasing order, kRangesPerThread per thread on average, so that a thread
+  // slowed by other work on its core takes fewer of them.
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, a.N / kMinRowsPerThread)));
-  const int64_t chunk = round_up((a.N + threads - 1) / threads, p.tile_rows);
+  const int64_t pieces = threads == 1 ? 1 : threads * kRangesPerThread;
+  const int64_t chunk = round_up(std::max<int64_t>((a.N + pieces - 1) / pieces,
+                                                   threads == 1 ? 1 : kMinRowsPerThread), p.tile_rows);
+  WorkQueue ranges((a.N + chunk - 1) / chunk);
   std::vector<float> part_scores(static_cast<size_t>(threads) * a.Q * a.k);
   std::vector<int64_t> part_indices(part_scores.size());
   std::vector<std::vector<TopKList>> parts(threads);
   for (int t = 0; t < threads; ++t)
     parts[t] = make_lists(part_scores.data() + t * a.Q * a.k, part_indices.data() + t * a.Q * a.k, a.Q, a.k);
   parallel_for(threads, [&](int t) {
-    const int64_t n0 = std::min(a.N, t * chunk), n1 = std::min(a.N, n0 + chunk);
-    scan(p, 0, a.Q, n0, n1, parts[t].data());
+    long long r;
+    while (ranges.next(&r)) {
+      const int64_t n0 = r * chunk, n1 = std::min(a.N, n0 + chunk);
+      scan(p, 0, a.Q, n0, n1, parts[t].data());
+    }
   });
   auto out = make_lists(a.scores, a.indices, a.Q, a.k);
   for (int64_t i = 0; i < a.Q; ++i) {
-    // Each part's entries were offered in increasing index order within its range, and ranges
-    // increase with t, so offering part by part keeps ties going to the lower index.
+    // Each thread took its ranges in increasing order, so its list saw increasing indices (the
+    // strict threshold test keeps ties to the lower index); offer() itself orders by (score,
+    // index), so merging in any order keeps that.
     for (int t = 0; t < threads; ++t) {
       TopKList& src = parts[t][i];
       src.sort();
