@@ -10,8 +10,9 @@ faiss's own fp16 scalar quantizer). Every method's top-k is checked against an e
 reference on a sample of queries. The methods run interleaved (one call of each per round,
 A B C A B C ...; median and min/max of the rounds) so that a shared machine's drift hits them
 alike. Two machine probes (benchmarks/probe.cpp, compiled here with -march=native) give the
-floors: "streaming read" reads the float16 db's bytes once on the same threads, and a peak
-float32 FMA rate turns each search time into GFLOP/s and a fraction of that peak. GeM: (64, 1024, 32, 24) float32 forward and forward+backward
+floors: "streaming read" reads the float16 db's bytes once on the same threads (Python threads
+around a native loop: starting them costs ~0.1 ms, so the floor means little for dbs of a few
+MB), and a peak float32 FMA rate turns each search time into GFLOP/s and a fraction of it. GeM: (64, 1024, 32, 24) float32 forward and forward+backward
 against eager torch and torch.compile. The table prints last; ratio = baseline time / ours.
 """
 from __future__ import annotations
