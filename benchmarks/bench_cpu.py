@@ -7,7 +7,12 @@
 Search: float16 db of unit rows; pylandmark reads it as float16 (metric cosine, norms computed
 on the fly); the baselines get what they need (float32 copies for numpy, torch and faiss Flat,
 faiss's own fp16 scalar quantizer). Every method's top-k is checked against an exact float64
-reference on a sample of queries. GeM: (64, 1024, 32, 24) float32 forward and forward+backward
+reference on a sample of queries. The methods run interleaved (one call of each per round,
+A B C A B C ...; median and min/max of the rounds) so that a shared machine's drift hits them
+alike. Two machine probes (benchmarks/probe.cpp, compiled here with -march=native) give the
+floors: "streaming read" reads the float16 db's bytes once on the same threads (Python threads
+around a native loop: starting them costs ~0.1 ms, so the floor means little for dbs of a few
+MB), and a peak float32 FMA rate turns each search time into GFLOP/s and a fraction of it. GeM: (64, 1024, 32, 24) float32 forward and forward+backward
 against eager torch and torch.compile. The table prints last; ratio = baseline time / ours.
 """
 from __future__ import annotations
@@ -39,7 +44,121 @@ def recall(idx, ref):
     return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(idx.tolist(), ref.tolist())]))
 
 
-def search_rows(args, rng):
+class Probe:
+    """benchmarks/probe.cpp compiled for this machine (-O2 -march=native) and loaded with
+    ctypes: a peak float32 FMA rate and a plain streaming read, each run on `threads` Python
+    threads at once (ctypes releases the GIL). None where no C++ compiler is available."""
+
+    @classmethod
+    def load(cls):
+        import ctypes
+        import hashlib
+        import shutil
+        import subprocess
+        import tempfile
+
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe.cpp")
+        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+        if cxx is None:
+            print("no C++ compiler: the FMA peak and streaming-read rows are skipped")
+            return None
+        with open(src, "rb") as f:
+            tag = hashlib.sha1(f.read()).hexdigest()[:12]
+        lib = os.path.join(tempfile.gettempdir(), f"plm_probe_{os.getuid()}_{tag}.so")
+        if not os.path.exists(lib):
+            tmp = lib + f".{os.getpid()}"
+            cmd = [cxx, "-O2", "-march=native", "-shared", "-fPIC", src, "-o", tmp]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"probe build failed ({' '.join(cmd)}): {res.stderr.strip()[:300]}")
+                return None
+            os.replace(tmp, lib)
+        return cls(ctypes.CDLL(lib))
+
+    def __init__(self, lib):
+        import ctypes
+
+        lib.plm_probe_fma.restype = ctypes.c_double
+        lib.plm_probe_fma.argtypes = [ctypes.c_longlong]
+        lib.plm_probe_read.restype = ctypes.c_ulonglong
+        lib.plm_probe_read.argtypes = [ctypes.c_void_p, ctypes.c_longlong]
+        self.lib = lib
+        self.vector_bytes = lib.plm_probe_vector_bytes()
+
+    @staticmethod
+    def _on_threads(threads, fn):
+        import threading
+
+        out = [None] * threads
+        pool = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(i))) for i in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        return out
+
+    def fma_gflops(self, threads: int, seconds: float = 0.3) -> float:
+        """Best of 3 float32 FMA rates (GFLOP/s) of `threads` cores working at once."""
+        iters = max(1, int(seconds * 3e9 / 12))  # ~0.3 s at 12 chains x 1 FMA/cycle
+        best = 0.0
+        for _ in range(3):
+            t0 = time.perf_counter()
+            flops = self._on_threads(threads, lambda i: self.lib.plm_probe_fma(iters))
+            best = max(best, sum(flops) / (time.perf_counter() - t0) / 1e9)
+        return best
+
+    def read(self, arr: np.ndarray, threads: int) -> None:
+        """Reads every byte of the contiguous `arr` once, split in `threads` equal ranges."""
+        base, n = arr.ctypes.data, arr.nbytes
+        chunk = -(-n // threads) // 64 * 64 + 64
+        self._on_threads(threads, lambda i: self.lib.plm_probe_read(
+            base + min(n, i * chunk), max(0, min(n, (i + 1) * chunk) - min(n, i * chunk))))
+
+
+def interleaved_ms(fns: dict[str, Callable], repeat: int) -> dict[str, list[float]]:
+    """Times each fn once per round, in turn (A B C A B C ...) so that the machine's drift hits
+    every method alike; returns each method's list of `repeat` times in ms (after one warm-up
+    round)."""
+    times = {name: [] for name in fns}
+    for r in range(repeat + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = (time.perf_counter() - t0) * 1e3
+            if r > 0:
+                times[name].append(dt)
+    return times
+
+
+def spread(ts: list[float]) -> tuple[float, float, float]:
+    """(median, min %, max %) of times: the min and max as percent off the median."""
+    med = float(np.median(ts))
+    return med, (min(ts) / med - 1) * 100, (max(ts) / med - 1) * 100
+
+
+def load_native(path: str):
+    """Another build's pylandmark/_C extension (e.g. main's, for a before/after table in one run),
+    loaded under its own name beside the installed one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plm_baseline_build._C", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def search_with_native(mod, q, db, k):
+    """plm.search with pylandmark.ops calling `mod` instead of the installed extension."""
+    from pylandmark import ops
+
+    installed, ops._C = ops._C, mod
+    try:
+        return plm.search(q, db, k=k, metric="cosine")
+    finally:
+        ops._C = installed
+
+
+def search_rows(args, rng, probe):
     import torch
 
     N, D = args.n, args.d
@@ -48,8 +167,15 @@ def search_rows(args, rng):
     db16 = db.astype(np.float16)
     db32 = db16.astype(np.float32)  # the same values for every method
     tdb = torch.from_numpy(db32)
+    threads = plm.get_num_threads()
     methods: dict[str, Callable] = {
         "pylandmark fp16": lambda q, k: plm.search(q, db16, k=k, metric="cosine"),
+    }
+    if args.baseline_native:
+        other = load_native(args.baseline_native)
+        methods[f"pylandmark baseline build ({other.cpu_isa()})"] = (
+            lambda q, k: search_with_native(other, q, db16, k))
+    methods |= {
         "numpy fp32 matmul+argpartition": lambda q, k: (None, numpy_topk(q, db32, k)),
         "torch fp32 matmul+topk": lambda q, k: torch.topk(torch.from_numpy(q) @ tdb.T, k, dim=1),
     }
@@ -58,11 +184,12 @@ def search_rows(args, rng):
 
         flat = faiss.IndexFlatIP(D)
         flat.add(db32)
-        sq = faiss.IndexScalarQuantizer(D, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-        sq.train(db32[:1000])
-        sq.add(db32)
         methods["faiss IndexFlatIP fp32"] = lambda q, k: flat.search(q, k)
-        methods["faiss SQ fp16"] = lambda q, k: sq.search(q, k)
+        if not args.no_sq:
+            sq = faiss.IndexScalarQuantizer(D, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            sq.train(db32[:1000])
+            sq.add(db32)
+            methods["faiss SQ fp16"] = lambda q, k: sq.search(q, k)
     except ImportError:
         print("faiss-cpu not installed: its rows are skipped (pip install faiss-cpu)")
 
@@ -73,18 +200,23 @@ def search_rows(args, rng):
         sample = q[: min(Q, 16)]
         for k in args.k:
             ref = exact_topk(sample, db32, k)
-            repeat = max(2, min(20, int(2000 / (Q * N / 2e5 + 1))) // (4 if args.quick else 1))
-            times = {}
+            repeat = args.repeat or max(3, min(20, int(2000 / (Q * N / 2e5 + 1))) // (4 if args.quick else 1))
+            recalls = {}
             for name, fn in methods.items():
-                time.sleep(0.5)  # let the previous library's OpenMP threads stop spinning
                 _, idx = fn(sample, k)
-                rec = recall(idx.numpy() if hasattr(idx, "numpy") else idx, ref)
-                times[name] = (median_ms(lambda fn=fn, q=q, k=k: fn(q, k), repeat=repeat), rec)
-            ours = times["pylandmark fp16"][0]
-            for name, (ms, rec) in times.items():
-                rows.append(dict(op="search", N=N, D=D, Q=Q, k=k, method=name, ms=ms,
-                                 qps=Q / ms * 1e3, recall=rec, ratio=ms / ours))
-            print(f"  search Q={Q} k={k} done")
+                recalls[name] = recall(idx.numpy() if hasattr(idx, "numpy") else idx, ref)
+            fns = {name: (lambda fn=fn: fn(q, k)) for name, fn in methods.items()}
+            if probe is not None:
+                fns["streaming read (floor)"] = lambda: probe.read(db16, threads)
+                recalls["streaming read (floor)"] = float("nan")
+            times = interleaved_ms(fns, repeat)
+            ours = float(np.median(times["pylandmark fp16"]))
+            for name, ts in times.items():
+                ms, lo, hi = spread(ts)
+                rows.append(dict(op="search", N=N, D=D, Q=Q, k=k, method=name, ms=ms, lo=lo, hi=hi,
+                                 repeat=repeat, qps=Q / ms * 1e3, recall=recalls[name], ratio=ms / ours,
+                                 gflops=2.0 * Q * N * D / ms / 1e6, gbps=db16.nbytes / ms / 1e6))
+            print(f"  search Q={Q} k={k} done ({repeat} interleaved rounds)")
     return rows
 
 
@@ -148,8 +280,8 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    env = {k: os.environ.get(k)
-           for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in sorted(os.environ.items())
+           if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "GOTO"))}
     return (f"{cpu}, {os.cpu_count()} cores, pylandmark isa {plm._C.cpu_isa()}, "
             f"threads {plm.get_num_threads()}, numpy {np.__version__}, env {env}")
 
@@ -160,6 +292,11 @@ def main(argv=None) -> None:
     ap.add_argument("--d", type=int, default=1024)
     ap.add_argument("--queries", type=int, nargs="+", default=[1, 64, 1024])
     ap.add_argument("--k", type=int, nargs="+", default=[5, 100])
+    ap.add_argument("--repeat", type=int, default=0, help="interleaved rounds (default: by size)")
+    ap.add_argument("--baseline-native", metavar="SO",
+                    help="also time this other build of pylandmark/_C*.so (e.g. main's) in the same run")
+    ap.add_argument("--no-sq", action="store_true", help="skip faiss SQ fp16 (20 s a call at Q = 1024)")
+    ap.add_argument("--no-probe", action="store_true", help="skip the FMA peak and streaming-read rows")
     ap.add_argument("--gem-shape", type=int, nargs=4, default=[64, 1024, 32, 24])
     ap.add_argument("--no-gem", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -167,24 +304,46 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
-    rows = search_rows(args, rng)
+    probe = None if args.no_probe else Probe.load()
+    threads = plm.get_num_threads()
+    peak = {}
+    if probe is not None:
+        peak = {"1 core": probe.fma_gflops(1), f"{threads} threads": probe.fma_gflops(threads)}
+    rows = search_rows(args, rng, probe)
+    if probe is not None:  # again after the search: the machine drifts, so say both
+        peak[f"{threads} threads, after"] = probe.fma_gflops(threads)
     if not args.no_gem:
         rows += gem_rows(args)
     info = machine()
     print(f"\nmachine: {info}")
-    print(f"{'op':<22}{'size':<24}{'method':<34}{'ms':>10}{'rate':>14}{'check':>10}{'x slower than ours':>20}")
+    if peak:
+        print(f"float32 FMA peak ({probe.vector_bytes * 8}-bit vectors, GFLOP/s): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in peak.items()))
+    all_peak = max((v for k, v in peak.items() if "threads" in k), default=float("nan"))
+    print(f"{'op':<22}{'size':<24}{'method':<34}{'ms':>10}{'min/max %':>14}{'rate':>14}"
+          f"{'GFLOP/s':>9}{'% peak':>8}{'check':>8}{'x slower than ours':>20}")
     for r in rows:
         if r["op"] == "search":
             size = f"N={r['N']} Q={r['Q']} k={r['k']}"
-            rate, check = f"{r['qps']:.0f} q/s", f"{r['recall']:.3f}"
+            sp = f"{r['lo']:+.0f}/{r['hi']:+.0f}"
+            if r["method"].startswith("streaming read"):
+                rate, gf, pk, check = f"{r['gbps']:.1f} GB/s", "", "", ""
+            else:
+                rate, check = f"{r['qps']:.0f} q/s", f"{r['recall']:.3f}"
+                gf, pk = f"{r['gflops']:.1f}", f"{100 * r['gflops'] / all_peak:.0f}"
         else:
             size = "x".join(map(str, r["shape"]))
-            rate = f"{r['gbps']:.1f} GB/s"
+            rate, sp, gf, pk = f"{r['gbps']:.1f} GB/s", "", "", ""
             check = "" if np.isnan(r["max_abs_err"]) else f"{r['max_abs_err']:.1e}"
-        print(f"{r['op']:<22}{size:<24}{r['method']:<34}{r['ms']:>10.2f}{rate:>14}{check:>10}{r['ratio']:>20.2f}")
+        print(f"{r['op']:<22}{size:<24}{r['method']:<34}{r['ms']:>10.2f}{sp:>14}{rate:>14}"
+              f"{gf:>9}{pk:>8}{check:>8}{r['ratio']:>20.2f}")
+    for r in rows:
+        if r["op"] == "search" and r["method"].startswith("streaming read"):
+            print(f"Q={r['Q']} k={r['k']}: pylandmark takes {1 / r['ratio']:.2f}x the streaming-read "
+                  f"floor ({r['gbps']:.1f} GB/s over {r['N'] * r['D'] * 2 / 1e6:.0f} MB)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "rows": rows}, f, indent=1, default=str)
+            json.dump({"machine": info, "fma_peak_gflops": peak, "rows": rows}, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

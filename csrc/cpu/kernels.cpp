@@ -6,6 +6,8 @@
 
 #if defined(PLM_ISA_avx512) || defined(PLM_ISA_avx2)
 #include <immintrin.h>  // before the namespace: simd.h is included inside it
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 #ifndef PLM_ISA_NS
@@ -103,19 +105,32 @@ static void scores_tile(const float* q, int64_t nq, const float* tile, int64_t n
 }
 
 // Few queries: stream the db rows once, converting on the fly, with the row norms in the same pass.
+// AVX2 takes up to 16 this way (groups of queries over 4 rows held in L1, see
+// scores_direct_groups): packing panels would cost as much as the FMAs at so few queries.
+#if PLM_W == 8
+constexpr int kDirectMaxQ = 16;
+#else
 constexpr int kDirectMaxQ = 4;
+#endif
 // Rows streamed at once: more rows keep more memory requests in flight, fewer leave registers
 // for more queries.
+// AVX2 has 16 ymm registers: MR x NR accumulators + NR row norms + NR rows + 1 query must fit,
+// or an accumulator spills and its FMA chain goes through memory.
 template <int MR>
 constexpr int direct_nr() {
+#if PLM_W == 8
+  return MR == 1 ? 4 : MR <= 3 ? 3 : 2;
+#else
   return MR == 1 ? 8 : 4;
+#endif
 }
 // Software prefetch distance in elements (measured on Zen 5: ~25% more bandwidth than none).
 constexpr int64_t kPrefetchAhead = 256;
 
 template <int DT, int MR, int NR, bool NORMS>
 static inline void micro_direct(const float* q, int64_t Dp, const void* const* rows, int64_t D,
-                                float* out, int64_t ld, int64_t nr, float* inv_norms) {
+                                float* out, int64_t ld, int64_t nr, float* inv_norms,
+                                int64_t pf_bytes) {
   vf acc[MR][NR];
   vf sq[NR];
 #pragma GCC unroll 8
@@ -141,7 +156,9 @@ static inline void micro_direct(const float* q, int64_t Dp, const void* const* r
     vf b[NR];
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
-      __builtin_prefetch(static_cast<const char*>(rows[j]) + (d + kPrefetchAhead) * elem_size<DT>());
+      // AVX2: one prefetch per 64-byte line, not one per vector (load slots are scarcer there)
+      if (pf_bytes && (PLM_W != 8 || ((d * elem_size<DT>()) & 63) == 0))
+        __builtin_prefetch(static_cast<const char*>(rows[j]) + d * elem_size<DT>() + pf_bytes);
       b[j] = load_as_float<DT>(rows[j], d);
     }
     step(d, b);
@@ -157,6 +174,20 @@ static inline void micro_direct(const float* q, int64_t Dp, const void* const* r
   }
 }
 
+// Software prefetch offset, bytes from the element being read: AVX2 fetches the same place two
+// row blocks ahead (each row is only a short stream for the hardware prefetcher, and at one
+// query a block is scored in less time than a memory miss takes), the others a fixed distance
+// along the row.
+template <int DT, int NR>
+static inline int64_t direct_prefetch_bytes(int64_t row_bytes) {
+#if PLM_W == 8
+  return 2 * NR * row_bytes;
+#else
+  (void)row_bytes;
+  return kPrefetchAhead * elem_size<DT>();
+#endif
+}
+
 template <int DT, int MR, bool NORMS>
 static void scores_direct_t(const float* q, const void* db, int64_t row_stride, int64_t nt,
                             int64_t D, float* out, float* inv_norms) {
@@ -164,13 +195,45 @@ static void scores_direct_t(const float* q, const void* db, int64_t row_stride, 
   const int64_t Dp = padded_dim(D);
   const auto* base = static_cast<const unsigned char*>(db);
   const int64_t row_bytes = row_stride * elem_size<DT>();
+  const int64_t pf = direct_prefetch_bytes<DT, NR>(row_bytes);
   for (int64_t j0 = 0; j0 < nt; j0 += NR) {
     const int64_t nr = imin(NR, nt - j0);
     const void* rows[NR];
     for (int j = 0; j < NR; ++j) rows[j] = base + (j0 + (j < nr ? j : 0)) * row_bytes;
-    micro_direct<DT, MR, NR, NORMS>(q, Dp, rows, D, out + j0, nt, nr, inv_norms ? inv_norms + j0 : nullptr);
+    micro_direct<DT, MR, NR, NORMS>(q, Dp, rows, D, out + j0, nt, nr, inv_norms ? inv_norms + j0 : nullptr, pf);
   }
 }
+
+#if PLM_W == 8
+// 5..16 queries: for each 3 rows (6 KiB of float16, read from memory once, then from L1), the
+// first 3 queries with the row norms (9 + 3 accumulators + 3 rows + 1 query: the 16 ymm
+// registers), then the rest 4 at a time (12 accumulators + 3 rows + 1 query).
+template <int DT>
+static void scores_direct_groups(const float* q, int64_t nq, const void* db, int64_t row_stride,
+                                 int64_t nt, int64_t D, float* out, float* inv_norms) {
+  constexpr int NR = 3;
+  const int64_t Dp = padded_dim(D);
+  const auto* base = static_cast<const unsigned char*>(db);
+  const int64_t row_bytes = row_stride * elem_size<DT>();
+  const int64_t pf = direct_prefetch_bytes<DT, NR>(row_bytes);
+  for (int64_t j0 = 0; j0 < nt; j0 += NR) {
+    const int64_t nr = imin(NR, nt - j0);
+    const void* rows[NR];
+    for (int j = 0; j < NR; ++j) rows[j] = base + (j0 + (j < nr ? j : 0)) * row_bytes;
+    float* o = out + j0;  // only the first group reads memory, so only it prefetches
+    if (inv_norms) micro_direct<DT, 3, NR, true>(q, Dp, rows, D, o, nt, nr, inv_norms + j0, pf);
+    else micro_direct<DT, 3, NR, false>(q, Dp, rows, D, o, nt, nr, nullptr, pf);
+    int64_t i = 3;
+    for (; i + 4 <= nq; i += 4) micro_direct<DT, 4, NR, false>(q + i * Dp, Dp, rows, D, o + i * nt, nt, nr, nullptr, 0);
+    switch (nq - i) {
+      case 3: micro_direct<DT, 3, NR, false>(q + i * Dp, Dp, rows, D, o + i * nt, nt, nr, nullptr, 0); break;
+      case 2: micro_direct<DT, 2, NR, false>(q + i * Dp, Dp, rows, D, o + i * nt, nt, nr, nullptr, 0); break;
+      case 1: micro_direct<DT, 1, NR, false>(q + i * Dp, Dp, rows, D, o + i * nt, nt, nr, nullptr, 0); break;
+      default: break;
+    }
+  }
+}
+#endif
 
 template <int DT>
 static void scores_direct_dt(const float* q, int64_t nq, const void* db, int64_t row_stride,
@@ -184,7 +247,11 @@ static void scores_direct_dt(const float* q, int64_t nq, const void* db, int64_t
     PLM_DIRECT_CASE(2)
     PLM_DIRECT_CASE(3)
     PLM_DIRECT_CASE(4)
-    default: return;
+    default:
+#if PLM_W == 8
+      if (nq <= kDirectMaxQ) scores_direct_groups<DT>(q, nq, db, row_stride, nt, D, out, inv_norms);
+#endif
+      return;
   }
 #undef PLM_DIRECT_CASE
 }
@@ -198,6 +265,196 @@ static void scores_direct(const float* q, int64_t nq, const void* db, DType dt,
     default: return scores_direct_dt<0>(q, nq, db, row_stride, nt, D, out, inv_norms);
   }
 }
+
+// ---- register-blocked many-query scoring (AVX2) ---------------------------------------------
+// GEMM-style: C (queries x rows) accumulates outer products of a broadcast query element and a
+// vector of 8 db rows. A 6 x 16 tile holds 12 accumulators, 2 db vectors and 1 broadcast in
+// 15 of the 16 ymm registers, and does 12 FMAs per 2 loads + 6 broadcasts (from L1). The db
+// tile is converted to float32 and transposed into 16-row panels once per tile (amortised over
+// every query of the block), the queries into 6-query panels once per block. d is split into
+// kBlockKC slices: one db panel slice (KC x 16 floats, 16 KiB) stays in L1 while the queries'
+// slice (nq x KC floats, <= ~256 KiB for the search's query blocks) streams from L2. Each slice
+// starts its accumulators at zero and is added to C, so no float32 sum runs over more than
+// kBlockKC products (the error bound of the lane-split dot products it replaces).
+#if PLM_W == 8
+#define PLM_HAVE_BLOCKED 1
+constexpr int kBlockMR = 6, kBlockNR = 16;
+constexpr int64_t kBlockKC = 256;
+
+// Layout: d slices of kBlockKC, each holding every panel's kc x 6 block in turn, so that the
+// micro-kernel calls of one slice read the queries as one sequential stream.
+static void pack_query_panels(const float* q, int64_t nq, int64_t Dp, float* dst) {
+  const int64_t panels = (nq + kBlockMR - 1) / kBlockMR;
+  for (int64_t k0 = 0; k0 < Dp; k0 += kBlockKC) {
+    const int64_t kc = imin(kBlockKC, Dp - k0);
+    for (int64_t p = 0; p < panels; ++p) {
+      float* out = dst + k0 * panels * kBlockMR + p * kc * kBlockMR;
+      for (int i = 0; i < kBlockMR; ++i) {
+        const int64_t row = p * kBlockMR + i;
+        for (int64_t d = 0; d < kc; ++d) out[d * kBlockMR + i] = row < nq ? q[row * Dp + k0 + d] : 0.0f;
+      }
+    }
+  }
+}
+
+__attribute__((always_inline)) static inline void transpose8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// nt rows -> ceil(nt / 16) panels of Dp x 16 floats (d-major; rows past nt and d past D zero),
+// with each row's 1/norm from the same values (4 partial sums per row, d mod 4 apart).
+template <int DT>
+static void pack_db_panels_t(const void* db, int64_t row_stride, int64_t nt, int64_t D, int64_t Dp,
+                             float* dst, float* inv_norms) {
+  const auto* base = static_cast<const unsigned char*>(db);
+  const int64_t row_bytes = row_stride * elem_size<DT>();
+  const int64_t panels = (nt + kBlockNR - 1) / kBlockNR;
+  const int64_t full = D - D % W;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* out = dst + p * Dp * kBlockNR;
+    for (int h = 0; h < kBlockNR / W; ++h) {
+      const int64_t r0 = p * kBlockNR + h * W;
+      const int64_t valid = imin(W, nt - r0);  // may be <= 0 for the last panel's upper half
+      const void* rows[W];
+      for (int r = 0; r < W; ++r) rows[r] = base + (r0 + (r < valid ? r : 0)) * row_bytes;
+      vf sq[4] = {};
+      int64_t d = 0;
+      if (valid == W) {  // the common case, without per-row and per-column tests
+        for (; d < full; d += W) {
+          __m256 v[W];
+#pragma GCC unroll 8
+          for (int r = 0; r < W; ++r) {
+            __builtin_prefetch(static_cast<const char*>(rows[r]) + (d + kPrefetchAhead) * elem_size<DT>());
+            v[r] = (__m256)load_as_float<DT>(rows[r], d);
+          }
+          transpose8(v);
+#pragma GCC unroll 8
+          for (int l = 0; l < W; ++l) {
+            vf c = (vf)v[l];
+            vstore(out + (d + l) * kBlockNR + h * W, c);
+            sq[l & 3] += c * c;
+          }
+        }
+      }
+      for (; d < Dp; d += W) {
+        __m256 v[W];
+        for (int r = 0; r < W; ++r) {
+          vf x = vf{};
+          if (r < valid) {
+            if (d < full) {
+              __builtin_prefetch(static_cast<const char*>(rows[r]) + (d + kPrefetchAhead) * elem_size<DT>());
+              x = load_as_float<DT>(rows[r], d);
+            } else if (d < D) {
+              x = load_tail<DT>(rows[r], d, D - d);
+            }
+          }
+          v[r] = (__m256)x;
+        }
+        transpose8(v);
+        for (int l = 0; l < W; ++l) {
+          vf c = (vf)v[l];
+          vstore(out + (d + l) * kBlockNR + h * W, c);
+          sq[l & 3] += c * c;
+        }
+      }
+      if (inv_norms) {
+        vf n2 = (sq[0] + sq[2]) + (sq[1] + sq[3]);
+        for (int64_t r = 0; r < valid; ++r) inv_norms[r0 + r] = inv_norm_or_redo<DT == 1>(n2[r]);
+      }
+    }
+  }
+}
+
+// C[0..6) x [0..16) (+)= A (kc x 6, d-major) times B (kc x 16, d-major).
+static inline void micro_block(const float* __restrict a, const float* __restrict b, int64_t kc,
+                               float* c, int64_t ld, bool first) {
+  vf acc[kBlockMR][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < kBlockMR; ++i) acc[i][0] = acc[i][1] = vf{};
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k) {
+    const vf b0 = vload(b + k * kBlockNR), b1 = vload(b + k * kBlockNR + W);
+#pragma GCC unroll 8
+    for (int i = 0; i < kBlockMR; ++i) {
+      const vf ai = (vf)_mm256_broadcast_ss(a + k * kBlockMR + i);  // a load, not an add + shuffle
+      acc[i][0] += ai * b0;
+      acc[i][1] += ai * b1;
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kBlockMR; ++i) {
+    float* ci = c + i * ld;
+    if (first) {
+      vstore(ci, acc[i][0]);
+      vstore(ci + W, acc[i][1]);
+    } else {
+      vstore(ci, vload(ci) + acc[i][0]);
+      vstore(ci + W, vload(ci + W) + acc[i][1]);
+    }
+  }
+}
+
+// Pulls the next tile's rows into L2 a few lines at a time while this tile is scored, so that
+// packing it reads L2 instead of waiting on memory.
+struct TilePrefetcher {
+  const unsigned char* row;
+  int64_t row_bytes, line_bytes, rows_left, off = 0;
+  void step(int64_t lines) {
+    for (; lines > 0 && rows_left > 0; --lines) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + off), _MM_HINT_T1);
+      off += 64;
+      if (off >= line_bytes) {
+        off = 0;
+        row += row_bytes;
+        --rows_left;
+      }
+    }
+  }
+};
+
+static void scores_block(const float* qp, int64_t nq, const void* db, DType dt, int64_t row_stride,
+                         int64_t nt, int64_t D, float* out, int64_t ld, float* inv_norms,
+                         float* work, const void* next, int64_t next_nt) {
+  const int64_t Dp = padded_dim(D);
+  switch (dt) {
+    case DType::f16: pack_db_panels_t<1>(db, row_stride, nt, D, Dp, work, inv_norms); break;
+    case DType::bf16: pack_db_panels_t<2>(db, row_stride, nt, D, Dp, work, inv_norms); break;
+    default: pack_db_panels_t<0>(db, row_stride, nt, D, Dp, work, inv_norms); break;
+  }
+  const int64_t qpanels = (nq + kBlockMR - 1) / kBlockMR;
+  const int64_t dpanels = (nt + kBlockNR - 1) / kBlockNR;
+  const int64_t esize = dt == DType::f32 ? 4 : 2;
+  TilePrefetcher pf{static_cast<const unsigned char*>(next), row_stride * esize, D * esize,
+                    next ? next_nt : 0};
+  const int64_t calls = qpanels * dpanels * ((Dp + kBlockKC - 1) / kBlockKC);
+  const int64_t per_call = (next_nt * ((D * esize + 63) / 64) + calls - 1) / calls;
+  for (int64_t k0 = 0; k0 < Dp; k0 += kBlockKC) {
+    const int64_t kc = imin(kBlockKC, Dp - k0);
+    for (int64_t jp = 0; jp < dpanels; ++jp) {
+      const float* b = work + (jp * Dp + k0) * kBlockNR;
+      for (int64_t ip = 0; ip < qpanels; ++ip) {
+        pf.step(per_call);
+        micro_block(qp + (k0 * qpanels + ip * kc) * kBlockMR, b, kc, out + ip * kBlockMR * ld + jp * kBlockNR,
+                    ld, k0 == 0);
+      }
+    }
+  }
+}
+#endif  // PLM_W == 8
 
 // ---- GeM ------------------------------------------------------------------------------------
 
@@ -396,6 +653,19 @@ const KernelTable PLM_CAT(kernels_, PLM_ISA_NS) = {
     PLM_ISA_NS::pack_rows,
     PLM_ISA_NS::scores_tile,
     PLM_ISA_NS::scores_direct,
+#if defined(PLM_HAVE_BLOCKED)
+    PLM_ISA_NS::kBlockMR,
+    PLM_ISA_NS::kBlockNR,
+    static_cast<int>(PLM_ISA_NS::kBlockKC),
+    PLM_ISA_NS::pack_query_panels,
+    PLM_ISA_NS::scores_block,
+#else
+    0,
+    0,
+    0,
+    nullptr,
+    nullptr,
+#endif
     PLM_ISA_NS::gem_fwd_rows,
     PLM_ISA_NS::gem_fwd_cols,
     PLM_ISA_NS::gem_bwd_rows,

@@ -47,6 +47,24 @@ struct KernelTable {
   void (*scores_direct)(const float* q, int64_t nq, const void* db, DType dt, int64_t row_stride,
                         int64_t nt, int64_t D, float* out, float* inv_norms);
 
+  // Register-blocked many-query scoring (GEMM-style: both operands packed into panels once, the
+  // db's conversion to float32 done while packing). Only ISAs with a tuned micro-kernel have it;
+  // block_mr == 0 and null pointers elsewhere, where search uses pack_rows + scores_tile.
+  int block_mr;  // queries per query panel
+  int block_nr;  // db rows per db panel
+  int block_kc;  // d slice: the queries' slice (queries x block_kc floats) should stay in L2
+  // q: nq x Dp packed float32 rows -> dst: ceil(nq / block_mr) panels, each Dp x block_mr
+  // (d-major), queries past nq zero.
+  void (*pack_query_panels)(const float* q, int64_t nq, int64_t Dp, float* dst);
+  // out[i*ld + j] = <q_i, row_j> for i < round_up(nq, block_mr), j < round_up(nt, block_nr) (rows
+  // past nq or nt score 0); qp from pack_query_panels; the nt db rows (dt, row_stride apart, D
+  // long) are read once into work (round_up(nt, block_nr) x Dp floats). inv_norms (optional, nt)
+  // as in pack_rows. next (optional): the next next_nt rows to be scored (same layout), fetched
+  // into cache meanwhile.
+  void (*scores_block)(const float* qp, int64_t nq, const void* db, DType dt, int64_t row_stride,
+                       int64_t nt, int64_t D, float* out, int64_t ld, float* inv_norms, float* work,
+                       const void* next, int64_t next_nt);
+
   // GeM over rows of n contiguous elements (row r at x + r*row_stride elements):
   // y[r] = (mean_i max(x_ri, eps)^p)^(1/p).
   void (*gem_fwd_rows)(const void* x, DType dt, int64_t rows, int64_t row_stride, int64_t n,

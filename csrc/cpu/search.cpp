@@ -19,9 +19,11 @@ namespace plm::cpu {
 namespace {
 
 constexpr int64_t kQueryBlockBytes = 1 << 20;  // packed queries kept hot while the db streams
+constexpr int64_t kSliceBytes = 320 << 10;     // blocked kernels: the queries' d slice, in L2
 constexpr int64_t kTileBytes = 256 << 10;      // one packed db tile
 constexpr int64_t kDirectRows = 256;           // rows scored per call on the few-query path
 constexpr int64_t kMinRowsPerThread = 2048;
+constexpr int64_t kRangesPerThread = 8;        // few queries: db ranges per thread, dealt out
 constexpr int64_t kMinQueriesPerThread = 48;   // below this, threads split the db instead
 
 struct Plan {
@@ -33,6 +35,8 @@ struct Plan {
   int64_t query_block;
   int64_t tile_rows;
 };
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 const unsigned char* db_row(const SearchArgs& a, int64_t n) {
   return static_cast<const unsigned char*>(a.db) + n * a.db_stride * dtype_size(a.db_dtype);
@@ -64,21 +68,37 @@ void redo_extreme_rows(const Plan& p, const float* queries, int64_t nq, int64_t 
 }
 
 // Offers scores[i * ld + j] (times inv_norms[j] for cosine) for queries [0, nq) and rows
-// [n0, n0 + nt) to lists[0..nq).
-void offer_block(const float* scores, int64_t ld, int64_t nq, int64_t nt, int64_t n0,
-                 const float* inv_norms, TopKList* lists) {
+// [n0, n1 + nt) to lists[0..nq). Runs of kOfferRun scores are first tested at once (a loop the
+// compiler vectorises): once a list is full, almost no score beats its threshold.
+constexpr int64_t kOfferRun = 32;
+
+template <bool COSINE>
+void offer_block_t(const float* scores, int64_t ld, int64_t nq, int64_t nt, int64_t n0,
+                   const float* inv_norms, TopKList* lists) {
   for (int64_t i = 0; i < nq; ++i) {
     const float* row = scores + i * ld;
     TopKList& list = lists[i];
     float thr = list.threshold();
-    for (int64_t j = 0; j < nt; ++j) {
-      float s = inv_norms ? row[j] * inv_norms[j] : row[j];
-      if (s > thr) {
-        list.offer(s, n0 + j);
-        thr = list.threshold();
+    for (int64_t j0 = 0; j0 < nt; j0 += kOfferRun) {
+      const int64_t j1 = std::min(nt, j0 + kOfferRun);
+      int hit = 0;
+      for (int64_t j = j0; j < j1; ++j) hit |= (COSINE ? row[j] * inv_norms[j] : row[j]) > thr;
+      if (!hit) continue;
+      for (int64_t j = j0; j < j1; ++j) {
+        const float s = COSINE ? row[j] * inv_norms[j] : row[j];
+        if (s > thr) {
+          list.offer(s, n0 + j);
+          thr = list.threshold();
+        }
       }
     }
   }
+}
+
+void offer_block(const float* scores, int64_t ld, int64_t nq, int64_t nt, int64_t n0,
+                 const float* inv_norms, TopKList* lists) {
+  if (inv_norms) return offer_block_t<true>(scores, ld, nq, nt, n0, inv_norms, lists);
+  offer_block_t<false>(scores, ld, nq, nt, n0, nullptr, lists);
 }
 
 // Scores queries [q0, q1) against db rows [n0, n1) into lists (one per query, q0 first).
@@ -94,6 +114,25 @@ void scan(const Plan& p, int64_t q0, int64_t q1, int64_t n0, int64_t n1, TopKLis
                       nt, a.D, scores.data(), a.cosine ? inv.data() : nullptr);
       if (a.cosine) redo_extreme_rows(p, p.queries + q0 * p.Dp, q1 - q0, n, nt, scores.data(), nt, inv.data());
       offer_block(scores.data(), nt, q1 - q0, nt, n, a.cosine ? inv.data() : nullptr, lists);
+    }
+    return;
+  }
+  if (K.scores_block) {
+    const int64_t ld = round_up(p.tile_rows, K.block_nr);
+    std::vector<float> panels(round_up(p.query_block, K.block_mr) * p.Dp), work(ld * p.Dp);
+    std::vector<float> scores(round_up(p.query_block, K.block_mr) * ld), inv(p.tile_rows);
+    for (int64_t qb = q0; qb < q1; qb += p.query_block) {
+      const int64_t nq = std::min(p.query_block, q1 - qb);
+      K.pack_query_panels(p.queries + qb * p.Dp, nq, p.Dp, panels.data());
+      for (int64_t n = n0; n < n1; n += p.tile_rows) {
+        const int64_t nt = std::min(p.tile_rows, n1 - n);
+        const int64_t next_nt = std::min(p.tile_rows, n1 - n - nt);
+        K.scores_block(panels.data(), nq, db_row(a, n), a.db_dtype, a.db_stride, nt, a.D,
+                       scores.data(), ld, a.cosine ? inv.data() : nullptr, work.data(),
+                       next_nt > 0 ? db_row(a, n + nt) : nullptr, next_nt);
+        if (a.cosine) redo_extreme_rows(p, p.queries + qb * p.Dp, nq, n, nt, scores.data(), ld, inv.data());
+        offer_block(scores.data(), ld, nq, nt, n, a.cosine ? inv.data() : nullptr, lists + (qb - q0));
+      }
     }
     return;
   }
@@ -120,8 +159,6 @@ std::vector<TopKList> make_lists(float* scores, int64_t* indices, int64_t Q, int
   }
   return lists;
 }
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 }  // namespace
 
@@ -162,7 +199,16 @@ void search(const SearchArgs& a) {
   if (!p.direct && a.Q >= threads * kMinQueriesPerThread) {
     // Many queries: each thread owns whole query blocks, streams the db once per block, and
     // keeps its lists in the output arrays.
-    p.query_block = std::min(p.query_block, round_up((a.Q + threads - 1) / threads, 6));
+    if (K.scores_block) {
+      // Equal blocks, a multiple of the threads in number: every block streams the whole db and
+      // packs it for its queries, so the largest blocks whose d slice stays in L2 are best.
+      const int64_t slice = std::min<int64_t>(Dp, K.block_kc) * 4;
+      const int64_t most = std::clamp<int64_t>(kSliceBytes / slice, K.block_mr, 512);
+      const int64_t nblocks = round_up((a.Q + most - 1) / most, threads);
+      p.query_block = round_up((a.Q + nblocks - 1) / nblocks, K.block_mr);
+    } else {
+      p.query_block = std::min(p.query_block, round_up((a.Q + threads - 1) / threads, 6));
+    }
     auto lists = make_lists(a.scores, a.indices, a.Q, a.k);
     const int64_t nblocks = (a.Q + p.query_block - 1) / p.query_block;
     WorkQueue work(nblocks);
@@ -177,22 +223,31 @@ void search(const SearchArgs& a) {
     return;
   }
 
-  // Few queries: each thread scans one db range into private lists, merged afterwards.
+  // Few queries: the threads scan db ranges into private lists, merged afterwards. The ranges
+  // are handed out in increasing order, kRangesPerThread per thread on average, so that a thread
+  // slowed by other work on its core takes fewer of them.
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, a.N / kMinRowsPerThread)));
-  const int64_t chunk = round_up((a.N + threads - 1) / threads, p.tile_rows);
+  const int64_t pieces = threads == 1 ? 1 : threads * kRangesPerThread;
+  const int64_t chunk = round_up(std::max<int64_t>((a.N + pieces - 1) / pieces,
+                                                   threads == 1 ? 1 : kMinRowsPerThread), p.tile_rows);
+  WorkQueue ranges((a.N + chunk - 1) / chunk);
   std::vector<float> part_scores(static_cast<size_t>(threads) * a.Q * a.k);
   std::vector<int64_t> part_indices(part_scores.size());
   std::vector<std::vector<TopKList>> parts(threads);
   for (int t = 0; t < threads; ++t)
     parts[t] = make_lists(part_scores.data() + t * a.Q * a.k, part_indices.data() + t * a.Q * a.k, a.Q, a.k);
   parallel_for(threads, [&](int t) {
-    const int64_t n0 = std::min(a.N, t * chunk), n1 = std::min(a.N, n0 + chunk);
-    scan(p, 0, a.Q, n0, n1, parts[t].data());
+    long long r;
+    while (ranges.next(&r)) {
+      const int64_t n0 = r * chunk, n1 = std::min(a.N, n0 + chunk);
+      scan(p, 0, a.Q, n0, n1, parts[t].data());
+    }
   });
   auto out = make_lists(a.scores, a.indices, a.Q, a.k);
   for (int64_t i = 0; i < a.Q; ++i) {
-    // Each part's entries were offered in increasing index order within its range, and ranges
-    // increase with t, so offering part by part keeps ties going to the lower index.
+    // Each thread took its ranges in increasing order, so its list saw increasing indices (the
+    // strict threshold test keeps ties to the lower index); offer() itself orders by (score,
+    // index), so merging in any order keeps that.
     for (int t = 0; t < threads; ++t) {
       TopKList& src = parts[t][i];
       src.sort();

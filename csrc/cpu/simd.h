@@ -16,6 +16,8 @@
 
 #if defined(PLM_ISA_avx512) || defined(PLM_ISA_avx2)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 constexpr int W = PLM_W;
@@ -58,6 +60,10 @@ static inline vf half_to_float(const uint16_t* p) {
   return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif defined(PLM_ISA_avx2)
   return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__aarch64__)
+  // FCVTL: every AArch64 core converts float16 in hardware (exact; no flush to zero under
+  // Linux's default FPCR)
+  return (vf)vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
 #else
   vh h;
   __builtin_memcpy(&h, p, sizeof h);
