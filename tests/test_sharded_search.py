@@ -6,6 +6,7 @@ single files split by rows, and rows each rank brings."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import traceback
 
 import numpy as np
@@ -20,16 +21,21 @@ from pylandmark.distributed import share_bounds
 from pylandmark.retrieval.sharded import DistributedIndex
 
 KS = (1, 3, 5, 12, 60)
+_RUNS = itertools.count()
 
 
 def _run(world: int, fn, tmp_path, *args) -> list[dict]:
-    """Runs fn(rank, world, *args) -> dict on ``world`` forked gloo ranks; returns their dicts."""
-    store = tmp_path / "store"
-    ctx = tmp.start_processes(_entry, args=(world, str(store), str(tmp_path), fn, args), nprocs=world,
+    """Runs fn(rank, world, *args) -> dict on ``world`` forked gloo ranks; returns their dicts.
+
+    Every run gets its own folder, so its file store holds no key of an earlier group (whose
+    ranks' addresses are dead: gloo would connect to them and be refused)."""
+    run = tmp_path / f"run{next(_RUNS)}"
+    run.mkdir()
+    ctx = tmp.start_processes(_entry, args=(world, str(run / "store"), str(run), fn, args), nprocs=world,
                               join=False, start_method="fork")
     while not ctx.join(timeout=120):
         pass
-    return [torch.load(tmp_path / f"out{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(run / f"out{r}.pt", weights_only=False) for r in range(world)]
 
 
 def _entry(rank, world, store, out, fn, args):
