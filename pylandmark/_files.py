@@ -51,10 +51,11 @@ def replaced_atomically(path: str | os.PathLike, *, durable: bool = False) -> It
         tmp.unlink(missing_ok=True)
         raise
     if durable:
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable (POSIX); best effort where folders cannot be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

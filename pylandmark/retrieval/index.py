@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_int
+from .._files import fsync_folder
 from .._version import __version__
 from ..ops import METRICS, search
 
@@ -321,7 +322,7 @@ class Index:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
         log.info("saved %d descriptors to %s", len(self), path)
         return path
 
@@ -585,17 +586,3 @@ def _remove_stale_temps(path: Path) -> None:
             continue  # locked by a live saver, gone already, or not ours to delete
         finally:
             os.close(fd)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Makes the rename durable (POSIX); best effort where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
