@@ -12,8 +12,9 @@ A B C A B C ...; median and min/max of the rounds) so that a shared machine's dr
 alike. Two machine probes (benchmarks/probe.cpp, compiled here with -march=native) give the
 floors: "streaming read" reads the float16 db's bytes once on the same threads (Python threads
 around a native loop: starting them costs ~0.1 ms, so the floor means little for dbs of a few
-MB), and a peak float32 FMA rate turns each search time into GFLOP/s and a fraction of it. GeM: (64, 1024, 32, 24) float32 forward and forward+backward
-against eager torch and torch.compile. The table prints last; ratio = baseline time / ours.
+MB), and a peak float32 FMA rate turns each search time into GFLOP/s and a fraction of it.
+GeM: (64, 1024, 32, 24) float32 forward and forward+backward against eager torch and
+torch.compile. The table prints last; ratio = baseline time / ours.
 """
 from __future__ import annotations
 
@@ -205,7 +206,7 @@ def search_rows(args, rng, probe):
             for name, fn in methods.items():
                 _, idx = fn(sample, k)
                 recalls[name] = recall(idx.numpy() if hasattr(idx, "numpy") else idx, ref)
-            fns = {name: (lambda fn=fn: fn(q, k)) for name, fn in methods.items()}
+            fns = {name: (lambda fn=fn, q=q, k=k: fn(q, k)) for name, fn in methods.items()}
             if probe is not None:
                 fns["streaming read (floor)"] = lambda: probe.read(db16, threads)
                 recalls["streaming read (floor)"] = float("nan")
