@@ -5,9 +5,7 @@
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from ._lazy import lazy_exports
 from ._native import load_native as _load_native
 
 _load_native()
@@ -33,14 +31,7 @@ __all__ = ["__version__", "search", "gem", "cuda_available", "get_num_threads", 
            *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module_name, attr = _LAZY[name]
-        module = importlib.import_module(f".{module_name}", __name__)
-        value = module if attr is None else getattr(module, attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pylandmark' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, globals(), _LAZY)
 
 
 def __dir__() -> list[str]:

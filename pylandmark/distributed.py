@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ._lazy import lazy_exports
+
 if TYPE_CHECKING:  # imported on first use by __getattr__ below
     from .retrieval.sharded import DistributedIndex, recognize, search  # noqa: F401
 
@@ -183,13 +185,7 @@ def share_bounds(n: int, world: int | None = None) -> list[int]:
     return bounds
 
 
-def __getattr__(name: str) -> Any:
-    # the sharded-search API lives in retrieval/sharded.py; re-exported on first use
-    if name in ("DistributedIndex", "search", "recognize"):
-        from .retrieval import sharded
-
-        value = {"DistributedIndex": sharded.DistributedIndex, "search": sharded.search,
-                 "recognize": sharded.recognize}[name]
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# the sharded-search API lives in retrieval/sharded.py; re-exported on first use
+__getattr__ = lazy_exports(__name__, globals(), {name: ("retrieval.sharded", name)
+                                                 for name in ("DistributedIndex", "search", "recognize")},
+                           package=__package__)

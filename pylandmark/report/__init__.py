@@ -7,8 +7,7 @@
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "load_results": "results",
@@ -23,9 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pylandmark.report' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, globals(), {name: (module, name) for name, module in _EXPORTS.items()})
