@@ -10,21 +10,22 @@ temporary file.)
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def give_default_mode(path: str | os.PathLike) -> None:
-    """Gives a temporary file the mode of any new file, 0666 less the umask (mkstemp makes 0600)."""
-    os.chmod(path, 0o666 & ~_umask())
+def create_temp(path: Path) -> tuple[int, Path]:
+    """A new file ``.<name>.<random>.tmp`` next to ``path``, open for writing, created with mode
+    0666 so that the umask gives it the mode of any new file (mkstemp's 0600 would stay)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 @contextmanager
@@ -37,12 +38,10 @@ def replaced_atomically(path: str | os.PathLike, *, durable: bool = False) -> It
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; name the file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp(path)
     os.close(fd)
-    tmp = Path(name)
     try:
         yield tmp
-        give_default_mode(tmp)
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import stat
 import struct
 import time
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_int
-from .._files import fsync_folder
+from .._files import create_temp, fsync_folder
 from .._version import __version__
 from ..ops import METRICS, search
 
@@ -520,20 +519,11 @@ def _column(raw: bytes | None, count: int, name: str, convert: Callable[[Any, st
 
 # ---- temporary files ------------------------------------------------------------------------------
 
-def _temp_name(path: Path, token: str) -> Path:
-    return path.with_name(f".{path.name}.{token}.tmp")
-
-
 def _create_temp(path: Path) -> tuple[int, str]:
-    """A new temporary file next to `path`, locked for as long as the saver lives, with the
-    mode the umask gives (0666 & ~umask)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    """A new temporary file next to `path` (`_files.create_temp`: the umask's mode), locked for
+    as long as the saver lives."""
     while True:
-        tmp = _temp_name(path, secrets.token_hex(6))
-        try:
-            fd = os.open(tmp, flags, 0o666)
-        except FileExistsError:
-            continue
+        fd, tmp = create_temp(path)
         if fcntl is None or _lock_own_temp(fd, tmp):
             return fd, str(tmp)
         os.close(fd)  # a cleaner removed it before it was locked (the saver stalled): take another
