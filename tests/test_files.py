@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from pylandmark._files import replaced_atomically
+from pylandmark._files import remove_stale_temps, replaced_atomically
 from pylandmark.pipelines import save_descriptors
 
 
@@ -63,3 +63,26 @@ def test_extract_outputs_are_written_as_a_pair(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.load(npy), desc)  # the old pair, whole
     assert listing.read_text().splitlines() == ["a.jpg", "b.jpg", "c.jpg"]
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX file locks and fork")
+def test_a_file_being_written_survives_another_process_cleaning_up(tmp_path):
+    """Every writer holds a lock on its temporary file, so the clean-up of dead writers' files
+    that Index.load and Index.save run (from other processes) leaves a live write alone, and
+    removes the file of a writer that died."""
+    import os
+
+    target = tmp_path / "big.plmi"
+    with replaced_atomically(target) as tmp:
+        tmp.write_bytes(b"half of it")
+        pid = os.fork()
+        if pid == 0:  # another process: its own open file description, so the lock applies to it
+            remove_stale_temps(target)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert tmp.read_bytes() == b"half of it"
+    assert target.read_bytes() == b"half of it"
+    dead = tmp_path / ".big.plmi.0123456789ab.tmp"  # left by a writer killed with -9: no lock
+    dead.write_bytes(b"torn")
+    remove_stale_temps(target)
+    assert not dead.exists() and target.read_bytes() == b"half of it"

@@ -486,7 +486,7 @@ def test_a_save_whose_temp_file_a_cleaner_is_inspecting_still_holds_its_lock(tmp
     import os
     import threading
 
-    import pylandmark.retrieval.index as m
+    import pylandmark._files as files
 
     real_open = os.open
     held, timers = [], []
@@ -501,11 +501,11 @@ def test_a_save_whose_temp_file_a_cleaner_is_inspecting_still_holds_its_lock(tmp
             timers[-1].start()
         return fd
 
-    monkeypatch.setattr(m.os, "open", open_then_inspect)
-    fd, tmp = m._create_temp(tmp_path / "x.plmi")
+    monkeypatch.setattr(files.os, "open", open_then_inspect)
+    fd, tmp = files.create_temp(tmp_path / "x.plmi")
     monkeypatch.undo()
     try:
-        assert held == [tmp]
+        assert held == [str(tmp)]
         timers[0].join()  # the cleaner has let go
         probe = os.open(tmp, os.O_RDONLY)
         try:
@@ -514,7 +514,7 @@ def test_a_save_whose_temp_file_a_cleaner_is_inspecting_still_holds_its_lock(tmp
         finally:
             os.close(probe)
         os.write(fd, b"data")
-        m._remove_stale_temps(tmp_path / "x.plmi")
+        files.remove_stale_temps(tmp_path / "x.plmi")
         assert Path(tmp).exists()  # a live saver's file survives the next cleaner
     finally:
         os.close(fd)

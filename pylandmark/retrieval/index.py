@@ -23,9 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 import struct
-import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,14 +32,9 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_int
-from .._files import create_temp, fsync_folder
+from .._files import create_temp, fsync_folder, remove_stale_temps
 from .._version import __version__
 from ..ops import METRICS, search
-
-try:  # POSIX: a saver holds a lock on its temporary file, so a dead saver's file is recognisable
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +47,6 @@ _SUM_CHUNK = 1 << 24  # words per checksum chunk, bounds the temporary memory
 _ADD_CHUNK = 1 << 16  # rows normalised at once in float64, bounds the temporary memory
 _MAX_HEADER = 64 << 20  # bytes; real headers hold a few KB of metadata
 _MAX_DIM = 1 << 20
-_FRESH_TEMP_S = 10.0  # an empty unlocked temporary file younger than this may be a save starting
 
 
 class IndexFormatError(ValueError):
@@ -300,8 +292,8 @@ class Index:
         else:
             raise RuntimeError("index header layout did not settle")  # cannot happen: offsets grow monotonically
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(path)
-        fd, tmp = _create_temp(path)
+        remove_stale_temps(path)
+        fd, tmp = create_temp(path)
         try:
             with os.fdopen(fd, "wb") as f:  # closing it releases the lock, after the rename
                 f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes), 0))
@@ -339,7 +331,7 @@ class Index:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no index file at {path}")
-        _remove_stale_temps(path)
+        remove_stale_temps(path)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(_PREFIX.size)
@@ -515,64 +507,3 @@ def _column(raw: bytes | None, count: int, name: str, convert: Callable[[Any, st
         got = f"{len(values)} entries" if isinstance(values, list) else type(values).__name__
         raise ValueError(f"the {name} section must be a list of {count} entries, got {got}")
     return [convert(v, name) for v in values]
-
-
-# ---- temporary files ------------------------------------------------------------------------------
-
-def _create_temp(path: Path) -> tuple[int, str]:
-    """A new temporary file next to `path` (`_files.create_temp`: the umask's mode), locked for
-    as long as the saver lives."""
-    while True:
-        fd, tmp = create_temp(path)
-        if fcntl is None or _lock_own_temp(fd, tmp):
-            return fd, str(tmp)
-        os.close(fd)  # a cleaner removed it before it was locked (the saver stalled): take another
-
-
-def _lock_own_temp(fd: int, tmp: Path) -> bool:
-    """Locks a just-created temporary file; False when the name no longer refers to it.
-
-    The lock blocks rather than failing: a cleaner in another process may hold it for a
-    moment while it looks at the (still empty) file, and a saver that went on unlocked
-    would later look abandoned and have its file deleted under it."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:
-        return True  # a file system without locks: the file is still removed on any exception
-    try:
-        return os.stat(tmp, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Deletes temporary files of `path` left by saves that died (kill -9, power loss): a live
-    saver holds a lock on its file, so a file that can be locked has no writer."""
-    if fcntl is None:
-        return
-    prefix = f".{path.name}."
-    try:
-        names = [e.name for e in os.scandir(path.parent) if e.name.startswith(prefix) and e.name.endswith(".tmp")]
-    except OSError:
-        return
-    for name in names:
-        full = path.parent / name
-        try:
-            fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            if st.st_size == 0 and time.time() - st.st_mtime < _FRESH_TEMP_S:
-                continue  # may be a save between creating its file and locking it
-            if os.stat(full, follow_symlinks=False).st_ino != st.st_ino:
-                continue
-            os.unlink(full)
-            log.info("removed %s, left by a save that did not finish", full)
-        except OSError:
-            continue  # locked by a live saver, gone already, or not ours to delete
-        finally:
-            os.close(fd)

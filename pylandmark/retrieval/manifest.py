@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .._array import framework_of
+from .._files import replaced_atomically
 from .._version import __version__
 from ..ops import METRICS
 from .index import _PREFIX, MAGIC, MANIFEST_MAGIC, Index, IndexFormatError
@@ -99,7 +99,7 @@ def shard_header_crc(path: str | os.PathLike) -> int:
 
 def write_manifest(path: str | os.PathLike, *, dim: int, metric: str, metadata: dict,
                    shards: Sequence[dict]) -> Path:
-    """Writes the manifest atomically (temporary file in the same folder, fsync, rename).
+    """Writes the manifest atomically (locked temporary file in the same folder, fsync, rename).
 
     Every shard file must already be in :func:`shard_dir` ``(path)``; its count and header
     CRC are taken from the entries as given (the caller wrote the shards)."""
@@ -112,17 +112,10 @@ def write_manifest(path: str | os.PathLike, *, dim: int, metric: str, metadata: 
               "metadata": metadata, "shards": entries, "created_by": f"pylandmark {__version__}"}
     body = json.dumps(header, sort_keys=True).encode()
     data = _PREFIX.pack(MANIFEST_MAGIC, MANIFEST_VERSION, len(body), zlib.crc32(body), 0) + body
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.manifest-{secrets.token_hex(6)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # locked while written: an Index.load of the same path in another process removes only the
+    # temporary files of writers that died
+    with replaced_atomically(path, durable=True) as tmp:
+        tmp.write_bytes(data)
     log.info("wrote the manifest of %d shards (%d rows) to %s", len(entries), header["count"], path)
     return path
 
