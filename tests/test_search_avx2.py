@@ -1,6 +1,6 @@
 """The blocking edges of the CPU search kernels (issue 17): the register-blocked many-query kernel
 (6-query x 16-row tiles, d in slices of 256, 64-row db tiles, query blocks split over threads)
-and the few-query direct kernels (query groups over row blocks of 3 or 4), each checked against
+and the few-query direct kernels (query groups over blocks of 3 or 4 rows), each checked against
 a float64 reference under every ISA this machine runs. Sizes straddle every block: Q, N and D
 one below, at and one above the block sizes, k near N, and ties that cross panel boundaries."""
 from __future__ import annotations
@@ -26,6 +26,10 @@ BLOCKED = [(17, 65, 7), (95, 129, 257), (96, 63, 256), (97, 1000, 255), (301, 13
 # the 256-row calls.
 DIRECT = [(Q, N, D) for Q, N, D in zip(range(1, 17), (1, 2, 3, 4, 5, 257, 259, 770) * 2,
                                        (1, 9, 31, 1024, 8, 17, 100, 513) * 2)]
+# ... and every Q again over 1000 rows: AVX2 scores rows from 3 or 4 long runs of each 256-row
+# call at once (256 = 4 x 64 = 3 x 85 + 1; the last call, 232 = 4 x 58 = 3 x 77 + 1), so each
+# query group meets whole runs and the rows left over.
+DIRECT += [(Q, 1000, 40) for Q in range(1, 17)]
 
 
 def search_and_check(q, db, k, metric):

@@ -105,7 +105,7 @@ static void scores_tile(const float* q, int64_t nq, const float* tile, int64_t n
 }
 
 // Few queries: stream the db rows once, converting on the fly, with the row norms in the same pass.
-// AVX2 takes up to 16 this way (groups of queries over 4 rows held in L1, see
+// AVX2 takes up to 16 this way (groups of queries over 3 rows held in L1, see
 // scores_direct_groups): packing panels would cost as much as the FMAs at so few queries.
 #if PLM_W == 8
 constexpr int kDirectMaxQ = 16;
@@ -119,41 +119,67 @@ constexpr int kDirectMaxQ = 4;
 template <int MR>
 constexpr int direct_nr() {
 #if PLM_W == 8
-  return MR == 1 ? 4 : MR <= 3 ? 3 : 2;
+  return MR == 1 ? 4 : 3;
 #else
   return MR == 1 ? 8 : 4;
 #endif
 }
+// AVX2 takes the NR rows scored together from NR far-apart places of the call's rows (NR long
+// sequential streams, which the hardware prefetchers follow without software prefetch), not
+// from NR neighbouring rows (NR streams of one row each, which they barely start on). Zen 3,
+// 2 threads, N = 200,000 x 1024 float16, one query: 20.3 ms against 27.1 ms for neighbouring
+// rows with software prefetch, and 18.6 ms for a plain read of the same bytes
+// (benchmarks/RESULTS.md, issue 17, run 5).
+#if PLM_W == 8
+constexpr bool kDirectStreams = true;
+#else
+constexpr bool kDirectStreams = false;
+#endif
 // Software prefetch distance in elements (measured on Zen 5: ~25% more bandwidth than none).
 constexpr int64_t kPrefetchAhead = 256;
 
+// The lambdas of the direct kernels are called from a few places each; a call per vector step
+// would cost more than its FMAs.
+#define PLM_INLINE __attribute__((always_inline))
+
+// Independent FMA chains per accumulator: 2 when MR x NR (+ NR norms) accumulators are too few
+// to cover the FMA latency (4 cycles x 2 ports) and twice as many still fit the registers.
+template <int MR, int NR, bool NORMS>
+constexpr int direct_chains() {
+  constexpr int acc = MR * NR + (NORMS ? NR : 0);
+  return acc < 8 && 2 * acc + NR + 1 <= 15 ? 2 : 1;
+}
+
+// Scores MR queries (q, Dp apart) against rows[0, NR) (D elements each); row j's scores go to
+// out[i * ld + j * jstep], its inverse norm to inv_norms[j * jstep], for j < nr only.
 template <int DT, int MR, int NR, bool NORMS>
 static inline void micro_direct(const float* q, int64_t Dp, const void* const* rows, int64_t D,
                                 float* out, int64_t ld, int64_t nr, float* inv_norms,
-                                int64_t pf_bytes) {
-  vf acc[MR][NR];
-  vf sq[NR];
+                                int64_t pf_bytes, int64_t jstep) {
+  constexpr int CH = direct_chains<MR, NR, NORMS>();
+  vf acc[CH][MR][NR];
+  vf sq[CH][NR];
 #pragma GCC unroll 8
-  for (int j = 0; j < NR; ++j) {
-    sq[j] = vf{};
+  for (int c = 0; c < CH; ++c)
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) acc[i][j] = vf{};
-  }
-  const int64_t full = D - D % W;
-  auto step = [&](int64_t d, const vf* b) {
+    for (int j = 0; j < NR; ++j) {
+      sq[c][j] = vf{};
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) acc[c][i][j] = vf{};
+    }
+  auto step = [&](int c, int64_t d, const vf* b) PLM_INLINE {
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       vf a = vload(q + i * Dp + d);
 #pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) acc[i][j] += a * b[j];
+      for (int j = 0; j < NR; ++j) acc[c][i][j] += a * b[j];
     }
     if (NORMS) {
 #pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) sq[j] += b[j] * b[j];
+      for (int j = 0; j < NR; ++j) sq[c][j] += b[j] * b[j];
     }
   };
-  for (int64_t d = 0; d < full; d += W) {
-    vf b[NR];
+  auto load = [&](int64_t d, vf* b) PLM_INLINE {
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       // AVX2: one prefetch per 64-byte line, not one per vector (load slots are scarcer there)
@@ -161,31 +187,66 @@ static inline void micro_direct(const float* q, int64_t Dp, const void* const* r
         __builtin_prefetch(static_cast<const char*>(rows[j]) + d * elem_size<DT>() + pf_bytes);
       b[j] = load_as_float<DT>(rows[j], d);
     }
-    step(d, b);
+  };
+  const int64_t full = D - D % (CH * W);
+  int64_t d = 0;
+  for (; d < full; d += CH * W) {
+#pragma GCC unroll 2
+    for (int c = 0; c < CH; ++c) {
+      vf b[NR];
+      load(d + c * W, b);
+      step(c, d + c * W, b);
+    }
   }
-  if (full < D) {
+  for (; d + W <= D; d += W) {  // CH = 2: one whole vector left
     vf b[NR];
-    for (int j = 0; j < NR; ++j) b[j] = load_tail<DT>(rows[j], full, D - full);
-    step(full, b);
+    load(d, b);
+    step(0, d, b);
+  }
+  if (d < D) {
+    vf b[NR];
+    for (int j = 0; j < NR; ++j) b[j] = load_tail<DT>(rows[j], d, D - d);
+    step(0, d, b);
   }
   for (int j = 0; j < nr; ++j) {
-    for (int i = 0; i < MR; ++i) out[i * ld + j] = hsum(acc[i][j]);
-    if (NORMS) inv_norms[j] = inv_norm_or_redo<DT == 1>(hsum(sq[j]));
+    for (int i = 0; i < MR; ++i) {
+      vf s = acc[0][i][j];
+      for (int c = 1; c < CH; ++c) s += acc[c][i][j];
+      out[i * ld + j * jstep] = hsum(s);
+    }
+    if (NORMS) {
+      vf s = sq[0][j];
+      for (int c = 1; c < CH; ++c) s += sq[c][j];
+      inv_norms[j * jstep] = inv_norm_or_redo<DT == 1>(hsum(s));
+    }
   }
 }
 
-// Software prefetch offset, bytes from the element being read: AVX2 fetches the same place two
-// row blocks ahead (each row is only a short stream for the hardware prefetcher, and at one
-// query a block is scored in less time than a memory miss takes), the others a fixed distance
-// along the row.
-template <int DT, int NR>
-static inline int64_t direct_prefetch_bytes(int64_t row_bytes) {
-#if PLM_W == 8
-  return 2 * NR * row_bytes;
-#else
-  (void)row_bytes;
-  return kPrefetchAhead * elem_size<DT>();
-#endif
+// Software prefetch offset, bytes from the element being read: none on AVX2 (its rows come as
+// long streams, see kDirectStreams), a fixed distance along the row on the others.
+template <int DT>
+static inline int64_t direct_prefetch_bytes() {
+  return kDirectStreams ? 0 : kPrefetchAhead * elem_size<DT>();
+}
+
+// Calls score(rows, col, nr, jstep) for blocks of NR of the nt rows at base (row_bytes apart)
+// that together cover each row once: row j of a block is row col + j * jstep, for j < nr (the
+// other pointers repeat a valid row). Long streams (kDirectStreams): the rows are cut in NR
+// equal runs, block t takes row t of each, and the few left over form one last block.
+template <int NR, class Score>
+static inline void for_row_blocks(const unsigned char* base, int64_t row_bytes, int64_t nt,
+                                  Score&& score) {
+  const void* rows[NR];
+  const int64_t run = kDirectStreams ? nt / NR : 0;
+  for (int64_t t = 0; t < run; ++t) {
+    for (int j = 0; j < NR; ++j) rows[j] = base + (t + j * run) * row_bytes;
+    score(rows, t, static_cast<int64_t>(NR), run);
+  }
+  for (int64_t j0 = NR * run; j0 < nt; j0 += NR) {
+    const int64_t nr = imin(NR, nt - j0);
+    for (int j = 0; j < NR; ++j) rows[j] = base + (j0 + (j < nr ? j : 0)) * row_bytes;
+    score(rows, j0, nr, int64_t{1});
+  }
 }
 
 template <int DT, int MR, bool NORMS>
@@ -193,45 +254,46 @@ static void scores_direct_t(const float* q, const void* db, int64_t row_stride, 
                             int64_t D, float* out, float* inv_norms) {
   constexpr int NR = direct_nr<MR>();
   const int64_t Dp = padded_dim(D);
-  const auto* base = static_cast<const unsigned char*>(db);
-  const int64_t row_bytes = row_stride * elem_size<DT>();
-  const int64_t pf = direct_prefetch_bytes<DT, NR>(row_bytes);
-  for (int64_t j0 = 0; j0 < nt; j0 += NR) {
-    const int64_t nr = imin(NR, nt - j0);
-    const void* rows[NR];
-    for (int j = 0; j < NR; ++j) rows[j] = base + (j0 + (j < nr ? j : 0)) * row_bytes;
-    micro_direct<DT, MR, NR, NORMS>(q, Dp, rows, D, out + j0, nt, nr, inv_norms ? inv_norms + j0 : nullptr, pf);
-  }
+  const int64_t pf = direct_prefetch_bytes<DT>();
+  for_row_blocks<NR>(static_cast<const unsigned char*>(db), row_stride * elem_size<DT>(), nt,
+                     [&](const void* const* rows, int64_t col, int64_t nr, int64_t jstep) PLM_INLINE {
+                       micro_direct<DT, MR, NR, NORMS>(q, Dp, rows, D, out + col, nt, nr,
+                                                       NORMS ? inv_norms + col : nullptr, pf, jstep);
+                     });
 }
 
 #if PLM_W == 8
-// 5..16 queries: for each 3 rows (6 KiB of float16, read from memory once, then from L1), the
+// 4..16 queries: for each 3 rows (6 KiB of float16, read from memory once, then from L1), the
 // first 3 queries with the row norms (9 + 3 accumulators + 3 rows + 1 query: the 16 ymm
-// registers), then the rest 4 at a time (12 accumulators + 3 rows + 1 query).
+// registers), then the rest 4 at a time (12 accumulators + 3 rows + 1 query); a last group of
+// 1 or 2 queries runs 2 FMA chains per accumulator (direct_chains).
+template <int DT, int MR, bool NORMS>
+static inline void direct_group(const float* q, int64_t Dp, const void* const* rows, int64_t D,
+                                float* out, int64_t ld, int64_t nr, float* inv_norms,
+                                int64_t jstep) {
+  micro_direct<DT, MR, 3, NORMS>(q, Dp, rows, D, out, ld, nr, inv_norms, 0, jstep);
+}
+
 template <int DT>
 static void scores_direct_groups(const float* q, int64_t nq, const void* db, int64_t row_stride,
                                  int64_t nt, int64_t D, float* out, float* inv_norms) {
-  constexpr int NR = 3;
   const int64_t Dp = padded_dim(D);
-  const auto* base = static_cast<const unsigned char*>(db);
-  const int64_t row_bytes = row_stride * elem_size<DT>();
-  const int64_t pf = direct_prefetch_bytes<DT, NR>(row_bytes);
-  for (int64_t j0 = 0; j0 < nt; j0 += NR) {
-    const int64_t nr = imin(NR, nt - j0);
-    const void* rows[NR];
-    for (int j = 0; j < NR; ++j) rows[j] = base + (j0 + (j < nr ? j : 0)) * row_bytes;
-    float* o = out + j0;  // only the first group reads memory, so only it prefetches
-    if (inv_norms) micro_direct<DT, 3, NR, true>(q, Dp, rows, D, o, nt, nr, inv_norms + j0, pf);
-    else micro_direct<DT, 3, NR, false>(q, Dp, rows, D, o, nt, nr, nullptr, pf);
-    int64_t i = 3;
-    for (; i + 4 <= nq; i += 4) micro_direct<DT, 4, NR, false>(q + i * Dp, Dp, rows, D, o + i * nt, nt, nr, nullptr, 0);
-    switch (nq - i) {
-      case 3: micro_direct<DT, 3, NR, false>(q + i * Dp, Dp, rows, D, o + i * nt, nt, nr, nullptr, 0); break;
-      case 2: micro_direct<DT, 2, NR, false>(q + i * Dp, Dp, rows, D, o + i * nt, nt, nr, nullptr, 0); break;
-      case 1: micro_direct<DT, 1, NR, false>(q + i * Dp, Dp, rows, D, o + i * nt, nt, nr, nullptr, 0); break;
-      default: break;
+  for_row_blocks<3>(static_cast<const unsigned char*>(db), row_stride * elem_size<DT>(), nt,
+                    [&](const void* const* rows, int64_t col, int64_t nr, int64_t jstep) PLM_INLINE {
+    float* o = out + col;
+    if (inv_norms) direct_group<DT, 3, true>(q, Dp, rows, D, o, nt, nr, inv_norms + col, jstep);
+    else direct_group<DT, 3, false>(q, Dp, rows, D, o, nt, nr, nullptr, jstep);
+    for (int64_t i = 3; i < nq; i += 4) {
+      const float* qi = q + i * Dp;
+      float* oi = o + i * nt;
+      switch (imin(4, nq - i)) {
+        case 4: direct_group<DT, 4, false>(qi, Dp, rows, D, oi, nt, nr, nullptr, jstep); break;
+        case 3: direct_group<DT, 3, false>(qi, Dp, rows, D, oi, nt, nr, nullptr, jstep); break;
+        case 2: direct_group<DT, 2, false>(qi, Dp, rows, D, oi, nt, nr, nullptr, jstep); break;
+        default: direct_group<DT, 1, false>(qi, Dp, rows, D, oi, nt, nr, nullptr, jstep); break;
+      }
     }
-  }
+  });
 }
 #endif
 
@@ -246,7 +308,9 @@ static void scores_direct_dt(const float* q, int64_t nq, const void* db, int64_t
     PLM_DIRECT_CASE(1)
     PLM_DIRECT_CASE(2)
     PLM_DIRECT_CASE(3)
+#if PLM_W != 8
     PLM_DIRECT_CASE(4)
+#endif
     default:
 #if PLM_W == 8
       if (nq <= kDirectMaxQ) scores_direct_groups<DT>(q, nq, db, row_stride, nt, D, out, inv_norms);
