@@ -266,7 +266,7 @@ static void scores_direct_t(const float* q, const void* db, int64_t row_stride, 
 // 4..16 queries: for each 3 rows (6 KiB of float16, read from memory once, then from L1), the
 // first 3 queries with the row norms (9 + 3 accumulators + 3 rows + 1 query: the 16 ymm
 // registers), then the rest 4 at a time (12 accumulators + 3 rows + 1 query); a last group of
-// 1 or 2 queries runs 2 FMA chains per accumulator (direct_chains).
+// one query runs 2 FMA chains per accumulator (direct_chains).
 template <int DT, int MR, bool NORMS>
 static inline void direct_group(const float* q, int64_t Dp, const void* const* rows, int64_t D,
                                 float* out, int64_t ld, int64_t nr, float* inv_norms,
