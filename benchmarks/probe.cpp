@@ -10,7 +10,8 @@
 //                               -> the same bytes read as `streams` (1..16) equal runs in turn,
 //                                  one vector of each per step: several long sequential streams
 //                                  at once, which some cores' prefetchers fetch faster than one
-//                                  (Zen 3: 4 streams ~1.3x one); the floor is the faster read
+//                                  (Zen 3: 4 streams up to ~1.3x one, often equal); the floor is
+//                                  the faster read
 //   plm_probe_vector_bytes()    -> the vector width used, in bytes
 #include <cstddef>
 #include <cstdint>
