@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Issue 18: everything a lent GPU machine should run, in one call, with logs and the tables last.
 #
-#   tools/device_check.sh --prepare   # here, before the call: a cp312 CUDA wheel for sm_90 and
-#                                     # pytest's wheels into dist/ (the device has no network)
+#   tools/device_check.sh --prepare   # here, before the call (~10 min on 2 cores): the cp312
+#                                     # manylinux CUDA wheel for sm_90 (tools/build_wheels.sh
+#                                     # --cuda) and pytest's wheels into dist/ (no network there)
 #   tools/device_check.sh             # there, from the repository root, with dist/ carried
 #
-# On the device: installs dist/pylandmark-*-<its python tag>-*.whl into a venv that sees the
+# On the device: installs dist/pylandmark*-<its python tag>-*.whl (pylandmark-cu13) into a venv that sees the
 # machine's torch / timm / cupy (--system-site-packages), writes nvidia-smi, driver, torch and CUDA
 # versions to $OUT/device.txt, runs the CUDA tests (tests/test_search_cuda.py, test_gem_cuda.py)
 # into $OUT/pytest.log, then benchmarks/gpu_bench.py --json $OUT/gpu.json into $OUT/gpu_bench.log,
@@ -23,8 +24,9 @@ if [[ ${1:-} == --prepare ]]; then
   [[ -x $py312 ]] || PYENV_VERSION=3.12.1 python -m venv "$(dirname "$(dirname "$py312")")"
   mkdir -p dist
   start=$(date +%s)
-  CMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-90} PYLANDMARK_CUDA=ON \
-    "$py312" -m pip wheel --no-deps . -w dist
+  # the manylinux_2_28 CUDA wheel (static libstdc++ and cudart): a plain `pip wheel .` here
+  # needs this machine's GLIBCXX_3.4.29 and glibc 2.34, which the device may not have
+  CUDAARCHS=${CUDAARCHS:-90} tools/build_wheels.sh --cuda --python "$py312" --out dist --smoke
   "$py312" -m pip download -q pytest -d dist --only-binary=:all:
   echo "prepared in $(( $(date +%s) - start )) s:"; ls -l dist
   exit 0
@@ -47,9 +49,9 @@ run_step() {  # name, log, command...: bounded, logged, status kept
 }
 
 tag=$("$python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-wheel=$(ls dist/pylandmark-*-"$tag"-*.whl 2>/dev/null | head -1)
+wheel=$(ls dist/pylandmark*-"$tag"-*.whl 2>/dev/null | head -1)
 if [[ -z $wheel ]]; then
-  echo "device_check: no dist/pylandmark-*-$tag-*.whl for this $python; run tools/device_check.sh --prepare and carry dist" >&2
+  echo "device_check: no dist/pylandmark*-$tag-*.whl for this $python; run tools/device_check.sh --prepare and carry dist" >&2
   exit 2
 fi
 venv=${VENV:-/tmp/plm-device-venv}
