@@ -6,11 +6,12 @@
 #                                     # --cuda) and pytest's wheels into dist/ (no network there)
 #   tools/device_check.sh             # there, from the repository root, with dist/ carried
 #
-# On the device: installs dist/pylandmark*-<its python tag>-*.whl (pylandmark-cu13) into a venv that sees the
-# machine's torch / timm / cupy (--system-site-packages), writes nvidia-smi, driver, torch and CUDA
-# versions to $OUT/device.txt, runs the CUDA tests (tests/test_search_cuda.py, test_gem_cuda.py)
-# into $OUT/pytest.log, then benchmarks/gpu_bench.py --json $OUT/gpu.json into $OUT/gpu_bench.log,
-# and prints the bench's tables last. Each step has its own time limit (STEP_S, default 240 s)
+# On the device: installs dist/pylandmark*-<its python tag>-*.whl (pylandmark-cu13) into a venv
+# that sees the machine's torch / timm / cupy (--system-site-packages), writes nvidia-smi, driver,
+# torch and CUDA versions to $OUT/device.txt, runs the CUDA tests (tests/test_search_cuda.py and
+# test_gem_cuda.py into $OUT/pytest.log; the other tests that take a GPU path, extraction in
+# float16 and the chunked multi-GPU ring, into $OUT/pytest_more.log), then benchmarks/gpu_bench.py
+# --json $OUT/gpu.json into $OUT/gpu_bench.log, and prints the bench's tables last. Each step has its own time limit (STEP_S, default 240 s)
 # and a failed step does not stop the next; the exit status is the first failure's.
 # Env: OUT (default ./device-out), PYTHON (default python3), STEP_S, BENCH_ARGS (extra arguments
 # for gpu_bench.py, e.g. "--only search").
@@ -35,6 +36,7 @@ fi
 out=${OUT:-device-out}
 step_s=${STEP_S:-240}
 mkdir -p "$out"
+: >"$out/summary.txt"
 status=0
 note() { echo "== $*" >>"$out/summary.txt"; }
 run_step() {  # name, log, command...: bounded, logged, status kept
@@ -80,6 +82,9 @@ cat "$out/device.txt" >>"$out/summary.txt"
 run_step "CUDA tests" pytest.log "$venv/bin/python" -m pytest -q -p no:cacheprovider \
   -o addopts="-ra --durations=15" tests/test_search_cuda.py tests/test_gem_cuda.py
 grep -E "passed|failed|error|skipped|no tests ran" "$out/pytest.log" | tail -n 1 >>"$out/summary.txt"
+run_step "other GPU tests" pytest_more.log "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+  -o addopts="-ra" tests/test_extraction.py tests/test_chunked_search.py -k cuda
+grep -E "passed|failed|error|skipped|no tests ran" "$out/pytest_more.log" | tail -n 1 >>"$out/summary.txt"
 # shellcheck disable=SC2086
 run_step "gpu_bench" gpu_bench.log "$venv/bin/python" benchmarks/gpu_bench.py --json "$out/gpu.json" ${BENCH_ARGS:-}
 cat "$out/summary.txt"
