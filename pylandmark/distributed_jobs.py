@@ -347,12 +347,6 @@ def _gather_rows(rows: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
     return du.all_gather_rows(t, counts).cpu().numpy()
 
 
-def open_index(path: str | Path, device: str | None):
-    from .retrieval.sharded import DistributedIndex
-
-    return DistributedIndex.open(path, device=device)
-
-
 def search_images(index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5) -> list[dict]:
     """``pylandmark search`` over a :class:`~pylandmark.retrieval.sharded.DistributedIndex`:
     the same list of dicts as :func:`pylandmark.pipelines.search_images`, on every rank."""

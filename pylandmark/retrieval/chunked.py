@@ -18,7 +18,6 @@ the GPU path's logic.
 from __future__ import annotations
 
 import logging
-import numbers
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._array import framework_of
+from .._checks import check_int
 from ..ops import METRICS, search
 from .topk import merge_topk_torch
 
@@ -70,9 +70,7 @@ def search_chunked(queries: Any, db: Any, k: int = 5, metric: str = "cosine", *,
 
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    k = int(k)
+    k = check_int(k, "k", minimum=1)
     dev = torch.device(device if device is not None else "cpu")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or a CUDA device, got {device!r}")
@@ -82,9 +80,7 @@ def search_chunked(queries: Any, db: Any, k: int = 5, metric: str = "cosine", *,
         raise ValueError("db is empty (N=0); add descriptors before searching")
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(d, host.element_size(), dev.type)
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
-    chunk_rows = min(int(chunk_rows), n)
+    chunk_rows = min(check_int(chunk_rows, "chunk_rows", minimum=1), n)
 
     fw = framework_of(queries)
     q = queries if fw == "torch" else torch.from_numpy(np.ascontiguousarray(queries))

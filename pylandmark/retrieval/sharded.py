@@ -31,6 +31,7 @@ import torch
 
 from .. import distributed as du
 from .._array import framework_of
+from .._checks import check_int
 from ..ops import METRICS
 from ..ops import search as _search
 from .index import MANIFEST_MAGIC, Index
@@ -92,6 +93,7 @@ class DistributedIndex:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", du.local_rank() if du.is_distributed() else torch.cuda.current_device())
         self.resident = bool(resident)
+        self._label_set: list | None = None  # label_set(), gathered once
         self.segments = [s for s in segments if len(s)]
         if self.device.type == "cuda" and self.resident:
             for s in self.segments:
@@ -239,9 +241,7 @@ class DistributedIndex:
             when k exceeds the rows), identical on every rank; numpy unless this rank passed
             torch queries (then tensors on this rank's device). 1-d queries give 1-d results.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
-        k = int(k)
+        k = check_int(k, "k", minimum=1)
         if len(self) == 0:
             raise ValueError("the index is empty; add descriptors before searching")
         fw = framework_of(queries) if queries is not None else "numpy"
@@ -356,15 +356,19 @@ class DistributedIndex:
                 "paths": paths.reshape(rows.shape) if self.has_paths else None}
 
     def label_set(self) -> list:
-        """The distinct labels of the whole index (collective), sorted by their string form."""
-        mine = set()
-        for seg in self.segments:
-            if seg.labels is not None:
-                mine.update(seg.labels)
-        out = set()
-        for part in du.all_gather_objects(mine):
-            out |= part
-        return sorted(out, key=str)
+        """The distinct labels of the whole index (collective the first time; the rows never
+        change, so later calls return the same list without gathering), sorted by their string
+        form."""
+        if self._label_set is None:
+            mine = set()
+            for seg in self.segments:
+                if seg.labels is not None:
+                    mine.update(seg.labels)
+            out = set()
+            for part in du.all_gather_objects(mine):
+                out |= part
+            self._label_set = sorted(out, key=str)
+        return list(self._label_set)
 
     def recognize(self, queries: Any, k: int = 5, vote: str = "majority", min_score: float | None = None, *,
                   src: int | None = 0, unknown: Any = "unknown"):
@@ -373,11 +377,15 @@ class DistributedIndex:
 
         Returns a :class:`~pylandmark.retrieval.recognition.Recognition` whose ``neighbors``
         are global rows and ``neighbor_ids`` their ids, identical on every rank."""
+        from .recognition import _equal_to
         from .recognition import recognize as _recognize
 
         if not self.labelled:
             raise ValueError("this index has no labels; build it with --labels-from-folders or add labels")
-        if any(_same_label(v, unknown) for v in self.label_set()):
+        labels = self.label_set()
+        table = np.empty(len(labels), dtype=object)
+        table[:] = labels
+        if np.any(_equal_to(table, unknown)):
             raise ValueError(f"unknown={unknown!r} is also a database label; pass another unknown=")
         scores, rows = self.search_rows(queries, k, src=src)
         scores = np.atleast_2d(np.asarray(scores.cpu() if framework_of(scores) == "torch" else scores))
@@ -404,11 +412,6 @@ class _Found:
         return self._scores, self._rows
 
     search = search_rows
-
-
-def _same_label(v: Any, unknown: Any) -> bool:
-    """Equal as recognition compares labels: a str never equals a number."""
-    return isinstance(v, str) == isinstance(unknown, str) and v == unknown
 
 
 def _slice(index: Index, a: int, b: int, start: int, id_offset: int) -> _Segment:
