@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_int
-from .._files import create_temp, fsync_folder, remove_stale_temps
+from .._files import remove_stale_temps, replaced_atomically
 from .._version import __version__
 from ..ops import METRICS, search
 
@@ -293,27 +293,19 @@ class Index:
             raise RuntimeError("index header layout did not settle")  # cannot happen: offsets grow monotonically
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(path)
-        fd, tmp = create_temp(path)
-        try:
-            with os.fdopen(fd, "wb") as f:  # closing it releases the lock, after the rename
-                f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes), 0))
-                f.write(header_bytes)
-                f.seek(sections["matrix"]["offset"])
-                f.write(matrix.tobytes())
-                f.seek(sections["ids"]["offset"])
-                f.write(ids.tobytes())
-                for name, blob in blobs.items():
-                    if blob is not None:
-                        f.seek(sections[name]["offset"])
-                        f.write(blob)
-                f.truncate(max(sec["offset"] + sec["nbytes"] for sec in sections.values()))
-                f.flush()
-                os.fsync(f.fileno())
-                os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_folder(path.parent)
+        # locked temporary file, fsync, rename, folder fsync; removed on any failure
+        with replaced_atomically(path, durable=True) as tmp, open(tmp, "r+b") as f:
+            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes), 0))
+            f.write(header_bytes)
+            f.seek(sections["matrix"]["offset"])
+            f.write(matrix.reshape(-1).view(np.uint8))  # no copy of a matrix that may be GBs
+            f.seek(sections["ids"]["offset"])
+            f.write(ids.tobytes())
+            for name, blob in blobs.items():
+                if blob is not None:
+                    f.seek(sections[name]["offset"])
+                    f.write(blob)
+            f.truncate(max(sec["offset"] + sec["nbytes"] for sec in sections.values()))
         log.info("saved %d descriptors to %s", len(self), path)
         return path
 
