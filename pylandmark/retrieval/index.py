@@ -298,7 +298,7 @@ class Index:
             f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes), 0))
             f.write(header_bytes)
             f.seek(sections["matrix"]["offset"])
-            f.write(memoryview(matrix.reshape(-1).view(np.uint8)))  # no copy of a matrix that may be GBs
+            f.write(matrix.reshape(-1).view(np.uint8).data)  # no copy of a matrix that may be GBs
             f.seek(sections["ids"]["offset"])
             f.write(ids.tobytes())
             for name, blob in blobs.items():
