@@ -143,7 +143,7 @@ def _opts(args: argparse.Namespace, index=None):
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from .pipelines import describe, expand_images, npy_path, save_descriptors
+    from .pipelines import describe, expand_images, save_descriptors
 
     images = expand_images(args.images)
     net, _ = _network(args)
@@ -151,11 +151,10 @@ def _extract(args: argparse.Namespace) -> int:
         from .distributed_jobs import extract_to_file
 
         res = extract_to_file(net, images, _opts(args), args.out, skip_bad=args.skip_bad)
-        listing = Path(args.out).with_suffix(".paths.txt")
-        payload = {"out": str(args.out), "paths": str(listing), "count": res["count"], "dim": res["dim"],
+        payload = {"out": str(res["out"]), "paths": str(res["paths"]), "count": res["count"], "dim": res["dim"],
                    "skipped": res["skipped"], "ranks": res["ranks"]}
-        _emit(args, payload, f"wrote {res['count']} x {res['dim']} float16 descriptors to {npy_path(args.out)} "
-                             f"(paths in {listing}; {len(res['ranks'])} ranks)")
+        _emit(args, payload, f"wrote {res['count']} x {res['dim']} float16 descriptors to {res['out']} "
+                             f"(paths in {res['paths']}; {len(res['ranks'])} ranks)")
         return 0
     desc, kept, skipped = describe(net, images, _opts(args), skip_bad=args.skip_bad)
     out, listing = save_descriptors(args.out, desc, kept)

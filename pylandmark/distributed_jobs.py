@@ -35,7 +35,7 @@ import torch
 
 from . import distributed as du
 from ._files import replaced_atomically
-from .pipelines import ExtractOptions, describe, npy_path, stored_paths
+from .pipelines import ExtractOptions, describe, descriptor_files, stored_paths
 from .retrieval.index import _PREFIX, Index, IndexFormatError
 from .retrieval.manifest import (
     ShardedIndex,
@@ -284,9 +284,9 @@ def extract_to_file(network, images: Sequence[Path], opts: ExtractOptions, out: 
                     skip_bad: bool = False) -> dict:
     """``pylandmark extract`` on every rank: parts in ``<out>.parts/``, then rank 0 writes the
     (N, D) float16 ``.npy`` and the ``.paths.txt`` listing (each atomically) and removes the
-    parts. Returns ``{"count", "dim", "ranks", "skipped"}``."""
+    parts. Returns ``{"out", "paths" (the two files), "count", "dim", "ranks", "skipped"}``."""
     out = Path(out)
-    target, listing = npy_path(out), out.with_suffix(".paths.txt")
+    target, listing = descriptor_files(out)
     parts = out.parent / f"{out.name}.parts"
     images = list(images)
     key = _job_key("extract", [str(p) for p in images], None, network,
@@ -312,7 +312,7 @@ def extract_to_file(network, images: Sequence[Path], opts: ExtractOptions, out: 
             (parts / r["file"]).unlink(missing_ok=True)
         _remove_if_empty(parts)
     du.barrier()
-    return {"count": count, "dim": dim, "ranks": _public(reports),
+    return {"out": target, "paths": listing, "count": count, "dim": dim, "ranks": _public(reports),
             "skipped": [s for r in reports for s in r["skipped"]]}
 
 

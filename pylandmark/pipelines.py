@@ -217,10 +217,11 @@ def recognition_results(index: Any, desc: np.ndarray, queries: Sequence[str], k:
     return out
 
 
-def npy_path(out: str | Path) -> Path:
-    """Where ``np.save(out, ...)`` writes: ``out``, with ``.npy`` appended when missing."""
+def descriptor_files(out: str | Path) -> tuple[Path, Path]:
+    """The two files ``pylandmark extract --out OUT`` writes: the array where ``np.save(OUT)``
+    would put it (``.npy`` appended when missing) and the listing ``<OUT>.paths.txt``."""
     out = Path(out)
-    return out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
+    return (out if out.suffix == ".npy" else out.with_name(out.name + ".npy")), out.with_suffix(".paths.txt")
 
 
 def save_descriptors(out: str | Path, descriptors: np.ndarray, paths: Sequence[Any]) -> tuple[Path, Path]:
@@ -229,8 +230,7 @@ def save_descriptors(out: str | Path, descriptors: np.ndarray, paths: Sequence[A
     Returns both paths."""
     from ._files import replaced_atomically
 
-    out = Path(out)
-    target, listing = npy_path(out), out.with_suffix(".paths.txt")
+    target, listing = descriptor_files(out)
     with replaced_atomically(target) as tmp, replaced_atomically(listing) as tmp_list:
         with open(tmp, "wb") as f:
             np.save(f, descriptors)
