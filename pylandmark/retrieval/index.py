@@ -53,6 +53,20 @@ class IndexFormatError(ValueError):
     """The file is not a pylandmark index, is damaged, or is from a newer version."""
 
 
+def read_prefix(prefix: bytes, path: Path, magic: bytes, kind: str, version_name: str,
+                newest: int) -> tuple[int, int, int]:
+    """(version, header length, header CRC-32) of a file's 24-byte prefix (index files and
+    shard manifests share it), after checking its magic and that this pylandmark reads the
+    version; ``kind`` and ``version_name`` name the format in the messages."""
+    if len(prefix) < _PREFIX.size or prefix[:8] != magic:
+        raise IndexFormatError(f"{path} is not a pylandmark {kind} (bad magic)")
+    _, version, hlen, hcrc, _ = _PREFIX.unpack(prefix)
+    if version > newest:
+        raise IndexFormatError(f"{path} uses {version_name} {version}, newer than this pylandmark "
+                               f"({__version__}) reads ({newest}); upgrade pylandmark")
+    return version, hlen, hcrc
+
+
 def _sum64(buf: np.ndarray) -> int:
     """Wrapping sum of the bytes as uint64 words (zero padded): detects any single flipped bit."""
     raw = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
@@ -331,12 +345,7 @@ class Index:
                 from .manifest import load_manifest
 
                 return load_manifest(path, f, mmap=mmap, verify=verify)  # type: ignore[return-value]
-            if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
-                raise IndexFormatError(f"{path} is not a pylandmark index (bad magic)")
-            _, version, hlen, hcrc, _ = _PREFIX.unpack(prefix)
-            if version > FORMAT_VERSION:
-                raise IndexFormatError(f"{path} uses index format version {version}, newer than this "
-                                       f"pylandmark ({__version__}) reads ({FORMAT_VERSION}); upgrade pylandmark")
+            version, hlen, hcrc = read_prefix(prefix, path, MAGIC, "index", "index format version", FORMAT_VERSION)
             if version < 1:
                 raise IndexFormatError(f"{path}: invalid format version {version}")
             if _PREFIX.size + hlen > size:

@@ -36,7 +36,7 @@ from .._array import framework_of
 from .._files import replaced_atomically
 from .._version import __version__
 from ..ops import METRICS
-from .index import _PREFIX, MAGIC, MANIFEST_MAGIC, Index, IndexFormatError
+from .index import _PREFIX, FORMAT_VERSION, MAGIC, MANIFEST_MAGIC, Index, IndexFormatError, read_prefix
 from .topk import merge_topk, merge_topk_torch
 
 __all__ = ["ShardedIndex", "ShardEntry", "write_manifest", "read_manifest", "load_manifest", "load_shard", "shard_dir",
@@ -92,9 +92,7 @@ def shard_header_crc(path: str | os.PathLike) -> int:
     header holds the checksums of every section)."""
     with open(path, "rb") as f:
         prefix = f.read(_PREFIX.size)
-    if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
-        raise IndexFormatError(f"{path} is not a pylandmark index (bad magic)")
-    return int(_PREFIX.unpack(prefix)[3])
+    return read_prefix(prefix, Path(path), MAGIC, "index", "index format version", FORMAT_VERSION)[2]
 
 
 def write_manifest(path: str | os.PathLike, *, dim: int, metric: str, metadata: dict,
@@ -130,13 +128,8 @@ def read_manifest(path: str | os.PathLike, f: BinaryIO | None = None) -> dict:
         f = open(path, "rb")
     try:
         f.seek(0)
-        prefix = f.read(_PREFIX.size)
-        if len(prefix) < _PREFIX.size or prefix[:8] != MANIFEST_MAGIC:
-            raise IndexFormatError(f"{path} is not a pylandmark shard manifest (bad magic)")
-        _, version, hlen, hcrc, _ = _PREFIX.unpack(prefix)
-        if version > MANIFEST_VERSION:
-            raise IndexFormatError(f"{path} uses manifest version {version}, newer than this pylandmark "
-                                   f"({__version__}) reads ({MANIFEST_VERSION}); upgrade pylandmark")
+        version, hlen, hcrc = read_prefix(f.read(_PREFIX.size), path, MANIFEST_MAGIC, "shard manifest",
+                                          "manifest version", MANIFEST_VERSION)
         if version < 1 or hlen > _MAX_MANIFEST:
             raise IndexFormatError(f"{path} has an invalid manifest prefix (version {version}, {hlen} bytes)")
         body = f.read(hlen)
