@@ -26,7 +26,7 @@ from .data.images import IMAGENET_MEAN, IMAGENET_STD, ImageList, LoadFailure, li
 from .devices import resolve_device
 from .models.layers import fold_batchnorm, l2n
 
-__all__ = ["extract", "LoadFailure", "SkippedImages", "multiscale_combine", "prepare_inference_model"]
+__all__ = ["extract", "describe_batch", "LoadFailure", "SkippedImages", "multiscale_combine", "prepare_inference_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,38 @@ def multiscale_combine(descriptors: torch.Tensor, p: float) -> torch.Tensor:
     else:
         v = v.mean(0)
     return l2n(v)
+
+
+def describe_batch(net: nn.Module, x: torch.Tensor, scales: Sequence[float], *, multiscale_p: float = 1.0,
+                   whitening: Any = None, amp: bool = False) -> torch.Tensor:
+    """One batch through the network: the forward pass of :func:`extract`, of the service and
+    of anything else that describes prepared images.
+
+    Args:
+        net: the inference network (:func:`prepare_inference_model`), mapping (B, 3, H, W) to
+            (B, D).
+        x: (B, 3, H, W) prepared images (one shape), on the network's device.
+        scales: image scales; with several, the per-scale descriptors are combined as
+            ``L2N((mean_s v_s^p)^(1/p))`` with ``p = multiscale_p``.
+        whitening: a :class:`~pylandmark.nn.whiten.Whitening` applied last, in float64 (the
+            projection can amplify float32 rounding), or None.
+        amp: autocast (float16 on CUDA, bfloat16 on the CPU).
+
+    Returns:
+        (B, D) unit descriptors on ``x``'s device: float32, or float64 when whitened.
+    """
+    x = x.contiguous(memory_format=torch.channels_last)
+    amp_dtype = torch.float16 if x.device.type == "cuda" else torch.bfloat16
+    per_scale = []
+    with torch.inference_mode():
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp):
+            for s in scales:
+                v = net(_scaled(x, s))
+                if v.dim() != 2 or v.shape[0] != x.shape[0]:
+                    raise ValueError(f"model must return (B, D) descriptors, got shape {tuple(v.shape)}")
+                per_scale.append(v.float())
+        v = multiscale_combine(torch.stack(per_scale), multiscale_p if len(scales) > 1 else 1.0)
+        return v if whitening is None else whitening.apply(v.double())
 
 
 def _scaled(x: torch.Tensor, s: float) -> torch.Tensor:
@@ -221,7 +253,6 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
     else:
         dev = param.device if param is not None else torch.device("cpu")
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
-    amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
 
     cfg = getattr(model, "config", None)
     mean = tuple(getattr(cfg, "mean", IMAGENET_MEAN))
@@ -250,17 +281,7 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
         items = buckets.pop(shape)
         buffered -= len(items)
         x = torch.stack([t for _, t in items]).to(dev, non_blocking=True)
-        x = x.contiguous(memory_format=torch.channels_last)
-        per_scale = []
-        with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-            for s in scales:
-                v = net(_scaled(x, s))
-                if v.dim() != 2 or v.shape[0] != x.shape[0]:
-                    raise ValueError(f"model must return (B, D) descriptors, got shape {tuple(v.shape)}")
-                per_scale.append(v.float())
-        v = multiscale_combine(torch.stack(per_scale), ms_p if len(scales) > 1 else 1.0)
-        if lw is not None:  # float64, as the projection can amplify float32 rounding
-            v = lw.apply(v.double())
+        v = describe_batch(net, x, scales, multiscale_p=ms_p, whitening=lw, amp=use_amp)
         for (i, _), row in zip(items, v):
             results[i] = row
         bar.update(len(items))

@@ -177,3 +177,43 @@ def test_engine_results_are_the_cli_json(engine, shared_data):
     assert got[0].keys() == want[0].keys() - {"truth"} and got[0]["query"] == want[0]["query"]
     assert [h["id"] for h in got[0]["neighbours"]] == [h["id"] for h in want[0]["neighbours"]]
     assert got[0]["label"] == want[0]["label"] and got[0]["votes"] == want[0]["votes"]
+
+
+def test_engine_applies_the_index_whitening(shared_data, tmp_path):
+    """An index built with --whitening records it, and the service describes uploads as the index's
+    photos were described: whitened (it was not: the engine's forward skipped the whitening, so
+    POST /search and `pylandmark search` answered differently for the same photo). Tolerance as
+    in the test above: one float16 step (<= 2^-11 for |v| < 1) bounded by 1e-3; the un-whitened
+    descriptor is far outside it (checked, so the test can tell the two apart)."""
+    import torch
+    from serve_util import SIZE, tiny_weights
+
+    import pylandmark as plm
+    from pylandmark.cli import main
+    from pylandmark.models import LandmarkNet
+    from pylandmark.nn.whiten import pca_whitening
+    from pylandmark.serve.config import ServeConfig
+    from pylandmark.serve.engine import Engine
+
+    pnu = shared_data / "pnu_landmarks"
+    weights = tiny_weights(tmp_path)
+    whitening = pca_whitening(np.random.default_rng(0).standard_normal((200, 48)))
+    wfile = whitening.save(tmp_path / "pca.safetensors")
+    index = tmp_path / "white.plmi"
+    assert main(["index", "build", str(pnu / "train"), "--labels-from-folders", "--out", str(index), "--weights",
+                 str(weights), "--image-size", str(SIZE), "--whitening", str(wfile), "--quiet"]) == 0
+    threads_before = torch.get_num_threads()
+    eng = Engine(ServeConfig(index=str(index), threads=1))
+    try:
+        photos = sorted((pnu / "test").rglob("*.png"))[:3]
+        got = eng.describe([eng.prepare(p.read_bytes(), p.name) for p in photos]).astype(np.float32)
+    finally:
+        eng.close()
+        plm.set_num_threads(0)
+        torch.set_num_threads(threads_before)
+    net = LandmarkNet.from_pretrained(weights)
+    paths = [str(p) for p in photos]
+    want = plm.extract(net, paths, image_size=SIZE, whitening=str(wfile), progress=False).astype(np.float32)
+    plain = plm.extract(net, paths, image_size=SIZE, progress=False).astype(np.float32)
+    assert np.abs(plain - want).max() > 0.1  # whitening changes the descriptors a lot
+    np.testing.assert_allclose(got, want, atol=1e-3)

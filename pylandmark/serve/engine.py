@@ -39,6 +39,7 @@ class Engine:
         import torch
 
         from ..extraction import DEFAULT_SCALES_MS, prepare_inference_model
+        from ..nn.whiten import select_whitening
         from ..models.pretrained import RANDOM, load_network
         from ..ops import set_num_threads
         from ..pipelines import index_options
@@ -77,6 +78,7 @@ class Engine:
                              "ones; pass the --weights the index was built with")
         self.device = dev
         self.use_amp = dev.type == "cuda"
+        self.whitening = select_whitening(network, self.opts.whitening, multiscale=len(self.opts.scales) > 1)
         self.net = prepare_inference_model(network, dev)
         del network
         step("network loaded")
@@ -110,19 +112,15 @@ class Engine:
         return prepare_image(im, self.opts.image_size, None, self.mean, self.std)
 
     def _forward(self, images: list) -> list[np.ndarray]:
-        """(3, H, W) tensors of one shape -> their (D,) float16 descriptors.
-
-        The same computation as one batch of :func:`pylandmark.extract` (tests compare them)."""
+        """(3, H, W) tensors of one shape -> their (D,) float16 descriptors: one batch of
+        :func:`pylandmark.extract` (:func:`~pylandmark.extraction.describe_batch`)."""
         import torch
 
-        from ..extraction import _scaled, multiscale_combine
+        from ..extraction import describe_batch
 
-        x = torch.stack(images).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        scales = self.opts.scales
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=amp_dtype, enabled=self.use_amp):
-            per_scale = [self.net(_scaled(x, s)).float() for s in scales]
-            v = multiscale_combine(torch.stack(per_scale), self.multiscale_p if len(scales) > 1 else 1.0)
+        x = torch.stack(images).to(self.device, non_blocking=True)
+        v = describe_batch(self.net, x, self.opts.scales, multiscale_p=self.multiscale_p, whitening=self.whitening,
+                           amp=self.use_amp)
         return list(v.to(torch.float16).cpu().numpy())
 
     def describe(self, images: Sequence) -> np.ndarray:
