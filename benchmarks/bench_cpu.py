@@ -36,7 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 import pylandmark as plm  # noqa: E402
-from pylandmark.bench import median_ms, numpy_topk  # noqa: E402
+from pylandmark.retrieval.bench import median_ms, numpy_topk  # noqa: E402
 
 
 def exact_topk(q, db, k):

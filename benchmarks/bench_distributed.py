@@ -1,6 +1,6 @@
 """Past one process: distributed extraction and sharded search on this machine (gloo, CPU).
 
-1. Extraction: images/s of ``distributed_jobs.extract_to_file`` (the job behind
+1. Extraction: images/s of ``pipelines.shards.extract_to_file`` (the job behind
    ``torchrun -m pylandmark extract``: describe each rank's share, write its part, rank 0 writes
    the .npy) on 1 process (all cores for torch) and on 2 torchrun ranks (cores split between
    them), random-init CSPDarknet-53 + GeM on the PNU photos. Timed between barriers, after the
@@ -48,7 +48,7 @@ def extract_worker(args: argparse.Namespace) -> dict:
     import torch
 
     from pylandmark import distributed as du
-    from pylandmark import distributed_jobs
+    from pylandmark.pipelines import shards
     from pylandmark.models import LandmarkNet
     from pylandmark.pipelines import ExtractOptions
 
@@ -64,7 +64,7 @@ def extract_worker(args: argparse.Namespace) -> dict:
     describe(net, images[:1], opts)  # warm: allocator, oneDNN set-up
     du.barrier()
     t0 = time.perf_counter()
-    res = distributed_jobs.extract_to_file(net, images, opts, out)
+    res = shards.extract_to_file(net, images, opts, out)
     du.barrier()
     seconds = time.perf_counter() - t0
     return {"ranks": du.world_size(), "images": res["count"], "seconds": seconds,
@@ -111,7 +111,7 @@ def bench_gpu_stream(args: argparse.Namespace) -> dict:
     import torch
 
     import pylandmark as plm
-    from pylandmark.bench import cuda_median_ms
+    from pylandmark.retrieval.bench import cuda_median_ms
     from pylandmark.retrieval.chunked import search_chunked
 
     if not plm.cuda_available():
@@ -203,7 +203,7 @@ def main() -> None:
         return None
 
     import pylandmark as plm
-    from pylandmark.bench import cpu_name
+    from pylandmark.retrieval.bench import cpu_name
 
     print(f"CPU: {cpu_name()}, {cores()} cores, kernels {plm._C.cpu_isa()}, load average "
           f"{os.getloadavg()[0]:.1f} (shared machine)")

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 import pylandmark as plm
-from pylandmark.bench import cpu_name, cuda_median_ms
 from pylandmark.extraction import prepare_inference_model
 from pylandmark.models import LandmarkNet
+from pylandmark.retrieval.bench import cpu_name, cuda_median_ms
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)

@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 import pylandmark as plm
-from pylandmark.bench import median_ms, numpy_topk
 from pylandmark.models import LandmarkNet
 from pylandmark.pipelines import ExtractOptions, build_index, recognize_images
+from pylandmark.retrieval.bench import median_ms, numpy_topk
 
 HERE = Path(__file__).resolve().parent
 

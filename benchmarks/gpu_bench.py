@@ -29,9 +29,9 @@ import torch
 
 import pylandmark as plm
 from pylandmark import _C
-from pylandmark.bench import cuda_median_ms, median_ms
 from pylandmark.nn.functional import HAVE_CUDA_KERNELS
 from pylandmark.ops import search_kernel
+from pylandmark.retrieval.bench import cuda_median_ms, median_ms
 
 SHAPES = [(64, 1024, 32, 24), (256, 1024, 12, 12), (8, 2048, 64, 48)]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

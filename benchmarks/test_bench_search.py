@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pylandmark as plm
-from pylandmark.bench import numpy_topk
+from pylandmark.retrieval.bench import numpy_topk
 
 N, D = 200_000, 1024
 

@@ -11,7 +11,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ArgumentTypeError", "check_int", "check_number", "gem_p", "framework_of", "is_torch", "to_numpy"]
+__all__ = ["ArgumentTypeError", "check_int", "check_number", "gem_p", "framework_of", "is_torch", "to_numpy",
+           "check_scales", "check_image_size", "MAX_SCALES", "MAX_SCALE", "MAX_IMAGE_SIZE"]
+
+#: image scales: at most this many, each in (0, MAX_SCALE] (up-scales such as sqrt 2 included)
+MAX_SCALES = 16
+MAX_SCALE = 4.0
+#: the longest image side (pixels) anything is resized to (the paper uses 1024)
+MAX_IMAGE_SIZE = 16384
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -123,3 +130,27 @@ def to_numpy(x: Any, name: str, dtype: Any = None) -> np.ndarray:
     except (TypeError, ValueError) as err:
         want = "an array" if dtype is None else f"an array of {np.dtype(dtype).name}"
         raise ArgumentTypeError(f"{name} must be {want} (numpy, torch or cupy), got {type(x).__name__}") from err
+
+
+def check_scales(scales: Any, name: str = "scales") -> tuple[float, ...]:
+    """``scales`` (a number or a sequence) as a tuple of floats, after checking it holds 1 to
+    :data:`MAX_SCALES` finite numbers in (0, :data:`MAX_SCALE`]: the one rule for image scales
+    (``extract``, the CLI's ``--scales``, an index's recorded scales)."""
+    if isinstance(scales, (int, float, np.integer, np.floating)) and not isinstance(scales, bool):
+        scales = (scales,)
+    what = f"{name} must be 1 to {MAX_SCALES} numbers in (0, {MAX_SCALE:g}]"
+    try:
+        if isinstance(scales, (str, bytes)) or any(isinstance(v, bool) for v in scales):
+            raise TypeError
+        out = tuple(float(v) for v in scales)
+    except (TypeError, ValueError):
+        raise ArgumentTypeError(f"{what}, got {scales!r:.80}") from None
+    if not 0 < len(out) <= MAX_SCALES or not all(math.isfinite(v) and 0 < v <= MAX_SCALE for v in out):
+        raise ValueError(f"{what}, got {scales!r:.80}; the paper's multi-scale setting is (1, 1/sqrt(2), 1/2)")
+    return out
+
+
+def check_image_size(value: Any, name: str = "image_size", *, none_ok: bool = False, hint: str = "") -> Any:
+    """The longer image side in pixels: an int in [1, :data:`MAX_IMAGE_SIZE`] (or None when
+    ``none_ok``): the one rule for the CLI's ``--image-size``, the service's and an index's."""
+    return check_int(value, name, minimum=1, maximum=MAX_IMAGE_SIZE, none_ok=none_ok, hint=hint)

@@ -7,10 +7,12 @@ the import fails with one line saying what to do.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -44,3 +46,11 @@ def load_native() -> None:
         f"pylandmark's compiled extension is missing: Python imported the source tree {_PACKAGE_DIR}, which "
         "is not built. Run `pip install .` and start Python outside this folder, or develop with "
         "`pip install -e . --no-build-isolation`.")
+
+
+def extension() -> Any:
+    """The compiled extension module ``pylandmark._C`` (:func:`load_native` first). Modules take
+    it from here rather than from the package, so importing it never runs the package's
+    ``__init__`` from below."""
+    load_native()
+    return importlib.import_module("pylandmark._C")

@@ -13,6 +13,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +22,38 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._checks import check_int, check_number
+from . import runtime
+from ._checks import check_int, check_number, check_scales
 from .data.images import IMAGENET_MEAN, IMAGENET_STD, ImageList, LoadFailure, list_images, prepare_image, to_rgb
-from .devices import resolve_device
 from .models.layers import fold_batchnorm, l2n
+from .runtime import resolve_device
 
-__all__ = ["extract", "describe_batch", "LoadFailure", "SkippedImages", "multiscale_combine", "prepare_inference_model"]
+__all__ = ["extract", "extract_shared", "describe", "describe_batch", "ExtractOptions", "compute_whitening",
+           "LoadFailure", "SkippedImages", "multiscale_combine", "prepare_inference_model", "DEFAULT_SCALES_MS"]
 
 logger = logging.getLogger(__name__)
-
-MAX_SCALES = 16
-
 
 class SkippedImages(RuntimeWarning):
     """``extract(..., on_error="skip")`` left out images it could not read (one warning per call)."""
 
 DEFAULT_SCALES_MS = (1.0, 1.0 / math.sqrt(2.0), 0.5)
+
+
+@dataclass
+class ExtractOptions:
+    """How images become descriptors (kept in an index's metadata so later queries match)."""
+
+    image_size: int = 1024
+    scales: tuple[float, ...] = (1.0,)
+    batch_size: int = 16
+    num_workers: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    whitening: str | None = None  # a whitening the network holds, or a Whitening.save() file
+    amp: bool | None = None  # autocast; None: on for CUDA, off for the CPU
+
+    def metadata(self) -> dict:
+        return {"image_size": self.image_size, "scales": list(self.scales), "whitening": self.whitening}
 
 
 class _DatasetAdapter(torch.utils.data.Dataset):
@@ -146,19 +163,6 @@ def _scaled(x: torch.Tensor, s: float) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def _check_scales(scales: Any) -> tuple[float, ...]:
-    if isinstance(scales, (int, float)) and not isinstance(scales, bool):
-        scales = (scales,)
-    try:
-        out = tuple(float(s) for s in scales)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"scales must be a sequence of numbers, got {scales!r}") from err
-    if not 0 < len(out) <= MAX_SCALES or not all(math.isfinite(s) and 0 < s <= 4 for s in out):
-        raise ValueError(f"scales must be 1 to {MAX_SCALES} numbers in (0, 4], got {scales!r:.80}; "
-                         "the paper's multi-scale setting is (1, 1/sqrt(2), 1/2)")
-    return out
-
-
 def _as_dataset(images: Any, image_size: float | None, bboxes: Any, mean: Sequence[float],
                 std: Sequence[float], on_error: str) -> torch.utils.data.Dataset:
     if isinstance(images, torch.utils.data.Dataset) and not isinstance(images, ImageList):
@@ -236,7 +240,7 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    scales = _check_scales(scales)
+    scales = check_scales(scales)
     batch_size = check_int(batch_size, "batch_size", minimum=1)
     num_workers = check_int(num_workers, "num_workers", minimum=0)
     if max_buffered is None:
@@ -262,7 +266,7 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
     if n == 0:
         raise ValueError("images is empty: nothing to extract")
     ms_p = float(getattr(model, "multiscale_p", 1.0))
-    from .nn.whiten import select_whitening
+    from .models.whitening import select_whitening
 
     lw = select_whitening(model, whitening, multiscale=len(scales) > 1)
     net = prepare_inference_model(model, dev)
@@ -329,3 +333,107 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
     if on_error == "skip":
         return out, skipped
     return out
+
+
+def extract_shared(model: nn.Module, images: Sequence[Any], *, gather: bool = True,
+                   bboxes: Sequence[Any] | None = None, **kwargs: Any) -> Any:
+    """:func:`extract` with the work split over the torch.distributed ranks: rank r describes
+    the contiguous share :func:`pylandmark.runtime.share_bounds` gives it. In one process (no
+    process group joined) this is :func:`extract` of every image.
+
+    Args:
+        model, kwargs: as :func:`extract` (``on_error="skip"`` only with ``gather=False``).
+        images: the same list of paths on every rank.
+        gather: True: the (N, D) float16 descriptors of all images, in order, on every rank
+            (exact: float16 rows travel as they are). False: this rank's (n_r, D) share only.
+            (:func:`describe` gathers nothing with ``skip_bad``.)
+        bboxes: one crop (or None) per image, as :func:`extract`.
+
+    Returns:
+        What :func:`extract` returns for the rows described above (a torch tensor with
+        ``output="torch"``, on the extraction device).
+    """
+    images = list(images)
+    if gather and kwargs.get("on_error", "raise") != "raise":
+        raise ValueError("extract_shared: gather needs on_error='raise' (every rank must know every row count)")
+    lo, hi = runtime.share_range(len(images))
+    if kwargs.get("progress", True) and runtime.rank() != 0:
+        kwargs["progress"] = False  # one bar, on rank 0
+    crops = None if bboxes is None else list(bboxes)[lo:hi]
+    if hi > lo:
+        out = extract(model, images[lo:hi], bboxes=crops, **kwargs)
+    else:  # an empty share (more ranks than images)
+        dim = int(getattr(model, "dim", 0))
+        param = next(model.parameters(), None)
+        dev = resolve_device(kwargs["device"]) if kwargs.get("device") is not None else \
+            (param.device if param is not None else torch.device("cpu"))
+        empty = torch.empty((0, dim), dtype=torch.float16, device=dev)
+        out = empty if kwargs.get("output") == "torch" else empty.cpu().numpy()
+        if kwargs.get("on_error") == "skip":
+            out = (out, [])
+    return runtime.gather_shares(out, len(images)) if gather else out
+
+
+def describe(network: nn.Module, images: Sequence[Any], opts: ExtractOptions, *, skip_bad: bool = False,
+             bboxes: Sequence[Any] | None = None, gather: bool = True) -> tuple[Any, list[Any], list[str]]:
+    """The descriptors of image files with ``opts``: the one describe step of the pipelines, the
+    torchrun jobs and the evaluation, split over the ranks as :func:`extract_shared`.
+
+    Returns:
+        ``(descriptors, kept, skipped)``: (n, D) float16 numpy descriptors of the images that
+        could be read (with ``gather=False``: of this rank's share), those images, and one
+        message per skipped image (empty unless ``skip_bad``; extraction warns once about them).
+
+    Raises:
+        ValueError: with ``skip_bad``, when none of the (non-empty) share could be read.
+    """
+    images = list(images)
+    gather = gather and not skip_bad  # with skip_bad, the rows other ranks skipped are unknown here
+    result = extract_shared(network, [str(p) for p in images], gather=gather, bboxes=bboxes,
+                            image_size=opts.image_size, scales=opts.scales, batch_size=opts.batch_size,
+                            num_workers=opts.num_workers, device=opts.device, amp=opts.amp,
+                            progress=opts.progress, on_error="skip" if skip_bad else "raise",
+                            whitening=opts.whitening)
+    mine = images if gather else images[slice(*runtime.share_range(len(images)))]
+    if not skip_bad:
+        return result, mine, []
+    desc, failures = result
+    bad = {f.index for f in failures}
+    kept = [p for i, p in enumerate(mine) if i not in bad]
+    if mine and not kept:  # nothing useful: an error, not an empty result
+        raise ValueError(f"none of the {len(mine)} images could be read (first: {failures[0].source}: "
+                         f"{failures[0].message})")
+    return desc, kept, [f"{f.source}: {f.message}" for f in failures]
+
+
+def compute_whitening(model: nn.Module, images: Sequence[Any], kind: str = "lw", *, qidxs: Any = None,
+                      pidxs: Any = None, image_size: float | None = 1024, scales: Sequence[float] = (1.0,),
+                      batch_size: int = 16, num_workers: int = 0, device: Any = None, amp: bool | None = None,
+                      progress: bool = True) -> Any:
+    """Describes ``images`` with ``model`` without its whitening layer and learns a whitening
+    from them (:func:`~pylandmark.nn.whiten.learn_whitening` or
+    :func:`~pylandmark.nn.whiten.pca_whitening`); under torch.distributed every rank describes
+    its share and every rank gets the same whitening.
+
+    Args:
+        model: a LandmarkNet.
+        images: image paths (e.g. ``WhiteningPairs(root).images``).
+        kind: "lw" (needs ``qidxs`` / ``pidxs``, the matching pairs) or "pca".
+        image_size, scales, batch_size, num_workers, device, amp, progress: as :func:`extract`.
+
+    Returns:
+        a :class:`~pylandmark.nn.whiten.Whitening` for the model's (D,) pooled descriptors.
+    """
+    from .models.whitening import strip_whitening
+    from .nn.whiten import KINDS, learn_whitening, pca_whitening
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "lw" and (qidxs is None or pidxs is None):
+        raise ValueError("kind='lw' needs qidxs and pidxs (the matching pairs); use kind='pca' without pairs")
+    base = strip_whitening(model).eval()
+    with torch.random.fork_rng(devices=[]):
+        x = extract_shared(base, list(images), image_size=image_size, scales=scales, batch_size=batch_size,
+                           num_workers=num_workers, device=device, amp=amp, progress=progress)
+    logger.info("learning %s whitening from %d descriptors", kind, x.shape[0])
+    return learn_whitening(x, qidxs, pidxs) if kind == "lw" else pca_whitening(x)

@@ -9,9 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from . import _C
 from ._array import CUDA, Array, as_array, contiguous, current_stream, empty_like_framework, gem_layout, require_float
 from ._checks import check_int, check_number, gem_p, is_torch
+from ._native import extension
+
+_C = extension()
 
 METRICS = ("cosine", "ip")
 SEARCH_CUDA_MAX_K = getattr(_C, "SEARCH_CUDA_MAX_K", 1024)  # largest k of the GPU search

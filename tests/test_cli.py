@@ -243,7 +243,7 @@ def test_device_auto_runs_where_cuda_is_missing(weights, pnu, tmp_path, capsys):
 
 
 def test_training_resolves_devices_with_the_shared_parser(tmp_path):
-    from pylandmark.devices import resolve_device
+    from pylandmark.runtime import resolve_device
     from pylandmark.training.loop import TrainConfig, train
 
     if torch.cuda.is_available():
@@ -369,12 +369,12 @@ def test_each_skipped_image_is_reported_once_and_quiet_silences_it(weights, pnu,
 
 
 def test_an_unexpected_failure_is_one_line_too(weights, pnu, tmp_path, capsys, monkeypatch):
-    import pylandmark.pipelines as pipelines
+    import pylandmark.pipelines.local as local_jobs
 
     def boom(*a, **k):
         raise RuntimeError("something inside broke\nwith a second line")
 
-    monkeypatch.setattr(pipelines, "describe", boom)
+    monkeypatch.setattr(local_jobs, "describe", boom)
     err = one_line_error(capsys, "extract", pnu / "test" / "rg", "--out", tmp_path / "o.npy", "--weights", weights,
                          "--quiet", code=1)
     assert "RuntimeError: something inside broke" in err and "PYLANDMARK_DEBUG" in err

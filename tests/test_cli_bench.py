@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from pylandmark.bench import BenchConfig, format_rows, run_bench
 from pylandmark.cli import main
+from pylandmark.retrieval.bench import BenchConfig, format_rows, run_bench
 
 
 def test_run_bench_times_both_and_agrees_with_numpy():

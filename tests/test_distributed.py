@@ -29,7 +29,8 @@ WORKER = textwrap.dedent('''
     from pylandmark import distributed as du
     from pylandmark.data import SfM120k
     from pylandmark.nn.losses import ContrastiveLoss
-    from pylandmark.training.mining import describe, mine_tuples
+    from pylandmark.extraction import extract_shared
+    from pylandmark.training.mining import mine_tuples
     from pylandmark.models import LandmarkNet
     from pylandmark.training.loop import _GroupForward, train_step
 
@@ -66,7 +67,7 @@ WORKER = textwrap.dedent('''
     ds = SfM120k(data_root, "train")
     torch.manual_seed(1)
     net = LandmarkNet("cspdarknet53-gem", **tiny)
-    desc = describe(net, ds.images, image_size=40, batch_size=4, progress=False)
+    desc = extract_shared(net, ds.images, image_size=40, batch_size=4, progress=False, output="torch")
     tuples_mined = mine_tuples(net, ds, query_size=10, pool_size=25, negatives=3, image_size=40,
                                rng=np.random.default_rng(3), batch_size=4, progress=False)
     torch.save({"results": results, "gathered": gathered, "desc": desc,

@@ -176,7 +176,7 @@ DYING = textwrap.dedent('''
     from pathlib import Path
     import torch
     from pylandmark import distributed as du
-    from pylandmark import distributed_jobs
+    from pylandmark.pipelines import shards
     from pylandmark.models import LandmarkNet
     from pylandmark.pipelines import ExtractOptions
 
@@ -192,7 +192,7 @@ DYING = textwrap.dedent('''
             return super().forward(x)
 
     net.__class__ = Dying  # same weights, so the re-run's job key is the same
-    distributed_jobs.build_index(net, "db", ExtractOptions(image_size=96, batch_size=1, progress=False),
+    shards.build_index(net, "db", ExtractOptions(image_size=96, batch_size=1, progress=False),
                                  "dist2.plmi", labels_from_folders=True, weights="net")
 ''')
 

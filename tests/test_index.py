@@ -337,7 +337,8 @@ def _craft(path, header_changes=None, sections=None, drop=()):
     checksums (header CRC, section CRCs and the matrix sum) valid for the new content."""
     import zlib
 
-    from pylandmark.retrieval.index import _PREFIX, _sum64
+    from pylandmark.retrieval.format import PREFIX as _PREFIX
+    from pylandmark.retrieval.format import sum64 as _sum64
 
     data = path.read_bytes()
     header = _header(data)
@@ -412,7 +413,7 @@ def test_crafted_headers_with_valid_checksums_raise_index_format_error(tmp_path,
 
 
 def test_a_header_length_beyond_the_file_is_refused_without_reading_it(tmp_path, rng):
-    from pylandmark.retrieval.index import _PREFIX
+    from pylandmark.retrieval.format import PREFIX as _PREFIX
 
     path = tmp_path / "long.plmi"
     path.write_bytes(_PREFIX.pack(b"PLMINDEX", FORMAT_VERSION, 0xFFFFFFF0, 0, 0) + b"{}")

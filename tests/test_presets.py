@@ -224,7 +224,8 @@ def test_cli_weights_scales_and_whitening(served, tmp_path, capsys):
 
 
 def test_scales_options_conflict():
-    from pylandmark.cli import _opts, build_parser
+    from pylandmark.cli import build_parser
+    from pylandmark.cli.commands import _opts
 
     args = build_parser().parse_args(["extract", "x.jpg", "--out", "o.npy", "--multiscale", "--scales", "1"])
     with pytest.raises(ValueError, match="--multiscale and --scales both given"):

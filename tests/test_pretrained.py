@@ -17,7 +17,8 @@ from PIL import Image
 
 import pylandmark as plm
 from pylandmark.models import VGG, LandmarkNet, from_cirtorch, load_cirtorch
-from pylandmark.nn.whiten import Whitening, select_whitening
+from pylandmark.models.whitening import select_whitening
+from pylandmark.nn.whiten import Whitening
 
 LW = "retrieval-SfM-120k"
 MS_HALF = (1.0, 1.0 / math.sqrt(2.0), 0.5)

@@ -16,8 +16,9 @@ import torch
 
 from pylandmark.data import SfM120k, make_revisited_dataset, make_sfm_dataset
 from pylandmark.models import LandmarkNet
+from pylandmark.models.whitening import strip_whitening
 from pylandmark.nn.losses import ContrastiveLoss
-from pylandmark.nn.whiten import Whitening, apply_whitening, strip_whitening
+from pylandmark.nn.whiten import Whitening, apply_whitening
 from pylandmark.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pylandmark.training.cli import add_arguments, run
 from pylandmark.training.config import TRAIN_PRESETS, TrainConfig

@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from pylandmark.models import LandmarkNet
+from pylandmark.models.whitening import install_whitening, strip_whitening
 from pylandmark.nn.whiten import (
     Whitening,
     apply_whitening,
-    install_whitening,
     learn_whitening,
     pca_whitening,
-    strip_whitening,
 )
 
 TINY = {"backbone_args": {"stem_chs": 8, "depths": [1, 1, 1, 1, 1], "out_chs": [8, 16, 16, 24, 24]}}

@@ -24,18 +24,21 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cache_dir", "download_url", "extract_tar", "DownloadError", "ChecksumError", "DEFAULT_MAX_BYTES"]
+__all__ = ["cache_dir", "download_url", "extract_tar", "DownloadError", "ChecksumError", "DEFAULT_MAX_BYTES",
+           "URL_SCHEMES", "file_digests", "sha256sum", "digest_mismatch"]
 
 _CHUNK = 1 << 20
 _SCHEMES = ("http", "https", "ftp", "file")
+#: the prefixes that make a weights source (``--weights``, ``load_backbone_weights``) a URL to
+#: download rather than a local path or a preset name
+URL_SCHEMES = ("http://", "https://", "file://")
 #: largest download accepted when the caller knows no size (checkpoints are ~100-600 MB)
 DEFAULT_MAX_BYTES = 2 << 30
 DEFAULT_MIN_RATE = 16 << 10  # bytes/s: a 2 GiB file at this rate takes 36 h
@@ -73,29 +76,41 @@ def _check_hex(value: str | None, length: int, name: str) -> str | None:
     return value.lower()
 
 
-def _hashers(sha256: str | None, md5: str | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if sha256:
-        out["sha256"] = hashlib.sha256()
-    if md5:
-        out["md5"] = hashlib.md5(usedforsecurity=False)
-    return out
-
-
-def _hash_into(path: Path, hashers: dict[str, Any]) -> None:
-    if not hashers:
-        return
+def file_digests(path: str | os.PathLike, algorithms: Iterable[str] = ("sha256",),
+                 chunk: int = _CHUNK) -> dict[str, str]:
+    """Hex digests of a file's contents, ``{algorithm: hex}``, all from one read of the file
+    (``algorithms``: hashlib names, e.g. "sha256", "md5")."""
+    hashers = {name: hashlib.new(name, usedforsecurity=name != "md5") for name in algorithms}
     with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
+        while block := f.read(chunk):
             for h in hashers.values():
                 h.update(block)
+    return {name: h.hexdigest() for name, h in hashers.items()}
 
 
-def _mismatch(hashers: dict[str, Any], expected: dict[str, str | None]) -> str | None:
-    for name, h in hashers.items():
-        got = h.hexdigest()
-        if got != expected[name]:
-            return f"{name} {got}, expected {expected[name]}"
+def sha256sum(path: str | os.PathLike, chunk: int = _CHUNK) -> str:
+    """Hex SHA-256 of a file."""
+    return file_digests(path, ("sha256",), chunk)["sha256"]
+
+
+def digest_mismatch(path: str | os.PathLike, expected: Mapping[str, str | None]) -> str | None:
+    """Checks a file against expected hex digests, ``{algorithm: hex or None}`` (None: not
+    checked; a prefix of a digest, e.g. torch.hub's file-name hash, matches the digest it
+    starts with; case is ignored).
+
+    Returns None when every given digest matches, else one line naming the file, the
+    algorithm and both digests: ``"<path> has sha256 <actual>, expected <expected>"``
+    (``expected one starting with <prefix>`` for a prefix). Callers raise their own error
+    with it. The file is read once, whatever the number of algorithms."""
+    wanted = {name: value.lower() for name, value in expected.items() if value}
+    if not wanted:
+        return None
+    actual = file_digests(path, wanted)
+    for name, want in wanted.items():
+        got = actual[name]
+        if not got.startswith(want):
+            prefix = "one starting with " if len(want) < len(got) else ""
+            return f"{path} has {name} {got}, expected {prefix}{want}"
     return None
 
 
@@ -170,12 +185,10 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
         logger.warning("%s exists but has %d bytes, expected %d; downloading it again", dest,
                        dest.stat().st_size, limit.bytes)
     elif dest.is_file():
-        hashers = _hashers(expected["sha256"], expected["md5"])
-        if not hashers:
+        if not any(expected.values()):
             logger.debug("%s exists (no hash given to check); not downloading", dest)
             return dest
-        _hash_into(dest, hashers)
-        bad = _mismatch(hashers, expected)
+        bad = digest_mismatch(dest, expected)
         if bad is None:
             logger.debug("%s exists and matches its hash; not downloading", dest)
             return dest
@@ -198,15 +211,13 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
                                 f"request do not fit {part}. {_hint(url, dest, expected)}")
         part.unlink(missing_ok=True)
 
-    hashers = _hashers(expected["sha256"], expected["md5"])
-    _hash_into(part, hashers)
-    bad = _mismatch(hashers, expected)
+    bad = digest_mismatch(part, expected)
     if bad is None and limit.exact and part.stat().st_size != limit.bytes:
-        bad = f"{part.stat().st_size} bytes, expected {limit.bytes}"
+        bad = f"{part} has {part.stat().st_size} bytes, expected {limit.bytes}"
     if bad is not None:
         part.unlink(missing_ok=True)
-        raise ChecksumError(f"the file downloaded from {url} has {bad}; deleted the partial file "
-                            f"{part}. The server may serve a different version or the transfer "
+        raise ChecksumError(f"the file downloaded from {url} is not the expected one: {bad}; deleted "
+                            "that partial file. The server may serve a different version or the transfer "
                             "was corrupted; run again, or check the URL and the expected hash")
     os.replace(part, dest)
     logger.info("downloaded %s to %s", url, dest)

@@ -214,7 +214,7 @@ class RevisitedDataset:
 
     def evaluate(self, ranks: Any, kappas: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
         """:func:`pylandmark.evaluate.revisited` with this dataset's ground truth."""
-        from ..evaluate import revisited
+        from ..evaluate.metrics import revisited
 
         return revisited(ranks, self.gnd, kappas)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..nn.whiten import Whitening
 from .landmarknet import WHITENING_KINDS, LandmarkNet, LandmarkNetConfig
 from .resnet import ResNet
 from .serialization import safe_torch_load
@@ -124,8 +125,6 @@ def _target_key(key: str, children: tuple[str, ...] | None) -> str | None:
 
 def _whitenings(lw: Any, dim: int, source: str) -> dict[str, dict[str, Any]]:
     import numpy as np
-
-    from ..nn.whiten import Whitening
 
     if lw is None:
         return {}

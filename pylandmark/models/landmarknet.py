@@ -25,14 +25,15 @@ from .._checks import check_int
 from ..config import JsonConfig, check_values
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from ..nn import GeM
+from ..nn.whiten import Whitening
 from .cspdarknet import CSPDarknet, CspDarknetCfg
 from .layers import l2n
 from .resnet import ResNet, ResNetCfg
-from .serialization import safe_torch_load
+from .serialization import _named_tensors, read_state_dict
 from .vgg import VGG, VggCfg
 
 __all__ = ["LandmarkNetConfig", "LandmarkNet", "LANDMARKNET_PRESETS", "BACKBONES", "create_backbone",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+           "IMAGENET_MEAN", "IMAGENET_STD", "register_resolver"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,23 @@ LANDMARKNET_PRESETS.register("cspdarknet53-gem-lw", LandmarkNetConfig(whitening=
 LANDMARKNET_PRESETS.register("resnet50-gem", LandmarkNetConfig(backbone="resnet50"))
 LANDMARKNET_PRESETS.register("resnet101-gem", LandmarkNetConfig(backbone="resnet101"))
 LANDMARKNET_PRESETS.register("resnet101-gem-lw", LandmarkNetConfig(backbone="resnet101", whitening=True))
+
+
+#: the loader :meth:`LandmarkNet.from_pretrained` hands everything but a :meth:`~LandmarkNet.save`
+#: directory to (preset names, checkpoint files, URLs): ``resolver(name_or_path: str, *,
+#: progress: bool) -> LandmarkNet``. Registered by :mod:`pylandmark.models.pretrained` when it is
+#: imported (``pylandmark.models`` imports it), so this module never imports the resolver.
+_resolver: Callable[..., LandmarkNet] | None = None
+
+
+def register_resolver(fn: Callable[..., LandmarkNet]) -> Callable[..., LandmarkNet]:
+    """Makes ``fn`` the loader :meth:`LandmarkNet.from_pretrained` uses for anything that is not
+    a directory written by :meth:`LandmarkNet.save` (see :data:`_resolver`); returns ``fn``."""
+    global _resolver
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    _resolver = fn
+    return fn
 
 
 class LandmarkNet(nn.Module):
@@ -319,9 +337,11 @@ class LandmarkNet(nn.Module):
             if p.is_dir():
                 raise FileNotFoundError(f"path: no {CONFIG_NAME} in {p}; pass the directory written by "
                                         "LandmarkNet.save()")
-            from .pretrained import load_pretrained
-
-            return load_pretrained(str(name_or_path), progress=progress).to(map_location)
+            if _resolver is None:
+                raise RuntimeError(f"cannot load {str(name_or_path)!r}: no loader for preset names, checkpoint "
+                                   "files and URLs is registered (import pylandmark.models, which registers "
+                                   "pylandmark.models.pretrained.load_pretrained)")
+            return _resolver(str(name_or_path), progress=progress).to(map_location)
         meta = _read_config(cfg_file)
         config = LandmarkNetConfig.from_dict(meta["config"])
         weights = _weights_path(p, meta.get("weights", WEIGHTS_NAMES["safetensors"]), cfg_file)
@@ -410,41 +430,6 @@ def _no_half(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Reads ``{name: tensor}`` from a ``.safetensors`` file or a torch.save file, never
-    unpickling arbitrary objects (``weights_only=True``)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if path.suffix == ".safetensors" or _looks_like_safetensors(head):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as err:  # pragma: no cover
-            raise ImportError(f"{path} is a safetensors file; pip install safetensors") from err
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise ValueError(f"cannot read {path} as safetensors: {str(err).splitlines()[0][:200]}") from None
-    obj = safe_torch_load(path)
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
-    return dict(obj)
-
-
-def _named_tensors(state: Mapping[str, Any], path: Path) -> Mapping[str, torch.Tensor]:
-    """A LandmarkNet weights file holds a flat state_dict: names and tensors only."""
-    bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise ValueError(f"{path} holds {type(state[bad]).__name__} under {str(bad)[:80]!r}; expected only "
-                         "named tensors (a state_dict)")
-    return state
-
-
-def _looks_like_safetensors(head: bytes) -> bool:
-    # 8-byte little-endian header length followed by a JSON object
-    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30
-
-
 def _save_whitenings(whitenings: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     """``{name: {kind: Whitening}}`` -> one safetensors file, keys ``<name>/<kind>/mean`` and
     ``<name>/<kind>/projection`` (float64)."""
@@ -461,8 +446,6 @@ def _save_whitenings(whitenings: Mapping[str, Mapping[str, Any]], path: Path) ->
 
 def _load_whitenings(path: Path, dim: int) -> dict[str, dict[str, Any]]:
     from safetensors import safe_open
-
-    from ..nn.whiten import Whitening
 
     out: dict[str, dict[str, Any]] = {}
     with safe_open(str(path), framework="numpy") as f:

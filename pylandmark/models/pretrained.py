@@ -14,12 +14,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..data import download
+from ..data.download import URL_SCHEMES, digest_mismatch
+from .cirtorch import from_cirtorch, is_cirtorch_checkpoint, load_cirtorch
+from .landmarknet import LANDMARKNET_PRESETS, LandmarkNet, register_resolver
 from .presets import WEIGHT_PRESETS, WeightPreset, checkpoints_dir
+from .serialization import looks_like_safetensors, safe_torch_load
+from .weights import _resolve, load_backbone_weights
 
 log = logging.getLogger(__name__)
 
 RANDOM = "random"
-_URL_SCHEMES = ("http://", "https://", "file://")
 
 __all__ = ["load_network", "load_pretrained", "fetch_preset", "WeightsNotFound", "WeightsHashMismatch",
            "models_dir", "RANDOM"]
@@ -35,9 +40,7 @@ class WeightsHashMismatch(ValueError):
 
 def models_dir() -> Path:
     """Where fine-tuned networks named by preset are looked up: <cache>/models/<preset>/."""
-    from ..data.download import cache_dir
-
-    return cache_dir() / "models"
+    return download.cache_dir() / "models"
 
 
 RANDOM_SEED = 0
@@ -49,26 +52,20 @@ def random_network():
     caller's global torch RNG state is left as it was."""
     import torch
 
-    from .landmarknet import LandmarkNet
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         return LandmarkNet()
 
 
 def _check_hash(path: Path, preset: WeightPreset, *, cached: bool) -> None:
-    if preset.sha256 is None:
-        return
-    from .weights import sha256sum
-
-    actual = sha256sum(path)
-    if actual.startswith(preset.sha256):
+    bad = digest_mismatch(path, {"sha256": preset.sha256})
+    if bad is None:
         return
     where = "the cached file" if cached else f"the file downloaded from {preset.url}"
     fix = "delete it to download it again" if cached else "it was kept there"
     raise WeightsHashMismatch(
-        f"weights {preset.name!r}: {where} {path} has sha256 {actual}, but its name promises one starting "
-        f"with {preset.sha256}; {fix}, or if you trust this file pass it by path (--weights {path})")
+        f"weights {preset.name!r}: {where} does not have the sha256 its name promises: {bad}; {fix}, or if "
+        f"you trust this file pass it by path (--weights {path})")
 
 
 def fetch_preset(name: str, *, progress: bool = True) -> Path:
@@ -88,8 +85,6 @@ def fetch_preset(name: str, *, progress: bool = True) -> Path:
         _check_hash(dest, preset, cached=True)
         log.info("using cached %s", dest)
         return dest
-    from ..data import download
-
     # a complete download that failed its check earlier is not resumed but fetched again
     staging = dest.with_name(dest.name + ".download")
     staging.unlink(missing_ok=True)
@@ -110,15 +105,10 @@ def fetch_preset(name: str, *, progress: bool = True) -> Path:
 
 def _from_file(path: Path, source: str, progress: bool):
     """A checkpoint file: a cirtorch retrieval network, or a backbone for the paper's network."""
-    from .cirtorch import from_cirtorch, is_cirtorch_checkpoint
-    from .landmarknet import LandmarkNet, _looks_like_safetensors
-    from .serialization import safe_torch_load
-    from .weights import load_backbone_weights
-
     with open(path, "rb") as f:
         head = f.read(16)
     weights: Any = path
-    if path.suffix != ".safetensors" and not _looks_like_safetensors(head):
+    if path.suffix != ".safetensors" and not looks_like_safetensors(head):
         weights = safe_torch_load(path)  # read once: either a whole network or a backbone
         if is_cirtorch_checkpoint(weights):
             return from_cirtorch(weights, source=source)
@@ -131,18 +121,14 @@ def _from_file(path: Path, source: str, progress: bool):
 
 
 def _from_url(url: str, progress: bool):
-    from .weights import _resolve
-
     return _from_file(_resolve(url, None, checkpoints_dir(), progress), url, progress)
 
 
 def load_pretrained(name_or_path: str, *, progress: bool = True):
     """A LandmarkNet (train mode, CPU) from a directory written by ``LandmarkNet.save``, a
     checkpoint file or URL (cirtorch retrieval network or backbone), or a preset name; see
-    :meth:`LandmarkNet.from_pretrained`."""
-    from .landmarknet import LANDMARKNET_PRESETS, LandmarkNet
-    from .weights import load_backbone_weights
-
+    :meth:`LandmarkNet.from_pretrained` (which hands all but a directory to this function:
+    registered below with :func:`~pylandmark.models.landmarknet.register_resolver`)."""
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError("weights must be a path, a URL, a preset name or 'random'")
     spec = str(name_or_path)
@@ -151,14 +137,12 @@ def load_pretrained(name_or_path: str, *, progress: bool = True):
         return LandmarkNet.from_pretrained(path)
     if path.is_file():
         return _from_file(path, str(path), progress)
-    if spec.startswith(_URL_SCHEMES):
+    if spec.startswith(URL_SCHEMES):
         return _from_url(spec, progress)
     if spec in WEIGHT_PRESETS:
         preset = WEIGHT_PRESETS[spec]
         file = fetch_preset(spec, progress=progress)
         if preset.kind == "cirtorch":
-            from .cirtorch import load_cirtorch
-
             net = load_cirtorch(file)
             if net.config.backbone != preset.architecture or net.dim != preset.dim:
                 raise ValueError(f"weights {spec!r}: {file} holds a {net.config.backbone} network with "
@@ -182,6 +166,9 @@ def load_pretrained(name_or_path: str, *, progress: bool = True):
                           f"{', '.join([*WEIGHT_PRESETS, *LANDMARKNET_PRESETS, RANDOM])} (see `pylandmark models`)")
 
 
+register_resolver(load_pretrained)
+
+
 def load_network(weights: str, device: str = "cpu", progress: bool = True):
     """A LandmarkNet in eval mode on `device` from:
 
@@ -194,7 +181,7 @@ def load_network(weights: str, device: str = "cpu", progress: bool = True):
       ``models_dir()/<preset>``;
     - ``"random"``: random initialisation, for smoke tests only (warns).
     """
-    from ..devices import resolve_device
+    from ..runtime import resolve_device
 
     if not isinstance(weights, str) or not weights:
         raise ValueError("weights must be a path, a URL, a preset name or 'random'")

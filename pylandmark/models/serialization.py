@@ -1,4 +1,4 @@
-"""Reading torch checkpoint files without running code from them.
+"""Reading checkpoint files (torch.save and safetensors) without running code from them.
 
 ``torch.load(weights_only=True)`` rebuilds tensors and plain containers only. Retrieval
 checkpoints (cirtorch's) also hold numpy arrays (the precomputed whitening), so exactly the
@@ -8,12 +8,13 @@ file names is ever imported or called.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["safe_torch_load", "numpy_safe_globals"]
+__all__ = ["safe_torch_load", "numpy_safe_globals", "read_state_dict", "looks_like_safetensors"]
 
 
 def numpy_safe_globals() -> list[Any]:
@@ -47,3 +48,39 @@ def safe_torch_load(path: str | Path) -> Any:
         detail = next((ln.strip() for ln in str(err).splitlines()
                        if "Unsupported global" in ln or "allowlisted" in ln), first)
         raise ValueError(f"cannot read {path} as a tensors-only torch checkpoint: {detail}") from err
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads ``{name: tensor}`` from a ``.safetensors`` file or a torch.save file, never
+    unpickling arbitrary objects (``weights_only=True``)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors" or looks_like_safetensors(head):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:  # pragma: no cover
+            raise ImportError(f"{path} is a safetensors file; pip install safetensors") from err
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"cannot read {path} as safetensors: {str(err).splitlines()[0][:200]}") from None
+    obj = safe_torch_load(path)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
+    return dict(obj)
+
+
+def _named_tensors(state: Mapping[str, Any], path: Path) -> Mapping[str, torch.Tensor]:
+    """A LandmarkNet weights file holds a flat state_dict: names and tensors only."""
+    bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path} holds {type(state[bad]).__name__} under {str(bad)[:80]!r}; expected only "
+                         "named tensors (a state_dict)")
+    return state
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    """Whether the first bytes of a file (at least 9) look like a safetensors header."""
+    # 8-byte little-endian header length followed by a JSON object
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30

@@ -13,7 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .landmarknet import LandmarkNet, read_state_dict
+from ..data import download
+from ..data.download import URL_SCHEMES, digest_mismatch, sha256sum
+from .landmarknet import LandmarkNet
+from .presets import checkpoints_dir
+from .serialization import read_state_dict
 
 __all__ = ["load_backbone_weights", "LoadReport", "sha256sum"]
 
@@ -27,7 +31,6 @@ _HEAD_PREFIXES = ("head.", "fc.", "classifier.", "last_linear.", "pool.", "white
                   "norm.", "meta.")
 #: where trainers nest the state dict inside a checkpoint dict
 _NESTED = ("state_dict", "model", "state_dict_ema", "model_state", "model_state_dict", "net")
-_URL_SCHEMES = ("http://", "https://", "file://")
 
 
 @dataclass
@@ -76,15 +79,6 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def sha256sum(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_sha256_arg(sha256: str | None) -> str | None:
     if sha256 is None:
         return None
@@ -95,26 +89,22 @@ def _check_sha256_arg(sha256: str | None) -> str | None:
 
 
 def _verify(path: Path, sha256: str | None) -> None:
-    if sha256 is None:
-        return
-    actual = sha256sum(path)
-    if not actual.startswith(sha256):
-        raise ValueError(f"sha256 mismatch for {path}: expected {sha256}, got {actual}; the file is "
-                         "corrupt or not the one expected: delete it and fetch it again")
+    bad = digest_mismatch(path, {"sha256": sha256})
+    if bad is not None:
+        raise ValueError(f"sha256 mismatch: {bad}; the file is corrupt or not the one expected: delete it "
+                         "and fetch it again")
 
 
 def _resolve(source: str | Path, sha256: str | None, cache: str | Path | None, progress: bool) -> Path:
     s = str(source)
-    if s.startswith(_URL_SCHEMES):
-        from ..data import download
-
+    if s.startswith(URL_SCHEMES):
         name = Path(urllib.parse.unquote(urllib.parse.urlparse(s).path)).name
         if not name:
             name = hashlib.sha256(s.encode()).hexdigest()[:16] + ".bin"
-        root = Path(cache) if cache is not None else download.cache_dir() / "checkpoints"
+        root = Path(cache) if cache is not None else checkpoints_dir()
         dest = root / name
         if dest.is_file():
-            if sha256 is None or sha256sum(dest).startswith(sha256):
+            if digest_mismatch(dest, {"sha256": sha256}) is None:
                 logger.info("using cached %s", dest)
                 return dest
             logger.warning("cached %s does not match sha256 %s; downloading it again", dest, sha256)

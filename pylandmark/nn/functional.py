@@ -5,9 +5,11 @@ from typing import Any
 
 import torch
 
-from .. import _C
 from .._array import Array, gem_layout
 from .._checks import check_number, gem_p
+from .._native import extension
+
+_C = extension()
 
 HAVE_CUDA_KERNELS = hasattr(_C, "gem_forward_cuda")
 

@@ -1,4 +1,5 @@
-"""Learned (Lw) and PCA whitening of global descriptors, and installing them into a LandmarkNet.
+"""Learned (Lw) and PCA whitening of global descriptors (the math; installing one into a
+LandmarkNet is :mod:`pylandmark.models.whitening`).
 
 Learned whitening from matching pairs ``(q_i, p_i)`` of descriptors X (Radenovic et al.):
 
@@ -19,10 +20,9 @@ reproducible.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_int, is_torch, to_numpy
+from .._lazy import lazy_exports
 
-__all__ = ["Whitening", "learn_whitening", "pca_whitening", "apply_whitening", "install_whitening",
-           "compute_whitening", "strip_whitening", "select_whitening", "KINDS"]
+__all__ = ["Whitening", "learn_whitening", "pca_whitening", "apply_whitening", "KINDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,119 +216,23 @@ def apply_whitening(x: Any, mean: Any, projection: Any, dim: int | None = None) 
     return y / (np.linalg.norm(y, axis=-1, keepdims=True) + 1e-6)
 
 
-def strip_whitening(model: Any) -> Any:
-    """A copy of a LandmarkNet without its whitening layer (descriptors = GeM + L2N), on the
-    model's device; the model itself is unchanged."""
-    from ..models import LandmarkNet
-
-    if not isinstance(model, LandmarkNet):
-        raise TypeError(f"model must be a LandmarkNet, got {type(model).__name__}")
-    cfg = dataclasses.replace(model.config, whitening=False, whiten_dim=None)
-    out = LandmarkNet(cfg)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("whiten.")}
-    out.load_state_dict(state, strict=True)
-    dev = next(model.parameters()).device
-    return out.to(dev).train(model.training)
-
-
-def install_whitening(model: Any, whitening: Whitening, dim: int | None = None) -> Any:
-    """A new LandmarkNet equal to ``model`` followed by ``whitening``: its whitening layer gets
-    ``weight = P[:dim]`` and ``bias = -P[:dim] m`` (``dim`` defaults to the full size).
-
-    The whitening must have been computed on the descriptors of ``model`` without its own
-    whitening layer (:func:`strip_whitening`); an existing layer is replaced.
-    """
-    import torch
-
-    from ..models import LandmarkNet
-
-    if not isinstance(model, LandmarkNet):
-        raise TypeError(f"model must be a LandmarkNet, got {type(model).__name__}")
-    if not isinstance(whitening, Whitening):
-        raise TypeError(f"whitening must be a Whitening, got {type(whitening).__name__}")
-    feat = int(model.backbone.num_features)
-    if whitening.dim != feat:
-        raise ValueError(f"whitening is for D={whitening.dim} descriptors but the model's pooled "
-                         f"descriptors have D={feat}")
-    d = check_int(dim, "dim", minimum=1, maximum=whitening.projection.shape[0], none_ok=True)
-    d = whitening.projection.shape[0] if d is None else d
-    cfg = dataclasses.replace(model.config, whitening=True, whiten_dim=None if d == feat else d)
-    out = LandmarkNet(cfg)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("whiten.")}
-    missing, unexpected = out.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("whiten.") for k in missing):
-        raise ValueError(f"model state does not fit: missing {missing}, unexpected {unexpected}")
-    p = whitening.projection[:d]
-    assert out.whiten is not None  # built with whitening=True
-    with torch.no_grad():
-        out.whiten.weight.copy_(torch.from_numpy(p).to(out.whiten.weight.dtype))
-        out.whiten.bias.copy_(torch.from_numpy(-p @ whitening.mean).to(out.whiten.bias.dtype))
-    dev = next(model.parameters()).device
-    return out.to(dev).train(model.training)
+# ---- old import paths, kept for one release ---------------------------------------------------
+#: names that lived here, -> (module under pylandmark, attribute); looked up by name on access
+#: (nothing here imports models or extraction, which sit above this module)
+_MOVED = {
+    "strip_whitening": ("models.whitening", "strip_whitening"),
+    "install_whitening": ("models.whitening", "install_whitening"),
+    "select_whitening": ("models.whitening", "select_whitening"),
+    "compute_whitening": ("extraction", "compute_whitening"),
+}
+# a throwaway namespace: nothing is cached in this module's globals, so every use of an old path
+# warns (once per place, as warnings do)
+_moved_getattr = lazy_exports(__name__, {}, _MOVED, package="pylandmark")
 
 
-def compute_whitening(model: Any, images: Sequence[Any], kind: str = "lw", *, qidxs: Any = None,
-                      pidxs: Any = None, image_size: float | None = 1024, scales: Sequence[float] = (1.0,),
-                      batch_size: int = 16, num_workers: int = 0, device: Any = None, amp: bool | None = None,
-                      progress: bool = True) -> Whitening:
-    """Describes ``images`` with ``model`` (without its whitening layer) and learns a whitening.
-
-    Args:
-        model: a LandmarkNet.
-        images: image paths (e.g. ``WhiteningPairs(root).images``).
-        kind: "lw" (needs ``qidxs`` / ``pidxs``, the matching pairs) or "pca".
-        image_size, scales, batch_size, num_workers, device, amp, progress: as
-            :func:`pylandmark.extract`.
-    """
-    from ..extraction import extract
-
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if kind == "lw" and (qidxs is None or pidxs is None):
-        raise ValueError("kind='lw' needs qidxs and pidxs (the matching pairs); use kind='pca' without pairs")
-    base = strip_whitening(model)
-    x = extract(base, list(images), image_size=image_size, scales=scales, batch_size=batch_size,
-                num_workers=num_workers, device=device, amp=amp, progress=progress)
-    logger.info("learning %s whitening from %d descriptors", kind, x.shape[0])
-    return learn_whitening(x, qidxs, pidxs) if kind == "lw" else pca_whitening(x)
-
-
-
-def select_whitening(model: Any, whitening: Any, multiscale: bool) -> Whitening | None:
-    """The post-hoc whitening to apply to ``model``'s descriptors.
-
-    Args:
-        model: the network (its ``whitenings``, ``{name: {"ss" | "ms": Whitening}}``, are
-            looked up by name; its ``dim`` is checked).
-        whitening: None (none), a :class:`Whitening`, the name of one of the model's
-            precomputed whitenings (e.g. cirtorch's ``"retrieval-SfM-120k"``), or the path of a
-            file written by :meth:`Whitening.save`.
-        multiscale: picks the multi-scale ("ms") or single-scale ("ss") variant of a named one.
-    """
-    if whitening is None:
-        return None
-    held = getattr(model, "whitenings", None) or {}
-    if isinstance(whitening, Whitening):
-        w = whitening
-    elif isinstance(whitening, (str, os.PathLike)):
-        name = str(whitening)
-        kind = "ms" if multiscale else "ss"
-        if name in held:
-            if kind not in held[name]:
-                raise ValueError(f"whitening {name!r} of this network has no {kind!r} ("
-                                 f"{'multi' if multiscale else 'single'}-scale) variant, only "
-                                 f"{sorted(held[name])}; change the number of scales")
-            w = held[name][kind]
-        elif Path(name).expanduser().is_file():
-            w = Whitening.load(Path(name).expanduser())
-        else:
-            names = ", ".join(sorted(held)) or "none"
-            raise ValueError(f"whitening {name!r} is neither a precomputed whitening of this network "
-                             f"(it has: {names}) nor a whitening file written by Whitening.save()")
-    else:
-        raise TypeError(f"whitening must be None, a Whitening, a name or a file path, got "
-                        f"{type(whitening).__name__}")
-    dim = getattr(model, "dim", None)
-    if dim is not None and w.dim != int(dim):
-        raise ValueError(f"whitening is for D={w.dim} descriptors but the network gives D={dim}")
-    return w
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        module, attr = _MOVED[name]
+        warnings.warn(f"pylandmark.nn.whiten.{name} moved to pylandmark.{module}.{attr}; import it from "
+                      "there (the old path goes away in the next release)", DeprecationWarning, stacklevel=2)
+    return _moved_getattr(name)

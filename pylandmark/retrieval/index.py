@@ -20,14 +20,14 @@ process saves.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
-import struct
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -35,52 +35,14 @@ from .._checks import check_int
 from .._files import remove_stale_temps, replaced_atomically
 from .._version import __version__
 from ..ops import METRICS, search
+from .format import FORMAT_VERSION, MAGIC, PREFIX, IndexFormatError, open_index, read_prefix, register_format, sum64
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"PLMINDEX"
-MANIFEST_MAGIC = b"PLMSHARD"  # a manifest of index shards (retrieval/manifest.py)
-FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<8sIIII")
 _MATRIX_ALIGN = 4096
-_SUM_CHUNK = 1 << 24  # words per checksum chunk, bounds the temporary memory
 _ADD_CHUNK = 1 << 16  # rows normalised at once in float64, bounds the temporary memory
 _MAX_HEADER = 64 << 20  # bytes; real headers hold a few KB of metadata
 _MAX_DIM = 1 << 20
-
-
-class IndexFormatError(ValueError):
-    """The file is not a pylandmark index, is damaged, or is from a newer version."""
-
-
-def read_prefix(prefix: bytes, path: Path, magic: bytes, kind: str, version_name: str,
-                newest: int) -> tuple[int, int, int]:
-    """(version, header length, header CRC-32) of a file's 24-byte prefix (index files and
-    shard manifests share it), after checking its magic and that this pylandmark reads the
-    version; ``kind`` and ``version_name`` name the format in the messages."""
-    if len(prefix) < _PREFIX.size or prefix[:8] != magic:
-        raise IndexFormatError(f"{path} is not a pylandmark {kind} (bad magic)")
-    _, version, hlen, hcrc, _ = _PREFIX.unpack(prefix)
-    if version > newest:
-        raise IndexFormatError(f"{path} uses {version_name} {version}, newer than this pylandmark "
-                               f"({__version__}) reads ({newest}); upgrade pylandmark")
-    return version, hlen, hcrc
-
-
-def _sum64(buf: np.ndarray) -> int:
-    """Wrapping sum of the bytes as uint64 words (zero padded): detects any single flipped bit."""
-    raw = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
-    whole = raw.size // 8
-    words = raw[: whole * 8].view(np.uint64)
-    total = np.uint64(0)
-    with np.errstate(over="ignore"):
-        for start in range(0, whole, _SUM_CHUNK):
-            total += np.add.reduce(words[start:start + _SUM_CHUNK], dtype=np.uint64)
-        if raw.size % 8:
-            tail = np.zeros(8, np.uint8)
-            tail[: raw.size % 8] = raw[whole * 8:]
-            total += tail.view(np.uint64)[0]
-    return int(total)
 
 
 def _as_rows(x: Any, dim: int) -> np.ndarray:
@@ -143,6 +105,7 @@ class Index:
         self._ids = np.empty(0, np.int64)
         self._labels: list | None = None
         self._paths: list | None = None
+        self._column_cache: dict[str, tuple[list, Any]] = {}  # column -> (the list it was built from, view)
         self._device = "cpu"
         self._gpu_matrix: Any = None  # a torch tensor once .to(device) put the matrix there
 
@@ -164,16 +127,33 @@ class Index:
 
     @property
     def ids(self) -> np.ndarray:
-        return self._ids.copy()
+        """(N,) int64 ids, a read-only view (no copy per access)."""
+        view = self._ids.view()
+        view.flags.writeable = False
+        return view
 
     @property
     def labels(self) -> np.ndarray | None:
-        """Per row label (object array), or None when the index has none."""
-        return None if self._labels is None else np.array(self._labels, dtype=object)
+        """(N,) per row label (a read-only object array built once per change of the index),
+        or None when the index has none."""
+        if self._labels is None:
+            return None
+        cached = self._column_cache.get("labels")
+        if cached is None or cached[0] is not self._labels:
+            column = np.array(self._labels, dtype=object)
+            column.flags.writeable = False
+            cached = self._column_cache["labels"] = (self._labels, column)
+        return cached[1]
 
     @property
     def paths(self) -> list | None:
-        return None if self._paths is None else list(self._paths)
+        """(N,) per row image path (a read-only list, no copy per access), or None."""
+        if self._paths is None:
+            return None
+        cached = self._column_cache.get("paths")
+        if cached is None or cached[0] is not self._paths:
+            cached = self._column_cache["paths"] = (self._paths, ReadOnlyList(self._paths))
+        return cached[1]
 
     def add(self, descriptors: Any, labels: Sequence | None = None, ids: Sequence[int] | None = None,
             paths: Sequence[str] | None = None) -> np.ndarray:
@@ -285,8 +265,8 @@ class Index:
         # offsets depend on the header length, which depends on the offsets: iterate to a fixpoint
         header_bytes = b""
         for _ in range(4):
-            offset = _align(_PREFIX.size + len(header_bytes), _MATRIX_ALIGN)
-            sections = {"matrix": {"offset": offset, "nbytes": matrix.nbytes, "sum64": _sum64(matrix)}}
+            offset = _align(PREFIX.size + len(header_bytes), _MATRIX_ALIGN)
+            sections = {"matrix": {"offset": offset, "nbytes": matrix.nbytes, "sum64": sum64(matrix)}}
             offset += matrix.nbytes
             offset = _align(offset, 8)
             sections["ids"] = {"offset": offset, "nbytes": ids.nbytes, "crc32": zlib.crc32(ids.tobytes())}
@@ -299,7 +279,7 @@ class Index:
                       "metadata": self.metadata, "sections": sections,
                       "created_by": f"pylandmark {__version__}"}
             new_bytes = json.dumps(header, sort_keys=True).encode()
-            stable = _align(_PREFIX.size + len(new_bytes), _MATRIX_ALIGN) == sections["matrix"]["offset"]
+            stable = _align(PREFIX.size + len(new_bytes), _MATRIX_ALIGN) == sections["matrix"]["offset"]
             header_bytes = new_bytes
             if stable:
                 break
@@ -309,7 +289,7 @@ class Index:
         remove_stale_temps(path)
         # locked temporary file, fsync, rename, folder fsync; removed on any failure
         with replaced_atomically(path, durable=True) as tmp, open(tmp, "r+b") as f:
-            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes), 0))
+            f.write(PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes), 0))
             f.write(header_bytes)
             f.seek(sections["matrix"]["offset"])
             f.write(matrix.reshape(-1).view(np.uint8).data)  # no copy of a matrix that may be GBs
@@ -329,71 +309,68 @@ class Index:
         processes) and is paged in by searches. verify checks the matrix checksum too (one
         read of the file); the header and small sections are always checked. A shard manifest
         (written by a distributed build) opens as one read-only
-        :class:`~pylandmark.retrieval.manifest.ShardedIndex`.
+        :class:`~pylandmark.retrieval.manifest.ShardedIndex` (:func:`.format.open_index`).
 
         Everything is read through one open file, so a load that races a save sees either the
         old file or the new one, never a mix. A damaged or crafted file raises
         IndexFormatError, never an index whose parts disagree."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no index file at {path}")
-        remove_stale_temps(path)
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(_PREFIX.size)
-            if prefix[:8] == MANIFEST_MAGIC:  # shards + manifest: opened as one ShardedIndex
-                from .manifest import load_manifest
+        return open_index(path, mmap=mmap, verify=verify)
 
-                return load_manifest(path, f, mmap=mmap, verify=verify)  # type: ignore[return-value]
-            version, hlen, hcrc = read_prefix(prefix, path, MAGIC, "index", "index format version", FORMAT_VERSION)
-            if version < 1:
-                raise IndexFormatError(f"{path}: invalid format version {version}")
-            if _PREFIX.size + hlen > size:
-                raise IndexFormatError(f"{path} is truncated (header incomplete)")
-            if hlen > _MAX_HEADER:
-                raise IndexFormatError(f"{path} has an invalid header ({hlen} bytes, at most {_MAX_HEADER})")
-            header_bytes = f.read(hlen)
-            if len(header_bytes) != hlen:
-                raise IndexFormatError(f"{path} is truncated (header incomplete)")
-            if zlib.crc32(header_bytes) != hcrc:
-                raise IndexFormatError(f"{path} is damaged (header checksum mismatch)")
-            try:
-                dim, count, metric, metadata, sections = _parse_header(header_bytes, _PREFIX.size + hlen)
-            except ValueError as err:
-                raise IndexFormatError(f"{path} has an invalid header ({err})") from None
-            end = max(s["offset"] + s["nbytes"] for s in sections.values())
-            if size < end:
-                raise IndexFormatError(f"{path} is truncated ({size} bytes, the header says {end})")
+    @classmethod
+    def _read(cls, path: Path, f: io.BufferedReader, *, mmap: bool, verify: bool) -> Index:
+        """The index file open as ``f`` (at its start): the opener :func:`.format.open_index`
+        uses for ``PLMINDEX`` files."""
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(PREFIX.size)
+        version, hlen, hcrc = read_prefix(prefix, path, MAGIC)
+        if version < 1:
+            raise IndexFormatError(f"{path}: invalid format version {version}")
+        if PREFIX.size + hlen > size:
+            raise IndexFormatError(f"{path} is truncated (header incomplete)")
+        if hlen > _MAX_HEADER:
+            raise IndexFormatError(f"{path} has an invalid header ({hlen} bytes, at most {_MAX_HEADER})")
+        header_bytes = f.read(hlen)
+        if len(header_bytes) != hlen:
+            raise IndexFormatError(f"{path} is truncated (header incomplete)")
+        if zlib.crc32(header_bytes) != hcrc:
+            raise IndexFormatError(f"{path} is damaged (header checksum mismatch)")
+        try:
+            dim, count, metric, metadata, sections = _parse_header(header_bytes, PREFIX.size + hlen)
+        except ValueError as err:
+            raise IndexFormatError(f"{path} has an invalid header ({err})") from None
+        end = max(s["offset"] + s["nbytes"] for s in sections.values())
+        if size < end:
+            raise IndexFormatError(f"{path} is truncated ({size} bytes, the header says {end})")
 
-            def small(name: str) -> bytes | None:
-                if name not in sections:
-                    return None
-                f.seek(sections[name]["offset"])
-                data = f.read(sections[name]["nbytes"])
-                if zlib.crc32(data) != sections[name]["crc32"]:
-                    raise IndexFormatError(f"{path} is damaged ({name} checksum mismatch)")
-                return data
+        def small(name: str) -> bytes | None:
+            if name not in sections:
+                return None
+            f.seek(sections[name]["offset"])
+            data = f.read(sections[name]["nbytes"])
+            if zlib.crc32(data) != sections[name]["crc32"]:
+                raise IndexFormatError(f"{path} is damaged ({name} checksum mismatch)")
+            return data
 
-            try:
-                id_bytes = small("ids")
-                if id_bytes is None:
-                    raise ValueError("the ids section is missing")
-                ids = _check_ids(np.frombuffer(id_bytes, dtype="<i8").astype(np.int64))
-                labels = _column(small("labels"), count, "labels", _label_value)
-                paths = _column(small("paths"), count, "paths", _path_value)
-            except (ValueError, TypeError) as err:
-                raise IndexFormatError(f"{path} is damaged or crafted ({err})") from None
-            moff = sections["matrix"]["offset"]
-            if count == 0:
-                matrix = np.empty((0, dim), np.float16)
-            elif mmap:
-                matrix = np.memmap(f, dtype=np.float16, mode="r", offset=moff, shape=(count, dim))
-            else:
-                matrix = np.empty((count, dim), np.float16)
-                f.seek(moff)
-                if f.readinto(matrix.data.cast("B")) != matrix.nbytes:
-                    raise IndexFormatError(f"{path} is truncated (descriptor matrix incomplete)")
-        if verify and _sum64(matrix) != sections["matrix"]["sum64"]:
+        try:
+            id_bytes = small("ids")
+            if id_bytes is None:
+                raise ValueError("the ids section is missing")
+            ids = _check_ids(np.frombuffer(id_bytes, dtype="<i8").astype(np.int64))
+            labels = _column(small("labels"), count, "labels", _label_value)
+            paths = _column(small("paths"), count, "paths", _path_value)
+        except (ValueError, TypeError) as err:
+            raise IndexFormatError(f"{path} is damaged or crafted ({err})") from None
+        moff = sections["matrix"]["offset"]
+        if count == 0:
+            matrix = np.empty((0, dim), np.float16)
+        elif mmap:
+            matrix = np.memmap(f, dtype=np.float16, mode="r", offset=moff, shape=(count, dim))
+        else:
+            matrix = np.empty((count, dim), np.float16)
+            f.seek(moff)
+            if f.readinto(matrix.data.cast("B")) != matrix.nbytes:
+                raise IndexFormatError(f"{path} is truncated (descriptor matrix incomplete)")
+        if verify and sum64(matrix) != sections["matrix"]["sum64"]:
             raise IndexFormatError(f"{path} is damaged (descriptor matrix checksum mismatch)")
         index = cls(dim, metric, metadata)
         index._matrix, index._ids, index._labels, index._paths = matrix, ids, labels, paths
@@ -406,6 +383,40 @@ class Index:
         return {"count": len(self), "dim": self.dim, "metric": self.metric, "dtype": "float16",
                 "labelled": labels is not None, "classes": len(classes),
                 "memory_mapped": isinstance(self._matrix, np.memmap), "metadata": self.metadata}
+
+
+class ReadOnlyList(list):
+    """A list that refuses changes: an index column handed out without a copy per access
+    (compares equal to a list of the same items; ``list(x)`` gives a changeable copy)."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("this list is an index's column and read-only; change the index, or copy it with list(...)")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+
+@runtime_checkable
+class IndexLike(Protocol):
+    """What recognition and the JSON of ``search`` / ``recognize`` need of an index; satisfied by
+    :class:`Index`, :class:`~pylandmark.retrieval.manifest.ShardedIndex` and the service's view
+    (``search_rows`` gives (Q, k) scores and row numbers, -1 past the end; ``ids`` / ``labels``
+    / ``paths`` are per row, read-only, and cost nothing per access)."""
+
+    metric: str
+
+    @property
+    def ids(self) -> np.ndarray: ...
+
+    @property
+    def labels(self) -> np.ndarray | None: ...
+
+    @property
+    def paths(self) -> list | None: ...
+
+    def __len__(self) -> int: ...
+
+    def search_rows(self, queries: Any, k: int = 5) -> tuple[Any, Any]: ...
 
 
 def _align(x: int, a: int) -> int:
@@ -508,3 +519,6 @@ def _column(raw: bytes | None, count: int, name: str, convert: Callable[[Any, st
         got = f"{len(values)} entries" if isinstance(values, list) else type(values).__name__
         raise ValueError(f"the {name} section must be a list of {count} entries, got {got}")
     return [convert(v, name) for v in values]
+
+
+register_format(MAGIC, Index._read)

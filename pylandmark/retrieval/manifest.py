@@ -21,6 +21,7 @@ naming missing or partial shards.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -36,7 +37,8 @@ from .._array import framework_of
 from .._files import replaced_atomically
 from .._version import __version__
 from ..ops import METRICS
-from .index import _PREFIX, FORMAT_VERSION, MAGIC, MANIFEST_MAGIC, Index, IndexFormatError, read_prefix
+from .format import MANIFEST_MAGIC, MANIFEST_VERSION, PREFIX, IndexFormatError, header_crc, read_prefix, register_format
+from .index import MAGIC, Index, IndexLike, ReadOnlyList
 from .topk import merge_topk, merge_topk_torch
 
 __all__ = ["ShardedIndex", "ShardEntry", "write_manifest", "read_manifest", "load_manifest", "load_shard", "shard_dir",
@@ -44,7 +46,6 @@ __all__ = ["ShardedIndex", "ShardEntry", "write_manifest", "read_manifest", "loa
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
 _MAX_MANIFEST = 64 << 20  # bytes of JSON; a million shards fit in far less
 _MAX_SHARDS = 1 << 20
 _MAX_ID = (1 << 62)
@@ -88,11 +89,8 @@ def remove_stale_shards(path: str | os.PathLike, keep: set[str] | frozenset = fr
 
 
 def shard_header_crc(path: str | os.PathLike) -> int:
-    """The header CRC-32 recorded in an index file's prefix (identifies its contents: the
-    header holds the checksums of every section)."""
-    with open(path, "rb") as f:
-        prefix = f.read(_PREFIX.size)
-    return read_prefix(prefix, Path(path), MAGIC, "index", "index format version", FORMAT_VERSION)[2]
+    """The header CRC-32 of the index file (a shard) at ``path`` (identifies its contents)."""
+    return header_crc(path, MAGIC)
 
 
 def write_manifest(path: str | os.PathLike, *, dim: int, metric: str, metadata: dict,
@@ -109,7 +107,7 @@ def write_manifest(path: str | os.PathLike, *, dim: int, metric: str, metadata: 
     header = {"dim": int(dim), "metric": metric, "count": sum(e["count"] for e in entries),
               "metadata": metadata, "shards": entries, "created_by": f"pylandmark {__version__}"}
     body = json.dumps(header, sort_keys=True).encode()
-    data = _PREFIX.pack(MANIFEST_MAGIC, MANIFEST_VERSION, len(body), zlib.crc32(body), 0) + body
+    data = PREFIX.pack(MANIFEST_MAGIC, MANIFEST_VERSION, len(body), zlib.crc32(body), 0) + body
     # locked while written: an Index.load of the same path in another process removes only the
     # temporary files of writers that died
     with replaced_atomically(path, durable=True) as tmp:
@@ -128,8 +126,7 @@ def read_manifest(path: str | os.PathLike, f: BinaryIO | None = None) -> dict:
         f = open(path, "rb")
     try:
         f.seek(0)
-        version, hlen, hcrc = read_prefix(f.read(_PREFIX.size), path, MANIFEST_MAGIC, "shard manifest",
-                                          "manifest version", MANIFEST_VERSION)
+        version, hlen, hcrc = read_prefix(f.read(PREFIX.size), path, MANIFEST_MAGIC)
         if version < 1 or hlen > _MAX_MANIFEST:
             raise IndexFormatError(f"{path} has an invalid manifest prefix (version {version}, {hlen} bytes)")
         body = f.read(hlen)
@@ -258,10 +255,12 @@ class ShardedIndex:
         out.flags.writeable = False
         return out
 
-    @property
+    @functools.cached_property
     def ids(self) -> np.ndarray:
-        """(N,) int64 global ids (each shard's stored ids plus its id offset)."""
-        return np.concatenate([s._ids + o for s, o in zip(self.shards, self.id_offsets)]).astype(np.int64)
+        """(N,) int64 global ids (each shard's stored ids plus its id offset; read-only, built once)."""
+        out = np.concatenate([s._ids + o for s, o in zip(self.shards, self.id_offsets)]).astype(np.int64)
+        out.flags.writeable = False
+        return out
 
     def _column(self, name: str) -> list | None:
         parts = [getattr(s, f"_{name}") for s in self.shards if len(s)]
@@ -269,15 +268,21 @@ class ShardedIndex:
             return None
         return [v for p in parts for v in p]
 
-    @property
+    @functools.cached_property
     def labels(self) -> np.ndarray | None:
-        """(N,) labels (object array), or None when the index has none."""
+        """(N,) labels (read-only object array, built once), or None when the index has none."""
         col = self._column("labels")
-        return None if col is None else np.array(col, dtype=object)
+        if col is None:
+            return None
+        out = np.array(col, dtype=object)
+        out.flags.writeable = False
+        return out
 
-    @property
+    @functools.cached_property
     def paths(self) -> list | None:
-        return self._column("paths")
+        """(N,) image paths (read-only, built once), or None."""
+        col = self._column("paths")
+        return None if col is None else ReadOnlyList(col)
 
     def search_rows(self, queries: Any, k: int = 5) -> tuple[Any, Any]:
         """queries (Q, D) or (D,) -> scores (Q, k) float32 and global rows (Q, k) int64 (-1: none),
@@ -350,3 +355,9 @@ def _shift(rows: Any, start: int) -> Any:
         return rows.where(rows < 0, rows + start)
     rows = np.asarray(rows)
     return np.where(rows >= 0, rows + start, -1)
+
+
+register_format(MANIFEST_MAGIC, load_manifest)
+
+# the index contract, checked by mypy: both kinds of index file open as an IndexLike
+_INDEX_KINDS: tuple[type[IndexLike], ...] = (Index, ShardedIndex)

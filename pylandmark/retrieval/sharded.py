@@ -29,12 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import distributed as du
+from .. import runtime as du
 from .._array import framework_of
 from .._checks import check_int
 from ..ops import METRICS
 from ..ops import search as _search
-from .index import MANIFEST_MAGIC, Index
+from .format import is_manifest
+from .index import Index
+from .manifest import ShardedIndex, load_shard, read_manifest
 from .topk import merge_topk_torch
 
 __all__ = ["DistributedIndex", "search", "recognize", "rank_rows"]
@@ -131,14 +133,10 @@ class DistributedIndex:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no index file at {path}")
-        with open(path, "rb") as f:
-            is_manifest = f.read(8) == MANIFEST_MAGIC
-        if not is_manifest:
+        if not is_manifest(path):
             # one file: its checksum covers every row, so one rank reading it all is enough
             index = Index.load(path, mmap=True, verify=verify and du.rank() == 0)
             return cls.from_index(index, device=device, resident=resident)
-        from .manifest import load_shard, read_manifest
-
         header = read_manifest(path)
         counts = [s["count"] for s in header["shards"]]
         bounds = rank_rows(counts, du.world_size())
@@ -157,7 +155,6 @@ class DistributedIndex:
     def from_index(cls, index: Any, *, device: Any = None, resident: bool = True) -> DistributedIndex:
         """This rank's range of an :class:`~pylandmark.Index` or
         :class:`~pylandmark.retrieval.manifest.ShardedIndex` that every rank has opened."""
-        from .manifest import ShardedIndex
 
         if isinstance(index, ShardedIndex):
             counts = [len(s) for s in index.shards]

@@ -8,6 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from .._checks import check_image_size
 from ..config import JsonConfig
 from ..data.decode import DEFAULT_MAX_PIXELS
 
@@ -67,8 +68,7 @@ class ServeConfig(JsonConfig):
                 raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be an int >= 1, got {self.threads!r}")
-        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 16):
-            raise ValueError(f"image_size must be an int >= 16 (pixels), got {self.image_size!r}")
+        check_image_size(self.image_size, "image_size", none_ok=True)
         if not (isinstance(self.max_upload_mb, (int, float)) and math.isfinite(self.max_upload_mb)
                 and self.max_upload_mb > 0):
             raise ValueError(f"max_upload_mb must be a number > 0, got {self.max_upload_mb!r}")

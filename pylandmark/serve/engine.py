@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .._version import __version__
+from ..retrieval.index import IndexLike
 from .batching import Batcher
 from .config import ServeConfig
 
@@ -39,8 +40,8 @@ class Engine:
         import torch
 
         from ..extraction import DEFAULT_SCALES_MS, prepare_inference_model
-        from ..nn.whiten import select_whitening
         from ..models.pretrained import RANDOM, load_network
+        from ..models.whitening import select_whitening
         from ..ops import set_num_threads
         from ..pipelines import index_options
         from ..retrieval.index import Index
@@ -86,7 +87,7 @@ class Engine:
         step("network warmed up")
         self.batcher = Batcher(self._forward, max_batch=config.max_batch, max_wait=config.batch_wait,
                                key=lambda x: tuple(x.shape), name="pylandmark-network")
-        self.view = _ServedIndex(self.index)
+        self.view: IndexLike = _ServedIndex(self.index)
         self._row_of = {int(i): r for r, i in enumerate(self.view.ids)}
         self._paths = self.view.paths
         self._thumbs: OrderedDict[tuple[int, int], bytes | None] = OrderedDict()
@@ -198,8 +199,9 @@ class Engine:
 
 
 class _ServedIndex:
-    """The index with its columns built once: ``Index.labels`` / ``ids`` / ``paths`` copy them on
-    every access (O(N) per request on a large index). Read-only; searches go to the index."""
+    """The index as the service answers from it (an :class:`~pylandmark.retrieval.index.IndexLike`):
+    string labels held once as a numpy str array, for vectorised comparisons in recognize.
+    Read-only; searches go to the index."""
 
     def __init__(self, index):
         self._index = index

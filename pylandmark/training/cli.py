@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .. import distributed as dist_utils
+from .. import runtime as dist_utils
 from .config import GROUPS, TRAIN_PRESETS, TrainConfig, field_kind
 from .loop import train
 

@@ -220,10 +220,9 @@ TRAIN_PRESETS.register("test", TrainConfig(
 def resolve_device(spec: str) -> torch.device:
     """The training device: the shared parser (auto, cpu, cuda, cuda:N), where under torchrun
     every process drives the GPU of its LOCAL_RANK."""
-    from ..devices import resolve_device as parse_device
+    from ..runtime import rank_device
 
-    local = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-    return parse_device(spec, cuda_index=local)
+    return rank_device(spec)
 
 
 def autocast_dtype(cfg: TrainConfig, dev: torch.device) -> torch.dtype | None:

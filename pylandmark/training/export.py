@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .. import distributed as dist_utils
+from .. import runtime as dist_utils
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, autocast_dtype
-from .mining import describe
 
 if TYPE_CHECKING:
     from ..models import LandmarkNet
@@ -48,7 +47,8 @@ def export(model: LandmarkNet, cfg: TrainConfig, out: Path, best_path: Path, mai
 
 def _whiten(model: LandmarkNet, cfg: TrainConfig, out: Path, dev: torch.device, main_rank: bool) -> LandmarkNet:
     from ..data.sfm120k import WhiteningPairs
-    from ..nn.whiten import Whitening, install_whitening, learn_whitening, pca_whitening, strip_whitening
+    from ..extraction import compute_whitening
+    from ..models.whitening import install_whitening
 
     if cfg.whitening == "lw":
         pairs = WhiteningPairs(cfg.data_root, cfg.whiten_name)
@@ -65,13 +65,11 @@ def _whiten(model: LandmarkNet, cfg: TrainConfig, out: Path, dev: torch.device, 
             paths = SfM120k(cfg.data_root, "train", name=cfg.db_name).images
         qidxs = pidxs = None
     amp = autocast_dtype(cfg, dev) is not None and dev.type == "cuda"
-    with torch.random.fork_rng(devices=[]):
-        x = describe(strip_whitening(model).eval(), paths, image_size=cfg.whiten_image_size,
-                     batch_size=cfg.mining_batch_size, num_workers=cfg.workers, device=dev, amp=amp,
-                     progress=cfg.progress and main_rank, output_device="cpu").float().numpy()
-    w: Whitening = learn_whitening(x, qidxs, pidxs) if cfg.whitening == "lw" else pca_whitening(x)
+    w = compute_whitening(model, paths, str(cfg.whitening), qidxs=qidxs, pidxs=pidxs, image_size=cfg.whiten_image_size,
+                          batch_size=cfg.mining_batch_size, num_workers=cfg.workers, device=dev, amp=amp,
+                          progress=cfg.progress and main_rank)
     if main_rank:
         w.save(out / f"whitening_{cfg.whitening}.safetensors")
-    logger.info("%s whitening from %d images installed (dim %s)", cfg.whitening, x.shape[0],
-                cfg.whiten_dim or x.shape[1])
+    logger.info("%s whitening from %d images installed (dim %s)", cfg.whitening, len(paths),
+                cfg.whiten_dim or w.dim)
     return install_whitening(model, w, cfg.whiten_dim)

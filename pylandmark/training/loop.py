@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import distributed as dist_utils
+from .. import runtime as dist_utils
 from .._files import replaced_atomically
 from ..nn.losses import make_loss
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state

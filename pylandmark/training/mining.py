@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +23,9 @@ import numpy as np
 import torch
 
 from .._checks import check_int, to_numpy
+from ..extraction import extract_shared
 
-__all__ = ["Tuples", "select_negatives", "mine_negatives", "draw_queries", "draw_pool", "mine_tuples",
-           "describe"]
+__all__ = ["Tuples", "select_negatives", "mine_negatives", "draw_queries", "draw_pool", "mine_tuples"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,34 +177,6 @@ def draw_pool(n_images: int, pool_size: int, rng: np.random.Generator) -> np.nda
     return rng.permutation(n_images)[: min(int(pool_size), int(n_images))].astype(np.int64)
 
 
-def describe(model: torch.nn.Module, paths: Sequence[Any], *, image_size: float | None, batch_size: int = 32,
-             num_workers: int = 0, device: Any = None, amp: bool | None = None, progress: bool = True,
-             bboxes: Sequence[Any] | None = None, output_device: Any = None) -> torch.Tensor:
-    """(N, D) float16 descriptors of ``paths`` through :func:`pylandmark.extract`, split across the
-    ranks when torch.distributed is initialised (each rank describes a contiguous share, then
-    the shares are all-gathered). ``bboxes``: optional query crops, one per path. Returns a
-    torch tensor on ``output_device`` (default the extraction device)."""
-    from .. import distributed as dist_utils
-    from ..extraction import extract
-
-    paths = list(paths)
-    world, rank = dist_utils.world_size(), dist_utils.rank()
-    bounds = np.linspace(0, len(paths), world + 1).round().astype(int)
-    mine = paths[bounds[rank]:bounds[rank + 1]]
-    my_boxes = list(bboxes)[bounds[rank]:bounds[rank + 1]] if bboxes is not None else None
-    dim = int(getattr(model, "dim", 0))
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    if mine:
-        desc = extract(model, mine, image_size=image_size, bboxes=my_boxes, batch_size=batch_size,
-                       num_workers=num_workers, device=dev, amp=amp, output="torch",
-                       progress=progress and rank == 0)
-    else:
-        desc = torch.empty((0, dim), dtype=torch.float16, device=dev)
-    if world > 1:
-        desc = dist_utils.all_gather_rows(desc, [int(bounds[i + 1] - bounds[i]) for i in range(world)])
-    return desc.to(output_device) if output_device is not None else desc
-
-
 def mine_tuples(model: torch.nn.Module, dataset: Any, *, query_size: int = 2000, pool_size: int = 20000,
                 negatives: int = 5, image_size: float | None = 362, rng: np.random.Generator,
                 batch_size: int = 32, num_workers: int = 0, device: Any = None, amp: bool | None = None,
@@ -240,9 +211,9 @@ def mine_tuples(model: torch.nn.Module, dataset: Any, *, query_size: int = 2000,
     model.eval()
     try:
         # one extraction call over queries and pool: one pass of the workers, one BN fold
-        desc = describe(model, [images[i] for i in qidxs] + [images[i] for i in pool], image_size=image_size,
-                        batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
-                        progress=progress)
+        desc = extract_shared(model, [images[i] for i in qidxs] + [images[i] for i in pool], image_size=image_size,
+                              batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
+                              progress=progress, output="torch")
     finally:
         model.train(was_training)
     t1 = time.perf_counter()

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..extraction import ExtractOptions, extract_shared
 from .config import TrainConfig, autocast_dtype
-from .mining import describe
 
 __all__ = ["validate"]
 
@@ -26,9 +26,8 @@ def _sfm_validation(model: nn.Module, val: Any, cfg: TrainConfig, dev: torch.dev
     size = cfg.val_image_size or cfg.image_size
     n_pairs = val.qidxs.size if cfg.val_queries is None else min(cfg.val_queries, val.qidxs.size)
     qidxs, pidxs = val.qidxs[:n_pairs], val.pidxs[:n_pairs]
-    desc = describe(model, val.images, image_size=size, batch_size=cfg.mining_batch_size,
-                    num_workers=cfg.workers, device=dev, amp=amp, progress=cfg.progress,
-                    output_device="cpu").float().numpy()
+    desc = extract_shared(model, val.images, image_size=size, batch_size=cfg.mining_batch_size,
+                          num_workers=cfg.workers, device=dev, amp=amp, progress=cfg.progress).astype(np.float32)
     uq = np.unique(qidxs)
     _, ranks = search(desc[uq], desc, k=desc.shape[0], metric="cosine")
     ranks = np.asarray(ranks)
@@ -57,26 +56,17 @@ def _revisited_present(cfg: TrainConfig) -> list[str]:
 
 def _revisited_validation(model: nn.Module, names: Sequence[str], cfg: TrainConfig, dev: torch.device,
                           amp: bool) -> dict[str, float]:
-    from ..data.revisited import RevisitedDataset
-    from ..ops import search
+    """:func:`pylandmark.evaluate.protocol.evaluate_revisited` at the test image size (queries
+    one by one: their crops all differ in shape)."""
+    from ..evaluate.protocol import evaluate_revisited
 
-    out: dict[str, float] = {}
-    mediums = []
-    for name in names:
-        assert cfg.test_root is not None  # names come from _revisited_present
-        ds = RevisitedDataset(name, cfg.test_root)
-        db = describe(model, ds.images, image_size=cfg.test_image_size, batch_size=cfg.mining_batch_size,
-                      num_workers=cfg.workers, device=dev, amp=amp, progress=cfg.progress,
-                      output_device="cpu").float().numpy()
-        qd = describe(model, ds.query_paths, image_size=cfg.test_image_size, batch_size=1,
-                      num_workers=cfg.workers, device=dev, amp=amp, progress=cfg.progress,
-                      bboxes=[ds.query_bbox(i) for i in range(ds.n_queries)], output_device="cpu").float().numpy()
-        _, ranks = search(qd, db, k=db.shape[0], metric="cosine")
-        res = ds.evaluate(np.asarray(ranks))
-        for proto in ("easy", "medium", "hard"):
-            out[f"{name}_map_{proto}"] = float(res[proto]["map"])
-        mediums.append(float(res["medium"]["map"]))
-    out["score"] = float(np.mean(mediums))
+    assert cfg.test_root is not None  # names come from _revisited_present
+    opts = ExtractOptions(image_size=cfg.test_image_size, batch_size=cfg.mining_batch_size, num_workers=cfg.workers,
+                          device=str(dev), progress=cfg.progress, amp=amp)
+    results = evaluate_revisited(model, names, cfg.test_root, opts, query_batch_size=1)
+    out = {f"{name}_map_{proto}": float(res[proto]["map"]) for name, res in results.items()
+           for proto in ("easy", "medium", "hard")}
+    out["score"] = float(np.mean([res["medium"]["map"] for res in results.values()]))
     return out
 
 

@@ -1,86 +1,27 @@
-"""End-to-end pipelines from image files: describe, build and grow an index, search, recognise,
-evaluate on revisited Oxford/Paris. Each `pylandmark` sub-command calls one function here."""
+"""The `pylandmark` commands in one process: describe, build and grow an index, search,
+recognise, evaluate on revisited Oxford/Paris. :mod:`.torchrun` has the same jobs (same names,
+arguments and results) for a torchrun launch; the CLI picks one of the two modules once."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .retrieval.index import Index
+from .._checks import check_image_size, check_scales
+from ..extraction import ExtractOptions, describe
+from ..retrieval.index import Index, IndexLike
+from .files import expand_images, save_descriptors, stored_paths
 
 log = logging.getLogger(__name__)
-
-MAX_IMAGE_SIZE = 16384  # longer image side recorded in an index (the paper uses 1024)
-
-
-@dataclass
-class ExtractOptions:
-    """How images become descriptors (kept in an index's metadata so later queries match)."""
-
-    image_size: int = 1024
-    scales: tuple[float, ...] = (1.0,)
-    batch_size: int = 16
-    num_workers: int = 0
-    device: str = "cpu"
-    progress: bool = True
-    whitening: str | None = None  # a whitening the network holds, or a Whitening.save() file
-
-    def metadata(self) -> dict:
-        return {"image_size": self.image_size, "scales": list(self.scales), "whitening": self.whitening}
-
-
-def expand_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given and image files found under folders (sorted); errors on missing paths."""
-    from .data.images import list_images
-
-    out: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = list_images(p)
-            if not found:
-                raise FileNotFoundError(f"no images (.jpg, .png, ...) under {p}")
-            out.extend(found)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"no such image or folder: {p}")
-    if not out:
-        raise ValueError("no images given")
-    return out
-
-
-def describe(network, images: Sequence[Path], opts: ExtractOptions, *, skip_bad: bool = False,
-             bboxes: Sequence[Any] | None = None) -> tuple[np.ndarray, list[Path], list[str]]:
-    """(N, D) float16 descriptors of the images that could be read, their paths, and one message
-    per skipped image (empty unless skip_bad; extraction warns once about them). Raises
-    ValueError when no image at all could be read."""
-    from .extraction import extract
-
-    result = extract(network, [str(p) for p in images], image_size=opts.image_size, scales=opts.scales,
-                     bboxes=bboxes, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                     device=opts.device, progress=opts.progress, on_error="skip" if skip_bad else "raise",
-                     whitening=opts.whitening)
-    if not skip_bad:
-        return result, list(images), []
-    desc, failures = result
-    bad = {f.index for f in failures}
-    kept = [p for i, p in enumerate(images) if i not in bad]
-    if not kept:  # nothing useful: an error, not an empty result
-        raise ValueError(f"none of the {len(images)} images could be read (first: {failures[0].source}: "
-                         f"{failures[0].message})")
-    return desc, kept, [f"{f.source}: {f.message}" for f in failures]
-
 
 def build_index(network, folder: str | Path, opts: ExtractOptions, *, labels_from_folders: bool = True,
                 weights: str = "") -> tuple[Index, list[str]]:
     """An index of every image under `folder`; with labels_from_folders, <folder>/<class>/... names
     each image's label. Unreadable images are skipped and reported."""
-    from .data.folders import LabelledFolder
+    from ..data.folders import LabelledFolder
 
     if labels_from_folders:
         ds = LabelledFolder(folder)
@@ -94,11 +35,6 @@ def build_index(network, folder: str | Path, opts: ExtractOptions, *, labels_fro
     index = Index(int(desc.shape[1]), metadata={"weights": weights, **opts.metadata()})
     index.add(desc, labels=labels, paths=stored_paths(kept))
     return index, skipped
-
-
-def stored_paths(paths: Sequence[Path]) -> list[str]:
-    """Image paths as an index stores them: absolute, so they resolve from any directory."""
-    return [str(Path(p).resolve()) for p in paths]
 
 
 def add_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions,
@@ -120,17 +56,13 @@ def index_options(index: Index, **overrides: Any) -> ExtractOptions:
     meta = index.metadata
     opts = ExtractOptions()
     if overrides.get("image_size") is None:
-        size = meta.get("image_size", 1024)
-        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
-            raise ValueError(f"the index records image_size {size!r:.40}, expected an int in [1, {MAX_IMAGE_SIZE}]; "
-                             "pass --image-size")
-        opts.image_size = size
+        opts.image_size = check_image_size(meta.get("image_size", 1024), "the index's image_size",
+                                           hint="; pass --image-size")
     if overrides.get("scales") is None:
         scales = meta.get("scales", [1.0])
-        if not isinstance(scales, list) or not 1 <= len(scales) <= 16 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 4 for v in scales):
-            raise ValueError(f"the index records scales {scales!r:.60}, expected 1 to 16 numbers in (0, 4]")
-        opts.scales = tuple(float(v) for v in scales)
+        if not isinstance(scales, list):
+            raise ValueError(f"the index records scales {scales!r:.60}, expected a list of numbers")
+        opts.scales = check_scales(scales, "the index's scales")
     if overrides.get("whitening") is None:
         whitening = meta.get("whitening")
         if whitening is not None and (not isinstance(whitening, str) or len(whitening) > 200):
@@ -168,7 +100,7 @@ def search_images(index: Index, network, images: Sequence[Path], opts: ExtractOp
     return search_results(index, desc, [str(p) for p in images], k=k)
 
 
-def search_results(index: Any, desc: np.ndarray, queries: Sequence[str], k: int = 5) -> list[dict]:
+def search_results(index: IndexLike, desc: np.ndarray, queries: Sequence[str], k: int = 5) -> list[dict]:
     """The JSON of `pylandmark search --json` for (Q, D) query descriptors named `queries`
     (index: an Index, or a view with its labels, paths, ids and search_rows)."""
     scores, rows = index.search_rows(desc, k=k)
@@ -197,11 +129,11 @@ def recognize_images(index: Index, network, images: Sequence[Path], opts: Extrac
     return out
 
 
-def recognition_results(index: Any, desc: np.ndarray, queries: Sequence[str], k: int = 5,
+def recognition_results(index: IndexLike, desc: np.ndarray, queries: Sequence[str], k: int = 5,
                         vote: str = "majority", min_score: float | None = None) -> list[dict]:
     """The JSON of `pylandmark recognize --json` for (Q, D) query descriptors named `queries`
     (index: an Index, or a view with its labels, paths and ids)."""
-    from .retrieval.recognition import recognize
+    from ..retrieval.recognition import recognize
 
     if index.labels is None:
         raise ValueError("this index has no labels; build it with --labels-from-folders or add labels")
@@ -217,27 +149,6 @@ def recognition_results(index: Any, desc: np.ndarray, queries: Sequence[str], k:
     return out
 
 
-def descriptor_files(out: str | Path) -> tuple[Path, Path]:
-    """The two files ``pylandmark extract --out OUT`` writes: the array where ``np.save(OUT)``
-    would put it (``.npy`` appended when missing) and the listing ``<OUT>.paths.txt``."""
-    out = Path(out)
-    return (out if out.suffix == ".npy" else out.with_name(out.name + ".npy")), out.with_suffix(".paths.txt")
-
-
-def save_descriptors(out: str | Path, descriptors: np.ndarray, paths: Sequence[Any]) -> tuple[Path, Path]:
-    """Writes ``pylandmark extract``'s outputs: the (N, D) array as ``.npy`` and one path per
-    line in ``<out>.paths.txt``, each through a temporary file (a failure keeps the old pair).
-    Returns both paths."""
-    from ._files import replaced_atomically
-
-    target, listing = descriptor_files(out)
-    with replaced_atomically(target) as tmp, replaced_atomically(listing) as tmp_list:
-        with open(tmp, "wb") as f:
-            np.save(f, descriptors)
-        tmp_list.write_text("".join(f"{p}\n" for p in paths))
-    return target, listing
-
-
 def folder_truth(images: Sequence[Path], index_labels: Any) -> list[Any] | None:
     """The true labels of query images that sit in class folders (``<dir>/<label>/<image>``
     with every parent folder name one of the index's labels), else None."""
@@ -251,7 +162,7 @@ def folder_truth(images: Sequence[Path], index_labels: Any) -> list[Any] | None:
 def recognition_summary(results: Sequence[dict]) -> dict | None:
     """Accuracy, per-class counts and the confusion table of recognize_images results that carry
     a ``truth`` label (None when they do not)."""
-    from .evaluate import accuracy, confusion
+    from ..evaluate import accuracy, confusion
 
     if not results or any("truth" not in r for r in results):
         return None
@@ -265,30 +176,59 @@ def recognition_summary(results: Sequence[dict]) -> dict | None:
             "confusion": counts.tolist()}
 
 
-def evaluate_revisited(network, names: Sequence[str], data_root: str | Path, opts: ExtractOptions, *,
-                       qe_k: int = 0, qe_alpha: float = 3.0, dba_k: int = 0, dba_alpha: float = 3.0,
-                       keep_ranks: bool = False) -> dict:
-    """mAP and mP@k (easy / medium / hard) per dataset, with optional alpha-QE and DBA. With
-    keep_ranks each dataset's entry also holds "ranks", the (Q, N) int64 ranking (for plots)."""
-    from .data.revisited import RevisitedDataset
-    from .ops import search
-    from .retrieval.rerank import rerank
-
-    results = {}
-    for name in names:
-        ds = RevisitedDataset(name, Path(data_root) / name)
-        db, _, _ = describe(network, ds.images, opts)
-        bboxes = [ds.query_bbox(i) for i in range(ds.n_queries)]
-        q, _, _ = describe(network, ds.query_paths, opts, bboxes=bboxes)
-        if qe_k or dba_k:
-            q, db = rerank(q, db, qe_k=qe_k, qe_alpha=qe_alpha, dba_k=dba_k, dba_alpha=dba_alpha)
-        _, ranks = search(q, db, k=len(db))
-        res = ds.evaluate(ranks)
-        results[name] = {"options": {**asdict(opts), "qe_k": qe_k, "dba_k": dba_k}, **res}
-        if keep_ranks:
-            results[name]["ranks"] = np.asarray(ranks)
-    return results
-
-
 def _plain(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
+
+
+# ---- the jobs the CLI runs (the same names and results as in .torchrun) --------------------
+
+def open_index(path: str | Path, device: Any = None) -> Any:
+    """The index at ``path`` (a single file or a manifest), memory-mapped; ``device`` is for
+    torchrun's sharded index and unused here."""
+    return Index.load(path)
+
+
+def extract_to_file(network, images: Sequence[Path], opts: ExtractOptions, out: str | Path, *,
+                    skip_bad: bool = False) -> dict:
+    """``pylandmark extract``: the (N, D) float16 ``.npy`` and its ``.paths.txt`` listing.
+    Returns ``{"out", "paths" (the two files), "count", "dim", "skipped"}``."""
+    desc, kept, skipped = describe(network, images, opts, skip_bad=skip_bad)
+    target, listing = save_descriptors(out, desc, kept)
+    return {"out": target, "paths": listing, "count": len(kept), "dim": int(desc.shape[1]), "skipped": skipped}
+
+
+def build_index_file(network, folder: str | Path, opts: ExtractOptions, out: str | Path, *,
+                     labels_from_folders: bool = True, weights: str = "") -> dict:
+    """``pylandmark index build``: the index file at ``out`` (shards of an earlier torchrun
+    build at that path are removed). Returns ``{"index", "skipped"}``."""
+    from ..retrieval.manifest import remove_stale_shards
+
+    index, skipped = build_index(network, folder, opts, labels_from_folders=labels_from_folders, weights=weights)
+    index.save(out)
+    remove_stale_shards(out)
+    return {"index": index, "skipped": skipped}
+
+
+def add_to_index_file(index_path: str | Path, network, images: Sequence[Path], opts: ExtractOptions, *,
+                      label: str | None = None, labels_from_folders: bool = False) -> dict:
+    """``pylandmark index add``: appends the images to the index file (a sharded index gets
+    a new shard, :func:`.shards.add_images`). Returns ``{"added", "count", "skipped"}``."""
+    from ..retrieval.format import is_manifest
+
+    if is_manifest(index_path):
+        from .shards import add_images as add_shard
+
+        return add_shard(index_path, network, images, opts, label=label, labels_from_folders=labels_from_folders)
+    index = Index.load(index_path, mmap=False)
+    ids, skipped = add_images(index, network, images, opts, label=label, labels_from_folders=labels_from_folders)
+    index.save(index_path)
+    return {"added": len(ids), "count": len(index), "skipped": skipped}
+
+
+def evaluate_revisited(network, names: Sequence[str], data_root: str | Path, opts: ExtractOptions,
+                       **kwargs: Any) -> dict:
+    """``pylandmark evaluate``: :func:`pylandmark.evaluate.protocol.evaluate_revisited` (mAP and
+    mP@k, easy / medium / hard, per dataset; with ``keep_ranks`` the (Q, N) ranking too)."""
+    from ..evaluate.protocol import evaluate_revisited as run
+
+    return run(network, names, data_root, opts, **kwargs)

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_int, framework_of, to_numpy
+from .._checks import check_int, framework_of, to_numpy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PROTOCOLS", "revisited", "compute_ap", "format_table", "gap", "accuracy",
+__all__ = ["PROTOCOLS", "revisited", "compute_ap", "format_table", "gap", "accuracy", "confusion", "format_confusion",
            "recognition_metrics"]
 
 PROTOCOLS = ("easy", "medium", "hard")

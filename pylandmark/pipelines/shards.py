@@ -1,25 +1,22 @@
-"""Commands split across torchrun ranks: descriptor files, index builds and additions, and
-search / recognize / evaluate over sharded indexes.
+"""Index builds, index additions and descriptor files written as shards, resumable: what
+``torchrun -m pylandmark index build / index add / extract`` run on every rank, and what adding
+to a sharded index runs in one process (every helper here works with one rank too).
 
-``torchrun --nproc-per-node N -m pylandmark <command> ...`` runs the command on N ranks (each
-on its own device: ``--device cuda`` means cuda:LOCAL_RANK). Every rank lists the same inputs
-(sorted, so a shared filesystem is needed across hosts) and describes the contiguous share
-``distributed.share_bounds`` gives it, so the result is, row for row, what one process gives.
-
-Building and adding write one shard per rank, an ordinary index file in ``<out>.shards/``, as
-soon as that rank is done; rank 0 writes the manifest (:mod:`pylandmark.retrieval.manifest`)
-after every shard exists, atomically. Why shards and a manifest rather than one file merged by
-rank 0: no rank ever holds or receives the whole database (at scale it does not fit one host),
-nothing is copied twice, a sharded search can give each rank exactly the shard it built, and a
-rank that dies loses only its own share: the re-run (same inputs, same network, same number of
-ranks) finds the finished shards, checks them, and describes only what is missing. Until the
-manifest is written, ``<out>`` is the previous index or nothing. ``extract`` works the same
-way with parts in ``<out>.parts/``, concatenated by rank 0 into the ``.npy`` at the end (a
-descriptor file is one array by definition).
+Every rank lists the same inputs (sorted, so a shared filesystem is needed across hosts) and
+describes the contiguous share :func:`pylandmark.runtime.share_bounds` gives it. Building and
+adding write one shard per rank, an ordinary index file in ``<out>.shards/``, as soon as that
+rank is done; rank 0 writes the manifest (:mod:`pylandmark.retrieval.manifest`) after every
+shard exists, atomically. Why shards and a manifest rather than one file merged by rank 0: no
+rank ever holds or receives the whole database (at scale it does not fit one host), nothing is
+copied twice, a sharded search can give each rank exactly the shard it built, and a rank that
+dies loses only its own share: the re-run (same inputs, same network, same number of ranks)
+finds the finished shards, checks them, and describes only what is missing. Until the manifest
+is written, ``<out>`` is the previous index or nothing. ``extract`` works the same way with
+parts in ``<out>.parts/``, concatenated by rank 0 into the ``.npy`` at the end (a descriptor file
+is one array by definition).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -28,16 +25,15 @@ import secrets
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from . import distributed as du
-from ._files import replaced_atomically
-from .pipelines import ExtractOptions, describe, descriptor_files, stored_paths
-from .retrieval.index import _PREFIX, Index, IndexFormatError
-from .retrieval.manifest import (
+from .. import runtime as du
+from .._files import replaced_atomically
+from ..extraction import ExtractOptions, describe
+from ..retrieval.index import Index, IndexFormatError
+from ..retrieval.manifest import (
     ShardedIndex,
     read_manifest,
     remove_stale_shards,
@@ -45,31 +41,11 @@ from .retrieval.manifest import (
     shard_header_crc,
     write_manifest,
 )
+from .files import descriptor_files, expand_images, stored_paths
 
-__all__ = ["join", "leave", "build_index", "add_images", "extract_to_file", "describe_everywhere",
-           "search_images", "recognize_images", "evaluate_revisited", "network_fingerprint"]
+__all__ = ["build_index", "add_images", "extract_to_file", "network_fingerprint"]
 
 log = logging.getLogger(__name__)
-
-# ---- process group -------------------------------------------------------------------------
-
-def join(device: str | None) -> str:
-    """Joins the process group (gloo for the CPU, NCCL for CUDA) and returns this rank's device:
-    "cuda" becomes cuda:LOCAL_RANK."""
-    dev = torch.device(device or "cpu")
-    du.init_from_env(dev.type)
-    if dev.type == "cuda" and dev.index is None:
-        return f"cuda:{du.local_rank()}"
-    return str(dev)
-
-
-def leave() -> None:
-    if du.is_distributed():
-        torch.distributed.destroy_process_group()
-
-
-def _rank_opts(opts: ExtractOptions) -> ExtractOptions:
-    return dataclasses.replace(opts, progress=opts.progress and du.rank() == 0)
 
 
 # ---- resumable shares ----------------------------------------------------------------------
@@ -124,17 +100,13 @@ def _share(network, images: Sequence[Path], labels: Sequence | None, opts: Extra
     """Describes this rank's share of ``images`` into an index file in ``folder`` (or finds it
     from an earlier run). Returns the rank's report (also what the manifest needs)."""
     rank, world_ = du.rank(), du.world_size()
-    bounds = du.share_bounds(len(images), world_)
-    lo, hi = bounds[rank], bounds[rank + 1]
+    lo, hi = du.share_range(len(images))
     file = folder / f"{key}-{rank:05d}-of-{world_:05d}.plmi"
     index = _resume(file, key, lo, hi)
     resumed = index is not None
     if index is None:
         mine = list(images[lo:hi])
-        if mine:
-            desc, kept, skipped = describe(network, mine, _rank_opts(opts), skip_bad=skip_bad)
-        else:
-            desc, kept, skipped = np.empty((0, int(network.dim)), np.float16), [], []
+        desc, kept, skipped = describe(network, images, opts, skip_bad=skip_bad, gather=False)  # this share
         keep = set(map(str, kept))
         my_labels = None if labels is None else [lab for p, lab in zip(mine, labels[lo:hi]) if str(p) in keep]
         index = Index(int(desc.shape[1]), metric,
@@ -172,8 +144,7 @@ def build_index(network, folder: str | Path, opts: ExtractOptions, out: str | Pa
     Returns (on every rank) ``{"index": ShardedIndex (rank 0; None elsewhere), "ranks": [...],
     "skipped": [...]}``; ``ranks`` holds per rank ``images`` (its share of the listing),
     ``indexed`` (rows it contributed), ``resumed`` (found from an earlier run)."""
-    from .data.folders import LabelledFolder
-    from .pipelines import expand_images
+    from ..data.folders import LabelledFolder
 
     out = Path(out)
     if labels_from_folders:
@@ -221,8 +192,7 @@ def add_images(index_path: str | Path, network, images: Sequence[Path], opts: Ex
     elif label is not None:
         labels = [label] * len(images)
     _check_addable(base, labels, network)
-    with open(path, "rb") as f:
-        base_crc = _PREFIX.unpack(f.read(_PREFIX.size))[3]
+    base_crc = shard_header_crc(path)
     key = _job_key("add", stored_paths(images), labels, network,
                    {"base": [base_crc, len(base)], "metadata": base.metadata})
     report = _share(network, images, labels, opts, folder=shard_dir(path), key=key, metric=base.metric,
@@ -321,105 +291,3 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()
     except OSError:
         pass
-
-
-# ---- queries: search, recognize, evaluate --------------------------------------------------
-
-def describe_everywhere(network, images: Sequence[Path], opts: ExtractOptions,
-                        bboxes: Sequence[Any] | None = None) -> np.ndarray:
-    """(N, D) float16 descriptors of ``images`` on every rank, each rank describing its share
-    (unreadable images raise, as for queries in one process)."""
-    images = list(images)
-    bounds = du.share_bounds(len(images))
-    lo, hi = bounds[du.rank()], bounds[du.rank() + 1]
-    if hi > lo:
-        desc, _, _ = describe(network, images[lo:hi], _rank_opts(opts),
-                              bboxes=None if bboxes is None else list(bboxes)[lo:hi])
-    else:
-        desc = np.empty((0, int(network.dim)), np.float16)
-    return _gather_rows(desc, bounds)
-
-
-def _gather_rows(rows: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
-    """Every rank's (n_r, D) rows concatenated in rank order, on every rank (exact for float16)."""
-    counts = [bounds[r + 1] - bounds[r] for r in range(du.world_size())]
-    t = torch.from_numpy(np.ascontiguousarray(rows)).to(du.comm_device())  # NCCL gathers GPU tensors
-    return du.all_gather_rows(t, counts).cpu().numpy()
-
-
-def search_images(index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5) -> list[dict]:
-    """``pylandmark search`` over a :class:`~pylandmark.retrieval.sharded.DistributedIndex`:
-    the same list of dicts as :func:`pylandmark.pipelines.search_images`, on every rank."""
-    desc = describe_everywhere(network, images, opts)
-    scores, rows = index.search_rows(desc, k=k, src=None)
-    found = index.lookup(rows)
-    out = []
-    for q, img in enumerate(images):
-        hits = [{"rank": j + 1, "score": float(scores[q, j]), "id": int(found["ids"][q, j]),
-                 "label": None if found["labels"] is None else found["labels"][q, j],
-                 "path": None if found["paths"] is None else found["paths"][q, j]}
-                for j in range(rows.shape[1]) if rows[q, j] >= 0]
-        out.append({"query": str(img), "neighbours": hits})
-    return out
-
-
-def recognize_images(index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5,
-                     vote: str = "majority", min_score: float | None = None) -> list[dict]:
-    """``pylandmark recognize`` over a DistributedIndex: the same list of dicts as
-    :func:`pylandmark.pipelines.recognize_images`, on every rank."""
-    from .pipelines import _plain, folder_truth
-
-    if not index.labelled:
-        raise ValueError("this index has no labels; build it with --labels-from-folders or add labels")
-    desc = describe_everywhere(network, images, opts)
-    res = index.recognize(desc, k=k, vote=vote, min_score=min_score, src=None)
-    found = index.lookup(res.neighbors)
-    out = []
-    for q, img in enumerate(images):
-        hits = [{"score": float(res.scores[q, j]), "id": int(found["ids"][q, j]), "label": res.neighbor_labels[q, j],
-                 "path": None if found["paths"] is None else found["paths"][q, j]}
-                for j, r in enumerate(res.neighbors[q]) if r >= 0]
-        out.append({"query": str(img), "label": _plain(res.labels[q]), "known": bool(res.known[q]),
-                    "confidence": float(res.confidences[q]), "votes": int(res.votes[q]), "neighbours": hits})
-    truth = folder_truth(images, index.label_set())
-    if truth is not None:
-        for r, lab in zip(out, truth):
-            r["truth"] = lab
-    return out
-
-
-def evaluate_revisited(network, names: Sequence[str], data_root: str | Path, opts: ExtractOptions, *,
-                       qe_k: int = 0, qe_alpha: float = 3.0, dba_k: int = 0, dba_alpha: float = 3.0,
-                       keep_ranks: bool = False) -> dict:
-    """``pylandmark evaluate`` on every rank: each rank describes and keeps its share of the
-    database, the queries are described in shares and gathered, and the full ranking comes from
-    a sharded search (with QE / DBA, which need every row, the database is gathered first).
-    The same results as :func:`pylandmark.pipelines.evaluate_revisited`, on every rank
-    (keep_ranks: also "ranks", the (Q, N) int64 ranking, for plots)."""
-    from .data.revisited import RevisitedDataset
-    from .retrieval.rerank import rerank
-    from .retrieval.sharded import DistributedIndex
-
-    results = {}
-    for name in names:
-        ds = RevisitedDataset(name, Path(data_root) / name)
-        images = list(ds.images)
-        bounds = du.share_bounds(len(images))
-        lo, hi = bounds[du.rank()], bounds[du.rank() + 1]
-        if hi > lo:
-            db, _, _ = describe(network, images[lo:hi], _rank_opts(opts))
-        else:
-            db = np.empty((0, int(network.dim)), np.float16)
-        q = describe_everywhere(network, ds.query_paths, opts,
-                                bboxes=[ds.query_bbox(i) for i in range(ds.n_queries)])
-        if qe_k or dba_k:
-            full = _gather_rows(db, bounds)
-            q, full = rerank(q, full, qe_k=qe_k, qe_alpha=qe_alpha, dba_k=dba_k, dba_alpha=dba_alpha)
-            db = np.asarray(full)[lo:hi]
-        index = DistributedIndex.from_rows(db, metric="cosine")
-        _, ranks = index.search_rows(q, k=len(index), src=None)
-        res = ds.evaluate(ranks)
-        results[name] = {"options": {**dataclasses.asdict(opts), "qe_k": qe_k, "dba_k": dba_k}, **res}
-        if keep_ranks:
-            results[name]["ranks"] = np.asarray(ranks)
-    return results

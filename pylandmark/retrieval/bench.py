@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ops import get_num_threads, search
+from ..ops import get_num_threads, search
 
 log = logging.getLogger(__name__)
 
