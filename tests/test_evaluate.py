@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from pylandmark import evaluate as ev
+from pylandmark.evaluate import metrics as ev
 
 KAPPAS = (1, 5, 10)
 PROTO_SETS = {  # protocol -> (positive keys, junk keys), as REFERENCE.md section 3 defines them

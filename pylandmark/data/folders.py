@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LabelledFolder", "IMAGE_EXTENSIONS"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm")
+#: the file name endings read as images (their one definition; data.images lists folders with it)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 class LabelledFolder:

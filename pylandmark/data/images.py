@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .._checks import check_number
+from .folders import IMAGE_EXTENSIONS
 
 __all__ = ["ImageLoadError", "open_image", "to_rgb", "crop_box", "resized_size", "resize_image",
            "to_tensor", "prepare_image", "load_image", "ImageList", "LoadFailure", "list_images",
@@ -28,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 BBox = Sequence[float]
 

@@ -108,7 +108,7 @@ def search_results(index: IndexLike, desc: np.ndarray, queries: Sequence[str], k
     out = []
     for name, srow, rrow in zip(queries, np.asarray(scores), np.asarray(rows)):
         hits = [{"rank": r + 1, "score": float(s), "id": int(ids[i]),
-                 "label": None if labels is None else _plain(labels[i]),
+                 "label": None if labels is None else json_value(labels[i]),
                  "path": None if paths is None else paths[i]}
                 for r, (s, i) in enumerate(zip(srow, rrow)) if i >= 0]
         out.append({"query": str(name), "neighbours": hits})
@@ -141,10 +141,10 @@ def recognition_results(index: IndexLike, desc: np.ndarray, queries: Sequence[st
     paths, ids = index.paths, index.ids
     out = []
     for q, name in enumerate(queries):
-        hits = [{"score": float(res.scores[q, j]), "id": int(ids[r]), "label": _plain(res.neighbor_labels[q, j]),
+        hits = [{"score": float(res.scores[q, j]), "id": int(ids[r]), "label": json_value(res.neighbor_labels[q, j]),
                  "path": None if paths is None else paths[r]}
                 for j, r in enumerate(res.neighbors[q]) if r >= 0]
-        out.append({"query": str(name), "label": _plain(res.labels[q]), "known": bool(res.known[q]),
+        out.append({"query": str(name), "label": json_value(res.labels[q]), "known": bool(res.known[q]),
                     "confidence": float(res.confidences[q]), "votes": int(res.votes[q]), "neighbours": hits})
     return out
 
@@ -156,7 +156,7 @@ def folder_truth(images: Sequence[Path], index_labels: Any) -> list[Any] | None:
     parents = [Path(p).parent.name for p in images]
     if not parents or any(name not in known for name in parents):
         return None
-    return [_plain(known[name]) for name in parents]
+    return [json_value(known[name]) for name in parents]
 
 
 def recognition_summary(results: Sequence[dict]) -> dict | None:
@@ -176,7 +176,8 @@ def recognition_summary(results: Sequence[dict]) -> dict | None:
             "confusion": counts.tolist()}
 
 
-def _plain(v: Any) -> Any:
+def json_value(v: Any) -> Any:
+    """A label as JSON holds it: numpy scalars become Python ones."""
     return v.item() if isinstance(v, np.generic) else v
 
 

@@ -32,6 +32,7 @@ import torch
 from .. import runtime as du
 from .._files import replaced_atomically
 from ..extraction import ExtractOptions, describe
+from ..retrieval.format import header_crc
 from ..retrieval.index import Index, IndexFormatError
 from ..retrieval.manifest import (
     ShardedIndex,
@@ -192,7 +193,7 @@ def add_images(index_path: str | Path, network, images: Sequence[Path], opts: Ex
     elif label is not None:
         labels = [label] * len(images)
     _check_addable(base, labels, network)
-    base_crc = shard_header_crc(path)
+    base_crc = header_crc(path)  # of the manifest or the single file: either identifies the base
     key = _job_key("add", stored_paths(images), labels, network,
                    {"base": [base_crc, len(base)], "metadata": base.metadata})
     report = _share(network, images, labels, opts, folder=shard_dir(path), key=key, metric=base.metric,

@@ -17,7 +17,7 @@ import torch
 from .. import runtime as du
 from ..extraction import ExtractOptions, describe
 from ..retrieval.sharded import DistributedIndex
-from .local import _plain, folder_truth
+from .local import folder_truth, json_value
 from .shards import add_images as add_to_index_file
 from .shards import build_index as build_index_file
 from .shards import extract_to_file
@@ -76,7 +76,7 @@ def recognize_images(index, network, images: Sequence[Path], opts: ExtractOption
         hits = [{"score": float(res.scores[q, j]), "id": int(found["ids"][q, j]), "label": res.neighbor_labels[q, j],
                  "path": None if found["paths"] is None else found["paths"][q, j]}
                 for j, r in enumerate(res.neighbors[q]) if r >= 0]
-        out.append({"query": str(img), "label": _plain(res.labels[q]), "known": bool(res.known[q]),
+        out.append({"query": str(img), "label": json_value(res.labels[q]), "known": bool(res.known[q]),
                     "confidence": float(res.confidences[q]), "votes": int(res.votes[q]), "neighbours": hits})
     truth = folder_truth(images, index.label_set())
     if truth is not None:
