@@ -48,9 +48,8 @@ def extract_worker(args: argparse.Namespace) -> dict:
     import torch
 
     from pylandmark import distributed as du
-    from pylandmark.pipelines import shards
     from pylandmark.models import LandmarkNet
-    from pylandmark.pipelines import ExtractOptions
+    from pylandmark.pipelines import ExtractOptions, shards
 
     du.init_from_env("cpu")
     torch.set_num_threads(args.torch_threads or max(1, cores() // du.world_size()))

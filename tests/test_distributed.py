@@ -119,12 +119,17 @@ def test_ddp_update_equals_one_process(tmp_path, data_root):
                           torch.arange(6, dtype=torch.float16).reshape(3, 2)[:1] + 10])
     assert torch.equal(r0["gathered"], expected) and torch.equal(r1["gathered"], expected)
 
-    # description split across ranks = one process describing everything (float16 rounding)
+    # description split across ranks = one process describing everything, up to float16 rounding:
+    # the ranks run one thread and other batches, this process more threads, so float32 sums run
+    # in other orders; each element within one float16 ulp (plus F32_ROW, see test_extraction)
+    from test_extraction import assert_float16_agree
+
     torch.manual_seed(1)
     net = LandmarkNet("cspdarknet53-gem", **TINY)
     ds = SfM120k(data_root, "train")
     ref = extract(net, ds.images, image_size=40, batch_size=4, progress=False)
-    np.testing.assert_allclose(r0["desc"].float().numpy(), ref.astype(np.float32), atol=2e-3)
+    assert r0["desc"].dtype == torch.float16 and r0["desc"].shape == ref.shape
+    assert_float16_agree(r0["desc"].numpy(), ref)
     assert torch.equal(r0["desc"], r1["desc"])
     # every rank mined the same tuples, by the cluster rule
     assert torch.equal(r0["nidxs"], r1["nidxs"]) and torch.equal(r0["qidxs"], r1["qidxs"])

@@ -43,7 +43,9 @@ def test_contrastive_sums_over_tuples_and_respects_mask():
     got = contrastive_loss(qs, ps, ns, margin=0.7, neg_mask=mask)
     assert got.item() == pytest.approx(0.4022811266 + 0.02, abs=1e-9)
     unmasked = contrastive_loss(qs, ps, ns, margin=0.7)
-    assert unmasked.item() == pytest.approx(0.4022811266 + 0.02 + 0.245, abs=1e-6)
+    # (the masked slot's distance is clamped to sqrt(1e-12) = 1e-6: 0.5 * (0.7 - 1e-6)^2, not 0.245;
+    # abs=1e-9 for the 10 digits of 0.4022811266)
+    assert unmasked.item() == pytest.approx(0.4022811266 + 0.02 + 0.5 * (0.7 - 1e-6) ** 2, abs=1e-9)
     # the module form agrees
     assert ContrastiveLoss(0.7)(qs, ps, ns, mask).item() == pytest.approx(got.item(), abs=1e-12)
 
@@ -76,7 +78,10 @@ def test_contrastive_gradient_finite_when_negative_equals_query():
     n = q.detach().clone().reshape(1, 1, 2)
     loss = contrastive_loss(q, q.detach(), n, margin=0.7)
     loss.backward()
-    assert loss.item() == pytest.approx(0.5 * 0.7 ** 2, abs=1e-6)
+    # D = sqrt(clamp(0, 1e-12)) = 1e-6. In float32 (u = 2^-24): the margin, 1e-12 and the sqrt round
+    # (D off by 2u relative), e = 0.7 - D by u 0.7 + 2u D + u e < 2.01u e, e^2 / 2 by 2 x that + u:
+    # 5.02u relative; the positive term is exactly 0 and adding it exact.
+    assert loss.item() == pytest.approx(0.5 * (0.7 - 1e-6) ** 2, rel=5.02 * 2.0 ** -24, abs=0)
     assert torch.isfinite(q.grad).all()
 
 
@@ -93,7 +98,28 @@ def test_half_inputs_are_computed_in_float32():
     q, p, n = (t.to(torch.float16) for t in _case())
     got = contrastive_loss(q, p, n, margin=0.7)
     assert got.dtype == torch.float32
-    assert got.item() == pytest.approx(0.4022811266, abs=2e-3)
+    # Checked against the float64 loss of the float16-rounded inputs (0.6 -> 0.5996, 0.8 -> 0.7998
+    # move it ~5e-4 from 0.4022811266) within the float32 arithmetic's error on those (exact in
+    # float32) inputs, u = 2^-24: the differences of these halves are exact; 0.5 |q-p|^2 sums 2
+    # rounded squares (gamma_2 relative; halving is exact); a negative's distance D = sqrt(sum of 2
+    # squares) is off by gamma_2 relative (the sqrt halves the sum's error, then rounds), so
+    # e = margin - D (margin rounded to float32) by u m + gamma_2 D + u e <= gamma_3 (m + D), and
+    # 0.5 e^2 by (e + de/2) de plus one rounding (u of it); adding up the terms rounds twice more.
+    qd, pd, nd = (t.double().numpy() for t in (q, p, n))
+    margin, u = 0.7, 2.0 ** -24
+
+    def g(k):
+        return k * u / (1 - k * u)
+
+    pos = 0.5 * ((qd - pd) ** 2).sum()
+    dist = np.sqrt(((qd[:, None] - nd) ** 2).sum(-1))
+    inside = dist < margin
+    e = np.where(inside, margin - dist, 0.0)
+    de = np.where(inside, g(3) * (margin + dist), 0.0)
+    neg = 0.5 * e ** 2
+    want = pos + neg.sum()
+    bound = g(2) * pos + ((e + de / 2) * de * (1 + u) + u * neg).sum() + g(2) * want
+    assert abs(got.item() - want) <= bound, (got.item(), want, bound)
 
 
 @pytest.mark.parametrize("fn", [contrastive_loss, triplet_loss])

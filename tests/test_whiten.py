@@ -106,16 +106,44 @@ def test_pca_whitening_matches_reference(rng):
     assert w.kind == "pca"
 
 
+def _apply_bound(x, mean, proj, u, rounded_inputs):
+    """Elementwise bound on |L2N(P (x - m)) computed with unit roundoff u - the exact value| for
+    L2N(y) = y / (|y| + 1e-6), summed in any order. (x - m)_j is off by u (|x_j| + |m_j|) where x
+    and m were rounded to that precision, and by u |x_j - m_j| for the subtraction; y_i = sum_j
+    P_ij (x - m)_j adds P's rounding (u, if rounded) and gamma_D for the dot product, relative to
+    sum_j |P_ij| |x_j - m_j|; then L2N: dz_i <= (dy_i + |z_i| |dy|) / (|y| + 1e-6) / (1 - |dy|/|y|)
+    (its Jacobian, second order) plus its own rounding: the sum of d squares (gamma_d, halved by
+    the sqrt) and sqrt, + 1e-6, division (3u)."""
+    D, d = proj.shape[1], proj.shape[0]
+
+    def g(n):
+        return n * u / (1 - n * u)
+
+    c = x - mean
+    dc = (u * (np.abs(x) + np.abs(mean)) if rounded_inputs else 0.0) + u * np.abs(c)
+    dy = dc @ np.abs(proj).T + ((u if rounded_inputs else 0.0) + g(D)) * (1 + u) * (np.abs(c) @ np.abs(proj).T)
+    y = c @ proj.T
+    ny, ndy = np.linalg.norm(y, axis=1, keepdims=True), np.linalg.norm(dy, axis=1, keepdims=True)
+    z = y / (ny + 1e-6)
+    assert (ndy < ny).all()
+    return (dy + np.abs(z) * ndy) / (ny + 1e-6) / (1 - ndy / ny) + (g(d) / (2 - 2 * g(d)) + g(3)) * np.abs(z)
+
+
 def test_apply_whitening_numpy_and_torch(rng):
     x, q, p = _descriptors(rng, 200, 10, 80)
     w = learn_whitening(x, q, p)
+    # float64 of the same values, as the library defines L2N (y / (|y| + 1e-6)), whose + 1e-6
+    # alone moves each row by 1e-6 / |y| relative: more than float64 arithmetic errs
     ref = (x - w.mean) @ w.projection[:6].T
-    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True) + 1e-6
     out = apply_whitening(x, w.mean, w.projection, dim=6)
-    np.testing.assert_allclose(out, ref, atol=1e-6)
+    bound = _apply_bound(x, w.mean, w.projection[:6], 2.0 ** -53, rounded_inputs=False)
+    assert (np.abs(out - ref) <= bound).all()
     out_t = w.apply(torch.tensor(x, dtype=torch.float32), dim=6)
     assert isinstance(out_t, torch.Tensor) and out_t.shape == (200, 6)
-    np.testing.assert_allclose(out_t.numpy(), ref, atol=1e-5)
+    # float32: x, m and P are rounded to float32 too
+    bound_t = _apply_bound(x, w.mean, w.projection[:6], 2.0 ** -24, rounded_inputs=True)
+    assert (np.abs(out_t.numpy() - ref) <= bound_t).all()
     with pytest.raises(ValueError, match="dim"):
         apply_whitening(x, w.mean, w.projection, dim=11)
     with pytest.raises(ValueError, match="D=10"):
@@ -148,11 +176,12 @@ def test_install_whitening_into_landmarknet(rng, tmp_path):
     err = np.abs(got - apply_whitening(base, w.mean, w.projection, dim=16))
     assert np.all(err <= bound), f"max error {err.max():.3g} over the bound {bound.min():.3g}..{bound.max():.3g}"
     # stripping the layer gives back the original descriptors; the model survives a save / load
+    # (the same weights through the same float32 computation: equal bit for bit)
     with torch.no_grad():
-        np.testing.assert_allclose(strip_whitening(whitened)(images).numpy(), base, atol=1e-6)
+        np.testing.assert_array_equal(strip_whitening(whitened)(images).double().numpy(), base)
     loaded = LandmarkNet.from_pretrained(whitened.save(tmp_path / "net"))
     with torch.no_grad():
-        np.testing.assert_allclose(loaded.eval()(images).numpy(), got, atol=1e-6)
+        np.testing.assert_array_equal(loaded.eval()(images).double().numpy(), got)
     with pytest.raises(ValueError, match="D=24"):
         install_whitening(model, Whitening(np.zeros(5), np.eye(5)))
 

@@ -107,7 +107,7 @@ def main() -> int:
     top = sorted(p.stem for p in ROOT.glob("*.py") if p.stem not in ("__init__", "__main__", "_version"))
     if len(top) > MAX_TOP_LEVEL:
         problems.append(f"{len(top)} modules directly under pylandmark/ (at most {MAX_TOP_LEVEL}): {', '.join(top)}")
-    for name, path in files.items():
+    for path in files.values():
         lines = len(path.read_text().splitlines())
         if lines > MAX_LINES:
             problems.append(f"{path.relative_to(ROOT.parent)}: {lines} lines (at most {MAX_LINES})")
