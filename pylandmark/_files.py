@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,14 +88,15 @@ def replaced_atomically(path: str | os.PathLike, *, durable: bool = False) -> It
 
 
 def remove_stale_temps(path: Path) -> None:
-    """Deletes temporary files of ``path`` left by writers that died (kill -9, power loss): a
-    live writer holds a lock on its file (:func:`create_temp`), so a file that can be locked
-    has no writer."""
+    """Deletes temporary files of ``path`` left by writers that died (kill -9, power loss), and
+    their :func:`writer_lock` file: a live writer holds a lock on its file (:func:`create_temp`),
+    so a file that can be locked has no writer."""
     if fcntl is None:
         return
     prefix = f".{path.name}."
     try:
-        names = [e.name for e in os.scandir(path.parent) if e.name.startswith(prefix) and e.name.endswith(".tmp")]
+        names = [e.name for e in os.scandir(path.parent)
+                 if e.name.startswith(prefix) and (e.name.endswith(".tmp") or e.name == f"{prefix}lock")]
     except OSError:
         return
     for name in names:
@@ -108,8 +110,9 @@ def remove_stale_temps(path: Path) -> None:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 continue
-            if st.st_size == 0 and time.time() - st.st_mtime < FRESH_TEMP_S:
+            if name.endswith(".tmp") and st.st_size == 0 and time.time() - st.st_mtime < FRESH_TEMP_S:
                 continue  # may be a writer between creating its file and locking it
+            # (a writer_lock file needs no such care: a writer that locks a removed one retries)
             if os.stat(full, follow_symlinks=False).st_ino != st.st_ino:
                 continue
             os.unlink(full)
@@ -131,4 +134,58 @@ def fsync_folder(folder: Path) -> None:
     except OSError:
         pass
     finally:
+        os.close(fd)
+
+
+_held = threading.local()  # per thread: lock-file path -> (fd, depth) of the writer locks it holds
+
+
+@contextmanager
+def writer_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Serialises every process (and thread) that changes the file at ``path``: an exclusive
+    lock on ``.<name>.lock`` beside it, held for the block and removed at its end. Readers never
+    take it (they see one whole version through the atomic rename). The lock belongs to the open
+    file, so a writer that dies, even by SIGKILL, releases it (its file stays until the next
+    writer's block ends); a waiting writer says so in the log and goes on when the holder is
+    done. Re-entrant within a thread. (Without POSIX locks: no serialisation.)"""
+    path = Path(path)
+    lock_file = path.with_name(f".{path.name}.lock")
+    key = str(lock_file.resolve())
+    held: dict = _held.__dict__.setdefault("locks", {})
+    if key in held:  # this thread holds it already: nest
+        fd, depth = held[key]
+        held[key] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            held[key] = (fd, held[key][1] - 1)
+        return
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process writing %s", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # the holder before us removed the file it locked: lock the one there now
+            if os.stat(lock_file, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    held[key] = (fd, 1)
+    try:
+        yield
+    finally:
+        del held[key]
+        # removed while still locked, so no file is left beside the index; a writer waiting on
+        # this file finds it gone once it gets the lock, and takes a new one
+        try:
+            os.unlink(lock_file)
+        except OSError:
+            pass
         os.close(fd)

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_image_size, check_scales
+from .._files import writer_lock
 from ..extraction import ExtractOptions, describe
-from ..retrieval.index import Index, IndexLike
+from ..retrieval.index import Index, IndexChangedError, IndexLike
 from .files import expand_images, save_descriptors, stored_paths
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,20 @@ def build_index(network, folder: str | Path, opts: ExtractOptions, *, labels_fro
 def add_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions,
                label: str | None = None, labels_from_folders: bool = False) -> tuple[np.ndarray, list[str]]:
     """Describes and appends images; the label is one for all, or each image's parent folder."""
+    desc, labels, paths, skipped = _new_rows(network, images, opts, label, labels_from_folders)
+    return index.add(desc, labels=labels, paths=paths), skipped
+
+
+def _new_rows(network, images: Sequence[Path], opts: ExtractOptions, label: str | None,
+              labels_from_folders: bool) -> tuple[np.ndarray, list | None, list[str], list[str]]:
+    """(descriptors, labels, stored paths, skipped) of the images to add (unreadable ones skipped)."""
     desc, kept, skipped = describe(network, images, opts, skip_bad=True)
     labels = None
     if labels_from_folders:
         labels = [p.parent.name for p in kept]
     elif label is not None:
         labels = [label] * len(kept)
-    ids = index.add(desc, labels=labels, paths=stored_paths(kept))
-    return ids, skipped
+    return desc, labels, stored_paths(kept), skipped
 
 
 def index_options(index: Index, **overrides: Any) -> ExtractOptions:
@@ -220,9 +227,16 @@ def add_to_index_file(index_path: str | Path, network, images: Sequence[Path], o
         from .shards import add_images as add_shard
 
         return add_shard(index_path, network, images, opts, label=label, labels_from_folders=labels_from_folders)
-    index = Index.load(index_path, mmap=False)
-    ids, skipped = add_images(index, network, images, opts, label=label, labels_from_folders=labels_from_folders)
-    index.save(index_path)
+    # describe first (the long part), then append to the index as it is now, holding the
+    # writers' lock from reading it to the rename: concurrent adders queue, and none loses rows
+    desc, labels, paths, skipped = _new_rows(network, images, opts, label, labels_from_folders)
+    with writer_lock(index_path):
+        if is_manifest(index_path):  # another writer made it sharded meanwhile
+            raise IndexChangedError(f"{index_path} became a sharded index while the images were described; "
+                                    "run the add again")
+        index = Index.load(index_path, mmap=False)
+        ids = index.add(desc, labels=labels, paths=paths)
+        index.save(index_path)
     return {"added": len(ids), "count": len(index), "skipped": skipped}
 
 

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from .. import runtime as du
-from .._files import replaced_atomically
+from .._files import replaced_atomically, writer_lock
 from ..extraction import ExtractOptions, describe
 from ..retrieval.format import header_crc
-from ..retrieval.index import Index, IndexFormatError
+from ..retrieval.index import Index, IndexChangedError, IndexFormatError
 from ..retrieval.manifest import (
     ShardedIndex,
     read_manifest,
@@ -164,8 +164,9 @@ def build_index(network, folder: str | Path, opts: ExtractOptions, out: str | Pa
             entries.append({"file": r["file"], "count": r["indexed"], "id_offset": offset,
                             "header_crc": r["header_crc"]})
             offset += r["indexed"]
-        write_manifest(out, dim=_dim(reports, network), metric="cosine", metadata=metadata, shards=entries)
-        remove_stale_shards(out, keep={e["file"] for e in entries})
+        with writer_lock(out):  # the manifest and the clean-up of the shards it replaces, as one writer
+            write_manifest(out, dim=_dim(reports, network), metric="cosine", metadata=metadata, shards=entries)
+            remove_stale_shards(out, keep={e["file"] for e in entries})
     du.barrier()
     index = Index.load(out, verify=False) if du.rank() == 0 else None
     return {"index": index, "ranks": _public(reports), "skipped": [s for r in reports for s in r["skipped"]]}
@@ -200,21 +201,38 @@ def add_images(index_path: str | Path, network, images: Sequence[Path], opts: Ex
                     metadata=base.metadata, paths_of=stored_paths)
     reports = _gather_reports(report)
     added = sum(r["indexed"] for r in reports)
+    count = [len(base) + added]
     if du.rank() == 0:
-        if isinstance(base, ShardedIndex):
+        count[0] = _register_shards(path, reports) + added
+    count = du.broadcast_object(count)
+    du.barrier()
+    return {"added": added, "count": count[0], "ranks": _public(reports),
+            "skipped": [s for r in reports for s in r["skipped"]]}
+
+
+def _register_shards(path: Path, reports: Sequence[dict]) -> int:
+    """Appends the ranks' new shards to the index at ``path`` as it is now (another writer may
+    have added rows since this job started), holding the writers' lock from reading it to the
+    manifest's rename; ids continue after the largest. Returns the rows before the new ones.
+    Shards of other jobs are left alone: a concurrent adder's are not in the manifest yet."""
+    folder = shard_dir(path)
+    with writer_lock(path):
+        current = Index.load(path, mmap=True, verify=False)
+        missing = [r["file"] for r in reports if r["indexed"] and not (folder / r["file"]).is_file()]
+        if missing:
+            raise IndexChangedError(f"{path} was rebuilt while the images were described (shard {missing[0]} is "
+                                    "gone); run the add again")
+        if isinstance(current, ShardedIndex):
             entries = list(read_manifest(path)["shards"])
         else:
-            entries = [_adopt_base_file(path, base_crc, len(base))]
-        offset = int(base.ids.max()) + 1 if len(base) else 0
+            entries = [_adopt_base_file(path, header_crc(path), len(current))]
+        offset = int(current.ids.max()) + 1 if len(current) else 0
         for r in reports:
             entries.append({"file": r["file"], "count": r["indexed"], "id_offset": offset,
                             "header_crc": r["header_crc"]})
             offset += r["indexed"]
-        write_manifest(path, dim=base.dim, metric=base.metric, metadata=base.metadata, shards=entries)
-        remove_stale_shards(path, keep={e["file"] for e in entries})
-    du.barrier()
-    return {"added": added, "count": len(base) + added, "ranks": _public(reports),
-            "skipped": [s for r in reports for s in r["skipped"]]}
+        write_manifest(path, dim=current.dim, metric=current.metric, metadata=current.metadata, shards=entries)
+        return len(current)
 
 
 def _check_addable(base, labels: Sequence | None, network) -> None:

@@ -32,10 +32,20 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .._checks import check_int
-from .._files import remove_stale_temps, replaced_atomically
+from .._files import remove_stale_temps, replaced_atomically, writer_lock
 from .._version import __version__
 from ..ops import METRICS, search
-from .format import FORMAT_VERSION, MAGIC, PREFIX, IndexFormatError, open_index, read_prefix, register_format, sum64
+from .format import (
+    FORMAT_VERSION,
+    MAGIC,
+    PREFIX,
+    IndexFormatError,
+    header_crc,
+    open_index,
+    read_prefix,
+    register_format,
+    sum64,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +116,7 @@ class Index:
         self._labels: list | None = None
         self._paths: list | None = None
         self._column_cache: dict[str, tuple[list, Any]] = {}  # column -> (the list it was built from, view)
+        self._source: tuple[str, int] | None = None  # (file, header CRC) this index was loaded from or saved to
         self._device = "cpu"
         self._gpu_matrix: Any = None  # a torch tensor once .to(device) put the matrix there
 
@@ -286,7 +297,30 @@ class Index:
         else:
             raise RuntimeError("index header layout did not settle")  # cannot happen: offsets grow monotonically
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(path)
+        with writer_lock(path):  # one writer at a time; a reader sees the old file or the new one
+            self._check_unchanged_since_load(path)
+            remove_stale_temps(path)
+            self._write(path, header_bytes, sections, matrix, ids, blobs)
+            self._source = (str(path.resolve()), zlib.crc32(header_bytes))
+        log.info("saved %d descriptors to %s", len(self), path)
+        return path
+
+    def _check_unchanged_since_load(self, path: Path) -> None:
+        """Refuses to replace the file this index was loaded from when another writer has
+        changed it since (the save would drop that writer's rows)."""
+        if self._source is None or self._source[0] != str(path.resolve()) or not path.is_file():
+            return
+        try:
+            now = header_crc(path)
+        except (IndexFormatError, OSError):
+            now = None
+        if now != self._source[1]:
+            raise IndexChangedError(f"{path} was changed by another writer since this index was loaded; saving would "
+                                    "drop its rows: load the index again and repeat the change")
+
+    @staticmethod
+    def _write(path: Path, header_bytes: bytes, sections: dict, matrix: np.ndarray, ids: np.ndarray,
+               blobs: dict) -> None:
         # locked temporary file, fsync, rename, folder fsync; removed on any failure
         with replaced_atomically(path, durable=True) as tmp, open(tmp, "r+b") as f:
             f.write(PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes), 0))
@@ -300,8 +334,6 @@ class Index:
                     f.seek(sections[name]["offset"])
                     f.write(blob)
             f.truncate(max(sec["offset"] + sec["nbytes"] for sec in sections.values()))
-        log.info("saved %d descriptors to %s", len(self), path)
-        return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> Index:
@@ -374,6 +406,7 @@ class Index:
             raise IndexFormatError(f"{path} is damaged (descriptor matrix checksum mismatch)")
         index = cls(dim, metric, metadata)
         index._matrix, index._ids, index._labels, index._paths = matrix, ids, labels, paths
+        index._source = (str(path.resolve()), hcrc)
         return index
 
     def info(self) -> dict:
@@ -383,6 +416,10 @@ class Index:
         return {"count": len(self), "dim": self.dim, "metric": self.metric, "dtype": "float16",
                 "labelled": labels is not None, "classes": len(classes),
                 "memory_mapped": isinstance(self._matrix, np.memmap), "metadata": self.metadata}
+
+
+class IndexChangedError(RuntimeError):
+    """``Index.save`` onto the file the index was loaded from, which another writer changed since."""
 
 
 class ReadOnlyList(list):

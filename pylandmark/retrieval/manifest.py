@@ -314,7 +314,7 @@ class ShardedIndex:
         if framework_of(rows) == "torch":
             import torch
 
-            table = torch.as_tensor(ids, device=rows.device)
+            table = torch.tensor(ids, device=rows.device)  # a copy: the column is read-only
             return scores, torch.where(rows >= 0, table[rows.clamp(min=0)], rows)
         rows = np.asarray(rows)
         return scores, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
