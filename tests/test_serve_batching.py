@@ -217,3 +217,38 @@ def test_engine_applies_the_index_whitening(shared_data, tmp_path):
     plain = plm.extract(net, paths, image_size=SIZE, progress=False).astype(np.float32)
     assert np.abs(plain - want).max() > 0.1  # whitening changes the descriptors a lot
     np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+def test_engine_never_fetches_a_url_the_index_names(shared_data, tmp_path, monkeypatch):
+    """An index file may come from anyone: one that names its network by URL makes the service
+    refuse to start without --weights, as the CLI does, and download nothing (on 2229dde the
+    service fetched that URL); an explicit --weights is used as given."""
+    from serve_util import build_index, tiny_weights
+
+    import pylandmark.data.download as download
+    from pylandmark.retrieval.index import Index
+    from pylandmark.serve.config import ServeConfig
+    from pylandmark.serve.engine import Engine
+
+    def no_download(*a, **k):
+        raise AssertionError("the service tried to download")
+
+    weights = tiny_weights(tmp_path)
+    index = Index.load(build_index(shared_data / "pnu_landmarks", weights, tmp_path / "pnu.plmi"), mmap=False)
+    index.metadata["weights"] = "https://example.com/evil/model.safetensors"
+    url_index = index.save(tmp_path / "url.plmi")
+    monkeypatch.setattr(download, "download_url", no_download)
+    with pytest.raises(ValueError, match="never makes pylandmark download.*--weights"):
+        Engine(ServeConfig(index=str(url_index), threads=1))
+    import torch
+
+    from pylandmark import set_num_threads
+
+    threads_before = torch.get_num_threads()
+    eng = Engine(ServeConfig(index=str(url_index), weights=str(weights), threads=1))
+    try:
+        assert eng.dim == 48 and eng.weights == str(weights)
+    finally:
+        eng.close()
+        set_num_threads(0)  # the engine set this process's threads, as a server worker's own
+        torch.set_num_threads(threads_before)

@@ -23,25 +23,13 @@ def _emit(args: argparse.Namespace, payload, text: str) -> None:
 
 
 def _network(args: argparse.Namespace, index=None):
-    """The network of --weights, or else the one the index names (a preset or a local path: a URL
-    in an index file someone sent is never fetched without an explicit --weights)."""
+    """The network of --weights, or else the one the index names
+    (:func:`pylandmark.pipelines.local.network_weights`)."""
     from ..models.pretrained import load_network
+    from ..pipelines import network_weights
 
-    weights = args.weights or (_index_weights(index) if index is not None else None)
-    if not weights:
-        raise ValueError("--weights is required (a directory from `pylandmark train`, a checkpoint file or URL, "
-                         "a preset name, or 'random' for a smoke test)")
+    weights = network_weights(args.weights, index)
     return load_network(weights, device=args.device, progress=not args.quiet), weights
-
-
-def _index_weights(index) -> str | None:
-    value = index.metadata.get("weights")
-    if not isinstance(value, str) or not value:
-        return None
-    if "://" in value:
-        raise ValueError(f"the index names its network by URL ({value[:200]}); an index never makes pylandmark "
-                         "download anything: pass --weights (that URL, if you trust it, or a local copy)")
-    return value
 
 
 def _opts(args: argparse.Namespace, index=None):

@@ -16,6 +16,7 @@ from .local import (
     extract_to_file,
     folder_truth,
     index_options,
+    network_weights,
     open_index,
     recognition_results,
     recognition_summary,
@@ -27,4 +28,4 @@ from .local import (
 __all__ = ["ExtractOptions", "describe", "expand_images", "stored_paths", "descriptor_files", "save_descriptors",
            "build_index", "add_images", "index_options", "check_against_index", "search_images", "search_results",
            "recognize_images", "recognition_results", "folder_truth", "recognition_summary", "evaluate_revisited",
-           "open_index", "extract_to_file", "build_index_file", "add_to_index_file"]
+           "open_index", "extract_to_file", "build_index_file", "add_to_index_file", "network_weights"]

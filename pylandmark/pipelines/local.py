@@ -57,6 +57,28 @@ def _new_rows(network, images: Sequence[Path], opts: ExtractOptions, label: str 
     return desc, labels, stored_paths(kept), skipped
 
 
+def network_weights(weights: str | None, index: Any = None) -> str:
+    """The network to describe images with: ``weights`` when given, else the one ``index``
+    records (a preset name or a local path). The CLI and the service decide it here.
+
+    Raises:
+        ValueError: (one line) nothing given and nothing recorded; or the index names its network
+            by URL: an index file may come from anyone, and never makes pylandmark download
+            anything without an explicit ``--weights``.
+    """
+    if weights:
+        return weights
+    value = None if index is None else index.metadata.get("weights")
+    if not isinstance(value, str) or not value:
+        raise ValueError("--weights is required (a directory from `pylandmark train`, a checkpoint file or URL, "
+                         "a preset name, or 'random' for a smoke test)"
+                         + ("" if index is None else "; the index does not say which network built it"))
+    if "://" in value:
+        raise ValueError(f"the index names its network by URL ({value[:200]}); an index never makes pylandmark "
+                         "download anything: pass --weights (that URL, if you trust it, or a local copy)")
+    return value
+
+
 def index_options(index: Index, **overrides: Any) -> ExtractOptions:
     """Extraction options recorded in the index, with explicit overrides (None = keep). An index
     may come from elsewhere: what it records is checked before anything runs on it."""

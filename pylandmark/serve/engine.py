@@ -43,7 +43,7 @@ class Engine:
         from ..models.pretrained import RANDOM, load_network
         from ..models.whitening import select_whitening
         from ..ops import set_num_threads
-        from ..pipelines import index_options
+        from ..pipelines import index_options, network_weights
         from ..retrieval.index import Index
 
         step = on_step or (lambda what: None)
@@ -55,9 +55,7 @@ class Engine:
         self.index = Index.load(config.index, verify=verify)
         self.index_path = Path(config.index)
         step("index opened")
-        weights = config.weights or self.index.metadata.get("weights")
-        if not weights:
-            raise ValueError(f"{config.index} does not say which network built it; pass --weights")
+        weights = network_weights(config.weights, self.index)  # an index's URL is never fetched
         self.weights = weights
         dev = torch.device(config.device)
         if dev.type == "cuda" and not torch.cuda.is_available():

@@ -79,14 +79,13 @@ def serve(config: ServeConfig) -> int:
         target, factory = create_app(config, engine), False
     else:
         from ..models.pretrained import load_network
+        from ..pipelines import network_weights
         from ..retrieval.index import Index
 
         with tqdm(total=2, desc="serve start-up", unit="step", disable=quiet, leave=False) as bar:
             index = Index.load(config.index, verify=True)
             bar.update()
-            weights = config.weights or index.metadata.get("weights")
-            if not weights:
-                raise ValueError(f"{config.index} does not say which network built it; pass --weights")
+            weights = network_weights(config.weights, index)  # an index's URL is never fetched
             del index
             # a bad --weights fails here in one line, not in every worker over and over
             load_network(weights, device="cpu", progress=not quiet)  # dropped at once; workers load their own
