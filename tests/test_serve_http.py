@@ -317,3 +317,46 @@ def test_two_workers_share_the_index_and_agree(setup, pnu, tmp_path):
         assert len(ids) == 1
     finally:
         srv.stop()
+
+
+# ---- who may ask ----------------------------------------------------------------------------
+
+def test_foreign_host_headers_are_refused(client, server):
+    """DNS rebinding: a web page whose name now points at 127.0.0.1 sends its own name as Host;
+    the service answers 400 (naming the option that allows a name) and leaks nothing (on 2229dde
+    every Host was answered)."""
+    port = server.port
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", ""):
+        r = client.get("/info", headers={"Host": host})
+        assert r.status_code == 400, host
+        assert "--allowed-host" in r.json()["error"] and "index" not in r.json()
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+        assert client.get("/health", headers={"Host": host}).status_code == 200, host
+
+
+def test_allowed_hosts_rules():
+    import socket
+
+    from pylandmark.serve.hosts import allowed_hosts, host_of
+
+    assert host_of("[::1]:8000") == "::1" and host_of("Example.COM:80") == "example.com"
+    assert host_of("::1") == "::1" and host_of("localhost") == "localhost"
+    loop = allowed_hosts("127.0.0.1", ["Photos.Lan"])
+    assert {"127.0.0.1", "localhost", "::1", "photos.lan"} <= loop and socket.gethostname().lower() not in loop
+    assert socket.gethostname().lower() in allowed_hosts("0.0.0.0")  # a wildcard answers this machine's names
+    assert allowed_hosts("127.0.0.1", ["*"]) is None
+
+
+def test_an_exposed_service_warns_even_when_quiet(setup, tmp_path):
+    """--host 0.0.0.0 --quiet: the warning that the unauthenticated service is reachable from other
+    machines is printed (warnings are not progress; on 2229dde --quiet hid it)."""
+    weights, index, _ = setup
+    srv = Server(index, "--host", "0.0.0.0", "--quiet", "--threads", "1", log=tmp_path / "exposed.log")
+    try:
+        assert "reachable from other machines" in srv.text()
+        with httpx.Client(base_url=srv.url, timeout=60) as c:  # the machine's own name is answered
+            import socket
+
+            assert c.get("/health", headers={"Host": socket.gethostname()}).status_code == 200
+    finally:
+        srv.stop()

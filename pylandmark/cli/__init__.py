@@ -117,6 +117,10 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--multiscale", action="store_true", help="scales 1, 1/sqrt 2, 1/2 combined by GeM")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable; '*': any). By default only "
+                        "the --host address and this machine's loopback names (and, for 0.0.0.0, its own names "
+                        "and addresses) are answered, which keeps DNS-rebinding web pages out")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="server processes, each with its own network (default 1)")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: the cores / workers)")

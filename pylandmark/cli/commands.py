@@ -258,7 +258,7 @@ def serve(args: argparse.Namespace) -> int:
                          multiscale=args.multiscale, host=args.host, port=args.port, workers=args.workers,
                          threads=args.threads, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                          max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_images=args.max_images,
-                         max_k=args.max_k, quiet=args.quiet)
+                         max_k=args.max_k, quiet=args.quiet, allowed_hosts=tuple(args.allowed_host))
     return serve(config)
 
 

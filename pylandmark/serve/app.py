@@ -42,6 +42,7 @@ from ..retrieval.recognition import VOTES
 from .batching import Overloaded
 from .config import ServeConfig
 from .engine import Engine
+from .hosts import HostCheck, allowed_hosts
 
 __all__ = ["create_app", "create_app_from_env"]
 
@@ -212,6 +213,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(title="pylandmark", summary="Landmark recognition by image search", lifespan=lifespan,
                   redoc_url=None)
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
+    app.add_middleware(HostCheck, allowed=allowed_hosts(config.host, config.allowed_hosts), error=_error)
     static = {name: resources.files(__package__).joinpath("static").joinpath(name).read_bytes() for name in STATIC}
 
     @app.exception_handler(ApiError)

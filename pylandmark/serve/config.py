@@ -37,6 +37,8 @@ class ServeConfig(JsonConfig):
         max_k: largest k a request may ask for.
         thumb_size: default thumbnail size of GET /images/{id}.
         quiet: no progress bars, warnings and errors only in the log.
+        allowed_hosts: Host header names answered besides the bound address and this machine's
+            loopback names (``*``: any; see :mod:`pylandmark.serve.hosts`).
     """
 
     index: str = ""
@@ -56,6 +58,7 @@ class ServeConfig(JsonConfig):
     max_k: int = 100
     thumb_size: int = 256
     quiet: bool = False
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.index:

@@ -5,6 +5,7 @@ import importlib.util
 import logging
 import os
 import socket
+import warnings
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -16,6 +17,10 @@ __all__ = ["serve", "require_extras"]
 log = logging.getLogger("pylandmark.serve")
 
 EXTRA_HINT = 'pip install "pylandmark[serve]"'
+
+
+class ExposedService(UserWarning):
+    """The service listens on an address other machines can reach (it has no authentication)."""
 
 
 def require_extras() -> None:
@@ -49,9 +54,9 @@ def announce(config: ServeConfig) -> str:
                  "(pass --host 0.0.0.0 to serve them)")
         log.info("pylandmark serve: %s (web page; API: POST /recognize, POST /search, GET /info, /health, /docs); %s",
                  url, where)
-    else:
-        log.warning("pylandmark serve: %s is reachable from other machines on this network, without "
-                    "authentication; bind --host 127.0.0.1 unless that is intended", url)
+    else:  # a warning, not progress: --quiet keeps it
+        warnings.warn(f"pylandmark serve: {url} is reachable from other machines on this network, without "
+                      "authentication; bind --host 127.0.0.1 unless that is intended", ExposedService, stacklevel=2)
     return url
 
 
