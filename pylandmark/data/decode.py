@@ -2,7 +2,10 @@
 
 ``decode_image`` reads only the header before checking the pixel count, so a decompression
 bomb (a small file that claims a huge image) is refused before any pixel is decoded; truncated
-or non-image data raise :class:`~pylandmark.data.images.ImageLoadError`. The decoded image goes
+or non-image data, and data in a format outside
+:data:`~pylandmark.data.images.RASTER_FORMATS` (opened by
+:func:`~pylandmark.data.images.open_raster`, so no other PIL plugin is tried) raise
+:class:`~pylandmark.data.images.ImageLoadError`. The decoded image goes
 through the same steps as :func:`pylandmark.data.images.open_image` (full decode, EXIF
 orientation, RGB), so descriptors of uploaded bytes equal those of the same file on disk.
 """
@@ -15,9 +18,9 @@ import warnings
 from pathlib import Path
 from typing import IO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from .images import ImageLoadError, to_rgb
+from .images import ImageLoadError, open_raster, to_rgb
 
 __all__ = ["ImageTooLarge", "decode_image", "DEFAULT_MAX_PIXELS"]
 
@@ -41,7 +44,8 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
 
     Raises:
         ImageTooLarge: more than ``max_pixels`` pixels.
-        ImageLoadError: not an image, truncated, or corrupt (the message names ``name``).
+        ImageLoadError: not an image in one of ``RASTER_FORMATS``, truncated, or corrupt (the
+            message names ``name``).
         FileNotFoundError: ``source`` is a path and no regular file is there.
     """
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
@@ -59,7 +63,7 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
         with warnings.catch_warnings():
             # PIL warns above its own limit; ours is checked below and may be larger
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(stream) as im:
+            with open_raster(stream, name) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageTooLarge(f"{name} is {w} x {h} pixels, more than the {max_pixels:,} allowed")
@@ -72,10 +76,9 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
         raise
     except Image.DecompressionBombError as err:
         raise ImageTooLarge(f"{name} is too large to decode ({err})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError,
-            TypeError, KeyError, ZeroDivisionError, struct.error) as err:
-        kind = "not an image PIL can read" if isinstance(err, UnidentifiedImageError) else f"unreadable ({err})"
-        raise ImageLoadError(f"{name} is {kind}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, ZeroDivisionError,
+            struct.error) as err:
+        raise ImageLoadError(f"{name} is unreadable ({err})") from None
     finally:
         stream.close()
 

@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LabelledFolder", "IMAGE_EXTENSIONS"]
 
-#: the file name endings read as images (their one definition; data.images lists folders with it)
+#: the file name endings read as images (their one definition; data.images lists folders with it);
+#: each names a format in data.images.RASTER_FORMATS, the only formats decoded
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 

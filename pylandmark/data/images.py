@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -21,8 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .._checks import check_number
 from .folders import IMAGE_EXTENSIONS
 
-__all__ = ["ImageLoadError", "open_image", "to_rgb", "crop_box", "resized_size", "resize_image",
-           "to_tensor", "prepare_image", "load_image", "ImageList", "LoadFailure", "list_images",
+__all__ = ["ImageLoadError", "RASTER_FORMATS", "open_raster", "open_image", "to_rgb", "crop_box", "resized_size",
+           "resize_image", "to_tensor", "prepare_image", "load_image", "ImageList", "LoadFailure", "list_images",
            "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 BBox = Sequence[float]
 
+#: the only formats decoded, by PIL plugin name ("PPM" also reads PGM and PBM); the one list, used
+#: by :func:`open_raster`. Every other plugin stays untried, whatever the bytes claim: PIL would
+#: hand PostScript (EPS) to Ghostscript, a program. ``folders.IMAGE_EXTENSIONS`` names files of
+#: these formats only.
+RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
+
 
 class ImageLoadError(OSError):
     """An image file exists but cannot be decoded (corrupt, truncated, not an image)."""
@@ -40,6 +46,20 @@ class ImageLoadError(OSError):
 def _check_size(image_size: Any, name: str = "image_size") -> float | None:
     check_number(image_size, name, minimum=1, none_ok=True, hint=" (pixels)")
     return image_size
+
+
+def open_raster(fp: str | os.PathLike | IO[bytes], name: str) -> Image.Image:
+    """``PIL.Image.open`` restricted to :data:`RASTER_FORMATS`: the one place pylandmark opens an
+    image (files, uploads, thumbnails). Lazy as PIL is: only the header has been read.
+
+    Raises:
+        ImageLoadError: the data is not in one of those formats (the message names ``name``).
+    """
+    try:
+        return Image.open(fp, formats=RASTER_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{name} is not an image in a supported format "
+                             f"({', '.join(RASTER_FORMATS)})") from None
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -53,12 +73,13 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     if not p.is_file():
         raise FileNotFoundError(f"image file not found: {p}")
     try:
-        with Image.open(p) as im:
+        with open_raster(p, str(p)) as im:
             im.load()  # decodes fully: truncated data raises here, not later
             im = ImageOps.exif_transpose(im)
             return to_rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError) as err:
+    except ImageLoadError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
         reason = str(err).replace(f"'{p}'", "it").replace(str(p), "it") or type(err).__name__
         raise ImageLoadError(f"cannot read image {p}: {reason}") from err  # names the file once
 
@@ -181,7 +202,7 @@ def load_image(path: str | os.PathLike, image_size: float | None = 1024, bbox: B
     """Reads an image file into a normalised (3, H, W) float32 tensor.
 
     Args:
-        path: image file (any format PIL reads; EXIF orientation applied; any mode -> RGB).
+        path: image file (one of :data:`RASTER_FORMATS`; EXIF orientation applied; any mode -> RGB).
         image_size: longer side after resizing (never upscaled); None keeps the size.
         bbox: optional (x1, y1, x2, y2) crop in pixels of the upright image; the crop is resized
             to ``image_size * max(crop side) / max(full side)`` so it keeps its scale.
