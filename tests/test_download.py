@@ -84,8 +84,8 @@ class Server:
                     except OSError:
                         self.close_connection = True
                     return
+                outer.sent += len(part)  # before the write: the client may be done before it returns
                 self.wfile.write(part)
-                outer.sent += len(part)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
@@ -324,3 +324,154 @@ def test_an_archive_that_expands_without_bound_is_stopped(tmp_path):
     assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) <= 64 << 20
     assert not list(out.rglob("*.tmp"))
     assert extract_tar(archive, tmp_path / "ok", lambda p: p, max_bytes=100 << 20) == 3
+
+
+# ---- servers that answer something other than what was asked (issue 26) ---------------------
+
+class Scripted:
+    """A server whose answer to each GET is ``respond(range_header) -> (status, headers, body)``;
+    ``body`` may be shorter than the Content-Length it announces (the connection then closes
+    early). Records the Range header of every request."""
+
+    def __init__(self, respond):
+        self.requests = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                outer.requests.append(rng)
+                status, headers, body = respond(rng)
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/w.bin"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def scripted():
+    servers = []
+
+    def start(respond):
+        servers.append(Scripted(respond))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+FILE = bytes(range(250)) * 4  # 1000 bytes
+
+
+def partial(start, end, *, content_range=None, length=None, body=None):
+    """A 206 for FILE[start:end + 1] (the header values and the body can be made to lie)."""
+    body = FILE[start:end + 1] if body is None else body
+    cr = f"bytes {start}-{end}/{len(FILE)}" if content_range is None else content_range
+    headers = {"Content-Length": str(len(body) if length is None else length)}
+    if cr:
+        headers["Content-Range"] = cr
+    return 206, headers, body
+
+
+def whole(rng):
+    return 200, {"Content-Length": str(len(FILE))}, FILE
+
+
+def test_a_206_to_a_request_for_the_whole_file_is_never_saved(scripted, tmp_path):
+    """The server answers the first 100 bytes, 206, to a request without Range: that is not the
+    file, whatever the status line says (the old code saved those 100 bytes as the download)."""
+    server = scripted(lambda rng: partial(0, 99))
+    dest = tmp_path / "w.bin"
+    with pytest.raises(DownloadError) as err:
+        download_url(server.url, dest, progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and server.url in msg and str(dest) in msg
+    assert "206" in msg and "bytes 0-99/1000" in msg
+    assert not dest.exists() and server.requests == [None]
+    # with the size known it is refused as well
+    with pytest.raises((DownloadError, ChecksumError)):
+        download_url(server.url, dest, size=len(FILE), progress=False)
+    assert not dest.exists()
+
+
+def test_a_206_with_a_short_body_and_honest_headers_is_not_saved(scripted, tmp_path):
+    server = scripted(lambda rng: partial(0, 99, content_range=f"bytes 0-999/{len(FILE)}", length=1000))
+    dest = tmp_path / "w.bin"
+    with pytest.raises(DownloadError) as err:
+        download_url(server.url, dest, progress=False)
+    assert "\n" not in str(err.value) and server.url in str(err.value)
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize("answer", [
+    # no Content-Range at all, and the whole file (the old code appended it to the part)
+    lambda rng: (206, {"Content-Length": str(len(FILE))}, FILE),
+    # the whole file under a range that says so: not what was asked
+    lambda rng: partial(0, 999),
+    # the asked start, but a Content-Length that does not fit the range (the whole file)
+    lambda rng: partial(500, 999, length=len(FILE), body=FILE),
+    # a range that ends past the file's end
+    lambda rng: partial(500, 999, content_range=f"bytes 500-1499/{len(FILE)}"),
+], ids=["no-content-range", "other-start", "length-not-range", "past-the-end"])
+def test_a_206_that_is_not_the_asked_range_restarts_cleanly(scripted, tmp_path, answer):
+    """A resume whose 206 does not hold the bytes asked for starts again from zero (and the
+    second answer, a 200 with the whole file, is what ends up in the cache)."""
+    server = scripted(lambda rng: answer(rng) if rng else whole(rng))
+    dest = tmp_path / "w.bin"
+    (tmp_path / "w.bin.part").write_bytes(FILE[:500])
+    assert download_url(server.url, dest, progress=False).read_bytes() == FILE
+    assert server.requests == ["bytes=500-", None]
+
+
+def test_a_server_that_only_ever_sends_a_wrong_206_fails_clearly(scripted, tmp_path):
+    server = scripted(lambda rng: (206, {"Content-Length": str(len(FILE))}, FILE))
+    dest = tmp_path / "w.bin"
+    (tmp_path / "w.bin.part").write_bytes(FILE[:500])
+    with pytest.raises(DownloadError, match="206") as err:
+        download_url(server.url, dest, progress=False)
+    assert "\n" not in str(err.value) and server.url in str(err.value)
+    assert not dest.exists() and server.requests == ["bytes=500-", None]
+
+
+@pytest.mark.parametrize("answer,arrived", [
+    # the asked range, announced in full, but the body stops after 100 bytes
+    (lambda rng: partial(500, 999, length=500, body=FILE[500:600]), 600),
+    # a shorter range than asked: bytes 500-599 of 1000
+    (lambda rng: partial(500, 599), 600),
+], ids=["body-short", "range-short"])
+def test_a_short_206_to_a_resume_is_kept_as_a_part_not_as_the_file(scripted, tmp_path, answer, arrived):
+    server = scripted(lambda rng: answer(rng) if rng else whole(rng))
+    dest = tmp_path / "w.bin"
+    part = tmp_path / "w.bin.part"
+    part.write_bytes(FILE[:500])
+    with pytest.raises(DownloadError, match="resume") as err:
+        download_url(server.url, dest, progress=False, timeout=10)
+    msg = str(err.value)
+    assert "\n" not in msg and server.url in msg and f"{arrived} of {len(FILE)} bytes" in msg
+    assert not dest.exists() and part.read_bytes() == FILE[:arrived]
+
+
+def test_a_200_shorter_than_its_content_length_is_not_saved(scripted, tmp_path):
+    server = scripted(lambda rng: (200, {"Content-Length": str(len(FILE))}, FILE[:300]))
+    dest = tmp_path / "w.bin"
+    with pytest.raises(DownloadError, match="300 of 1000 bytes") as err:
+        download_url(server.url, dest, progress=False, timeout=10)
+    assert "\n" not in str(err.value) and server.url in str(err.value)
+    assert not dest.exists()

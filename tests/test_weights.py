@@ -208,6 +208,7 @@ def test_sha256_checks_and_local_file_errors(tmp_path, timm_checkpoint):
 
 def test_file_url_is_downloaded_once_into_cache(tmp_path, timm_checkpoint, monkeypatch):
     import pylandmark.data.download as download
+    from pylandmark.models.weights import url_cache_path
 
     src = save_safetensors(timm_checkpoint, tmp_path / "cspdarknet53_ra.safetensors")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
@@ -219,7 +220,8 @@ def test_file_url_is_downloaded_once_into_cache(tmp_path, timm_checkpoint, monke
     url = src.as_uri()
     model = CSPDarknet53()
     assert load_backbone_weights(model, url, sha256=digest, progress=False).ok
-    cached = cache / "checkpoints" / "cspdarknet53_ra.safetensors"
+    cached = url_cache_path(url)  # one folder per URL under <cache>/checkpoints/by-url
+    assert cached.name == "cspdarknet53_ra.safetensors" and cached.parent.parent == cache / "checkpoints" / "by-url"
     assert cached.is_file() and hashlib.sha256(cached.read_bytes()).hexdigest() == digest
     assert len(calls) == 1
     src.unlink()  # second time the cache is used, no download
@@ -228,40 +230,173 @@ def test_file_url_is_downloaded_once_into_cache(tmp_path, timm_checkpoint, monke
     assert_backbone_equals(model, timm_checkpoint)
 
 
+class FileServer:
+    """Serves the files under ``root`` on 127.0.0.1; counts the GET requests."""
+
+    def __init__(self, root):
+        self.root, self.gets = root, 0
+        outer = self
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):  # no request logging on stderr
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.gets += 1
+                super().do_GET()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                     functools.partial(Quiet, directory=str(root)))
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 @pytest.fixture
-def http_server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
+def file_servers(tmp_path):
+    """``start()`` -> a new FileServer on its own port, serving its own folder."""
+    servers = []
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):  # no request logging on stderr
-        def log_message(self, *args):
-            pass
+    def start():
+        root = tmp_path / f"www{len(servers)}"
+        root.mkdir()
+        servers.append(FileServer(root))
+        return servers[-1]
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Quiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    yield start
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture
+def http_server(file_servers):
+    server = file_servers()
+    return server.root, server.base
 
 
 def test_http_url_and_offline_error(tmp_path, http_server):
+    from pylandmark.models.weights import url_cache_path
+
     root, base = http_server
     torch.manual_seed(2)
     src = ResNet(ResNetCfg(layers=(1, 1, 1, 1), width=8), num_classes=5)
     torch.save(src.state_dict(), root / "resnet_tiny.pth")
     dst = ResNet(ResNetCfg(layers=(1, 1, 1, 1), width=8))
-    report = load_backbone_weights(dst, f"{base}/resnet_tiny.pth", cache_dir=tmp_path / "c", progress=False)
-    assert report.ok and (tmp_path / "c" / "resnet_tiny.pth").is_file()
+    url = f"{base}/resnet_tiny.pth"
+    report = load_backbone_weights(dst, url, cache_dir=tmp_path / "c", progress=False)
+    assert report.ok and url_cache_path(url, tmp_path / "c").is_file()
+    assert url_cache_path(url, tmp_path / "c").is_relative_to(tmp_path / "c")
     for k, v in dst.state_dict().items():
         assert torch.equal(v, src.state_dict()[k])
     # nothing listens on this port: the error says where to put the file by hand
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dest = tmp_path / "c" / "weights.pth"
+    url = f"http://127.0.0.1:{port}/weights.pth"
+    dest = url_cache_path(url, tmp_path / "c")
     with pytest.raises(OSError) as info:
-        load_backbone_weights(dst, f"http://127.0.0.1:{port}/weights.pth", cache_dir=tmp_path / "c",
-                              progress=False)
+        load_backbone_weights(dst, url, cache_dir=tmp_path / "c", progress=False)
     assert str(dest) in str(info.value) and "put it at" in str(info.value)
+
+
+# ---- the download cache is keyed by the URL, not by the file name (issue 26) ------------------
+
+TINY_RESNET = ResNetCfg(layers=(1, 1, 1, 1), width=8)
+
+
+def tiny_state(seed):
+    torch.manual_seed(seed)
+    return ResNet(TINY_RESNET).state_dict()
+
+
+def assert_state(model, sd):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_two_urls_with_the_same_file_name_are_cached_apart(file_servers, tmp_path, monkeypatch):
+    """Two hosts serve different weights under one file name: each URL gets its own bytes (the
+    old cache, keyed by the file name, gave the second URL the first one's file)."""
+    import pylandmark.data.download as download
+    import pylandmark.models.pretrained as pretrained
+    from pylandmark.models.weights import _resolve, url_cache_path
+
+    monkeypatch.setattr(download, "cache_dir", lambda: tmp_path / "cache")
+    one, two = file_servers(), file_servers()
+    sd1, sd2 = tiny_state(1), tiny_state(2)
+    torch.save(sd1, one.root / "weights.pth")
+    torch.save(sd2, two.root / "weights.pth")
+    url1, url2 = f"{one.base}/weights.pth", f"{two.base}/weights.pth"
+
+    first, second = ResNet(TINY_RESNET), ResNet(TINY_RESNET)
+    assert load_backbone_weights(first, url1, progress=False).ok
+    assert load_backbone_weights(second, url2, progress=False).ok
+    assert_state(first, sd1)
+    assert_state(second, sd2)
+    assert one.gets == 1 and two.gets == 1
+    path1, path2 = _resolve(url1, None, None, False), _resolve(url2, None, None, False)
+    assert path1 != path2 and path1.name == path2.name == "weights.pth"
+    assert path1.read_bytes() == (one.root / "weights.pth").read_bytes()
+    assert path2.read_bytes() == (two.root / "weights.pth").read_bytes()
+    assert path1 == url_cache_path(url1) and path1.is_relative_to(tmp_path / "cache" / "checkpoints")
+    # another path on the same host is another file too
+    (one.root / "v2").mkdir()
+    torch.save(sd2, one.root / "v2" / "weights.pth")
+    assert _resolve(f"{one.base}/v2/weights.pth", None, None, False).read_bytes() == path2.read_bytes()
+    # each is then used from the cache, without a request (offline: the servers are gone)
+    gets = one.gets, two.gets
+    one.close(), two.close()
+    again = ResNet(TINY_RESNET)
+    assert load_backbone_weights(again, url2, progress=False).source == str(path2)
+    assert_state(again, sd2)
+    assert (one.gets, two.gets) == gets
+    # --weights URL goes through the same cache
+    seen = []
+    monkeypatch.setattr(pretrained, "_from_file", lambda path, source, progress: seen.append(path))
+    pretrained.load_pretrained(url1, progress=False)
+    pretrained.load_pretrained(url2, progress=False)
+    assert seen == [path1, path2]
+
+
+def test_a_url_whose_name_carries_a_hash_is_cached_by_name_and_checked(file_servers, tmp_path, monkeypatch):
+    """``name-<sha256 prefix>.pth`` (torch.hub, cirtorch): the bytes are checked against the name,
+    so the name alone keys the cache (shared with the presets' files); bytes that do not match
+    the name are refused and never cached."""
+    import pylandmark.data.download as download
+    import pylandmark.models.pretrained as pretrained
+    from pylandmark.models.weights import url_cache_path
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(download, "cache_dir", lambda: cache)
+    good, bad = file_servers(), file_servers()
+    torch.save(tiny_state(3), good.root / "tmp.pth")
+    digest = hashlib.sha256((good.root / "tmp.pth").read_bytes()).hexdigest()
+    name = f"tiny-{digest[:8]}.pth"
+    (good.root / "tmp.pth").rename(good.root / name)
+    torch.save(tiny_state(4), bad.root / name)  # other bytes under the same hashed name
+    url_good, url_bad = f"{good.base}/{name}", f"{bad.base}/{name}"
+    assert url_cache_path(url_good) == url_cache_path(url_bad) == cache / "checkpoints" / name
+
+    # the wrong bytes first: refused by the hash in the name, nothing cached
+    seen = []
+    monkeypatch.setattr(pretrained, "_from_file", lambda path, source, progress: seen.append(path))
+    with pytest.raises(ValueError, match="sha256") as err:
+        pretrained.load_pretrained(url_bad, progress=False)
+    assert url_bad in str(err.value) and digest[:8] in str(err.value)
+    assert not (cache / "checkpoints" / name).exists() and seen == []
+    with pytest.raises(ValueError, match="sha256"):
+        load_backbone_weights(ResNet(TINY_RESNET), url_bad, progress=False)
+    # the right bytes are cached under the name, and then serve either URL (they are checked)
+    model = ResNet(TINY_RESNET)
+    assert load_backbone_weights(model, url_good, progress=False).source == str(cache / "checkpoints" / name)
+    assert_state(model, tiny_state(3))
+    gets = bad.gets
+    pretrained.load_pretrained(url_bad, progress=False)
+    assert seen == [cache / "checkpoints" / name] and bad.gets == gets
+    # a cached file that no longer matches its name is fetched again
+    (cache / "checkpoints" / name).write_bytes(b"corrupt")
+    assert load_backbone_weights(ResNet(TINY_RESNET), url_good, progress=False).ok
+    assert hashlib.sha256((cache / "checkpoints" / name).read_bytes()).hexdigest() == digest

@@ -146,8 +146,11 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
         is given) is returned without a request; one that does not match is downloaded again.
         Data go to ``<dest>.part``; an existing part is resumed with ``Range: bytes=<size>-``
         (servers that ignore the range send the whole file, which is then written from the
-        start). The size is checked against the server's Content-Length / Content-Range and
-        the hashes against the expected ones before an atomic rename to ``dest``.
+        start). A 206 must carry the asked range (Content-Range ``bytes <size>-<end>/<total>``
+        matching its Content-Length), else the download starts again from zero; a 206 to a
+        request without Range is an error. The size is checked against the server's
+        Content-Length / Content-Range (and ``size``) and the hashes against the expected ones
+        before an atomic rename to ``dest``: an incomplete file never takes its place.
 
     Raises:
         DownloadError: the URL could not be fetched or the transfer broke off (the part is kept,
@@ -198,9 +201,10 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
     part = dest.with_name(dest.name + ".part")
     if scheme == "file":
         _check_local_source(url)
+    total: int | None = None
     for attempt in range(2):
         try:
-            restart = _fetch(url, dest, part, expected, limit, progress, timeout)
+            restart, total = _fetch(url, dest, part, expected, limit, progress, timeout)
         except (_TooLarge, ChecksumError):
             part.unlink(missing_ok=True)
             raise
@@ -211,6 +215,10 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, md5: 
                                 f"request do not fit {part}. {_hint(url, dest, expected)}")
         part.unlink(missing_ok=True)
 
+    if total is not None and part.stat().st_size != total:  # never move an incomplete file into place
+        raise DownloadError(f"the download of {url} is incomplete: {part} has {part.stat().st_size} of the "
+                            f"{total} bytes the server announced; run again to resume. "
+                            f"{_hint(url, dest, expected)}")
     bad = digest_mismatch(part, expected)
     if bad is None and limit.exact and part.stat().st_size != limit.bytes:
         bad = f"{part} has {part.stat().st_size} bytes, expected {limit.bytes}"
@@ -258,9 +266,10 @@ def _check_local_source(url: str) -> None:
 
 
 def _fetch(url: str, dest: Path, part: Path, expected: dict[str, str | None], limit: _Limit,
-           progress: bool, timeout: float) -> bool:
-    """Fill ``part`` with the whole file. Returns True when the part must be discarded and the
-    download restarted from zero."""
+           progress: bool, timeout: float) -> tuple[bool, int | None]:
+    """Fill ``part`` with the whole file. Returns (restart, total): restart is True when the part
+    must be discarded and the download restarted from zero; total is the file's size as the
+    server announced it (None: not announced), which ``part`` then has."""
     offset = part.stat().st_size if part.is_file() else 0
     if offset > limit.bytes:
         logger.info("%s: the partial file is larger than the file may be; starting again", part)
@@ -278,9 +287,9 @@ def _fetch(url: str, dest: Path, part: Path, expected: dict[str, str | None], li
             err.close()
             if total == offset:
                 logger.debug("%s: the partial file is already complete", part)
-                return False
+                return False, total
             logger.info("%s: the server cannot resume from byte %d; starting again", url, offset)
-            return True
+            return True, None
         err.close()
         raise DownloadError(f"could not download {url}: HTTP {err.code} {err.reason}. "
                             f"{_hint(url, dest, expected)}") from err
@@ -293,22 +302,29 @@ def _fetch(url: str, dest: Path, part: Path, expected: dict[str, str | None], li
         status = getattr(response, "status", None) or 200
         length = response.headers.get("Content-Length")
         length = int(length) if length and length.isdigit() else None
-        if offset and status == 206:
-            start, total = _content_range(response.headers.get("Content-Range"))
-            if start is not None and start != offset:
-                logger.info("%s: the server resumed at byte %s instead of %d; starting again",
-                            url, start, offset)
-                return True
-            if total is None and length is not None:
-                total = offset + length
-            mode = "ab"
+        # the bytes this response must carry: Content-Length, or the end of its Content-Range
+        body_end: int | None
+        if status == 206:
+            content_range = response.headers.get("Content-Range")
+            got = f"Content-Range {content_range!r}" if content_range else "no Content-Range"
+            if not offset:
+                raise DownloadError(
+                    f"could not download {url}: the server answered 206 Partial Content ({got}, "
+                    f"Content-Length {length}) to a request for the whole file, expected 200 with all "
+                    f"of it; nothing was saved. {_hint(url, dest, expected)}")
+            start, end, total = _content_range(content_range)
+            if start != offset or end is None or (length is not None and length != end + 1 - start):
+                logger.info("%s: asked for the bytes from %d on, the server answered 206 with %s and "
+                            "Content-Length %s; starting again", url, offset, got, length)
+                return True, None
+            body_end, mode = end + 1, "ab"
             logger.info("resuming %s at byte %d", url, offset)
         else:
             if offset:
                 logger.info("%s: the server ignored the range request; downloading from the "
                             "start", url)
-            offset, total, mode = 0, length, "wb"
-        limit.check(total, url, dest)
+            offset, total, body_end, mode = 0, length, length, "wb"
+        limit.check(total if total is not None else body_end, url, dest)
         done = offset
         window_start, window_done = time.monotonic(), done
         read = getattr(response, "read1", response.read)
@@ -348,18 +364,27 @@ def _fetch(url: str, dest: Path, part: Path, expected: dict[str, str | None], li
                                         "and deleted the partial file (pass a larger max_bytes if expected)")
         finally:
             bar.close()
-    if total is not None and done != total:
-        raise DownloadError(f"the download of {url} is incomplete ({done} of {total} bytes); run "
+    announced = [n for n in (body_end, total) if n is not None]
+    if any(done > n for n in announced):
+        raise ChecksumError(f"{url} sent {done - offset} bytes from byte {offset} on, more than it announced "
+                            f"(Content-Length {length}, total {total}); not a file that can be trusted")
+    if any(done < n for n in announced):
+        raise DownloadError(f"the download of {url} is incomplete ({done} of {max(announced)} bytes); run "
                             f"again to resume from {part}. {_hint(url, dest, expected)}")
-    return False
+    return False, total
 
 
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    """``bytes start-end/total`` -> (start, total); unknown parts are None."""
+def _content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
+    """``bytes start-end/total`` -> (start, end, total); (None, None, None) when malformed or
+    inconsistent (end before start, or not inside the total); total is None for ``*``."""
     m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value or "")
     if not m:
-        return None, None
-    return int(m.group(1)), (None if m.group(3) == "*" else int(m.group(3)))
+        return None, None, None
+    start, end = int(m.group(1)), int(m.group(2))
+    total = None if m.group(3) == "*" else int(m.group(3))
+    if end < start or (total is not None and end >= total):
+        return None, None, None
+    return start, end, total
 
 
 def _content_range_total(value: str | None) -> int | None:

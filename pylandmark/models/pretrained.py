@@ -3,7 +3,9 @@
 Preset files (:data:`~pylandmark.models.presets.WEIGHT_PRESETS`) are downloaded once into
 ``<cache>/checkpoints/`` and their SHA-256 prefix (torch.hub's file-name convention) is checked
 after the download and on every later load, so a cached network works offline and a corrupt or
-substituted file is never used silently.
+substituted file is never used silently. A ``--weights URL`` is cached per URL (see
+:func:`~pylandmark.models.weights.url_cache_path`): two URLs that end in the same file name never
+share a file, unless that name carries the file's hash, which is then checked likewise.
 """
 from __future__ import annotations
 
@@ -121,6 +123,7 @@ def _from_file(path: Path, source: str, progress: bool):
 
 
 def _from_url(url: str, progress: bool):
+    """A checkpoint URL, downloaded once into ``<cache>/checkpoints`` at the path of that URL."""
     return _from_file(_resolve(url, None, checkpoints_dir(), progress), url, progress)
 
 

@@ -16,10 +16,10 @@ from torch import nn
 from ..data import download
 from ..data.download import URL_SCHEMES, digest_mismatch, sha256sum
 from .landmarknet import LandmarkNet
-from .presets import checkpoints_dir
+from .presets import checkpoints_dir, hub_hash
 from .serialization import read_state_dict
 
-__all__ = ["load_backbone_weights", "LoadReport", "sha256sum"]
+__all__ = ["load_backbone_weights", "LoadReport", "sha256sum", "url_cache_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,30 +95,67 @@ def _verify(path: Path, sha256: str | None) -> None:
                          "and fetch it again")
 
 
+def url_cache_path(url: str, cache: str | Path | None = None) -> Path:
+    """Where the file of a weights URL is kept once downloaded (``cache``: default
+    ``pylandmark.data.download.cache_dir() / "checkpoints"``).
+
+    The cache is keyed by the URL, so two URLs that end in the same file name (another host,
+    another path) never share a file: ``<cache>/by-url/<first 16 hex digits of the URL's
+    SHA-256>/<file name>``. A file name that carries the start of its SHA-256 (torch.hub and
+    cirtorch style, ``name-<hex>.pth``; see :func:`~pylandmark.models.presets.hub_hash`) is kept
+    as ``<cache>/<file name>``, where the weight presets' files are too: its bytes are checked
+    against that hash after the download and on every load, so the name is key enough.
+    """
+    root = Path(cache).expanduser() if cache is not None else checkpoints_dir()
+    name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
+    if name in ("", ".", ".."):
+        name = "weights.bin"
+    if hub_hash(url) is not None:
+        return root / name
+    return root / "by-url" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+
+
+def _url_mismatch(path: Path, sha256: str | None, hub: str | None) -> str | None:
+    """Checks a downloaded file against the caller's sha256 and the hash in its name."""
+    for want, what in ((sha256, "the sha256 given"), (hub, "the hash in the URL's file name")):
+        bad = digest_mismatch(path, {"sha256": want})
+        if bad is not None:
+            return f"{bad} ({what})"
+    return None
+
+
+def _fetch_url(url: str, sha256: str | None, cache: str | Path | None, progress: bool) -> Path:
+    dest = url_cache_path(url, cache)
+    hub = hub_hash(url)
+    if dest.is_file():
+        bad = _url_mismatch(dest, sha256, hub)
+        if bad is None:
+            logger.info("using cached %s (from %s)", dest, url)
+            return dest
+        logger.warning("cached %s does not match: %s; downloading it again", dest, bad)
+        dest.unlink()
+    full = sha256 if sha256 is not None and len(sha256) == 64 else None
+    try:
+        path = Path(download.download_url(url, dest, sha256=full, progress=progress))
+    except OSError as err:
+        hint = "" if str(dest) in str(err) else (
+            f" Without network access, fetch the file elsewhere and put it at {dest}")
+        raise OSError(f"load_backbone_weights: could not download {url}: {err}.{hint} "
+                      "(or pass the file's local path as source)") from err
+    bad = _url_mismatch(path, sha256, hub)
+    if bad is not None:
+        path.unlink(missing_ok=True)
+        raise ValueError(f"sha256 mismatch: the file downloaded from {url} is not the one expected: {bad}; "
+                         "deleted it, nothing was cached")
+    return path
+
+
 def _resolve(source: str | Path, sha256: str | None, cache: str | Path | None, progress: bool) -> Path:
+    """The local file of a weights source: a path (checked against ``sha256``), or a URL fetched
+    into the cache (see :func:`url_cache_path`) unless already there."""
     s = str(source)
     if s.startswith(URL_SCHEMES):
-        name = Path(urllib.parse.unquote(urllib.parse.urlparse(s).path)).name
-        if not name:
-            name = hashlib.sha256(s.encode()).hexdigest()[:16] + ".bin"
-        root = Path(cache) if cache is not None else checkpoints_dir()
-        dest = root / name
-        if dest.is_file():
-            if digest_mismatch(dest, {"sha256": sha256}) is None:
-                logger.info("using cached %s", dest)
-                return dest
-            logger.warning("cached %s does not match sha256 %s; downloading it again", dest, sha256)
-        full = sha256 if sha256 is not None and len(sha256) == 64 else None
-        try:
-            path = download.download_url(s, dest, sha256=full, progress=progress)
-        except OSError as err:
-            hint = "" if str(dest) in str(err) else (
-                f" Without network access, fetch the file elsewhere and put it at {dest}")
-            raise OSError(f"load_backbone_weights: could not download {s}: {err}.{hint} "
-                          "(or pass the file's local path as source)") from err
-        path = Path(path)
-        _verify(path, sha256)
-        return path
+        return _fetch_url(s, sha256, cache, progress)
     path = Path(s).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"source: no checkpoint file at {path}; pass an existing file or an "
@@ -169,8 +206,10 @@ def load_backbone_weights(model: nn.Module, source: str | Path | Mapping[str, to
         model: a :class:`~pylandmark.models.LandmarkNet` or a bare backbone module.
         source: a local ``.safetensors`` / torch file, an ``http(s)://`` or ``file://`` URL
             (downloaded once into ``cache_dir``, default ``pylandmark.data.download.cache_dir() /
-            "checkpoints"``), or a ``{name: tensor}`` dict.
-        sha256: expected SHA-256 of the file (a prefix of >= 8 hex digits is enough).
+            "checkpoints"``, at :func:`url_cache_path`: one file per URL), or a ``{name: tensor}``
+            dict.
+        sha256: expected SHA-256 of the file (a prefix of >= 8 hex digits is enough). A URL whose
+            file name carries a hash (``name-<hex>.pth``) is also checked against that.
         strict: raise ValueError (and load nothing) when keys are missing, unexpected or of the
             wrong shape; with False, load what matches and log a warning.
         cache_dir: where downloads go.
