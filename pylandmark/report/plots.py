@@ -159,10 +159,10 @@ def _box_overlay(path: Path | None, bbox: Sequence[float] | None, box: int) -> s
     """An absolutely placed rectangle marking ``bbox`` on a thumbnail shown in a ``box`` px square."""
     if path is None or bbox is None:
         return ""
-    from PIL import Image
+    from ..data.images import open_raster
 
     try:
-        with Image.open(path) as im:  # the header only
+        with open_raster(path, str(path)) as im:  # the header only, of the formats read on purpose
             w, h = im.size
     except (OSError, ValueError, SyntaxError):
         return ""
