@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 try:  # POSIX: a writer holds a lock on its temporary file, so a dead writer's file is recognisable
     import fcntl
@@ -189,3 +190,125 @@ def writer_lock(path: str | os.PathLike) -> Iterator[None]:
         except OSError:
             pass
         os.close(fd)
+
+
+# ---- files from elsewhere: JSON with bounded work, names that stay inside their folder ----------
+
+MAX_JSON_DEPTH = 100  # levels of [ and {; pylandmark's own files nest a few
+_DEPTH_CHUNK = 1 << 22  # bytes scanned at once by json_depth, bounds its temporary memory
+
+
+def json_depth(data: bytes | bytearray | memoryview, stop: int | None = None) -> int:
+    """The deepest nesting of ``[`` and ``{`` outside strings in UTF-8 JSON text, found by a
+    vectorised scan (no recursion, a few passes over the bytes); counting ends once it passes
+    ``stop``. Exact for valid JSON and for the part of invalid text a parser reads before its
+    first error (outside strings a backslash is such an error, so a quote counts as escaped
+    exactly when an odd run of backslashes precedes it)."""
+    import numpy as np
+
+    buf = np.frombuffer(data, np.uint8)
+    depth = deepest = 0
+    in_string = 0  # parity of the unescaped quotes before the chunk
+    run = 0  # backslashes just before the chunk
+    for start in range(0, buf.size, _DEPTH_CHUNK):
+        a = buf[start:start + _DEPTH_CHUNK]
+        quotes = np.flatnonzero(a == 0x22)
+        if quotes.size and (run or (a == 0x5C).any()):
+            quotes = quotes[~_escaped(a, quotes, run)]
+        opens = (a == 0x5B) | (a == 0x7B)
+        brackets = np.flatnonzero(opens | (a == 0x5D) | (a == 0x7D))
+        if brackets.size:
+            toggles = np.zeros(a.size, bool)
+            toggles[quotes] = True
+            in_strings = np.logical_xor.accumulate(toggles)[brackets]  # odd count of quotes before
+            brackets = brackets[in_strings if in_string else ~in_strings]
+            levels = np.cumsum(np.where(opens[brackets], 1, -1))
+            if levels.size:
+                deepest = max(deepest, depth + int(levels.max()))
+                depth += int(levels[-1])
+        in_string = (in_string + quotes.size) & 1
+        if a[-1] == 0x5C:
+            plain = np.flatnonzero(a != 0x5C)
+            run = a.size - 1 - int(plain[-1]) if plain.size else run + a.size
+        else:
+            run = 0
+        if stop is not None and deepest > stop:
+            break
+    return deepest
+
+
+def _escaped(a: Any, quotes: Any, run: int) -> Any:
+    """Which of the quotes at positions ``quotes`` of the bytes ``a`` follow an odd run of
+    backslashes (``run`` more precede ``a``): runs are followed back a byte at a time while
+    short, the usual case, then found for the rest at once."""
+    import numpy as np
+
+    odd = np.zeros(quotes.size, bool)
+    active = np.arange(quotes.size)
+    for k in range(1, 33):  # is byte quote - k a backslash too?
+        if not active.size:
+            return odd
+        pos = quotes[active] - k
+        first = pos < 0  # every byte before the quote is a backslash
+        odd[active[first]] = (k - 1 + run) & 1
+        active, pos = active[~first], pos[~first]
+        more = a[pos] == 0x5C
+        odd[active[~more]] = (k - 1) & 1
+        active = active[more]
+    if active.size:  # long runs (crafted text): the last plain byte before each quote
+        plain = np.flatnonzero(a != 0x5C)
+        k = np.searchsorted(plain, quotes[active])
+        last = np.where(k > 0, plain[np.maximum(k - 1, 0)], -1 - run)
+        odd[active] = (quotes[active] - 1 - last) & 1
+    return odd
+
+
+def parse_json(data: bytes | bytearray | memoryview | str, *, what: str, max_bytes: int | None,
+               max_depth: int = MAX_JSON_DEPTH, error: type[ValueError] = ValueError) -> Any:
+    """JSON read from a file from elsewhere, with bounded work: at most ``max_bytes`` bytes of
+    text (None: the caller bounded its read) nested at most ``max_depth`` levels, checked by
+    :func:`json_depth` before parsing, so a deeply nested file is refused instead of
+    exhausting the parser's stack. Anything else wrong raises ``error`` (a ValueError), with a
+    one-line message that names ``what``; bytes may be UTF-8, -16 or -32, as ``json.loads``
+    reads them."""
+    import json
+
+    if isinstance(data, str):
+        text, raw = data, data.encode("utf-8", "surrogatepass")
+    else:
+        raw = bytes(data)
+        if max_bytes is not None and len(raw) > max_bytes:
+            raise error(f"{what} is {len(raw):,} bytes, more than the {max_bytes:,} it may have")
+        encoding = json.detect_encoding(raw)
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError as err:
+            raise error(f"{what} is not {encoding} text ({err.reason} at byte {err.start})") from None
+        if encoding != "utf-8":
+            raw = text.encode("utf-8", "surrogatepass")
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise error(f"{what} is {len(raw):,} bytes, more than the {max_bytes:,} it may have")
+    if json_depth(raw, max_depth) > max_depth:
+        raise error(f"{what} is nested more than {max_depth} levels deep")
+    try:
+        return json.loads(text)
+    except RecursionError:  # not reached after the scan; kept so the error stays one line
+        raise error(f"{what} is nested too deeply") from None
+    except ValueError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise error(f"{what} is not valid JSON ({first[:200]})") from None
+
+
+def inside(root: str | os.PathLike, name: Any, what: str = "name", *,
+           error: type[ValueError] = ValueError) -> Path:
+    """``root / name`` for a relative ``name`` read from a file from elsewhere, after checking
+    that it stays inside ``root``: a non-empty string, not absolute, no drive, no ``..`` part
+    (``/`` and ``\\`` both separate parts, as on Windows), no NUL. Checked on the name alone,
+    so a folder under ``root`` may be a link to another disk. Raises ``error`` (a ValueError)
+    with a one-line message naming ``what``."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise error(f"{what} must be a non-empty path string, got {name!r:.80}")
+    parts = (name.replace("\\", "/") if "\\" in name else name).split("/")
+    if not parts[0] or ".." in parts or name[1:2] == ":":
+        raise error(f"{what} must be a relative path inside {root} (not absolute, no '..'), got {name!r:.80}")
+    return Path(root) / name

@@ -13,6 +13,8 @@ looked for in ``<root>/jpg``.
 The ground-truth pickles are read by :mod:`pylandmark.data.safe_pickle`: the official files only
 hold dicts, lists, str, int and float, so no class or function may be loaded from them (numpy
 arrays are allowed, for re-saved copies), and their size, depth and element count are bounded.
+Their image names (and those of a distractor list) must stay inside the ``jpg`` folder: no
+absolute name, no ``..`` (:func:`pylandmark._files.inside`).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .._files import inside
 from . import safe_pickle
 from .download import download_url, extract_tar
 
@@ -71,8 +74,8 @@ def load_gnd(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     cfg = safe_pickle.mapping(safe_pickle.load(path, numpy=True, max_bytes=_MAX_GND_BYTES),
                               f"{path}", ("imlist", "qimlist", "gnd"))
-    imlist = safe_pickle.str_list(cfg["imlist"], f"{path}: 'imlist'")
-    qimlist = safe_pickle.str_list(cfg["qimlist"], f"{path}: 'qimlist'")
+    imlist = _image_names(cfg["imlist"], path, "imlist")
+    qimlist = _image_names(cfg["qimlist"], path, "qimlist")
     entries = cfg["gnd"]
     if isinstance(entries, np.ndarray) or not isinstance(entries, (list, tuple)):
         raise safe_pickle.PickleRefused(f"{path}: 'gnd' must be a list of dicts")
@@ -90,6 +93,16 @@ def load_gnd(path: str | os.PathLike) -> dict[str, Any]:
             item["bbx"] = None
         gnd.append(item)
     return {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
+
+
+def _image_names(values: Any, path: Path, key: str) -> list[str]:
+    """The image names of a ground-truth list: each one a relative name that stays inside the
+    dataset's ``jpg`` folder (:func:`pylandmark._files.inside`), never a path out of it."""
+    names = safe_pickle.str_list(values, f"{path}: {key!r}")
+    jpg = path.parent / "jpg"
+    for i, name in enumerate(names):
+        inside(jpg, name, f"{path}: {key}[{i}]", error=safe_pickle.PickleRefused)
+    return names
 
 
 def _bbox(value: Any, where: str) -> tuple[float, float, float, float]:
@@ -202,9 +215,10 @@ class RevisitedDataset:
             the full size, needed to keep the crop's scale when resizing
             (``1024 * max(crop side) / max(full side)``).
         """
-        from PIL import Image
+        from .images import open_raster
 
-        with Image.open(self.query_paths[i]) as im:
+        path = self.query_paths[i]
+        with open_raster(path, str(path)) as im:  # the formats read on purpose only
             im = im.convert("RGB")
         full = im.size
         if not crop:
@@ -240,8 +254,9 @@ def _list_distractors(folder: Path) -> list[Path]:
     jpg = folder / "jpg"
     listing = folder / f"{DISTRACTORS}.txt"
     if listing.is_file():
-        names = [ln.strip() for ln in listing.read_text().splitlines() if ln.strip()]
-        paths = [jpg / (n if n.lower().endswith(".jpg") else n + ".jpg") for n in names]
+        names = [(i, ln.strip()) for i, ln in enumerate(listing.read_text().splitlines(), 1) if ln.strip()]
+        paths = [inside(jpg, n if n.lower().endswith(".jpg") else n + ".jpg", f"{listing}: line {i}")
+                 for i, n in names]
     elif jpg.is_dir():
         paths = sorted(p for p in jpg.rglob("*") if p.suffix.lower() == ".jpg" and p.is_file())
     else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,24 @@ class _Restricted(pickle.Unpickler):
         raise PickleRefused(f"{self._what}: refusing a persistent id; not the expected file")
 
 
+def _check_memo_indexes(data: bytes, what: str) -> None:
+    """Refuses memo indexes no real pickle of this size uses. CPython's unpickler keeps its memo
+    as an array, so ``LONG_BINPUT 1561162084`` alone allocates gigabytes (found by
+    tests/test_fuzz.py): an index never exceeds the number of opcodes, which is below the byte
+    count. One linear pass over the opcodes, before anything is built."""
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (isinstance(arg, int) and 0 <= arg <= len(data)):
+                raise PickleRefused(f"{what}: memo index {arg!r:.20} is beyond what a {len(data)}-byte pickle "
+                                    "holds; not the expected file")
+            if op.name == "STOP":
+                return
+    except PickleRefused:
+        raise
+    except Exception as err:  # noqa: BLE001 - a malformed stream raises many kinds of errors
+        raise PickleRefused(f"{what} is not a readable pickle: {type(err).__name__}: {err}") from None
+
+
 def loads(data: bytes, what: str, *, numpy: bool = False, max_depth: int = MAX_DEPTH,
           max_items: int = MAX_ITEMS) -> Any:
     """Unpickles ``data`` (named ``what`` in messages) with the restrictions above.
@@ -81,6 +100,7 @@ def loads(data: bytes, what: str, *, numpy: bool = False, max_depth: int = MAX_D
         max_depth: deepest nesting of containers accepted.
         max_items: most elements (containers and scalars, counted with repetition) accepted.
     """
+    _check_memo_indexes(data, what)
     try:
         obj = _Restricted(data, what, numpy).load()
     except PickleRefused:

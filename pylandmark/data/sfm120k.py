@@ -13,7 +13,8 @@ The pickles may also sit in ``<root>/dbs/``. Each split holds ``cids`` (image id
 
 The pickles are read by :mod:`pylandmark.data.safe_pickle`: the official files hold only dicts,
 lists, strings and ints, so no global (class or function) may be loaded from them, and their
-size, depth and element count are bounded.
+size, depth and element count are bounded. An image id's path must stay inside ``<root>/ims``
+(no ``..``, no absolute path: :func:`cid_to_path`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .._files import inside
 from . import safe_pickle
 from .download import download_url, extract_tar
 
@@ -61,11 +63,27 @@ def load_sfm_pickle(path: str | os.PathLike) -> Any:
     return safe_pickle.load(p, f"{p} (SfM-120k)")
 
 
-def cid_to_path(root: str | os.PathLike, cid: str) -> Path:
-    """Image file of ``cid``: ``<root>/ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>``."""
+def cid_to_path(root: str | os.PathLike, cid: str, where: str = "cid") -> Path:
+    """Image file of ``cid``: ``<root>/ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>``, which
+    must stay inside ``<root>/ims`` (:func:`pylandmark._files.inside`: ids come from pickles
+    from elsewhere; ``..`` or a separator in one could name any file). ``where`` names the id
+    in messages."""
     if not isinstance(cid, str) or len(cid) < 6:
-        raise ValueError(f"cid must be an image id string of at least 6 characters, got {cid!r}")
-    return Path(root) / "ims" / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
+        raise ValueError(f"{where} must be an image id string of at least 6 characters, got {cid!r:.80}")
+    what = f"{where}: the image path of id {cid!r:.80}"
+    folder = inside(Path(root) / "ims", f"{cid[-2:]}/{cid[-4:-2]}/{cid[-6:-4]}", what)
+    return inside(folder, cid, what)
+
+
+def _image_ids(values: Any, root: Path, where: str) -> list[str]:
+    """The ``cids`` of a pickle: strings of at least 6 characters whose image paths stay inside
+    ``<root>/ims`` (:func:`cid_to_path`)."""
+    cids = safe_pickle.str_list(values, where, 6)
+    joined = "\n".join(cids)  # ids without a separator, drive colon, NUL or '..' need no look each
+    if any(bad in joined for bad in ("/", "\\", ":", "\0", "..")):
+        for i, cid in enumerate(cids):
+            cid_to_path(root, cid, f"{where}[{i}]")
+    return cids
 
 
 def _find_db(root: Path, name: str) -> Path:
@@ -113,7 +131,7 @@ class SfM120k:
         missing = [k for k in ("cids", "cluster", "qidxs", "pidxs") if k not in entry]
         if missing:
             raise ValueError(f"{where} lacks {missing}; expected keys cids, cluster, qidxs, pidxs")
-        self.cids = safe_pickle.str_list(entry["cids"], f"{where}['cids']", 6)
+        self.cids = _image_ids(entry["cids"], self.root, f"{where}['cids']")
         n = len(self.cids)
         self.clusters = safe_pickle.index_array(entry["cluster"], f"{where}['cluster']")
         if self.clusters.size != n:
@@ -187,7 +205,7 @@ class WhiteningPairs:
         missing = [k for k in ("cids", "qidxs", "pidxs") if k not in db]
         if missing:
             raise ValueError(f"{self.path} lacks {missing}; expected top-level cids, qidxs, pidxs")
-        self.cids = safe_pickle.str_list(db["cids"], f"{self.path.name}['cids']", 6)
+        self.cids = _image_ids(db["cids"], self.root, f"{self.path.name}['cids']")
         n = len(self.cids)
         self.qidxs = safe_pickle.index_array(db["qidxs"], f"{self.path.name}['qidxs']", n)
         self.pidxs = safe_pickle.index_array(db["pidxs"], f"{self.path.name}['pidxs']", n)

@@ -367,15 +367,15 @@ _MAX_CONFIG_BYTES = 1 << 20
 
 
 def _read_config(cfg_file: Path) -> dict:
-    """The checked contents of a model directory's config.json (a file from elsewhere)."""
+    """The checked contents of a model directory's config.json (a file from elsewhere): JSON
+    parsed with bounded work, and a whitenings file name that stays inside the directory."""
+    from .._files import inside, parse_json
+
     with open(cfg_file, "rb") as f:
         raw = f.read(_MAX_CONFIG_BYTES + 1)
     if len(raw) > _MAX_CONFIG_BYTES:
         raise ValueError(f"{cfg_file} is larger than {_MAX_CONFIG_BYTES} bytes; not a LandmarkNet config")
-    try:
-        meta = json.loads(raw)
-    except (ValueError, RecursionError) as err:
-        raise ValueError(f"{cfg_file} is not valid JSON ({str(err)[:100]})") from None
+    meta = parse_json(raw, what=str(cfg_file), max_bytes=_MAX_CONFIG_BYTES)
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT_TAG or not isinstance(meta.get("config"), dict):
         raise ValueError(f"{cfg_file} is not a LandmarkNet config (no format tag {_FORMAT_TAG!r})")
     version = meta.get("format_version", 0)
@@ -384,6 +384,8 @@ def _read_config(cfg_file: Path) -> dict:
     if version > _FORMAT_VERSION:
         raise ValueError(f"{cfg_file} has format_version {version}; this pylandmark "
                          f"reads up to {_FORMAT_VERSION}: upgrade pylandmark")
+    if meta.get("whitenings"):
+        inside(cfg_file.parent, meta["whitenings"], f"{cfg_file}: 'whitenings'")
     return meta
 
 

@@ -8,7 +8,6 @@ what the web service returns): a list of ``{"query", "neighbours": [{"score", "i
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
@@ -17,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._files import inside, parse_json
 from .html import ThumbStore, esc, legend, page, tile, write_page
 
 __all__ = ["load_results", "check_results", "truth_from_folders", "summarize", "render_report",
@@ -34,19 +34,31 @@ class ResultsFormatError(ValueError):
 
 
 def load_results(path: str | os.PathLike) -> list[dict]:
-    """Reads and checks a results JSON file (see :func:`check_results`)."""
+    """Reads and checks a results JSON file (see :func:`check_results`), a file that may come
+    from elsewhere: its JSON is parsed with bounded work (:func:`pylandmark._files.parse_json`),
+    and every relative image name in it (queries, neighbour paths) must stay inside the folder
+    it is looked up in (the working folder, then the results file's): no ``..``. Absolute
+    paths are what ``recognize`` and ``search`` write (an index stores them so) and stay."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no results file at {p}; write one with `pylandmark recognize ... --json > {p}`")
     size = p.stat().st_size
     if size > MAX_RESULTS_BYTES:
         raise ResultsFormatError(f"{p} is {size:,} bytes, more than the {MAX_RESULTS_BYTES:,} a results file may have")
-    try:
-        data = json.loads(p.read_bytes())
-    except (ValueError, RecursionError) as err:
-        raise ResultsFormatError(f"{p} is not valid JSON ({str(err).splitlines()[0][:200]})") from None
+    data = parse_json(p.read_bytes(), what=str(p), max_bytes=MAX_RESULTS_BYTES, error=ResultsFormatError)
     check_results(data, str(p))
+    for q, r in enumerate(data):
+        _check_image_name(r["query"], p, f"{p}[{q}]['query']")
+        for j, h in enumerate(r["neighbours"]):
+            _check_image_name(h.get("path"), p, f"{p}[{q}]['neighbours'][{j}]['path']")
     return data
+
+
+def _check_image_name(name: str | None, results_file: Path, where: str) -> None:
+    """A relative image name of a results file must not climb out of the folders the page
+    looks it up in (:func:`pylandmark._files.inside`); absolute names are left as they are."""
+    if name and not Path(name).is_absolute():
+        inside(results_file.parent, name, where, error=ResultsFormatError)
 
 
 def _is_number(v: Any) -> bool:

@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from .._files import remove_stale_temps
+from .._files import MAX_JSON_DEPTH, remove_stale_temps
+from .._files import parse_json as bounded_json
 from .._version import __version__
 
 __all__ = ["MAGIC", "MANIFEST_MAGIC", "FORMAT_VERSION", "MANIFEST_VERSION", "PREFIX", "IndexFormatError",
-           "read_prefix", "header_crc", "sum64", "register_format", "open_index", "is_manifest"]
+           "read_prefix", "parse_json", "header_crc", "sum64", "register_format", "open_index", "is_manifest"]
 
 MAGIC = b"PLMINDEX"
 MANIFEST_MAGIC = b"PLMSHARD"
@@ -50,6 +51,14 @@ def read_prefix(prefix: bytes, path: Path, magic: bytes) -> tuple[int, int, int]
         raise IndexFormatError(f"{path} uses {version_name} {version}, newer than this pylandmark "
                                f"({__version__}) reads ({newest}); upgrade pylandmark")
     return version, hlen, hcrc
+
+
+def parse_json(raw: bytes, what: str, max_bytes: int | None, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The JSON of an index header, an index's labels or paths section, or a manifest, parsed with
+    bounded work (:func:`pylandmark._files.parse_json`: at most ``max_bytes`` bytes, None when
+    the caller bounded its read, and ``max_depth`` levels of nesting, checked before parsing).
+    Raises IndexFormatError with a one-line message that names ``what``."""
+    return bounded_json(raw, what=what, max_bytes=max_bytes, max_depth=max_depth, error=IndexFormatError)
 
 
 def header_crc(path: str | os.PathLike, magic: bytes | None = None) -> int:

@@ -42,6 +42,7 @@ from .format import (
     IndexFormatError,
     header_crc,
     open_index,
+    parse_json,
     read_prefix,
     register_format,
     sum64,
@@ -499,10 +500,7 @@ def _int(value: Any, what: str, low: int, high: int) -> int:
 def _parse_header(raw: bytes, data_start: int) -> tuple[int, int, str, dict, dict]:
     """(dim, count, metric, metadata, sections) from the header JSON; ValueError names what is
     wrong. Sections must lie after the header (data_start) with integer offsets and sizes."""
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError) as err:
-        raise ValueError(f"not JSON: {str(err)[:100]}") from None
+    header = parse_json(raw, "the header", _MAX_HEADER)
     if not isinstance(header, dict):
         raise ValueError("not a JSON object")
     dim = _int(header.get("dim"), "dim", 1, _MAX_DIM)
@@ -548,10 +546,7 @@ def _column(raw: bytes | None, count: int, name: str, convert: Callable[[Any, st
     """A labels or paths section: a JSON list of count entries of the column's type."""
     if raw is None:
         return None
-    try:
-        values = json.loads(raw)
-    except (ValueError, RecursionError) as err:
-        raise ValueError(f"the {name} section is not JSON: {str(err)[:100]}") from None
+    values = parse_json(raw, f"the {name} section", None, max_depth=1)  # a list of scalars
     if not isinstance(values, list) or len(values) != count:
         got = f"{len(values)} entries" if isinstance(values, list) else type(values).__name__
         raise ValueError(f"the {name} section must be a list of {count} entries, got {got}")

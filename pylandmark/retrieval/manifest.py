@@ -37,7 +37,16 @@ from .._array import framework_of
 from .._files import replaced_atomically
 from .._version import __version__
 from ..ops import METRICS
-from .format import MANIFEST_MAGIC, MANIFEST_VERSION, PREFIX, IndexFormatError, header_crc, read_prefix, register_format
+from .format import (
+    MANIFEST_MAGIC,
+    MANIFEST_VERSION,
+    PREFIX,
+    IndexFormatError,
+    header_crc,
+    parse_json,
+    read_prefix,
+    register_format,
+)
 from .index import MAGIC, Index, IndexLike, ReadOnlyList
 from .topk import merge_topk, merge_topk_torch
 
@@ -138,7 +147,7 @@ def read_manifest(path: str | os.PathLike, f: BinaryIO | None = None) -> dict:
     if zlib.crc32(body) != hcrc:
         raise IndexFormatError(f"{path} is damaged (manifest checksum mismatch)")
     try:
-        header = json.loads(body)
+        header = parse_json(body, "the manifest JSON", _MAX_MANIFEST)
         _check_header(header)
     except (ValueError, TypeError, KeyError) as err:
         raise IndexFormatError(f"{path} has an invalid manifest ({err})") from None
