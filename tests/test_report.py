@@ -272,3 +272,44 @@ def test_recognize_html_and_report_command(pnu, tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope.json"), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "no results file" in err and err.count("\n") == 1
+
+
+def test_many_classes_give_the_most_confused_pairs_not_a_table(tmp_path):
+    """--truth-from-folders with thousands of classes: no C x C table is built (30,000 classes were
+    9e8 cells and ran out of memory on 4de196b), the page lists the most confused pairs and stays a
+    size a browser opens. Counts against a hand count."""
+    n_classes = 3000
+    results = []
+    truth = []
+    for i in range(n_classes):  # class i's two queries: one right, one taken for class (i + 1)
+        for predicted in (f"c{i:04d}", f"c{(i + 1) % n_classes:04d}" if i % 3 else "c0000"):
+            results.append({"query": str(tmp_path / f"c{i:04d}" / f"{len(results)}.jpg"), "label": predicted,
+                            "known": True, "confidence": 1.0, "votes": 1,
+                            "neighbours": [{"score": 0.5, "id": 0, "label": predicted, "path": None}]})
+            truth.append(f"c{i:04d}")
+    s = summarize(results, truth)
+    assert s["confusion"] == [] and s["n_classes"] == n_classes and s["n_correct"] == n_classes + 1
+    # each wrong query is its own (true, predicted) pair, once: the list is the first 20 by label
+    assert s["confused_pairs"][0][2] == 1 and len(s["confused_pairs"]) == 20
+    want = sorted(((f"c{i:04d}", f"c{(i + 1) % n_classes:04d}" if i % 3 else "c0000") for i in range(1, n_classes)),
+                  key=lambda e: (e[0], e[1]))[:20]
+    assert [tuple(p[:2]) for p in s["confused_pairs"]] == want
+    from pylandmark.report.results import _confusion_html
+
+    html = render_report(results, truth=truth, progress=False, max_images=0)
+    table = _confusion_html(s)
+    # the summary grows with the 20 pairs listed (a row of two labels and a count each), not with C^2
+    assert table in html and "too many for a confusion table" in table and len(table) < 20 * 200
+    small = summarize(results[:8], truth[:8])  # few classes: the whole table, as before
+    assert len(small["confusion"]) == len(small["truth_labels"]) == 4 and small["confused_pairs"]
+
+
+def test_recognize_prints_pairs_when_classes_are_many():
+    from pylandmark.pipelines import recognition_summary
+
+    results = [{"label": f"p{i % 40}", "truth": f"t{i % 50}"} for i in range(200)]
+    s = recognition_summary(results)
+    assert s["confusion"] is None and len(s["classes"]) == 90 and s["right"] == 0
+    assert s["confused_pairs"][0] == ["t0", "p0", 1] and sum(c["queries"] for c in s["per_class"].values()) == 200
+    few = recognition_summary([{"label": "a", "truth": "a"}, {"label": "b", "truth": "a"}])
+    assert few["confusion"] == [[1, 1], [0, 0]] and few["confused_pairs"] == [["a", "b", 1]]

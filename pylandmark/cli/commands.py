@@ -150,7 +150,7 @@ def _html(args: argparse.Namespace, results: list) -> None:
 
 
 def recognize(args: argparse.Namespace) -> int:
-    from ..evaluate import format_confusion
+    from ..evaluate import format_confused_pairs, format_confusion
     from ..pipelines import check_against_index, expand_images, recognition_summary
 
     index = args.jobs.open_index(args.index, device=args.device)
@@ -169,8 +169,11 @@ def recognize(args: argparse.Namespace) -> int:
     if summary is not None:
         lines += ["", f"recognised {summary['right']} of {summary['queries']} query images "
                       f"(accuracy {100 * summary['accuracy']:.1f}%; true class = the query's folder)",
-                  "confusion (rows: true class, columns: predicted):",
-                  format_confusion(summary["classes"], np.asarray(summary["confusion"]))]
+                  *(["confusion (rows: true class, columns: predicted):",
+                     format_confusion(summary["classes"], np.asarray(summary["confusion"]))]
+                    if summary["confusion"] is not None else
+                    [f"most confused ({len(summary['classes'])} classes, too many for a table): count  true -> "
+                     "predicted", format_confused_pairs(summary["confused_pairs"])])]
     _emit(args, results, "\n".join(lines))
     _html(args, results)
     return 0

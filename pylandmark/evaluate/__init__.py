@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from .._lazy import lazy_exports
 from .metrics import (
+    CONFUSION_TABLE_MAX,
     PROTOCOLS,
     accuracy,
     compute_ap,
     confusion,
+    confusion_summary,
+    format_confused_pairs,
     format_confusion,
     format_table,
     gap,
@@ -17,7 +20,8 @@ from .metrics import (
 )
 
 __all__ = ["PROTOCOLS", "revisited", "compute_ap", "format_table", "gap", "accuracy", "confusion",
-           "format_confusion", "recognition_metrics", "evaluate_revisited"]
+           "format_confusion", "confusion_summary", "format_confused_pairs", "CONFUSION_TABLE_MAX",
+           "recognition_metrics", "evaluate_revisited"]
 
 # the loop needs torch and the network stack: imported on first use
 __getattr__ = lazy_exports(__name__, globals(), {"evaluate_revisited": ("protocol", "evaluate_revisited")})

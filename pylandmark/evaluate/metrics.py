@@ -24,6 +24,7 @@ from .._checks import check_int, framework_of, to_numpy
 logger = logging.getLogger(__name__)
 
 __all__ = ["PROTOCOLS", "revisited", "compute_ap", "format_table", "gap", "accuracy", "confusion", "format_confusion",
+           "confusion_summary", "format_confused_pairs", "CONFUSION_TABLE_MAX",
            "recognition_metrics"]
 
 PROTOCOLS = ("easy", "medium", "hard")
@@ -431,6 +432,49 @@ def confusion(predictions: Any, truth: Any) -> tuple[list[Any], np.ndarray]:
     for a, b in zip(t, p):
         counts[pos[a], pos[b]] += 1
     return classes, counts
+
+
+#: most classes shown as a whole confusion table (text or page); beyond, the most confused pairs
+CONFUSION_TABLE_MAX = 30
+#: confused pairs listed when there are too many classes for a table
+CONFUSED_PAIRS = 20
+
+
+def confusion_summary(predictions: Any, truth: Any, *, table_max: int = CONFUSION_TABLE_MAX,
+                      top: int = CONFUSED_PAIRS) -> dict[str, Any]:
+    """Per-class counts of a recognition run in O(queries) memory, with the confusion table only
+    when it is small: with C classes a (C, C) table needs C^2 cells (30,000 classes: 9e8), which
+    neither memory nor a page holds.
+
+    Returns:
+        ``{"classes": the sorted union of labels, "per_class": {label: {"queries", "right"}}
+        (true classes only), "confusion": the (C, C) counts of :func:`confusion` as lists, or None
+        when C > table_max, "confused_pairs": the ``top`` most frequent [true, predicted, count]
+        with true != predicted, most first (then by label)}``.
+    """
+    p = _labels_list(predictions, "predictions")
+    t = _labels_list(truth, "truth")
+    if len(p) != len(t):
+        raise ValueError(f"predictions has {len(p)} labels but truth has {len(t)}; pass one per query")
+    classes = sorted({*p, *t}, key=str)
+    pairs: dict[tuple[Any, Any], int] = {}
+    per_class: dict[str, dict[str, int]] = {}
+    for a, b in zip(t, p):
+        pairs[(a, b)] = pairs.get((a, b), 0) + 1
+        row = per_class.setdefault(str(a), {"queries": 0, "right": 0})
+        row["queries"] += 1
+        row["right"] += int(a == b)
+    confused = sorted(((a, b, n) for (a, b), n in pairs.items() if a != b), key=lambda e: (-e[2], str(e[0]), str(e[1])))
+    table = None
+    if len(classes) <= table_max:
+        table = confusion(p, t)[1].tolist()
+    return {"classes": classes, "per_class": per_class, "confusion": table,
+            "confused_pairs": [[a, b, n] for a, b, n in confused[:top]]}
+
+
+def format_confused_pairs(pairs: Sequence[Sequence[Any]]) -> str:
+    """The most confused pairs as text lines: ``count  true -> predicted``."""
+    return "\n".join(f"{n:>6}  {a} -> {b}" for a, b, n in pairs) or "(none)"
 
 
 def format_confusion(classes: Sequence[Any], counts: np.ndarray) -> str:

@@ -189,20 +189,20 @@ def folder_truth(images: Sequence[Path], index_labels: Any) -> list[Any] | None:
 
 
 def recognition_summary(results: Sequence[dict]) -> dict | None:
-    """Accuracy, per-class counts and the confusion table of recognize_images results that carry
-    a ``truth`` label (None when they do not)."""
-    from ..evaluate import accuracy, confusion
+    """Accuracy, per-class counts and the confusion of recognize_images results that carry a
+    ``truth`` label (None when they do not): the table when there are few classes, else the
+    most confused pairs (:func:`pylandmark.evaluate.confusion_summary`)."""
+    from ..evaluate import accuracy, confusion_summary
 
     if not results or any("truth" not in r for r in results):
         return None
     predicted = [r["label"] for r in results]
     truth = [r["truth"] for r in results]
-    classes, counts = confusion(predicted, truth)
-    per_class = {str(c): {"queries": int(counts[i].sum()), "right": int(counts[i, i])}
-                 for i, c in enumerate(classes) if counts[i].sum()}
+    summary = confusion_summary(predicted, truth)
     return {"accuracy": accuracy(predicted, truth), "right": sum(a == b for a, b in zip(predicted, truth)),
-            "queries": len(results), "per_class": per_class, "classes": [str(c) for c in classes],
-            "confusion": counts.tolist()}
+            "queries": len(results), "per_class": summary["per_class"], "classes": [str(c) for c in summary["classes"]],
+            "confusion": summary["confusion"], "confused_pairs": [[str(a), str(b), n]
+                                                                  for a, b, n in summary["confused_pairs"]]}
 
 
 def json_value(v: Any) -> Any:

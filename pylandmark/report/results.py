@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._files import inside, parse_json
+from ..evaluate.metrics import CONFUSION_TABLE_MAX, confusion_summary
 from .html import ThumbStore, esc, legend, page, tile, write_page
 
 __all__ = ["load_results", "check_results", "truth_from_folders", "summarize", "render_report",
@@ -123,9 +124,13 @@ def summarize(results: Sequence[dict], truth: Sequence[Any] | None) -> dict:
 
     Returns:
         ``{"kind", "n_queries", "n_correct", "accuracy" (NaN without truth), "truth_labels",
-        "predicted_labels", "confusion"}`` where ``confusion[i][j]`` counts queries of true
-        label ``truth_labels[i]`` predicted as ``predicted_labels[j]`` (the true labels first,
-        in sorted order, then any other prediction such as "unknown").
+        "predicted_labels", "confusion", "confused_pairs", "n_classes"}`` where
+        ``confusion[i][j]`` counts queries of true label ``truth_labels[i]`` predicted as
+        ``predicted_labels[j]`` (the true labels first, in sorted order, then any other
+        prediction such as "unknown"), filled only up to
+        :data:`~pylandmark.evaluate.metrics.CONFUSION_TABLE_MAX` labels (empty beyond: a page
+        stays a size a browser opens); ``confused_pairs``: the most frequent [true, predicted,
+        count] confusions.
     """
     kind = check_results(list(results))
     n = len(results)
@@ -139,15 +144,28 @@ def summarize(results: Sequence[dict], truth: Sequence[Any] | None) -> dict:
     preds = [_prediction(r, kind) for r in results]
     rows = sorted({str(t) for t in truth})
     cols = rows + sorted({str(p) for p in preds} - set(rows))
-    counts = [[0] * len(cols) for _ in rows]
-    for t, p in zip(truth, preds):
-        counts[rows.index(str(t))][cols.index(str(p))] += 1
     correct = sum(_same(p, t) for p, t in zip(preds, truth))
-    out.update(n_correct=correct, accuracy=correct / n, truth_labels=rows, predicted_labels=cols, confusion=counts)
+    out.update(n_correct=correct, accuracy=correct / n)
+    # the table only when it is small (30,000 classes would be 9e8 cells); else the worst pairs
+    summary = confusion_summary([str(p) for p in preds], [str(t) for t in truth], table_max=CONFUSION_TABLE_MAX)
+    out["confused_pairs"] = summary["confused_pairs"]
+    out["n_classes"] = len(rows)
+    if len(cols) <= CONFUSION_TABLE_MAX:
+        row_of, col_of = {c: i for i, c in enumerate(rows)}, {c: j for j, c in enumerate(cols)}
+        counts = [[0] * len(cols) for _ in rows]
+        for t, p in zip(truth, preds):
+            counts[row_of[str(t)]][col_of[str(p)]] += 1
+        out.update(truth_labels=rows, predicted_labels=cols, confusion=counts)
     return out
 
 
 def _confusion_html(s: dict) -> str:
+    if not s["confusion"]:  # too many classes for a table: the most confused pairs
+        rows = "".join(f'<tr><td>{n}</td><th>{esc(a)}</th><td class="off">{esc(b)}</td></tr>'
+                       for a, b, n in s.get("confused_pairs", []))
+        return (f'<p class="note">{s.get("n_classes", 0)} classes: too many for a confusion table; the most '
+                f'confused pairs:</p><table class="confusion"><tr><th>queries</th><th>true</th><th>predicted</th>'
+                f"</tr>{rows}</table>")
     head = "".join(f"<th>{esc(c)}</th>" for c in s["predicted_labels"])
     body = []
     for i, lab in enumerate(s["truth_labels"]):
