@@ -76,9 +76,10 @@ def _all_rows_present(index: Path, batches: dict[str, list[Path]], base_rows: in
 
 @pytest.mark.parametrize("kind", ["file", "sharded"])
 def test_overlapping_adds_all_land(setup, kind):
-    """Three `index add` processes started together on one index: each exits 0 and the index ends
-    with every row of every run (on 4de196b: the last writer's save dropped the others' rows on a
-    single file, and a manifest ended with duplicate ids and no longer loaded)."""
+    """Three `index add` processes started together on one index while this process keeps loading
+    it: each exits 0, every load sees whole runs only, and the index ends with every row of every
+    run (on 4de196b: the last writer's save dropped the others' rows on a single file, and a
+    manifest ended with duplicate ids and no longer loaded)."""
     d, _ = setup
     index = _build(setup, f"overlap_{kind}.plmi")
     if kind == "sharded":  # a first add by torchrun's shard job turns the file into a manifest
@@ -93,9 +94,19 @@ def test_overlapping_adds_all_land(setup, kind):
     base_rows = len(Index.load(index))
     batches = {f"run{i}": _photos(d / f"add_{kind}_{i}", 8 + i, 10 + i) for i in range(3)}
     procs = [_adder(index, images, label) for label, images in batches.items()]
+    # a reader loads the index all along: every load is one whole version (whole runs only)
+    whole = {base_rows + sum(len(v) for v, take in zip(batches.values(), mask) if take)
+             for mask in np.ndindex(*(2,) * len(batches))}
+    loads, deadline = 0, time.monotonic() + 300
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        loaded = Index.load(index, verify=True)
+        assert len(loaded) in whole and len(np.unique(loaded.ids)) == len(loaded)
+        assert len(loaded.labels) == len(loaded.paths) == len(loaded)
+        loads += 1
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-2000:]
+    assert loads >= 1
     _all_rows_present(index, batches, base_rows)
 
 
