@@ -194,6 +194,14 @@ def _as_dataset(images: Any, image_size: float | None, bboxes: Any, mean: Sequen
     return ImageList(paths, image_size, bboxes, mean=mean, std=std, on_error=on_error)
 
 
+def _run_device(model: nn.Module, device: Any) -> torch.device:
+    """Where :func:`extract` runs the network: ``device`` when given, else the model's."""
+    if device is not None:
+        return resolve_device(device)
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
             scales: Sequence[float] = (1.0,), bboxes: Sequence[Any] | None = None, batch_size: int = 16,
             num_workers: int = 0, device: str | torch.device | None = None, amp: bool | None = None,
@@ -251,11 +259,7 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     check_number(image_size, "image_size", minimum=1, none_ok=True)
-    param = next(model.parameters(), None)
-    if device is not None:
-        dev = resolve_device(device)
-    else:
-        dev = param.device if param is not None else torch.device("cpu")
+    dev = _run_device(model, device)
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
 
     cfg = getattr(model, "config", None)
@@ -364,10 +368,7 @@ def extract_shared(model: nn.Module, images: Sequence[Any], *, gather: bool = Tr
         out = extract(model, images[lo:hi], bboxes=crops, **kwargs)
     else:  # an empty share (more ranks than images)
         dim = int(getattr(model, "dim", 0))
-        param = next(model.parameters(), None)
-        dev = resolve_device(kwargs["device"]) if kwargs.get("device") is not None else \
-            (param.device if param is not None else torch.device("cpu"))
-        empty = torch.empty((0, dim), dtype=torch.float16, device=dev)
+        empty = torch.empty((0, dim), dtype=torch.float16, device=_run_device(model, kwargs.get("device")))
         out = empty if kwargs.get("output") == "torch" else empty.cpu().numpy()
         if kwargs.get("on_error") == "skip":
             out = (out, [])

@@ -146,8 +146,9 @@ def summarize(results: Sequence[dict], truth: Sequence[Any] | None) -> dict:
     cols = rows + sorted({str(p) for p in preds} - set(rows))
     correct = sum(_same(p, t) for p, t in zip(preds, truth))
     out.update(n_correct=correct, accuracy=correct / n)
-    # the table only when it is small (30,000 classes would be 9e8 cells); else the worst pairs
-    summary = confusion_summary([str(p) for p in preds], [str(t) for t in truth], table_max=CONFUSION_TABLE_MAX)
+    # the table only when it is small (30,000 classes would be 9e8 cells); else the worst pairs.
+    # The page's table has its own layout (true labels first), built below: the pairs only here.
+    summary = confusion_summary([str(p) for p in preds], [str(t) for t in truth], table_max=0)
     out["confused_pairs"] = summary["confused_pairs"]
     out["n_classes"] = len(rows)
     if len(cols) <= CONFUSION_TABLE_MAX:
