@@ -7,6 +7,7 @@
 #include <string>
 
 #include "array.h"
+#include "cpu/codes.h"
 #include "cpu/gem.h"
 #include "cpu/kernels.h"
 #include "cpu/search.h"
@@ -78,6 +79,97 @@ void search(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& 
                             static_cast<int64_t*>(idx.data), 0};
   py::gil_scoped_release nogil;
   plm::cpu::search(args);
+}
+
+// codes: (blocks, 16 * Dc) uint8 and meta: (blocks, 3, 16) float32, C-contiguous CPU arrays for
+// rows 0 .. rows-1 of a db of D columns.
+void check_codes(const ArrayView& codes, const ArrayView& meta, int64_t rows, int64_t D, bool write) {
+  require_cpu(codes);
+  require_cpu(meta);
+  plm::require_dtype(codes, DType::u8);
+  plm::require_dtype(meta, DType::f32);
+  plm::require_contiguous(codes);
+  plm::require_contiguous(meta);
+  if (write) {
+    plm::require_writable(codes);
+    plm::require_writable(meta);
+  }
+  plm::require_ndim(codes, 2);
+  plm::require_ndim(meta, 3);
+  const int64_t blocks = plm::cpu::code_blocks(rows);
+  if (codes.shape[0] < blocks || codes.shape[1] != plm::cpu::kCodeBlock * plm::cpu::code_dim(D))
+    throw py::value_error("codes must have shape (" + std::to_string(blocks) + ", " +
+                          std::to_string(plm::cpu::kCodeBlock * plm::cpu::code_dim(D)) + ") for " +
+                          std::to_string(rows) + " rows of D=" + std::to_string(D) + ", got " + codes.describe());
+  if (meta.shape[0] != codes.shape[0] || meta.shape[1] != plm::cpu::kCodeFields || meta.shape[2] != plm::cpu::kCodeBlock)
+    throw py::value_error("code metadata must have shape (" + std::to_string(codes.shape[0]) + ", 3, 16), got " +
+                          meta.describe());
+}
+
+void build_codes(const py::tuple& db_spec, const py::tuple& codes_spec, const py::tuple& meta_spec,
+                 int64_t row0, bool cosine) {
+  ArrayView db = plm::view_from_spec(db_spec, "db");
+  ArrayView codes = plm::view_from_spec(codes_spec, "codes");
+  ArrayView meta = plm::view_from_spec(meta_spec, "meta");
+  require_cpu(db);
+  plm::require_ndim(db, 2);
+  plm::require_dtype_float(db);
+  plm::require_unit_last_stride(db);
+  if (row0 < 0) throw py::value_error("row0 must be >= 0");
+  check_codes(codes, meta, row0 + db.shape[0], db.shape[1], true);
+  py::gil_scoped_release nogil;
+  plm::cpu::build_codes(db.data, db.dtype, db.strides[0], db.shape[0], db.shape[1], row0, cosine,
+                        static_cast<uint8_t*>(codes.data), static_cast<float*>(meta.data), 0);
+}
+
+py::tuple search_codes(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& codes_spec,
+                       const py::tuple& meta_spec, const py::tuple& scores_spec, const py::tuple& idx_spec,
+                       int64_t k, bool cosine) {
+  ArrayView q = plm::view_from_spec(q_spec, "queries");
+  ArrayView db = plm::view_from_spec(db_spec, "db");
+  ArrayView codes = plm::view_from_spec(codes_spec, "codes");
+  ArrayView meta = plm::view_from_spec(meta_spec, "meta");
+  ArrayView scores = plm::view_from_spec(scores_spec, "scores");
+  ArrayView idx = plm::view_from_spec(idx_spec, "indices");
+  require_cpu(q);
+  check_search(q, db, scores, idx, k);
+  check_codes(codes, meta, db.shape[0], db.shape[1], false);
+  if (codes.shape[0] != plm::cpu::code_blocks(db.shape[0]))
+    throw py::value_error("codes describe " + std::to_string(codes.shape[0] * plm::cpu::kCodeBlock) +
+                          " rows, the db has " + std::to_string(db.shape[0]));
+  plm::cpu::SearchArgs args{search_inputs(q, db, k, cosine), static_cast<float*>(scores.data),
+                            static_cast<int64_t*>(idx.data), 0};
+  plm::cpu::CodeSearchStats stats;
+  {
+    py::gil_scoped_release nogil;
+    plm::cpu::search_codes(args, static_cast<const uint8_t*>(codes.data), static_cast<const float*>(meta.data),
+                           &stats);
+  }
+  return py::make_tuple(stats.rescored, stats.fallback_queries);
+}
+
+void code_bounds(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& codes_spec,
+                 const py::tuple& meta_spec, const py::tuple& lower_spec, const py::tuple& upper_spec, bool cosine) {
+  ArrayView q = plm::view_from_spec(q_spec, "queries");
+  ArrayView db = plm::view_from_spec(db_spec, "db");
+  ArrayView codes = plm::view_from_spec(codes_spec, "codes");
+  ArrayView meta = plm::view_from_spec(meta_spec, "meta");
+  ArrayView lower = plm::view_from_spec(lower_spec, "lower");
+  ArrayView upper = plm::view_from_spec(upper_spec, "upper");
+  require_cpu(q);
+  check_search_inputs(q, db, 1);
+  check_codes(codes, meta, db.shape[0], db.shape[1], false);
+  for (const ArrayView* out : {&lower, &upper}) {
+    plm::require_dtype(*out, DType::f32);
+    plm::require_contiguous(*out);
+    plm::require_writable(*out);
+    if (out->ndim != 2 || out->shape[0] != q.shape[0] || out->shape[1] != db.shape[0])
+      throw py::value_error(out->name + " must have shape (Q, N)");
+  }
+  plm::cpu::SearchArgs args{search_inputs(q, db, 1, cosine), nullptr, nullptr, 0};
+  py::gil_scoped_release nogil;
+  plm::cpu::code_bounds(args, static_cast<const uint8_t*>(codes.data), static_cast<const float*>(meta.data),
+                        static_cast<float*>(lower.data), static_cast<float*>(upper.data));
 }
 
 plm::cpu::GemArgs gem_args(const ArrayView& x, double p, double eps) {
@@ -280,6 +372,21 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("search", &search, py::arg("queries"), py::arg("db"), py::arg("scores"), py::arg("indices"),
         py::arg("k"), py::arg("cosine"));
+  m.def("build_codes", &build_codes, py::arg("db"), py::arg("codes"), py::arg("meta"), py::arg("row0"),
+        py::arg("cosine"));
+  m.def("search_codes", &search_codes, py::arg("queries"), py::arg("db"), py::arg("codes"), py::arg("meta"),
+        py::arg("scores"), py::arg("indices"), py::arg("k"), py::arg("cosine"));
+  m.def("code_bounds", &code_bounds, py::arg("queries"), py::arg("db"), py::arg("codes"), py::arg("meta"),
+        py::arg("lower"), py::arg("upper"), py::arg("cosine"));
+  m.def("code_kernel", [] { return std::string(plm::cpu::active_code_kernels().name); });
+  m.def("code_kernels", [] {
+    int n = 0;
+    const char* const* names = plm::cpu::supported_code_kernels(&n);
+    std::vector<std::string> out(names, names + n);
+    return out;
+  });
+  m.def("set_code_kernel", [](const std::string& name) { plm::cpu::set_code_kernel(name.c_str()); },
+        py::arg("name"));
   m.def("gem_forward", &gem_forward, py::arg("x"), py::arg("y"), py::arg("p"), py::arg("eps"));
   m.def("gem_backward", &gem_backward, py::arg("x"), py::arg("grad_output"), py::arg("y"),
         py::arg("grad_input"), py::arg("p"), py::arg("eps"), py::arg("want_dp"));

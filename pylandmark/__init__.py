@@ -10,7 +10,7 @@ from ._native import load_native as _load_native
 
 _load_native()
 from ._version import __version__  # noqa: E402
-from .ops import cuda_available, gem, get_num_threads, search, set_num_threads  # noqa: E402
+from .ops import PreparedDatabase, cuda_available, gem, get_num_threads, prepare, search, set_num_threads  # noqa: E402
 
 # name -> (module, attribute or None for the module itself), imported on first access
 _LAZY = {
@@ -27,7 +27,7 @@ _LAZY = {
     "train": ("training", "train"),
 }
 
-__all__ = ["__version__", "search", "gem", "cuda_available", "get_num_threads", "set_num_threads",
+__all__ = ["__version__", "search", "prepare", "PreparedDatabase", "gem", "cuda_available", "get_num_threads", "set_num_threads",
            *_LAZY]
 
 

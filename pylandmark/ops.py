@@ -21,13 +21,99 @@ MAX_THREADS = 4096  # set_num_threads accepts 0 .. MAX_THREADS
 MAX_K = 2 ** 31 - 1
 
 
+CODE_BLOCK = 16  # rows per block of compact codes (csrc/cpu/codes.h)
+CODE_FIELDS = 3  # metadata per row: scale factor, error term, dequantised norm
+
+
+class PreparedDatabase:
+    """A database prepared for repeated exact searches (:func:`prepare`): the rows as given
+    (never copied, so memory-mapped rows stay on disk) and, beside them, an int8 code per row
+    with a proved bound on its error. :func:`search` scans the codes (half the bytes of
+    float16 rows) and scores exactly only the rows whose bound says they can still be among
+    the top k: the same scores and indices as searching ``rows``, bit for bit.
+
+    Attributes:
+        rows: (N, D) the database (numpy, or a CPU torch tensor); it must not change while
+            prepared (the codes describe it as it was).
+        metric: "cosine" or "ip": the metric the codes were built for.
+        codes: (ceil(N / 16), 16 * Dc) uint8, Dc = D rounded up to 4 (layout: csrc/cpu/codes.h);
+            None for rows on a GPU, which :func:`search` scans in float16.
+        meta: (ceil(N / 16), 3, 16) float32 per-row scale, error term and norm, or None.
+        last_stats: of the most recent search: "rescored" (query, row) pairs scored exactly and
+            "fallback_queries" (queries searched in full because the bound could not prune).
+    """
+
+    def __init__(self, rows: Any, metric: str, codes: np.ndarray | None, meta: np.ndarray | None):
+        self.rows, self.metric, self.codes, self.meta = rows, metric, codes, meta
+        self.last_stats: dict[str, int] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.rows.shape)  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def __repr__(self) -> str:
+        return f"PreparedDatabase(N={len(self)}, D={self.shape[1]}, metric={self.metric!r}, codes={self.codes is not None})"
+
+
+def prepare(db: Any, metric: str = "cosine") -> PreparedDatabase:
+    """Prepares ``db`` (N, D) float16/bfloat16/float32 for repeated exact searches with
+    :func:`search`: builds the compact codes (about a second per million 1024-d rows and
+    core). numpy arrays (memory-mapped ones included) and CPU torch tensors get codes; arrays
+    on a GPU are kept as they are and searched in float16.
+
+    >>> prepared = pylandmark.prepare(db)            # once
+    >>> scores, idx = pylandmark.search(q, prepared, k=5)  # equal to search(q, db, k=5)
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if isinstance(db, PreparedDatabase):
+        db = db.rows
+    d = as_array(db, "db")
+    require_float(d)
+    if d.ndim != 2:
+        raise ValueError(f"db must be (N, D), got shape {d.shape}")
+    if not _unit_last_stride(d):
+        raise ValueError("db: the last axis must be contiguous (element stride 1); pass a "
+                         "contiguous copy (np.ascontiguousarray / .contiguous())")
+    if d.device[0] == CUDA:
+        return PreparedDatabase(db, metric, None, None)
+    codes, meta = build_codes(d, metric)
+    return PreparedDatabase(db, metric, codes, meta)
+
+
+def build_codes(rows: Any, metric: str, previous: tuple[np.ndarray, np.ndarray] | None = None,
+                start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, meta) for the CPU rows (N, D): codes of rows [start, N) are built, those of
+    rows [0, start) come from ``previous`` (the codes of the first ``start`` rows)."""
+    d = rows if isinstance(rows, Array) else as_array(rows, "rows")
+    n, dim = d.shape
+    blocks = -(-n // CODE_BLOCK)
+    width = CODE_BLOCK * (-(-dim // 4) * 4)
+    codes = np.empty((blocks, width), np.uint8)
+    meta = np.empty((blocks, CODE_FIELDS, CODE_BLOCK), np.float32)
+    if previous is not None and start:
+        keep = -(-start // CODE_BLOCK)
+        codes[:keep], meta[:keep] = previous[0][:keep], previous[1][:keep]
+    if n > start:
+        part = as_array(d.obj[start:], "rows")
+        _C.build_codes(part.spec(), as_array(codes, "codes").spec(), as_array(meta, "meta").spec(), start,
+                       metric == "cosine")
+    return codes, meta
+
+
 def search(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> tuple[Any, Any]:
     """Exact top-k search of ``queries`` against the rows of ``db``.
 
     Args:
         queries: (Q, D) or (D,) float16/bfloat16/float32; numpy, torch or cupy.
         db: (N, D) float16/bfloat16/float32, in the same framework family and on the same device.
-            Rows may be strided (e.g. ``db[::2]``) and read-only or memory-mapped.
+            Rows may be strided (e.g. ``db[::2]``) and read-only or memory-mapped. Or a
+            :class:`PreparedDatabase` (:func:`prepare`): the same results, from a scan of
+            compact codes that scores only the rows that can still win (its metric must be
+            ``metric``).
         k: number of neighbours (>= 1; at most 1024 on the GPU). Beyond N the result is padded
             with index -1, score -inf.
         metric: "cosine" (norms computed on the fly; zero vectors score 0) or "ip".
@@ -41,10 +127,21 @@ def search(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> tuple[A
     synchronising: a query holding NaN raises on the CPU, but on the GPU its row comes back as
     NaN scores and index -1.
     """
+    prepared = db if isinstance(db, PreparedDatabase) else None
+    if prepared is not None:
+        if prepared.metric != metric:
+            raise ValueError(f"db was prepared for metric {prepared.metric!r}, not {metric!r}; pass "
+                             f"metric={prepared.metric!r} or prepare(rows, metric={metric!r})")
+        db = prepared.rows
     q, d, k, one = _operands(queries, db, k, metric)
     scores = as_array(empty_like_framework(q, (q.shape[0], k), "float32"), "scores")
     indices = as_array(empty_like_framework(q, (q.shape[0], k), "int64"), "indices")
-    if q.device[0] == CUDA:
+    if prepared is not None and prepared.codes is not None and q.device[0] != CUDA:
+        rescored, fallback = _C.search_codes(q.spec(), d.spec(), as_array(prepared.codes, "codes").spec(),
+                                             as_array(prepared.meta, "meta").spec(), scores.spec(),
+                                             indices.spec(), k, metric == "cosine")
+        prepared.last_stats = {"rescored": rescored, "fallback_queries": fallback}
+    elif q.device[0] == CUDA:
         _search_cuda(q, d, scores, indices, k, metric == "cosine")
     else:
         _C.search(q.spec(), d.spec(), scores.spec(), indices.spec(), k, metric == "cosine")

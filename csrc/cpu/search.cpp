@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/scan.h"
 #include "cpu/threads.h"
 #include "cpu/topk.h"
 
@@ -26,17 +27,10 @@ constexpr int64_t kMinRowsPerThread = 2048;
 constexpr int64_t kRangesPerThread = 8;        // few queries: db ranges per thread, dealt out
 constexpr int64_t kMinQueriesPerThread = 48;   // below this, threads split the db instead
 
-struct Plan {
-  const KernelTable* kernels;
-  const SearchArgs* args;
-  int64_t Dp;
-  const float* queries;  // Q x Dp, unit norm for cosine
-  bool direct;
-  int64_t query_block;
-  int64_t tile_rows;
-};
-
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+
+}  // namespace
 
 const unsigned char* db_row(const SearchArgs& a, int64_t n) {
   return static_cast<const unsigned char*>(a.db) + n * a.db_stride * dtype_size(a.db_dtype);
@@ -46,7 +40,7 @@ const unsigned char* db_row(const SearchArgs& a, int64_t n) {
 // beyond ~1e19, or so small that their squares underflow) are scored again in double, which
 // holds every square and product of float32 values exactly in range: scores[i * ld + j] becomes
 // the cosine and inv_norms[j] 1. Rare; costs one pass over such a row per query block.
-void redo_extreme_rows(const Plan& p, const float* queries, int64_t nq, int64_t n0, int64_t nt,
+static void redo_extreme_rows(const Plan& p, const float* queries, int64_t nq, int64_t n0, int64_t nt,
                        float* scores, int64_t ld, float* inv_norms) {
   const SearchArgs& a = *p.args;
   std::vector<float> row;
@@ -73,7 +67,7 @@ void redo_extreme_rows(const Plan& p, const float* queries, int64_t nq, int64_t 
 constexpr int64_t kOfferRun = 32;
 
 template <bool COSINE>
-void offer_block_t(const float* scores, int64_t ld, int64_t nq, int64_t nt, int64_t n0,
+static void offer_block_t(const float* scores, int64_t ld, int64_t nq, int64_t nt, int64_t n0,
                    const float* inv_norms, TopKList* lists) {
   for (int64_t i = 0; i < nq; ++i) {
     const float* row = scores + i * ld;
@@ -95,7 +89,7 @@ void offer_block_t(const float* scores, int64_t ld, int64_t nq, int64_t nt, int6
   }
 }
 
-void offer_block(const float* scores, int64_t ld, int64_t nq, int64_t nt, int64_t n0,
+static void offer_block(const float* scores, int64_t ld, int64_t nq, int64_t nt, int64_t n0,
                  const float* inv_norms, TopKList* lists) {
   if (inv_norms) return offer_block_t<true>(scores, ld, nq, nt, n0, inv_norms, lists);
   offer_block_t<false>(scores, ld, nq, nt, n0, nullptr, lists);
@@ -160,13 +154,7 @@ std::vector<TopKList> make_lists(float* scores, int64_t* indices, int64_t Q, int
   return lists;
 }
 
-}  // namespace
-
-void search(const SearchArgs& a) {
-  if (a.Q == 0) return;
-  const KernelTable& K = active_kernels();
-  const int64_t Dp = padded_dim(a.D);
-
+std::vector<float> pack_queries(const SearchArgs& a, const KernelTable& K, int64_t Dp) {
   std::vector<float> queries(a.Q * Dp);
   K.pack_rows(a.queries, a.query_dtype, a.query_stride, a.Q, a.D, Dp, queries.data(), nullptr);
   for (int64_t i = 0; i < a.Q; ++i) {
@@ -182,16 +170,33 @@ void search(const SearchArgs& a) {
     const double inv = n2 > 0.0 ? 1.0 / std::sqrt(n2) : 0.0;
     for (int64_t d = 0; d < a.D; ++d) row[d] = static_cast<float>(row[d] * inv);
   }
+  return queries;
+}
 
+Plan make_plan(const SearchArgs& a, const KernelTable& K, const float* queries) {
   Plan p;
   p.kernels = &K;
   p.args = &a;
-  p.Dp = Dp;
-  p.queries = queries.data();
+  p.Dp = padded_dim(a.D);
+  p.queries = queries;
   p.direct = a.Q <= K.direct_max_q;
-  p.query_block = std::clamp<int64_t>(kQueryBlockBytes / (Dp * 4), 6, 512) / 6 * 6;
-  p.tile_rows = std::max<int64_t>(8, std::min<int64_t>(512, kTileBytes / (Dp * 4)) / 4 * 4);
+  p.query_block = std::clamp<int64_t>(kQueryBlockBytes / (p.Dp * 4), 6, 512) / 6 * 6;
+  p.tile_rows = std::max<int64_t>(8, std::min<int64_t>(512, kTileBytes / (p.Dp * 4)) / 4 * 4);
+  return p;
+}
 
+void search(const SearchArgs& a) {
+  if (a.Q == 0) return;
+  const KernelTable& K = active_kernels();
+  std::vector<float> queries = pack_queries(a, K, padded_dim(a.D));
+  Plan p = make_plan(a, K, queries.data());
+  search_planned(p);
+}
+
+void search_planned(Plan& p) {
+  const SearchArgs& a = *p.args;
+  const KernelTable& K = *p.kernels;
+  const int64_t Dp = p.Dp;
   int threads = a.threads > 0 ? a.threads : get_num_threads();
   const int64_t flops = a.Q * a.N * std::max<int64_t>(a.D, 16);
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, flops >> 22)));

@@ -26,7 +26,7 @@ __all__ = ["MAGIC", "MANIFEST_MAGIC", "FORMAT_VERSION", "MANIFEST_VERSION", "PRE
 
 MAGIC = b"PLMINDEX"
 MANIFEST_MAGIC = b"PLMSHARD"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: compact codes beside the matrix (issue 27); version 1 files still load
 MANIFEST_VERSION = 1
 PREFIX = struct.Struct("<8sIIII")
 _SUM_CHUNK = 1 << 24  # words per checksum chunk, bounds the temporary memory

@@ -1,6 +1,7 @@
 """Index: float16 descriptors with ids, labels and paths; exact search; one self-describing file.
 
-File layout (little endian), version 1:
+File layout (little endian), version 2 (version 1 lacks the codes; such files load, and get codes
+on their first search or save):
 
     0   8 bytes  magic b"PLMINDEX"
     8   u32      format version
@@ -9,7 +10,9 @@ File layout (little endian), version 1:
     20  u32      reserved (0)
     24  H bytes  header: UTF-8 JSON (dim, count, metric, dtype, metadata, sections)
     ... sections at the offsets the header gives: the (count, dim) float16 matrix aligned to 4096
-        bytes for memory mapping, then int64 ids, then JSON labels and paths.
+        bytes for memory mapping, then int64 ids, then JSON labels and paths, then the compact codes
+        of :func:`pylandmark.prepare` (``codes``: (ceil(count/16), 16 * Dc) uint8, 64-byte aligned,
+        memory-mapped like the matrix; ``code_meta``: (ceil(count/16), 3, 16) float32).
 
 Each section carries a checksum (CRC-32; for the matrix a 64-bit word sum, fast enough to
 check a multi-GB file on open). Files are written to a temporary name (``.<name>.<random>.tmp``,
@@ -34,7 +37,7 @@ import numpy as np
 from .._checks import check_int
 from .._files import remove_stale_temps, replaced_atomically, writer_lock
 from .._version import __version__
-from ..ops import METRICS, search
+from ..ops import CODE_BLOCK, CODE_FIELDS, METRICS, PreparedDatabase, build_codes, search
 from .format import (
     FORMAT_VERSION,
     MAGIC,
@@ -120,6 +123,7 @@ class Index:
         self._source: tuple[str, int] | None = None  # (file, header CRC) this index was loaded from or saved to
         self._device = "cpu"
         self._gpu_matrix: Any = None  # a torch tensor once .to(device) put the matrix there
+        self._codes: tuple[np.ndarray, np.ndarray] | None = None  # (codes, meta) of the matrix, built on demand
 
     # ---- contents ---------------------------------------------------------------------------
 
@@ -180,12 +184,13 @@ class Index:
         labels = self._check_column(labels, n, "labels", self._labels, _label_value)
         paths = self._check_column(paths, n, "paths", self._paths, _path_value)
         matrix = np.concatenate([np.asarray(self._matrix), rows])
+        codes = None if self._codes is None else build_codes(matrix, self.metric, self._codes, len(self))
         all_ids = np.concatenate([self._ids, new_ids])
         all_labels = self._labels if labels is None else (self._labels or []) + labels
         all_paths = self._paths if paths is None else (self._paths or []) + paths
         # nothing below can fail
         self._matrix, self._ids, self._labels, self._paths = matrix, all_ids, all_labels, all_paths
-        self._gpu_matrix = None
+        self._gpu_matrix, self._codes = None, codes
         return new_ids
 
     def _new_ids(self, ids: Sequence[int] | None, n: int) -> np.ndarray:
@@ -228,7 +233,7 @@ class Index:
         labels = None if self._labels is None else [v for v, k in zip(self._labels, keep) if k]
         paths = None if self._paths is None else [v for v, k in zip(self._paths, keep) if k]
         self._matrix, self._ids, self._labels, self._paths = matrix, self._ids[keep], labels, paths
-        self._gpu_matrix = None
+        self._gpu_matrix, self._codes = None, None
         return int((~keep).sum())
 
     # ---- search -----------------------------------------------------------------------------
@@ -237,8 +242,15 @@ class Index:
         """Like ``search`` but returns row positions (0..len-1, -1 padding) instead of ids."""
         if len(self) == 0:
             raise ValueError("the index is empty; add descriptors before searching")
-        db = self._gpu_matrix if self._gpu_matrix is not None else self._matrix
+        db = self._gpu_matrix if self._gpu_matrix is not None else self.prepared()
         return search(queries, db, k=k, metric=self.metric)
+
+    def prepared(self) -> PreparedDatabase:
+        """The matrix with its compact codes (:func:`pylandmark.prepare`), which CPU searches
+        scan first: from the file, kept up to date by ``add``, or built here on first use."""
+        if self._codes is None:
+            self._codes = build_codes(self._matrix, self.metric)
+        return PreparedDatabase(self._matrix, self.metric, *self._codes)
 
     def search(self, queries: Any, k: int = 5) -> tuple[Any, Any]:
         """queries (Q, D) or (D,) -> scores (Q, k) float32 and ids (Q, k) int64 (-1: none)."""
@@ -269,6 +281,7 @@ class Index:
         path = Path(path)
         matrix = np.ascontiguousarray(self._matrix, dtype=np.float16)
         ids = np.ascontiguousarray(self._ids, dtype="<i8")
+        codes, code_meta = self.prepared().codes, self.prepared().meta
         blobs = {
             "labels": None if self._labels is None else json.dumps(self._labels).encode(),
             "paths": None if self._paths is None else json.dumps(self._paths).encode(),
@@ -287,6 +300,11 @@ class Index:
                 if blob is not None:
                     sections[name] = {"offset": offset, "nbytes": len(blob), "crc32": zlib.crc32(blob)}
                     offset += len(blob)
+            offset = _align(offset, 64)
+            sections["codes"] = {"offset": offset, "nbytes": codes.nbytes, "sum64": sum64(codes)}
+            offset += codes.nbytes
+            sections["code_meta"] = {"offset": offset, "nbytes": code_meta.nbytes,
+                                     "crc32": zlib.crc32(np.ascontiguousarray(code_meta, "<f4").tobytes())}
             header = {"dim": self.dim, "count": len(self), "metric": self.metric, "dtype": "float16",
                       "metadata": self.metadata, "sections": sections,
                       "created_by": f"pylandmark {__version__}"}
@@ -301,7 +319,7 @@ class Index:
         with writer_lock(path):  # one writer at a time; a reader sees the old file or the new one
             self._check_unchanged_since_load(path)
             remove_stale_temps(path)
-            self._write(path, header_bytes, sections, matrix, ids, blobs)
+            self._write(path, header_bytes, sections, matrix, ids, {**blobs, "codes": codes, "code_meta": code_meta})
             self._source = (str(path.resolve()), zlib.crc32(header_bytes))
         log.info("saved %d descriptors to %s", len(self), path)
         return path
@@ -333,7 +351,7 @@ class Index:
             for name, blob in blobs.items():
                 if blob is not None:
                     f.seek(sections[name]["offset"])
-                    f.write(blob)
+                    f.write(blob.reshape(-1).view(np.uint8).data if isinstance(blob, np.ndarray) else blob)
             f.truncate(max(sec["offset"] + sec["nbytes"] for sec in sections.values()))
 
     @classmethod
@@ -407,6 +425,8 @@ class Index:
             raise IndexFormatError(f"{path} is damaged (descriptor matrix checksum mismatch)")
         index = cls(dim, metric, metadata)
         index._matrix, index._ids, index._labels, index._paths = matrix, ids, labels, paths
+        if "codes" in sections and count:
+            index._codes = _read_codes(path, f, sections, matrix, metric, mmap=mmap, verify=verify)
         index._source = (str(path.resolve()), hcrc)
         return index
 
@@ -416,7 +436,8 @@ class Index:
         classes = sorted({str(v) for v in labels}) if labels is not None else []
         return {"count": len(self), "dim": self.dim, "metric": self.metric, "dtype": "float16",
                 "labelled": labels is not None, "classes": len(classes),
-                "memory_mapped": isinstance(self._matrix, np.memmap), "metadata": self.metadata}
+                "memory_mapped": isinstance(self._matrix, np.memmap), "codes": self._codes is not None,
+                "metadata": self.metadata}
 
 
 class IndexChangedError(RuntimeError):
@@ -518,7 +539,8 @@ def _parse_header(raw: bytes, data_start: int) -> tuple[int, int, str, dict, dic
     sections = header.get("sections")
     if not isinstance(sections, dict) or "matrix" not in sections or "ids" not in sections:
         raise ValueError("sections must be an object with 'matrix' and 'ids'")
-    known = {"matrix": "sum64", "ids": "crc32", "labels": "crc32", "paths": "crc32"}
+    known = {"matrix": "sum64", "ids": "crc32", "labels": "crc32", "paths": "crc32", "codes": "sum64",
+             "code_meta": "crc32"}
     checked = {}
     for name, sec in sections.items():
         if name not in known:
@@ -530,7 +552,47 @@ def _parse_header(raw: bytes, data_start: int) -> tuple[int, int, str, dict, dic
                          known[name]: _int(sec.get(known[name]), f"{name} {known[name]}", 0, (1 << 64) - 1)}
     if checked["matrix"]["nbytes"] != count * dim * 2 or checked["ids"]["nbytes"] != count * 8:
         raise ValueError("section sizes disagree with count and dim")
+    if ("codes" in checked) != ("code_meta" in checked):
+        raise ValueError("codes and code_meta come together")
+    blocks = -(-count // CODE_BLOCK)
+    if "codes" in checked and (checked["codes"]["nbytes"] != blocks * CODE_BLOCK * (-(-dim // 4) * 4)
+                               or checked["code_meta"]["nbytes"] != blocks * CODE_FIELDS * CODE_BLOCK * 4
+                               or checked["codes"]["offset"] % 64):
+        raise ValueError("code section sizes disagree with count and dim")
     return dim, count, metric, metadata, checked
+
+
+def _read_codes(path: Path, f: io.BufferedReader, sections: dict, matrix: np.ndarray, metric: str, *,
+                mmap: bool, verify: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """The codes and their metadata from the file, checked: checksums, and the codes of a few
+    rows (first, last and 6 spread between) built again from the matrix and compared, so that
+    codes from another matrix (a crafted or mismatched file) are dropped (None: built again on
+    the first search) instead of pruning wrongly."""
+    blocks = -(-len(matrix) // CODE_BLOCK)
+    width = sections["codes"]["nbytes"] // blocks
+    off = sections["codes"]["offset"]
+    if mmap:
+        codes = np.memmap(f, dtype=np.uint8, mode="r", offset=off, shape=(blocks, width))
+    else:
+        codes = np.empty((blocks, width), np.uint8)
+        f.seek(off)
+        if f.readinto(codes.data.cast("B")) != codes.nbytes:
+            raise IndexFormatError(f"{path} is truncated (codes incomplete)")
+    f.seek(sections["code_meta"]["offset"])
+    raw = f.read(sections["code_meta"]["nbytes"])
+    if zlib.crc32(raw) != sections["code_meta"]["crc32"]:
+        raise IndexFormatError(f"{path} is damaged (code_meta checksum mismatch)")
+    meta = np.frombuffer(raw, "<f4").astype(np.float32).reshape(blocks, CODE_FIELDS, CODE_BLOCK)
+    if verify and sum64(codes) != sections["codes"]["sum64"]:
+        raise IndexFormatError(f"{path} is damaged (codes checksum mismatch)")
+    for b in sorted({int(x) for x in np.linspace(0, blocks - 1, 8)}):
+        rows = matrix[b * CODE_BLOCK:(b + 1) * CODE_BLOCK]
+        c, m = build_codes(np.ascontiguousarray(rows), metric)
+        if not (np.array_equal(c[0], codes[b]) and np.array_equal(m[0].view(np.uint32), meta[b].view(np.uint32))):
+            log.warning("%s: its codes do not match its descriptors (block %d); ignoring them, they are built "
+                        "again on the first search (save the index to store them)", path, b)
+            return None
+    return codes, meta
 
 
 def _check_ids(ids: np.ndarray) -> np.ndarray:

@@ -1,0 +1,163 @@
+"""Exact search from compact codes (issue 27) against our float16 search and faiss, in one run.
+
+    python benchmarks/bench_codes.py                        # N=1,000,000, D=1024, Q 1/64/1024, k 5/100
+    python benchmarks/bench_codes.py --n 100000 --queries 1 64 --repeat 3
+    python benchmarks/bench_codes.py --json out.json
+
+Three data sets of unit float16 rows, each searched by fresh queries:
+  gaussian   rows and queries i.i.d. Gaussian (top-k scores barely above the bulk: the hard
+             realistic case for a bound);
+  landmark   non-negative, GeM-like rows (gamma-distributed, as pooled ReLU features are) in
+             clusters of 20 near-duplicates; queries are new members of random clusters (top-k
+             scores high, the bulk around 0.7);
+  near-tie   every row the same vector plus noise of 1e-4: all scores within the bound of each
+             other, so it cannot prune (the fallback's cost).
+Methods: pylandmark.search on the float16 rows ("f16"), on pylandmark.prepare(rows) ("codes";
+checked equal to f16, bit for bit, every call), faiss IndexScalarQuantizer QT_8bit inner product
+("faiss sq8", approximate: its recall@k against f16 is printed) and, with --faiss-flat,
+IndexFlatIP on a float32 copy. Methods run interleaved (one call of each per round; median of
+the rounds). Ratio = the method's time / codes. Prints the table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+import pylandmark as plm  # noqa: E402
+from pylandmark import _C  # noqa: E402
+from pylandmark.retrieval.bench import cpu_name  # noqa: E402
+
+CHUNK = 65536
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def make_set(name: str, n: int, dim: int, nq: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(db (n, dim) float16 unit rows, queries (nq, dim) float32) of one data set."""
+    db = np.empty((n, dim), np.float16)
+    if name == "gaussian":
+        for s in range(0, n, CHUNK):
+            db[s:s + CHUNK] = unit_rows(rng.standard_normal((min(CHUNK, n - s), dim), dtype=np.float32))
+        return db, rng.standard_normal((nq, dim), dtype=np.float32)
+    if name == "landmark":
+        centers = rng.gamma(0.5, 1.0, size=(-(-n // 20), dim)).astype(np.float32)
+
+        def members(c: np.ndarray) -> np.ndarray:
+            noise = rng.gamma(0.5, 1.0, size=c.shape).astype(np.float32)
+            return np.maximum(c * rng.uniform(0.7, 1.0, size=(len(c), 1)).astype(np.float32) + 0.3 * noise, 0)
+
+        for s in range(0, n, CHUNK):
+            m = min(CHUNK, n - s)
+            db[s:s + m] = unit_rows(members(centers[(np.arange(s, s + m)) // 20]))
+        return db, members(centers[rng.integers(0, len(centers), nq)])
+    if name == "near-tie":
+        base = rng.standard_normal(dim).astype(np.float32)
+        for s in range(0, n, CHUNK):
+            m = min(CHUNK, n - s)
+            db[s:s + m] = unit_rows(base + 1e-4 * rng.standard_normal((m, dim), dtype=np.float32))
+        return db, base + 1e-4 * rng.standard_normal((nq, dim), dtype=np.float32)
+    raise ValueError(name)
+
+
+def interleaved(fns: dict, repeat: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeat + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--queries", type=int, nargs="+", default=[1, 64, 1024])
+    ap.add_argument("--k", type=int, nargs="+", default=[5, 100])
+    ap.add_argument("--sets", nargs="+", default=["gaussian", "landmark", "near-tie"])
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per (Q, k); Q >= 1024 gets one")
+    ap.add_argument("--faiss-flat", action="store_true", help="also faiss IndexFlatIP on a float32 copy")
+    ap.add_argument("--no-faiss", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    faiss = None
+    if not args.no_faiss:
+        import faiss
+    threads = plm.get_num_threads()
+    machine = (f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads, isa {_C.cpu_isa()}, code kernel "
+               f"{_C.code_kernel()}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '-')}, "
+               f"Python {platform.python_version()}, faiss {getattr(faiss, '__version__', '-')}")
+    print(machine, flush=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for name in args.sets:
+        t0 = time.perf_counter()
+        db, queries = make_set(name, args.n, args.dim, max(args.queries), rng)
+        t1 = time.perf_counter()
+        prepared = plm.prepare(db)
+        build_s = time.perf_counter() - t1
+        print(f"{name}: made in {t1 - t0:.1f} s, codes built in {build_s:.2f} s", flush=True)
+        sq = flat = None
+        if faiss is not None:
+            sq = faiss.IndexScalarQuantizer(args.dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+            sample = db[rng.integers(0, args.n, min(args.n, 100_000))].astype(np.float32)
+            sq.train(sample)
+            for s in range(0, args.n, CHUNK):
+                sq.add(db[s:s + CHUNK].astype(np.float32))
+            if args.faiss_flat:
+                flat = faiss.IndexFlatIP(args.dim)
+                for s in range(0, args.n, CHUNK):
+                    flat.add(db[s:s + CHUNK].astype(np.float32))
+        for nq in args.queries:
+            q = queries[:nq]
+            qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+            for k in args.k:
+                ref_s, ref_i = plm.search(q, db, k)
+                got_s, got_i = plm.search(q, prepared, k)
+                if not (np.array_equal(ref_i, got_i) and np.array_equal(ref_s.view(np.uint32), got_s.view(np.uint32))):
+                    raise SystemExit(f"{name} Q={nq} k={k}: codes differ from the float16 search")
+                stats = dict(prepared.last_stats)
+                fns = {"f16": lambda: plm.search(q, db, k), "codes": lambda: plm.search(q, prepared, k)}
+                recall = None
+                if sq is not None:
+                    fns["faiss sq8"] = lambda: sq.search(qn, k)
+                    _, fi = sq.search(qn, k)
+                    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(fi.tolist(), ref_i.tolist())]))
+                if flat is not None:
+                    fns["faiss flat"] = lambda: flat.search(qn, k)
+                ms = interleaved(fns, 1 if nq >= 1024 else args.repeat)
+                row = {"set": name, "Q": nq, "k": k, "ms": ms, "rescored_fraction": stats["rescored"] / (nq * args.n),
+                       "fallback_queries": stats["fallback_queries"], "sq8_recall": recall}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del db, prepared, sq, flat
+    print(f"\nN={args.n:,}, D={args.dim}; {machine}\n")
+    cols = ["f16", "codes", "faiss sq8"] + (["faiss flat"] if args.faiss_flat else [])
+    print("| set | Q | k | " + " | ".join(f"{c} ms" for c in cols) + " | f16 / codes | sq8 / codes | rescored | fallback | sq8 recall |")
+    print("|" + "---|" * (len(cols) + 8))
+    for r in rows:
+        ms = r["ms"]
+        cells = [f"{ms[c]:.1f}" if c in ms else "-" for c in cols]
+        sq8 = f"{ms['faiss sq8'] / ms['codes']:.2f}x" if "faiss sq8" in ms else "-"
+        rec = f"{r['sq8_recall']:.3f}" if r["sq8_recall"] is not None else "-"
+        print(f"| {r['set']} | {r['Q']} | {r['k']} | " + " | ".join(cells) +
+              f" | **{ms['f16'] / ms['codes']:.2f}x** | {sq8} | {r['rescored_fraction']:.2e} | "
+              f"{r['fallback_queries']}/{r['Q']} | {rec} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "n": args.n, "dim": args.dim, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+// The scan of block-packed int8 codes for one instruction set (see codes.h). CMake compiles this
+// file once per variant (generic, avx2, avx512, avx512vnni) with PLM_ISA_NS naming its namespace;
+// nothing here allocates or throws.
+//
+// Per quad of dimensions t, one vector holds 4 code bytes of each of its W rows; a query's 4
+// bytes are broadcast to every lane, and the lane's 4 products are summed into its int32
+// accumulator: vpdpbusd on AVX-512 VNNI, vpmaddubsw + vpmaddwd elsewhere (their 16-bit pair sums
+// stay exact because the query bytes are kept within [-63, 63]: 2 * 255 * 63 < 2^15).
+#include <cstdint>
+
+#include "cpu/codes.h"
+
+#if defined(PLM_ISA_avx512) || defined(PLM_ISA_avx2)
+#include <immintrin.h>
+#endif
+
+#ifndef PLM_ISA_NS
+#error "PLM_ISA_NS must name the ISA namespace"
+#endif
+#define PLM_CAT2(a, b) a##b
+#define PLM_CAT(a, b) PLM_CAT2(a, b)
+
+namespace plm::cpu {
+namespace PLM_ISA_NS {
+
+#if defined(PLM_ISA_avx512)
+constexpr int W = 16;
+#elif defined(PLM_ISA_avx2)
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+
+#if defined(PLM_ISA_avx512) && defined(PLM_CODE_VNNI)
+constexpr int kQMax = 127;
+static inline vi load_rows(const uint8_t* p) { return (vi)_mm512_loadu_si512(p); }
+static inline vi dot4(vi acc, vi rows, vi q) { return (vi)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)rows, (__m512i)q); }
+static inline unsigned mask_ge(vf a, vf b) { return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ); }
+#elif defined(PLM_ISA_avx512)
+constexpr int kQMax = 63;
+static inline vi load_rows(const uint8_t* p) { return (vi)_mm512_loadu_si512(p); }
+static inline vi dot4(vi acc, vi rows, vi q) {
+  const __m512i pairs = _mm512_maddubs_epi16((__m512i)rows, (__m512i)q);
+  return acc + (vi)_mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
+}
+static inline unsigned mask_ge(vf a, vf b) { return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ); }
+#elif defined(PLM_ISA_avx2)
+constexpr int kQMax = 63;
+static inline vi load_rows(const uint8_t* p) { return (vi)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+static inline vi dot4(vi acc, vi rows, vi q) {
+  const __m256i pairs = _mm256_maddubs_epi16((__m256i)rows, (__m256i)q);
+  return acc + (vi)_mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+static inline unsigned mask_ge(vf a, vf b) {
+  return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GE_OQ)));
+}
+#else
+constexpr int kQMax = 127;
+static inline vi load_rows(const uint8_t* p) {
+  vi v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+// Lane l: the 4 unsigned bytes of rows times the 4 signed bytes of q (the same in every lane).
+static inline vi dot4(vi acc, vi rows, vi q) {
+  uint8_t r[W * 4];
+  int8_t qb[4];
+  __builtin_memcpy(r, &rows, sizeof r);
+  __builtin_memcpy(qb, &q, 4);
+  for (int l = 0; l < W; ++l)
+    for (int b = 0; b < 4; ++b) acc[l] += static_cast<int32_t>(r[l * 4 + b]) * qb[b];
+  return acc;
+}
+static inline unsigned mask_ge(vf a, vf b) {
+  unsigned m = 0;
+  for (int l = 0; l < W; ++l) m |= static_cast<unsigned>(a[l] >= b[l]) << l;
+  return m;
+}
+#endif
+
+static inline vi bcast4(const int8_t* p) {
+  int32_t x;
+  __builtin_memcpy(&x, p, 4);
+  return vi{} + x;
+}
+static inline vf vload(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
+
+// MR queries x NRV row vectors (NRV * W rows) per step; queries past nq repeat query 0 and their
+// results are dropped, row vectors past the rows repeat the group's first vector and are masked.
+template <int MR, int NRV>
+static int64_t scan_t(const int8_t* q, int64_t q_stride, const CodeQuery* qp, const float* tau,
+                      int64_t nq, const uint8_t* codes, const float* meta, int64_t Dc, int64_t r0,
+                      int64_t nt, CodeHit* hits) {
+  constexpr int R = NRV * W;
+  const int64_t quads = Dc / 4, block_bytes = kCodeBlock * Dc, block_meta = kCodeFields * kCodeBlock;
+  const int8_t* qrow[MR];
+  for (int i = 0; i < MR; ++i) qrow[i] = q + (i < nq ? i : 0) * q_stride;
+  int64_t nh = 0;
+  for (int64_t g = 0; g < nt; g += R) {
+    const uint8_t* rp[NRV];
+    const float* mp[NRV];
+    for (int v = 0; v < NRV; ++v) {
+      const int64_t row = r0 + g + (g + v * W < nt ? v * W : 0);
+      rp[v] = codes + (row / kCodeBlock) * block_bytes + (row % kCodeBlock) * 4;
+      mp[v] = meta + (row / kCodeBlock) * block_meta + row % kCodeBlock;
+    }
+    vi acc[MR][NRV];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NRV; ++v) acc[i][v] = vi{};
+    for (int64_t t = 0; t < quads; ++t) {
+      vi rows[NRV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NRV; ++v) rows[v] = load_rows(rp[v] + t * 64);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const vi qb = bcast4(qrow[i] + t * 4);
+#pragma GCC unroll 8
+        for (int v = 0; v < NRV; ++v) acc[i][v] = dot4(acc[i][v], rows[v], qb);
+      }
+    }
+    for (int v = 0; v < NRV; ++v) {
+      const int64_t first = g + v * W;
+      if (first >= nt) break;
+      const vf c = vload(mp[v]), E = vload(mp[v] + kCodeBlock), beta = vload(mp[v] + 2 * kCodeBlock);
+      for (int i = 0; i < MR && i < nq; ++i) {
+        const CodeQuery& cq = qp[i];
+        const vf A = __builtin_convertvector(acc[i][v] - cq.corr, vf) * (c * cq.cq);
+        const vf B = (E * cq.kappa + beta * cq.eq) * kBoundRelB + vabs(A) * kBoundRelA + kBoundAbs;
+        const vf U = A + B;
+        unsigned m = mask_ge(U, vf{} + tau[i]);
+        while (m) {
+          const int l = __builtin_ctz(m);
+          m &= m - 1;
+          if (first + l >= nt) break;
+          hits[nh++] = {static_cast<int32_t>(i), r0 + first + l, A[l] - B[l], U[l]};
+        }
+      }
+    }
+  }
+  return nh;
+}
+
+static int64_t scan(const int8_t* q, int64_t q_stride, const CodeQuery* qp, const float* tau,
+                    int64_t nq, const uint8_t* codes, const float* meta, int64_t Dc, int64_t r0,
+                    int64_t nt, CodeHit* hits) {
+#if defined(PLM_ISA_avx512)
+  // 32 zmm registers: MR x NRV accumulators + NRV rows + the broadcast (+ the constant of madd)
+  if (nq == 1) return scan_t<1, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+  if (nq == 2) return scan_t<2, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+  if (nq <= 4) return scan_t<4, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+  if (nq <= 8) return scan_t<8, 2>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+  return scan_t<12, 2>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+#elif defined(PLM_ISA_avx2)
+  // 16 ymm registers
+  if (nq == 1) return scan_t<1, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+  if (nq == 2) return scan_t<2, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+  return scan_t<4, 2>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+#else
+  if (nq == 1) return scan_t<1, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+  return scan_t<4, 2>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+#endif
+}
+
+#if defined(PLM_ISA_avx512)
+constexpr int kMR = 12;
+#else
+constexpr int kMR = 4;
+#endif
+
+}  // namespace PLM_ISA_NS
+
+#if defined(PLM_ISA_avx512) && defined(PLM_CODE_VNNI)
+#define PLM_CODE_NAME "avx512-vnni"
+#elif defined(PLM_ISA_avx512)
+#define PLM_CODE_NAME "avx512"
+#elif defined(PLM_ISA_avx2)
+#define PLM_CODE_NAME "avx2"
+#else
+#define PLM_CODE_NAME "generic"
+#endif
+
+extern const CodeKernelTable PLM_CAT(code_kernels_, PLM_ISA_NS);
+const CodeKernelTable PLM_CAT(code_kernels_, PLM_ISA_NS) = {
+    PLM_CODE_NAME, PLM_ISA_NS::kQMax, PLM_ISA_NS::kMR, PLM_ISA_NS::scan};
+
+}  // namespace plm::cpu
