@@ -34,7 +34,6 @@ constexpr double kU = 0x1p-24;  // float32 unit roundoff
 constexpr double kMaxNorm = 0x1p40, kMinNorm = 0x1p-40;
 constexpr int64_t kTileRows = 256;       // rows per code scan call
 constexpr int64_t kQueryBlock = 192;     // queries that share a tile of codes while it is in L2
-constexpr int64_t kRescoreGroup = 6;     // queries whose candidates are scored together
 constexpr int64_t kMinRowsPerRange = 4096;
 constexpr int64_t kWindowRows = 4096;    // rows per near-tie test
 constexpr size_t kCandidateBytes = 256 << 20;  // all queries' candidate lists together, at most
@@ -485,10 +484,13 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
     for (const auto& c : cands) stats->rescored += static_cast<int64_t>(c.size());
   }
 
-  // Exact scores of the candidates: the union of a group's candidates, copied together, scored
-  // by the search's own scan (a pair's score does not depend on the other rows), rows mapped back.
-  const int64_t group = p.direct ? a.Q : kRescoreGroup;
+  // Exact scores of the candidates, copied together in increasing row order and scored by the
+  // search's own kernels (a pair's score does not depend on the other rows), rows mapped back.
+  // The direct kernels score a query together with the other queries of the call, so there the
+  // union of all queries' candidates is scored for all queries at once; elsewhere each query
+  // scores its own candidates alone (scan_one).
   const int64_t esize = static_cast<int64_t>(dtype_size(a.db_dtype));
+  const int64_t group = p.direct ? a.Q : 1;
   WorkQueue groups((a.Q + group - 1) / group);
   parallel_for(p.direct ? 1 : threads, [&](int) {
     long long g;
@@ -496,10 +498,13 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
     std::vector<unsigned char> copy;
     while (groups.next(&g)) {
       const int64_t q0 = g * group, q1 = std::min(a.Q, q0 + group);
+      if (q1 - q0 == 1 && std::binary_search(fallback.begin(), fallback.end(), q0)) continue;
       rows.clear();
       for (int64_t i = q0; i < q1; ++i) rows.insert(rows.end(), cands[i].begin(), cands[i].end());
-      std::sort(rows.begin(), rows.end());
-      rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+      if (q1 - q0 > 1) {
+        std::sort(rows.begin(), rows.end());
+        rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+      }
       copy.resize(std::max<size_t>(1, rows.size()) * a.D * esize);
       for (size_t j = 0; j < rows.size(); ++j)
         std::memcpy(copy.data() + j * a.D * esize, db_row(a, rows[j]), a.D * esize);
@@ -510,7 +515,8 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
       Plan ps = p;
       ps.args = &sub;
       auto lists = make_lists(a.scores + q0 * a.k, a.indices + q0 * a.k, q1 - q0, a.k);
-      scan(ps, q0, q1, 0, sub.N, lists.data());
+      if (p.direct) scan(ps, q0, q1, 0, sub.N, lists.data());
+      else scan_one(ps, q0, 0, sub.N, lists.data());
       for (int64_t i = q0; i < q1; ++i) {
         TopKList& l = lists[i - q0];
         for (int64_t j = 0; j < a.k; ++j)

@@ -518,7 +518,57 @@ static void scores_block(const float* qp, int64_t nq, const void* db, DType dt, 
     }
   }
 }
+// C[0..16) (+)= A (kc x 6, d-major; query 0 only) times B (kc x 16): micro_block's arithmetic for
+// one query, so that each (query, row) pair gets the same float32 operations in the same order.
+static inline void micro_block_one(const float* __restrict a, const float* __restrict b, int64_t kc, float* c,
+                                   bool first) {
+  vf acc0 = vf{}, acc1 = vf{};
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k) {
+    const vf b0 = vload(b + k * kBlockNR), b1 = vload(b + k * kBlockNR + W);
+    const vf ai = (vf)_mm256_broadcast_ss(a + k * kBlockMR);
+    acc0 += ai * b0;
+    acc1 += ai * b1;
+  }
+  if (first) {
+    vstore(c, acc0);
+    vstore(c + W, acc1);
+  } else {
+    vstore(c, vload(c) + acc0);
+    vstore(c + W, vload(c + W) + acc1);
+  }
+}
 #endif  // PLM_W == 8
+
+static void scores_one(const float* q, const void* db, DType dt, int64_t row_stride, int64_t nt, int64_t D,
+                       float* out, float* inv_norms, float* work) {
+  const int64_t Dp = padded_dim(D);
+#if defined(PLM_HAVE_BLOCKED)
+  float* qp = work;
+  float* panels = work + Dp * kBlockMR;
+  pack_query_panels(q, 1, Dp, qp);
+  switch (dt) {
+    case DType::f16: pack_db_panels_t<1>(db, row_stride, nt, D, Dp, panels, inv_norms); break;
+    case DType::bf16: pack_db_panels_t<2>(db, row_stride, nt, D, Dp, panels, inv_norms); break;
+    default: pack_db_panels_t<0>(db, row_stride, nt, D, Dp, panels, inv_norms); break;
+  }
+  alignas(64) float c[kBlockNR];
+  for (int64_t jp = 0; jp * kBlockNR < nt; ++jp) {
+    for (int64_t k0 = 0; k0 < Dp; k0 += kBlockKC)
+      micro_block_one(qp + k0 * kBlockMR, panels + (jp * Dp + k0) * kBlockNR, imin(kBlockKC, Dp - k0), c, k0 == 0);
+    for (int64_t j = 0; j < imin(kBlockNR, nt - jp * kBlockNR); ++j) out[jp * kBlockNR + j] = c[j];
+  }
+#else
+  pack_rows(db, dt, row_stride, nt, D, Dp, work, inv_norms);
+  const float* qr[1] = {q};
+  for (int64_t j0 = 0; j0 < nt; j0 += kTileNR) {
+    const int64_t nr = imin(kTileNR, nt - j0);
+    const float* tr[kTileNR];
+    for (int j = 0; j < kTileNR; ++j) tr[j] = work + (j0 + (j < nr ? j : 0)) * Dp;
+    micro_tile<1, kTileNR>(qr, tr, Dp, out + j0, nt, 1, nr);
+  }
+#endif
+}
 
 // ---- GeM ------------------------------------------------------------------------------------
 
@@ -730,6 +780,7 @@ const KernelTable PLM_CAT(kernels_, PLM_ISA_NS) = {
     nullptr,
     nullptr,
 #endif
+    PLM_ISA_NS::scores_one,
     PLM_ISA_NS::gem_fwd_rows,
     PLM_ISA_NS::gem_fwd_cols,
     PLM_ISA_NS::gem_bwd_rows,

@@ -65,6 +65,14 @@ struct KernelTable {
                        int64_t nt, int64_t D, float* out, int64_t ld, float* inv_norms, float* work,
                        const void* next, int64_t next_nt);
 
+  // One query (q: Dp packed float32) against nt rows, each pair scored exactly as the many-query
+  // kernels score it (scores_block where the ISA has it, else pack_rows + scores_tile: a pair's
+  // accumulation does not depend on the other queries or rows there), without computing the
+  // other queries of a register tile: out[j] = <q, row_j>, inv_norms (optional) as pack_rows.
+  // work: round_up(nt, 16) x Dp + 16 x Dp floats.
+  void (*scores_one)(const float* q, const void* db, DType dt, int64_t row_stride, int64_t nt, int64_t D,
+                     float* out, float* inv_norms, float* work);
+
   // GeM over rows of n contiguous elements (row r at x + r*row_stride elements):
   // y[r] = (mean_i max(x_ri, eps)^p)^(1/p).
   void (*gem_fwd_rows)(const void* x, DType dt, int64_t rows, int64_t row_stride, int64_t n,

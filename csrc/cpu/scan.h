@@ -32,6 +32,9 @@ Plan make_plan(const SearchArgs& a, const KernelTable& K, const float* queries);
 // on the direct path, on the set of queries [q0, q1) (they share registers), never on the row's
 // position or on the other rows.
 void scan(const Plan& p, int64_t q0, int64_t q1, int64_t n0, int64_t n1, TopKList* lists);
+// Off the direct path only: query i against rows [n0, n1) into list, each pair scored exactly as
+// scan() scores it, without the other queries of a register tile (KernelTable::scores_one).
+void scan_one(const Plan& p, int64_t i, int64_t n0, int64_t n1, TopKList* list);
 // Everything search() does after packing: threads, query blocks or db ranges, merge, sort, into
 // p.args->scores / indices.
 void search_planned(Plan& p);

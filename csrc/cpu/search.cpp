@@ -145,6 +145,21 @@ void scan(const Plan& p, int64_t q0, int64_t q1, int64_t n0, int64_t n1, TopKLis
   }
 }
 
+void scan_one(const Plan& p, int64_t i, int64_t n0, int64_t n1, TopKList* list) {
+  const SearchArgs& a = *p.args;
+  const KernelTable& K = *p.kernels;
+  const float* q = p.queries + i * p.Dp;
+  const int64_t rows = p.tile_rows;
+  std::vector<float> scores(rows), inv(rows), work((round_up(rows, 16) + 16) * p.Dp);
+  for (int64_t n = n0; n < n1; n += rows) {
+    const int64_t nt = std::min(rows, n1 - n);
+    K.scores_one(q, db_row(a, n), a.db_dtype, a.db_stride, nt, a.D, scores.data(), a.cosine ? inv.data() : nullptr,
+                 work.data());
+    if (a.cosine) redo_extreme_rows(p, q, 1, n, nt, scores.data(), nt, inv.data());
+    offer_block(scores.data(), nt, 1, nt, n, a.cosine ? inv.data() : nullptr, list);
+  }
+}
+
 std::vector<TopKList> make_lists(float* scores, int64_t* indices, int64_t Q, int64_t k) {
   std::vector<TopKList> lists(Q);
   for (int64_t i = 0; i < Q; ++i) {

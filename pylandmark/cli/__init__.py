@@ -68,6 +68,9 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--labels-from-folders", action="store_true", help="label = each image's parent folder")
     p = add(idx, "info", "show what an index holds", c.index_info, (js,), "index info")
     p.add_argument("index")
+    p = add(idx, "codes", "store the compact codes of faster exact search in an older index file", c.index_codes,
+            (js,), "index codes")
+    p.add_argument("index")
 
     p = add(sub, "search", "the k most similar indexed images for each query image", c.search, (net, js))
     p.add_argument("index")

@@ -109,6 +109,13 @@ def index_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def index_codes(args: argparse.Namespace) -> int:
+    res = args.jobs.add_codes_to_index_file(args.index)
+    _emit(args, res, f"stored codes for {res['count']} descriptors in {args.index}" if res["updated"]
+          else f"{args.index} already holds codes")
+    return 0
+
+
 def search(args: argparse.Namespace) -> int:
     from ..pipelines import check_against_index, expand_images
 

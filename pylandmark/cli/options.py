@@ -15,6 +15,7 @@ EXAMPLES = {
                    "--weights model_dir/",
     "index add": "examples:\n  pylandmark index add landmarks.plmi new/*.jpg --label city_hall",
     "index info": "examples:\n  pylandmark index info landmarks.plmi --json",
+    "index codes": "examples:\n  pylandmark index codes landmarks.plmi   # once, for a file of index format version 1",
     "search": "examples:\n  pylandmark search landmarks.plmi query.jpg -k 10",
     "recognize": "examples:\n  pylandmark recognize landmarks.plmi photos/*.jpg --json\n"
                  "  pylandmark recognize landmarks.plmi q.jpg --vote weighted --min-score 0.5",

@@ -262,6 +262,24 @@ def add_to_index_file(index_path: str | Path, network, images: Sequence[Path], o
     return {"added": len(ids), "count": len(index), "skipped": skipped}
 
 
+def add_codes_to_index_file(index_path: str | Path) -> dict:
+    """``pylandmark index codes``: stores the compact codes that CPU searches scan first
+    (:func:`pylandmark.prepare`) in an index file written before format version 2; a file that
+    has them is left as it is. Returns ``{"count", "updated"}``."""
+    from ..retrieval.format import is_manifest
+
+    if is_manifest(index_path):
+        raise ValueError(f"{index_path} is a shard manifest: shards written by this version hold codes, and older "
+                         "shards get them in memory on their first search; run `pylandmark index codes` on an "
+                         "index file")
+    with writer_lock(index_path):  # the load and the save see one version; concurrent writers queue
+        index = Index.load(index_path)
+        updated = not index.info()["codes"]
+        if updated:
+            index.save(index_path)
+    return {"count": len(index), "updated": updated}
+
+
 def evaluate_revisited(network, names: Sequence[str], data_root: str | Path, opts: ExtractOptions,
                        **kwargs: Any) -> dict:
     """``pylandmark evaluate``: :func:`pylandmark.evaluate.protocol.evaluate_revisited` (mAP and

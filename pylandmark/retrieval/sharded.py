@@ -32,7 +32,7 @@ import torch
 from .. import runtime as du
 from .._array import framework_of
 from .._checks import check_int
-from ..ops import METRICS
+from ..ops import CODE_BLOCK, METRICS, PreparedDatabase, build_codes
 from ..ops import search as _search
 from .format import is_manifest
 from .index import Index
@@ -53,9 +53,18 @@ class _Segment:
     ids: np.ndarray
     labels: list | None
     paths: list | None
+    codes: tuple | None = None  # (codes, meta) of a CPU matrix (pylandmark.prepare), built on first use
 
     def __len__(self) -> int:
         return int(self.matrix.shape[0])
+
+    def database(self, metric: str) -> Any:
+        """What the search reads: the matrix with its compact codes on the CPU, else the matrix."""
+        if isinstance(self.matrix, torch.Tensor) and self.matrix.device.type != "cpu":
+            return self.matrix
+        if self.codes is None:
+            self.codes = build_codes(self.matrix, metric)
+        return PreparedDatabase(self.matrix, metric, *self.codes)
 
 
 def rank_rows(counts: Sequence[int], world: int) -> list[int]:
@@ -296,7 +305,7 @@ class DistributedIndex:
         parts_s, parts_r = [], []
         for seg in self.segments:
             if dev.type == "cpu" or self.resident:
-                s, r = _search(q, seg.matrix, k=k, metric=self.metric)
+                s, r = _search(q, seg.database(self.metric), k=k, metric=self.metric)
             else:
                 s, r = search_chunked(q, seg.matrix, k=k, metric=self.metric, device=dev)
             parts_s.append(s)
@@ -417,8 +426,12 @@ def _slice(index: Index, a: int, b: int, start: int, id_offset: int) -> _Segment
     for name in ("labels", "paths"):
         col = getattr(index, f"_{name}")
         cols[name] = None if col is None or len(index) == 0 else list(col[a:b])
+    codes = None
+    if index._codes is not None and a % CODE_BLOCK == 0:  # the shard's codes, whole blocks (the scan masks the rest)
+        blocks = slice(a // CODE_BLOCK, -(-b // CODE_BLOCK))
+        codes = (index._codes[0][blocks], index._codes[1][blocks])
     return _Segment(start, index._matrix[a:b], index._ids[a:b].astype(np.int64) + int(id_offset),
-                    cols["labels"], cols["paths"])
+                    cols["labels"], cols["paths"], codes)
 
 
 def search(index: DistributedIndex, queries: Any, k: int = 5, *, src: int | None = 0) -> tuple[Any, Any]:
