@@ -79,6 +79,49 @@ def interleaved(fns: dict, repeat: int, warmup: bool = True) -> dict[str, float]
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def run_set(args: argparse.Namespace, name: str, rng: np.random.Generator, faiss) -> list[dict]:
+    """One data set: every (Q, k) timed; returns the table rows."""
+    t0 = time.perf_counter()
+    db, queries = make_set(name, args.n, args.dim, max(args.queries), rng)
+    t1 = time.perf_counter()
+    prepared = plm.prepare(db)
+    print(f"{name}: made in {t1 - t0:.1f} s, codes built in {time.perf_counter() - t1:.2f} s", flush=True)
+    sq = flat = None
+    if faiss is not None:
+        sq = faiss.IndexScalarQuantizer(args.dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        sq.train(db[rng.integers(0, args.n, min(args.n, 100_000))].astype(np.float32))
+        for s in range(0, args.n, CHUNK):
+            sq.add(db[s:s + CHUNK].astype(np.float32))
+        if args.faiss_flat:
+            flat = faiss.IndexFlatIP(args.dim)
+            for s in range(0, args.n, CHUNK):
+                flat.add(db[s:s + CHUNK].astype(np.float32))
+    rows = []
+    for nq in args.queries:
+        q = queries[:nq]
+        qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+        for k in args.k:
+            ref_s, ref_i = plm.search(q, db, k)
+            got_s, got_i = plm.search(q, prepared, k)
+            if not (np.array_equal(ref_i, got_i) and np.array_equal(ref_s.view(np.uint32), got_s.view(np.uint32))):
+                raise SystemExit(f"{name} Q={nq} k={k}: codes differ from the float16 search")
+            stats = dict(prepared.last_stats)
+            fns = {"f16": lambda q=q, k=k: plm.search(q, db, k), "codes": lambda q=q, k=k: plm.search(q, prepared, k)}
+            recall = None
+            if sq is not None and (nq < 1024 or not args.faiss_big_once or (name, k) == (args.sets[0], args.k[0])):
+                fns["faiss sq8"] = lambda qn=qn, k=k: sq.search(qn, k)
+                _, fi = sq.search(qn, k)
+                recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(fi.tolist(), ref_i.tolist())]))
+            if flat is not None:
+                fns["faiss flat"] = lambda qn=qn, k=k: flat.search(qn, k)
+            ms = interleaved(fns, 1 if nq >= 1024 else args.repeat, warmup=nq < 1024)
+            row = {"set": name, "Q": nq, "k": k, "ms": ms, "rescored_fraction": stats["rescored"] / (nq * args.n),
+                   "fallback_queries": stats["fallback_queries"], "sq8_recall": recall}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -105,49 +148,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for name in args.sets:
-        t0 = time.perf_counter()
-        db, queries = make_set(name, args.n, args.dim, max(args.queries), rng)
-        t1 = time.perf_counter()
-        prepared = plm.prepare(db)
-        build_s = time.perf_counter() - t1
-        print(f"{name}: made in {t1 - t0:.1f} s, codes built in {build_s:.2f} s", flush=True)
-        sq = flat = None
-        if faiss is not None:
-            sq = faiss.IndexScalarQuantizer(args.dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-            sample = db[rng.integers(0, args.n, min(args.n, 100_000))].astype(np.float32)
-            sq.train(sample)
-            for s in range(0, args.n, CHUNK):
-                sq.add(db[s:s + CHUNK].astype(np.float32))
-            if args.faiss_flat:
-                flat = faiss.IndexFlatIP(args.dim)
-                for s in range(0, args.n, CHUNK):
-                    flat.add(db[s:s + CHUNK].astype(np.float32))
-        for nq in args.queries:
-            q = queries[:nq]
-            qn = q / np.linalg.norm(q, axis=1, keepdims=True)
-            for k in args.k:
-                ref_s, ref_i = plm.search(q, db, k)
-                got_s, got_i = plm.search(q, prepared, k)
-                if not (np.array_equal(ref_i, got_i) and np.array_equal(ref_s.view(np.uint32), got_s.view(np.uint32))):
-                    raise SystemExit(f"{name} Q={nq} k={k}: codes differ from the float16 search")
-                stats = dict(prepared.last_stats)
-                fns = {"f16": lambda: plm.search(q, db, k), "codes": lambda: plm.search(q, prepared, k)}
-                recall = None
-                if sq is not None and (nq < 1024 or not args.faiss_big_once or (name, k) == (args.sets[0], args.k[0])):
-                    fns["faiss sq8"] = lambda: sq.search(qn, k)
-                    _, fi = sq.search(qn, k)
-                    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(fi.tolist(), ref_i.tolist())]))
-                if flat is not None:
-                    fns["faiss flat"] = lambda: flat.search(qn, k)
-                ms = interleaved(fns, 1 if nq >= 1024 else args.repeat, warmup=nq < 1024)
-                row = {"set": name, "Q": nq, "k": k, "ms": ms, "rescored_fraction": stats["rescored"] / (nq * args.n),
-                       "fallback_queries": stats["fallback_queries"], "sq8_recall": recall}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        del db, prepared, sq, flat
+        rows += run_set(args, name, rng, faiss)
     print(f"\nN={args.n:,}, D={args.dim}; {machine}\n")
     cols = ["f16", "codes", "faiss sq8"] + (["faiss flat"] if args.faiss_flat else [])
-    print("| set | Q | k | " + " | ".join(f"{c} ms" for c in cols) + " | f16 / codes | sq8 / codes | rescored | fallback | sq8 recall |")
+    print("| set | Q | k | " + " | ".join(f"{c} ms" for c in cols) +
+          " | f16 / codes | sq8 / codes | rescored | fallback | sq8 recall |")
     print("|" + "---|" * (len(cols) + 8))
     for r in rows:
         ms = r["ms"]

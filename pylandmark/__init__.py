@@ -27,8 +27,8 @@ _LAZY = {
     "train": ("training", "train"),
 }
 
-__all__ = ["__version__", "search", "prepare", "PreparedDatabase", "gem", "cuda_available", "get_num_threads", "set_num_threads",
-           *_LAZY]
+__all__ = ["__version__", "search", "prepare", "PreparedDatabase", "gem", "cuda_available", "get_num_threads",
+           "set_num_threads", *_LAZY]
 
 
 __getattr__ = lazy_exports(__name__, globals(), _LAZY)

@@ -49,13 +49,14 @@ class PreparedDatabase:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.rows.shape)  # type: ignore[return-value]
+        return tuple(self.rows.shape)
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
 
     def __repr__(self) -> str:
-        return f"PreparedDatabase(N={len(self)}, D={self.shape[1]}, metric={self.metric!r}, codes={self.codes is not None})"
+        return (f"PreparedDatabase(N={len(self)}, D={self.shape[1]}, metric={self.metric!r}, "
+                f"codes={self.codes is not None})")
 
 
 def prepare(db: Any, metric: str = "cosine") -> PreparedDatabase:

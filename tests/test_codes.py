@@ -4,7 +4,6 @@ inputs built to defeat the bound (issue 27). pylandmark.search is itself checked
 float64 reference in test_search.py; here it is the reference, because the contract is equality."""
 from __future__ import annotations
 
-import struct
 import zlib
 
 import ml_dtypes
@@ -302,3 +301,44 @@ def test_codes_that_do_not_match_the_matrix_are_dropped(tmp_path, rng, caplog):
     assert not loaded.info()["codes"] and "do not match" in caplog.text
     q = rng.standard_normal((3, 32)).astype(np.float32)
     assert np.array_equal(loaded.search(q, 4)[1], idx.search(q, 4)[1])
+
+
+def test_distributed_index_searches_the_shards_codes(tmp_path, rng):
+    """One process, no process group: the index's one segment takes the file's codes (no rebuild)
+    and answers as search() does."""
+    from pylandmark.retrieval.sharded import DistributedIndex
+    x = unit(rng.standard_normal((5000, 64)))
+    idx = Index(64)
+    idx.add(x)
+    path = idx.save(tmp_path / "d.plmi")
+    di = DistributedIndex.open(path)
+    (seg,) = di.segments
+    assert isinstance(seg.codes[0], np.memmap)
+    q = (x[rng.integers(0, 5000, 4)] + 0.1 * rng.standard_normal((4, 64))).astype(np.float32)
+    s, ids = di.search(q, 6)
+    s0, i0 = plm.search(q, idx.descriptors, 6)
+    assert np.array_equal(np.asarray(ids), idx.ids[i0]) and np.array_equal(np.asarray(s), s0)
+    prepared = seg.database("cosine")
+    assert_same(q, idx.descriptors, 6, prepared=prepared)
+
+
+def test_recognize_and_cli_add_codes_to_an_old_file(tmp_path, rng):
+    from pylandmark.pipelines.local import add_codes_to_index_file
+    idx = Index(32)
+    x = unit(rng.standard_normal((3000, 32)))
+    idx.add(x, labels=[f"c{i % 7}" for i in range(3000)])
+    path = idx.save(tmp_path / "old.plmi")
+
+    def to_v1(h, version):
+        del h["sections"]["codes"], h["sections"]["code_meta"]
+        return h, 1
+
+    _rewrite_header(path, to_v1)
+    assert add_codes_to_index_file(path) == {"count": 3000, "updated": True}
+    assert add_codes_to_index_file(path) == {"count": 3000, "updated": False}
+    loaded = Index.load(path)
+    assert loaded.info()["codes"]
+    q = (x[:5] + 0.05 * rng.standard_normal((5, 32))).astype(np.float32)
+    a = plm.recognize(loaded, q)
+    b = plm.recognize((np.asarray(idx.descriptors), np.asarray(idx.labels)), q)
+    assert list(a.labels) == list(b.labels)

@@ -350,8 +350,12 @@ def _craft(path, header_changes=None, sections=None, drop=()):
     offset = 8192
     secs = {}
     for name, blob in blobs.items():
-        key = "sum64" if name == "matrix" else "crc32"
-        value = _sum64(np.frombuffer(blob, np.uint8)) if name == "matrix" else zlib.crc32(blob)
+        big = name in ("matrix", "codes")  # the sections checked by sum64
+        key = "sum64" if big else "crc32"
+        value = _sum64(np.frombuffer(blob, np.uint8)) if big else zlib.crc32(blob)
+        pad = -offset % 64  # the codes must be 64-byte aligned
+        out += b"\0" * pad
+        offset += pad
         secs[name] = {"offset": offset, "nbytes": len(blob), key: value}
         out += blob
         offset += len(blob)

@@ -369,6 +369,54 @@ void scan_codes(const CodeKernelTable& CK, const QuantizedQueries& qq, int64_t D
   }
 }
 
+// Large k only (a sample holds >= 2 of the k best in proportion): from every kSampleStride-th
+// tile, each query's k-th best lower bound in proportion, and how many sampled rows reach it.
+// When more than 1 in 8 do, the k-th best score lies inside a dense bulk and the bound will not
+// prune: the query is marked to be searched in full before the scan is paid for. Speed only:
+// a wrong guess either way leaves the result exact. Returns whether any query was marked.
+constexpr int64_t kSampleStride = 32;
+
+bool predict_fallbacks(const CodeKernelTable& CK, QuantizedQueries& qq, const SearchArgs& a, int64_t Dc,
+                       const uint8_t* codes, const float* meta, int threads) {
+  const int64_t tiles = (a.N + kTileRows - 1) / kTileRows;
+  const int64_t sampled_tiles = (tiles + kSampleStride - 1) / kSampleStride;
+  const int64_t sampled = std::min(a.N, sampled_tiles * kTileRows);
+  const int64_t ks = a.k * sampled / a.N;
+  if (ks < 2 || sampled_tiles < 8) return false;
+  std::atomic<bool> any{false};
+  WorkQueue panels((a.Q + CK.mr - 1) / CK.mr);
+  parallel_for(threads, [&](int) {
+    long long g;
+    std::vector<CodeHit> hits(static_cast<size_t>(CK.mr) * kTileRows);
+    std::vector<std::vector<float>> lows(CK.mr), ups(CK.mr);
+    const std::vector<float> tau(CK.mr, -kInf);
+    while (panels.next(&g)) {
+      const int64_t q0 = g * CK.mr, nq = std::min<int64_t>(CK.mr, a.Q - q0);
+      for (int64_t j = 0; j < nq; ++j) lows[j].clear(), ups[j].clear();
+      for (int64_t t = 0; t < tiles; t += kSampleStride) {
+        const int64_t r0 = t * kTileRows, nt = std::min(kTileRows, a.N - r0);
+        const int64_t nh = CK.scan(qq.q8.data() + q0 * Dc, Dc, &qq.params[q0], tau.data(), nq, codes, meta, Dc, r0,
+                                   nt, hits.data());
+        for (int64_t h = 0; h < nh; ++h) {
+          lows[hits[h].query].push_back(hits[h].lower);
+          ups[hits[h].query].push_back(hits[h].upper);
+        }
+      }
+      for (int64_t j = 0; j < nq; ++j) {
+        if (qq.fallback[q0 + j] || static_cast<int64_t>(lows[j].size()) < ks) continue;
+        std::nth_element(lows[j].begin(), lows[j].begin() + (ks - 1), lows[j].end(), std::greater<float>());
+        const float t = lows[j][ks - 1];
+        const int64_t reach = std::count_if(ups[j].begin(), ups[j].end(), [t](float u) { return u >= t; });
+        if (reach * 8 > static_cast<int64_t>(ups[j].size())) {
+          qq.fallback[q0 + j] = 1;
+          any = true;
+        }
+      }
+    }
+  });
+  return any;
+}
+
 }  // namespace
 
 void code_bounds(const SearchArgs& a, const uint8_t* codes, const float* meta, float* lower, float* upper) {
@@ -404,10 +452,14 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
     if (stats) stats->fallback_queries += a.Q;
     return search_planned(p);
   }
-  const QuantizedQueries qq = quantize_queries(queries.data(), a.Q, a.D, Dp, Dc, CK.qmax);
+  QuantizedQueries qq = quantize_queries(queries.data(), a.Q, a.D, Dp, Dc, CK.qmax);
 
   int threads = a.threads > 0 ? a.threads : get_num_threads();
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, a.Q * a.N * a.D >> 22)));
+  if (predict_fallbacks(CK, qq, a, Dc, codes, meta, threads) && p.direct) {
+    if (stats) stats->fallback_queries += a.Q;  // the direct kernels search all queries together
+    return search_planned(p);
+  }
   // scans[t * Q + i]: query i over thread t's rows (by rows), or over all rows (t = 0, by queries)
   const bool by_queries = a.Q >= threads * 2 * CK.mr;
   const int parts = by_queries ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, a.N / kMinRowsPerRange)));
@@ -435,44 +487,55 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
   }
 
   // Each query's threshold (the k-th best lower bound over all rows) and its candidates: the
-  // rows whose upper bound reaches it (>=, so that ties stay).
+  // rows whose upper bound reaches it (>=, so that ties stay). Queries in parallel.
   std::vector<std::vector<int64_t>> cands(a.Q);
-  std::vector<int64_t> fallback;
-  for (int64_t i = 0; i < a.Q; ++i) {
-    bool fb = qq.fallback[i];
-    std::vector<float> lows;
-    for (int t = 0; t < parts && !fb; ++t) {
-      const QueryScan& s = scans[t * a.Q + i];
-      fb = s.fallback;
-      lows.insert(lows.end(), s.lows.begin(), s.lows.end());
-    }
-    if (fb) {
-      fallback.push_back(i);
-      continue;
-    }
-    float tau = -kInf;
-    if (static_cast<int64_t>(lows.size()) >= a.k) {
-      std::nth_element(lows.begin(), lows.begin() + (a.k - 1), lows.end(), std::greater<float>());
-      tau = lows[a.k - 1];
-    }
-    for (int t = 0; t < parts; ++t) {
-      const QueryScan& s = scans[t * a.Q + i];
-      for (const auto& c : s.cands)
-        if (c.first >= tau) cands[i].push_back(c.second);
-      for (size_t tile = 0; tile < s.lost_max.size(); ++tile) {
-        if (!(s.lost_max[tile] >= tau) || static_cast<int64_t>(cands[i].size()) * 16 > a.N) continue;
-        const int64_t r0 = s.n0 + static_cast<int64_t>(tile) * kTileRows, nt = std::min(kTileRows, a.N - r0);
-        std::vector<CodeHit> hits(nt);
-        const int64_t nh = CK.scan(qq.q8.data() + i * Dc, Dc, &qq.params[i], &tau, 1, codes, meta, Dc, r0, nt, hits.data());
-        for (int64_t h = 0; h < nh; ++h) cands[i].push_back(hits[h].row);
+  std::vector<char> gave_up(a.Q, 0);
+  WorkQueue each(a.Q);
+  parallel_for(threads, [&](int) {
+    long long i;
+    std::vector<CodeHit> hits(kTileRows);
+    while (each.next(&i)) {
+      bool fb = qq.fallback[i];
+      std::vector<float> lows;
+      for (int t = 0; t < parts && !fb; ++t) {
+        const QueryScan& s = scans[t * a.Q + i];
+        fb = s.fallback;
+        lows.insert(lows.end(), s.lows.begin(), s.lows.end());
+      }
+      float tau = -kInf;
+      if (!fb && static_cast<int64_t>(lows.size()) >= a.k) {
+        std::nth_element(lows.begin(), lows.begin() + (a.k - 1), lows.end(), std::greater<float>());
+        tau = lows[a.k - 1];
+      }
+      // Lost tiles that reach tau are scanned again, unless they hold more than N/16 rows: then
+      // the bound does not prune enough for that to pay (the k-th best score inside a dense bulk
+      // of scores), and the query is searched in full without scanning them.
+      int64_t again = 0;
+      for (int t = 0; t < parts && !fb; ++t)
+        for (float m : scans[t * a.Q + i].lost_max) again += m >= tau;
+      fb = fb || again * kTileRows * 16 > a.N;
+      for (int t = 0; t < parts && !fb; ++t) {
+        const QueryScan& s = scans[t * a.Q + i];
+        for (const auto& c : s.cands)
+          if (c.first >= tau) cands[i].push_back(c.second);
+        for (size_t tile = 0; tile < s.lost_max.size(); ++tile) {
+          if (!(s.lost_max[tile] >= tau)) continue;
+          const int64_t r0 = s.n0 + static_cast<int64_t>(tile) * kTileRows, nt = std::min(kTileRows, a.N - r0);
+          const int64_t nh = CK.scan(qq.q8.data() + i * Dc, Dc, &qq.params[i], &tau, 1, codes, meta, Dc, r0, nt,
+                                     hits.data());
+          for (int64_t h = 0; h < nh; ++h) cands[i].push_back(hits[h].row);
+        }
+      }
+      std::sort(cands[i].begin(), cands[i].end());
+      if (fb || static_cast<int64_t>(cands[i].size()) * 16 > a.N) {  // cheaper to search in full
+        std::vector<int64_t>().swap(cands[i]);
+        gave_up[i] = 1;
       }
     }
-    std::sort(cands[i].begin(), cands[i].end());
-    if (static_cast<int64_t>(cands[i].size()) * 16 > a.N) {  // cheaper to search in full
-      std::vector<int64_t>().swap(cands[i]);
-      fallback.push_back(i);
-    }
-  }
+  });
+  std::vector<int64_t> fallback;
+  for (int64_t i = 0; i < a.Q; ++i)
+    if (gave_up[i]) fallback.push_back(i);
   std::vector<QueryScan>().swap(scans);
   if (p.direct && !fallback.empty()) {
     // the direct kernels score a query with the others of the call: search them all together

@@ -38,6 +38,7 @@ from .._checks import check_int
 from .._files import remove_stale_temps, replaced_atomically, writer_lock
 from .._version import __version__
 from ..ops import CODE_BLOCK, CODE_FIELDS, METRICS, PreparedDatabase, build_codes, search
+from .codes import read_codes
 from .format import (
     FORMAT_VERSION,
     MAGIC,
@@ -248,9 +249,12 @@ class Index:
     def prepared(self) -> PreparedDatabase:
         """The matrix with its compact codes (:func:`pylandmark.prepare`), which CPU searches
         scan first: from the file, kept up to date by ``add``, or built here on first use."""
+        return PreparedDatabase(self._matrix, self.metric, *self._code_arrays())
+
+    def _code_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self._codes is None:
             self._codes = build_codes(self._matrix, self.metric)
-        return PreparedDatabase(self._matrix, self.metric, *self._codes)
+        return self._codes
 
     def search(self, queries: Any, k: int = 5) -> tuple[Any, Any]:
         """queries (Q, D) or (D,) -> scores (Q, k) float32 and ids (Q, k) int64 (-1: none)."""
@@ -281,7 +285,7 @@ class Index:
         path = Path(path)
         matrix = np.ascontiguousarray(self._matrix, dtype=np.float16)
         ids = np.ascontiguousarray(self._ids, dtype="<i8")
-        codes, code_meta = self.prepared().codes, self.prepared().meta
+        codes, code_meta = self._code_arrays()
         blobs = {
             "labels": None if self._labels is None else json.dumps(self._labels).encode(),
             "paths": None if self._paths is None else json.dumps(self._paths).encode(),
@@ -426,7 +430,7 @@ class Index:
         index = cls(dim, metric, metadata)
         index._matrix, index._ids, index._labels, index._paths = matrix, ids, labels, paths
         if "codes" in sections and count:
-            index._codes = _read_codes(path, f, sections, matrix, metric, mmap=mmap, verify=verify)
+            index._codes = read_codes(path, f, sections, matrix, metric, mmap=mmap, verify=verify)
         index._source = (str(path.resolve()), hcrc)
         return index
 
@@ -560,39 +564,6 @@ def _parse_header(raw: bytes, data_start: int) -> tuple[int, int, str, dict, dic
                                or checked["codes"]["offset"] % 64):
         raise ValueError("code section sizes disagree with count and dim")
     return dim, count, metric, metadata, checked
-
-
-def _read_codes(path: Path, f: io.BufferedReader, sections: dict, matrix: np.ndarray, metric: str, *,
-                mmap: bool, verify: bool) -> tuple[np.ndarray, np.ndarray] | None:
-    """The codes and their metadata from the file, checked: checksums, and the codes of a few
-    rows (first, last and 6 spread between) built again from the matrix and compared, so that
-    codes from another matrix (a crafted or mismatched file) are dropped (None: built again on
-    the first search) instead of pruning wrongly."""
-    blocks = -(-len(matrix) // CODE_BLOCK)
-    width = sections["codes"]["nbytes"] // blocks
-    off = sections["codes"]["offset"]
-    if mmap:
-        codes = np.memmap(f, dtype=np.uint8, mode="r", offset=off, shape=(blocks, width))
-    else:
-        codes = np.empty((blocks, width), np.uint8)
-        f.seek(off)
-        if f.readinto(codes.data.cast("B")) != codes.nbytes:
-            raise IndexFormatError(f"{path} is truncated (codes incomplete)")
-    f.seek(sections["code_meta"]["offset"])
-    raw = f.read(sections["code_meta"]["nbytes"])
-    if zlib.crc32(raw) != sections["code_meta"]["crc32"]:
-        raise IndexFormatError(f"{path} is damaged (code_meta checksum mismatch)")
-    meta = np.frombuffer(raw, "<f4").astype(np.float32).reshape(blocks, CODE_FIELDS, CODE_BLOCK)
-    if verify and sum64(codes) != sections["codes"]["sum64"]:
-        raise IndexFormatError(f"{path} is damaged (codes checksum mismatch)")
-    for b in sorted({int(x) for x in np.linspace(0, blocks - 1, 8)}):
-        rows = matrix[b * CODE_BLOCK:(b + 1) * CODE_BLOCK]
-        c, m = build_codes(np.ascontiguousarray(rows), metric)
-        if not (np.array_equal(c[0], codes[b]) and np.array_equal(m[0].view(np.uint32), meta[b].view(np.uint32))):
-            log.warning("%s: its codes do not match its descriptors (block %d); ignoring them, they are built "
-                        "again on the first search (save the index to store them)", path, b)
-            return None
-    return codes, meta
 
 
 def _check_ids(ids: np.ndarray) -> np.ndarray:

@@ -203,6 +203,8 @@ class _ServedIndex:
 
     def __init__(self, index):
         self._index = index
+        if callable(getattr(index, "prepared", None)) and len(index):
+            index.prepared()  # the compact codes now (an older file lacks them), not in the first request
         labels = index.labels
         if labels is not None and len(labels) and all(isinstance(v, str) for v in labels):
             labels = np.asarray(labels.tolist(), dtype=str)  # vectorised comparisons in recognize
