@@ -342,3 +342,39 @@ def test_recognize_and_cli_add_codes_to_an_old_file(tmp_path, rng):
     a = plm.recognize(loaded, q)
     b = plm.recognize((np.asarray(idx.descriptors), np.asarray(idx.labels)), q)
     assert list(a.labels) == list(b.labels)
+
+
+def test_searches_during_adds_see_whole_snapshots(rng):
+    """Threads search an Index while another adds to it: every answer equals search() over the
+    rows as they were after some number of adds (the matrix and its codes are swapped as one
+    snapshot; a search never mixes the codes of one with the rows of the other)."""
+    import threading
+    D, chunk, adds = 64, 320, 16
+    x = unit(rng.standard_normal((chunk * (adds + 1), D))).astype(np.float16)
+    idx = Index(D)
+    idx.add(x[:chunk])
+    idx.prepared()  # codes from the start, extended by every add
+    q = (np.asarray(x[rng.integers(0, len(x), 3)], np.float32) + 0.1 * rng.standard_normal((3, D))).astype(np.float32)
+    seen, errors, done = [], [], threading.Event()
+
+    def reader():
+        while not done.is_set():
+            try:
+                seen.append(tuple(np.asarray(a).copy() for a in idx.search_rows(q, 5)))
+            except Exception as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(1, adds + 1):
+        idx.add(x[i * chunk:(i + 1) * chunk])
+    done.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:1]
+    snapshots = [plm.search(q, x[:n * chunk], 5) for n in range(1, adds + 2)]
+    for s, r in seen:
+        assert any(np.array_equal(r, r0) and np.array_equal(s.view(np.uint32), s0.view(np.uint32))
+                   for s0, r0 in snapshots)
+    assert len(seen) > adds

@@ -237,18 +237,17 @@ struct QueryScan {
   float tau = -kInf;
   std::vector<std::pair<float, int64_t>> cands;  // (upper bound, row), rows increasing
   std::vector<float> lost_max;                     // per tile of kTileRows, once lost
-  int64_t n0 = 0, window_rows = 0, window_pass = 0, windows = 0;
+  int64_t n0 = 0, rows = 0, window_rows = 0, window_pass = 0, windows = 0;
   size_t cap = 0, limit = 0;
   bool fallback = false, lost = false;
 
-  void init(int64_t k, int64_t first, int64_t rows, size_t most) {
+  void init(int64_t k, int64_t first, int64_t count, size_t most) {
     n0 = first;
+    rows = count;
     lows.reserve(static_cast<size_t>(k));
     limit = std::max<size_t>(static_cast<size_t>(8 * k + 4096), std::min<size_t>(most, static_cast<size_t>(rows / 4)));
     cap = std::min<size_t>(limit, static_cast<size_t>(4 * k + 1024));
-    lost_rows = rows;
   }
-  int64_t lost_rows = 0;
   void take(const CodeHit& h, size_t k) {
     if (fallback || h.upper < tau) return;
     ++window_pass;
@@ -276,7 +275,7 @@ struct QueryScan {
     if (cands.size() * 2 > cap) cap *= 2;
     if (cap <= limit) return;
     lost = true;
-    lost_max.assign(static_cast<size_t>((lost_rows + kTileRows - 1) / kTileRows), -kInf);
+    lost_max.assign(static_cast<size_t>((rows + kTileRows - 1) / kTileRows), -kInf);
     for (const auto& c : cands) {
       float& m = lost_max[(c.second - n0) / kTileRows];
       m = std::max(m, c.first);
@@ -371,8 +370,9 @@ void scan_codes(const CodeKernelTable& CK, const QuantizedQueries& qq, int64_t D
 
 // Large k only (a sample holds >= 2 of the k best in proportion): from every kSampleStride-th
 // tile, each query's k-th best lower bound in proportion, and how many sampled rows reach it.
-// When more than 1 in 8 do, the k-th best score lies inside a dense bulk and the bound will not
-// prune: the query is marked to be searched in full before the scan is paid for. Speed only:
+// When more than 1 in 16 do (the share past which a query is searched in full anyway, below),
+// the k-th best score lies inside a dense bulk and the bound will not prune: the query is marked
+// to be searched in full before the scan is paid for. Speed only:
 // a wrong guess either way leaves the result exact. Returns whether any query was marked.
 constexpr int64_t kSampleStride = 32;
 
@@ -407,7 +407,7 @@ bool predict_fallbacks(const CodeKernelTable& CK, QuantizedQueries& qq, const Se
         std::nth_element(lows[j].begin(), lows[j].begin() + (ks - 1), lows[j].end(), std::greater<float>());
         const float t = lows[j][ks - 1];
         const int64_t reach = std::count_if(ups[j].begin(), ups[j].end(), [t](float u) { return u >= t; });
-        if (reach * 8 > static_cast<int64_t>(ups[j].size())) {
+        if (reach * 16 > static_cast<int64_t>(ups[j].size())) {
           qq.fallback[q0 + j] = 1;
           any = true;
         }

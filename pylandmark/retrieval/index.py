@@ -124,7 +124,9 @@ class Index:
         self._source: tuple[str, int] | None = None  # (file, header CRC) this index was loaded from or saved to
         self._device = "cpu"
         self._gpu_matrix: Any = None  # a torch tensor once .to(device) put the matrix there
-        self._codes: tuple[np.ndarray, np.ndarray] | None = None  # (codes, meta) of the matrix, built on demand
+        # (the matrix they describe, codes, meta): a reader that sees a matrix from before or after a
+        # concurrent add / remove and codes of the other one rebuilds instead of mixing them
+        self._codes: tuple[Any, np.ndarray, np.ndarray] | None = None
 
     # ---- contents ---------------------------------------------------------------------------
 
@@ -185,7 +187,8 @@ class Index:
         labels = self._check_column(labels, n, "labels", self._labels, _label_value)
         paths = self._check_column(paths, n, "paths", self._paths, _path_value)
         matrix = np.concatenate([np.asarray(self._matrix), rows])
-        codes = None if self._codes is None else build_codes(matrix, self.metric, self._codes, len(self))
+        old = self._codes if self._codes is not None and self._codes[0] is self._matrix else None
+        codes = None if old is None else (matrix, *build_codes(matrix, self.metric, old[1:], len(self)))
         all_ids = np.concatenate([self._ids, new_ids])
         all_labels = self._labels if labels is None else (self._labels or []) + labels
         all_paths = self._paths if paths is None else (self._paths or []) + paths
@@ -249,12 +252,17 @@ class Index:
     def prepared(self) -> PreparedDatabase:
         """The matrix with its compact codes (:func:`pylandmark.prepare`), which CPU searches
         scan first: from the file, kept up to date by ``add``, or built here on first use."""
-        return PreparedDatabase(self._matrix, self.metric, *self._code_arrays())
+        matrix, codes, meta = self._code_arrays()
+        return PreparedDatabase(matrix, self.metric, codes, meta)
 
-    def _code_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._codes is None:
-            self._codes = build_codes(self._matrix, self.metric)
-        return self._codes
+    def _code_arrays(self) -> tuple[Any, np.ndarray, np.ndarray]:
+        """(matrix, codes, meta), one consistent snapshot."""
+        matrix, entry = self._matrix, self._codes
+        if entry is None or entry[0] is not matrix:
+            entry = (matrix, *build_codes(matrix, self.metric))
+            if self._matrix is matrix:
+                self._codes = entry
+        return entry
 
     def search(self, queries: Any, k: int = 5) -> tuple[Any, Any]:
         """queries (Q, D) or (D,) -> scores (Q, k) float32 and ids (Q, k) int64 (-1: none)."""
@@ -283,9 +291,9 @@ class Index:
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the index atomically (temporary file in the same folder, then rename)."""
         path = Path(path)
-        matrix = np.ascontiguousarray(self._matrix, dtype=np.float16)
         ids = np.ascontiguousarray(self._ids, dtype="<i8")
-        codes, code_meta = self._code_arrays()
+        source, codes, code_meta = self._code_arrays()  # the matrix and its codes, one snapshot
+        matrix = np.ascontiguousarray(source, dtype=np.float16)
         blobs = {
             "labels": None if self._labels is None else json.dumps(self._labels).encode(),
             "paths": None if self._paths is None else json.dumps(self._paths).encode(),
@@ -430,7 +438,8 @@ class Index:
         index = cls(dim, metric, metadata)
         index._matrix, index._ids, index._labels, index._paths = matrix, ids, labels, paths
         if "codes" in sections and count:
-            index._codes = read_codes(path, f, sections, matrix, metric, mmap=mmap, verify=verify)
+            codes = read_codes(path, f, sections, matrix, metric, mmap=mmap, verify=verify)
+            index._codes = None if codes is None else (matrix, *codes)
         index._source = (str(path.resolve()), hcrc)
         return index
 
@@ -440,7 +449,8 @@ class Index:
         classes = sorted({str(v) for v in labels}) if labels is not None else []
         return {"count": len(self), "dim": self.dim, "metric": self.metric, "dtype": "float16",
                 "labelled": labels is not None, "classes": len(classes),
-                "memory_mapped": isinstance(self._matrix, np.memmap), "codes": self._codes is not None,
+                "memory_mapped": isinstance(self._matrix, np.memmap),
+                "codes": self._codes is not None and self._codes[0] is self._matrix,
                 "metadata": self.metadata}
 
 

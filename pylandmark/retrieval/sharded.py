@@ -427,9 +427,10 @@ def _slice(index: Index, a: int, b: int, start: int, id_offset: int) -> _Segment
         col = getattr(index, f"_{name}")
         cols[name] = None if col is None or len(index) == 0 else list(col[a:b])
     codes = None
-    if index._codes is not None and a % CODE_BLOCK == 0:  # the shard's codes, whole blocks (the scan masks the rest)
-        blocks = slice(a // CODE_BLOCK, -(-b // CODE_BLOCK))
-        codes = (index._codes[0][blocks], index._codes[1][blocks])
+    entry = index._codes
+    if entry is not None and entry[0] is index._matrix and a % CODE_BLOCK == 0:
+        blocks = slice(a // CODE_BLOCK, -(-b // CODE_BLOCK))  # whole blocks: the scan masks rows past b
+        codes = (entry[1][blocks], entry[2][blocks])
     return _Segment(start, index._matrix[a:b], index._ids[a:b].astype(np.int64) + int(id_offset),
                     cols["labels"], cols["paths"], codes)
 
