@@ -378,3 +378,37 @@ def test_searches_during_adds_see_whole_snapshots(rng):
         assert any(np.array_equal(r, r0) and np.array_equal(s.view(np.uint32), s0.view(np.uint32))
                    for s0, r0 in snapshots)
     assert len(seen) > adds
+
+
+def test_every_code_kernel_gives_the_same_bounds(rng):
+    """Same int8 queries and exact integer dot products on every variant (vpdpbusd on unsigned
+    rows with the 128 x sum(q8) correction, vpsignb / masked negation + vpmaddubsw on signed
+    rows, plain C). The SIMD variants evaluate the bound expression with the same fused
+    multiply-adds: bit for bit equal. The generic build has no FMA: its few float32 roundings
+    (A, B and A +- B: at most 6, each <= 2^-24 of |A| + B) may differ in the last bits."""
+    D = 203
+    db = rng.standard_normal((777, D)).astype(np.float16)
+    q = rng.standard_normal((13, D)).astype(np.float32)
+    q[0, :] = 127.0 / 128  # extreme query codes: every byte at +-127
+    q[1, ::2] = -1.0
+    prepared = plm.prepare(db, "ip")
+    results = {}
+    isa_before = _C.cpu_isa()
+    try:
+        for name in _C.code_kernels():
+            _C.set_cpu_isa(name.split("-")[0])
+            _C.set_code_kernel(name)
+            results[name] = bounds(q, db, prepared, "ip")
+    finally:
+        _C.set_code_kernel("")
+        _C.set_cpu_isa(isa_before)
+    simd = {name: r for name, r in results.items() if name != "generic"}
+    if simd:
+        first = next(iter(simd.values()))
+        for name, (lo, up) in simd.items():
+            assert np.array_equal(lo.view(np.uint32), first[0].view(np.uint32)), name
+            assert np.array_equal(up.view(np.uint32), first[1].view(np.uint32)), name
+        lo, up = results["generic"]
+        scale = np.abs(first[0]) + np.abs(first[1])  # >= |A| + B
+        assert (np.abs(lo - first[0]) <= 6 * 2.0**-24 * scale).all()
+        assert (np.abs(up - first[1]) <= 6 * 2.0**-24 * scale).all()

@@ -4,8 +4,11 @@
 //
 // Per quad of dimensions t, one vector holds 4 code bytes of each of its W rows; a query's 4
 // bytes are broadcast to every lane, and the lane's 4 products are summed into its int32
-// accumulator: vpdpbusd on AVX-512 VNNI, vpmaddubsw + vpmaddwd elsewhere (their 16-bit pair sums
-// stay exact because the query bytes are kept within [-63, 63]: 2 * 255 * 63 < 2^15).
+// accumulator: vpdpbusd on AVX-512 VNNI (unsigned rows, so the sum carries 128 x sum(q8), which
+// CodeQuery::corr takes off), vpsignb / masked negation + vpmaddubsw + vpmaddwd on AVX2 and
+// AVX-512BW (signed rows: no correction). Every variant gets the same int8 queries and returns
+// the same exact integer dot products; the bounds then differ at most in the rounding of their
+// float32 expression (fused multiply-adds where the ISA has them), which the proof covers.
 #include <cstdint>
 
 #include "cpu/codes.h"
@@ -35,22 +38,37 @@ typedef int32_t vi __attribute__((vector_size(W * 4)));
 
 #if defined(PLM_ISA_avx512) && defined(PLM_CODE_VNNI)
 constexpr int kQMax = 127;
+constexpr bool kSignedRows = false;  // vpdpbusd: unsigned row bytes x signed query bytes
 static inline vi load_rows(const uint8_t* p) { return (vi)_mm512_loadu_si512(p); }
 static inline vi dot4(vi acc, vi rows, vi q) { return (vi)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)rows, (__m512i)q); }
 static inline unsigned mask_ge(vf a, vf b) { return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ); }
 #elif defined(PLM_ISA_avx512)
-constexpr int kQMax = 63;
-static inline vi load_rows(const uint8_t* p) { return (vi)_mm512_loadu_si512(p); }
+// Without VNNI: the rows as signed bytes (u8 ^ 0x80 = x8), |x8| times the query negated where
+// x8 < 0, by vpmaddubsw (pairs of |x8| q <= 2 x 127 x 127 < 2^15: no saturation) + vpmaddwd.
+constexpr int kQMax = 127;
+constexpr bool kSignedRows = true;
+static inline vi load_rows(const uint8_t* p) {
+  return (vi)_mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(static_cast<char>(0x80)));
+}
 static inline vi dot4(vi acc, vi rows, vi q) {
-  const __m512i pairs = _mm512_maddubs_epi16((__m512i)rows, (__m512i)q);
+  const __m512i x = (__m512i)rows;
+  const __m512i signed_q = _mm512_mask_sub_epi8((__m512i)q, _mm512_movepi8_mask(x), _mm512_setzero_si512(), (__m512i)q);
+  const __m512i pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(x), signed_q);
   return acc + (vi)_mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
 }
 static inline unsigned mask_ge(vf a, vf b) { return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ); }
 #elif defined(PLM_ISA_avx2)
-constexpr int kQMax = 63;
-static inline vi load_rows(const uint8_t* p) { return (vi)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+// The rows as signed bytes (u8 ^ 0x80 = x8): vpsignb moves each x8's sign onto the query byte,
+// vpmaddubsw multiplies |x8| by it (pairs <= 2 x 127 x 127 < 2^15: no saturation), vpmaddwd sums.
+constexpr int kQMax = 127;
+constexpr bool kSignedRows = true;
+static inline vi load_rows(const uint8_t* p) {
+  return (vi)_mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+                              _mm256_set1_epi8(static_cast<char>(0x80)));
+}
 static inline vi dot4(vi acc, vi rows, vi q) {
-  const __m256i pairs = _mm256_maddubs_epi16((__m256i)rows, (__m256i)q);
+  const __m256i x = (__m256i)rows;
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8((__m256i)q, x));
   return acc + (vi)_mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 static inline unsigned mask_ge(vf a, vf b) {
@@ -58,6 +76,7 @@ static inline unsigned mask_ge(vf a, vf b) {
 }
 #else
 constexpr int kQMax = 127;
+constexpr bool kSignedRows = false;
 static inline vi load_rows(const uint8_t* p) {
   vi v;
   __builtin_memcpy(&v, p, sizeof v);
@@ -160,9 +179,10 @@ static int64_t scan(const int8_t* q, int64_t q_stride, const CodeQuery* qp, cons
   if (nq <= 8) return scan_t<8, 2>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
   return scan_t<12, 2>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
 #elif defined(PLM_ISA_avx2)
-  // 16 ymm registers
+  // 16 ymm registers: MR x NRV accumulators, NRV rows and their |x8|, the query, a temporary
+  // and the constant of vpmaddwd
   if (nq == 1) return scan_t<1, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
-  if (nq == 2) return scan_t<2, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+  if (nq == 2) return scan_t<2, 2>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
   return scan_t<4, 2>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
 #else
   if (nq == 1) return scan_t<1, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
@@ -190,6 +210,6 @@ constexpr int kMR = 4;
 
 extern const CodeKernelTable PLM_CAT(code_kernels_, PLM_ISA_NS);
 const CodeKernelTable PLM_CAT(code_kernels_, PLM_ISA_NS) = {
-    PLM_CODE_NAME, PLM_ISA_NS::kQMax, PLM_ISA_NS::kMR, PLM_ISA_NS::scan};
+    PLM_CODE_NAME, PLM_ISA_NS::kQMax, PLM_ISA_NS::kMR, PLM_ISA_NS::kSignedRows, PLM_ISA_NS::scan};
 
 }  // namespace plm::cpu

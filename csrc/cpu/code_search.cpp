@@ -303,7 +303,8 @@ struct QuantizedQueries {
 };
 
 // Quantises the packed queries (exactly as the search scores them) to the kernel's range.
-QuantizedQueries quantize_queries(const float* queries, int64_t Q, int64_t D, int64_t Dp, int64_t Dc, int qmax) {
+QuantizedQueries quantize_queries(const float* queries, int64_t Q, int64_t D, int64_t Dp, int64_t Dc, int qmax,
+                                  bool signed_rows) {
   QuantizedQueries out;
   out.q8.assign(Q * Dc, 0);
   out.params.resize(Q);
@@ -330,7 +331,7 @@ QuantizedQueries quantize_queries(const float* queries, int64_t Q, int64_t D, in
       out.q8[i * Dc + d] = static_cast<int8_t>(v);
       sum += static_cast<int64_t>(v);
     }
-    out.params[i] = {s, up(widen(norm)), up(widen(std::sqrt(r2))), static_cast<int32_t>(128 * sum)};
+    out.params[i] = {s, up(widen(norm)), up(widen(std::sqrt(r2))), static_cast<int32_t>(signed_rows ? 0 : 128 * sum)};
   }
   return out;
 }
@@ -424,7 +425,7 @@ void code_bounds(const SearchArgs& a, const uint8_t* codes, const float* meta, f
   const CodeKernelTable& CK = active_code_kernels();
   const int64_t Dp = padded_dim(a.D), Dc = code_dim(a.D);
   std::vector<float> queries = pack_queries(a, K, Dp);
-  const QuantizedQueries qq = quantize_queries(queries.data(), a.Q, a.D, Dp, Dc, CK.qmax);
+  const QuantizedQueries qq = quantize_queries(queries.data(), a.Q, a.D, Dp, Dc, CK.qmax, CK.signed_rows);
   std::vector<CodeHit> hits(kTileRows);
   const float tau = -kInf;
   for (int64_t i = 0; i < a.Q; ++i) {
@@ -452,7 +453,7 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
     if (stats) stats->fallback_queries += a.Q;
     return search_planned(p);
   }
-  QuantizedQueries qq = quantize_queries(queries.data(), a.Q, a.D, Dp, Dc, CK.qmax);
+  QuantizedQueries qq = quantize_queries(queries.data(), a.Q, a.D, Dp, Dc, CK.qmax, CK.signed_rows);
 
   int threads = a.threads > 0 ? a.threads : get_num_threads();
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, a.Q * a.N * a.D >> 22)));

@@ -24,7 +24,8 @@ inline int64_t code_dim(int64_t D) { return (D + 3) / 4 * 4; }
 inline int64_t code_blocks(int64_t N) { return (N + kCodeBlock - 1) / kCodeBlock; }
 
 // One query's quantisation: q ~ cq * q8 (q8 in [-qmax, qmax]); kappa >= ||q||, eq >= ||q - cq q8||
-// (both rounded up); corr = 128 * sum(q8), what the unsigned row bytes add to the dot product.
+// (both rounded up); corr = 128 * sum(q8), what unsigned row bytes add to the dot product (0 for
+// kernels that read them signed).
 struct CodeQuery {
   float cq, kappa, eq;
   int32_t corr;
@@ -41,6 +42,7 @@ struct CodeKernelTable {
   const char* name;
   int qmax;  // query codes lie in [-qmax, qmax] (the kernel's products must not saturate)
   int mr;    // queries per scan call at most
+  bool signed_rows;  // the kernel reads the row bytes as x8 (no 128 x sum(q8) in its sums)
   // For queries [0, nq) (q: nq rows of Dc int8, q_stride apart; nq <= mr) and rows
   // [r0, r0 + nt) of the block-packed codes (r0 a multiple of 16): writes to hits every pair
   // whose upper bound is >= tau[query] (room for nq * nt entries, in row order per query);
