@@ -195,6 +195,16 @@ constexpr int kMR = 12;
 #else
 constexpr int kMR = 4;
 #endif
+// Measured on the 2-vCPU AVX-512 VNNI VM (benchmarks/RESULTS.md, issue 27): VNNI 1.8-4.6x the
+// float16 search at every Q; AVX2 1.6-1.8x at Q = 1, 0.7-0.9x at Q = 2..16 (the float16 direct
+// path reads the rows once for all of them), 1.0-1.4x beyond; the plain C scan 0.2-0.7x.
+#if defined(PLM_ISA_avx512) && defined(PLM_CODE_VNNI)
+constexpr int kPays = kAlways;
+#elif defined(PLM_ISA_avx512) || defined(PLM_ISA_avx2)
+constexpr int kPays = kOneOrMany;
+#else
+constexpr int kPays = kNever;
+#endif
 
 }  // namespace PLM_ISA_NS
 
@@ -210,6 +220,6 @@ constexpr int kMR = 4;
 
 extern const CodeKernelTable PLM_CAT(code_kernels_, PLM_ISA_NS);
 const CodeKernelTable PLM_CAT(code_kernels_, PLM_ISA_NS) = {
-    PLM_CODE_NAME, PLM_ISA_NS::kQMax, PLM_ISA_NS::kMR, PLM_ISA_NS::kSignedRows, PLM_ISA_NS::scan};
+    PLM_CODE_NAME, PLM_ISA_NS::kQMax, PLM_ISA_NS::kMR, PLM_ISA_NS::kSignedRows, PLM_ISA_NS::kPays, PLM_ISA_NS::scan};
 
 }  // namespace plm::cpu

@@ -449,7 +449,10 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
   const int64_t Dp = padded_dim(a.D), Dc = code_dim(a.D);
   std::vector<float> queries = pack_queries(a, K, Dp);
   Plan p = make_plan(a, K, queries.data());
-  if (a.D > kMaxCodeDim || a.k * 64 > a.N) {  // too few rows for the bound to pay
+  // (a kernel chosen by set_code_kernel always runs: tests compare every variant)
+  const bool forced = g_code_override.load(std::memory_order_acquire) != nullptr;
+  const bool pays = forced || CK.pays == kAlways || (CK.pays == kOneOrMany && (a.Q == 1 || !p.direct));
+  if (!pays || a.D > kMaxCodeDim || a.k * 64 > a.N) {  // the scan would not pay for itself
     if (stats) stats->fallback_queries += a.Q;
     return search_planned(p);
   }

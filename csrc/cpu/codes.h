@@ -38,11 +38,18 @@ struct CodeHit {
   float lower, upper;
 };
 
+enum CodePays : int { kNever = 0, kOneOrMany = 1, kAlways = 2 };
+
 struct CodeKernelTable {
   const char* name;
   int qmax;  // query codes lie in [-qmax, qmax] (the kernel's products must not saturate)
   int mr;    // queries per scan call at most
   bool signed_rows;  // the kernel reads the row bytes as x8 (no 128 x sum(q8) in its sums)
+  // When the scan pays for itself against the float search on this ISA (measured,
+  // benchmarks/RESULTS.md): kAlways; kOneOrMany: one query, or more than the float search's
+  // memory-bound few-query path takes (its direct kernels read the rows once for up to 4 or 16
+  // queries, while this scan's cost grows with each query); kNever: the plain search instead.
+  int pays;
   // For queries [0, nq) (q: nq rows of Dc int8, q_stride apart; nq <= mr) and rows
   // [r0, r0 + nt) of the block-packed codes (r0 a multiple of 16): writes to hits every pair
   // whose upper bound is >= tau[query] (room for nq * nt entries, in row order per query);
@@ -76,7 +83,8 @@ extern const CodeKernelTable code_kernels_isa_avx512vnni;
 const CodeKernelTable& active_code_kernels();
 // Names of the code kernels this CPU runs, best first.
 const char* const* supported_code_kernels(int* count);
-// "" follows the ISA again; otherwise a supported name, or std::invalid_argument.
+// "" follows the ISA again; otherwise a supported name, or std::invalid_argument. A kernel set
+// here is used for every search (CodeKernelTable::pays aside): tests compare every variant.
 void set_code_kernel(const char* name);
 
 // Codes for rows [row0, row0 + rows) of db (rows x D elements of dt, row_stride apart; row n of
