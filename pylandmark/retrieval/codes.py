@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..ops import CODE_BLOCK, CODE_FIELDS, build_codes
-from .format import IndexFormatError, sum64
+from .format import IndexFormatError, read_array, sum64
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +24,7 @@ def read_codes(path: Path, f: io.BufferedReader, sections: dict, matrix: np.ndar
     blocks = -(-len(matrix) // CODE_BLOCK)
     width = sections["codes"]["nbytes"] // blocks
     off = sections["codes"]["offset"]
-    codes: np.ndarray
-    if mmap:
-        codes = np.memmap(f, dtype=np.uint8, mode="r", offset=off, shape=(blocks, width))
-    else:
-        codes = np.empty((blocks, width), np.uint8)
-        f.seek(off)
-        if f.readinto(codes.data.cast("B")) != codes.nbytes:
-            raise IndexFormatError(f"{path} is truncated (codes incomplete)")
+    codes = read_array(f, path, off, np.uint8, (blocks, width), mmap=mmap, what="codes")
     f.seek(sections["code_meta"]["offset"])
     raw = f.read(sections["code_meta"]["nbytes"])
     if zlib.crc32(raw) != sections["code_meta"]["crc32"]:

@@ -22,7 +22,8 @@ from .._files import parse_json as bounded_json
 from .._version import __version__
 
 __all__ = ["MAGIC", "MANIFEST_MAGIC", "FORMAT_VERSION", "MANIFEST_VERSION", "PREFIX", "IndexFormatError",
-           "read_prefix", "parse_json", "header_crc", "sum64", "register_format", "open_index", "is_manifest"]
+           "read_prefix", "parse_json", "header_crc", "sum64", "read_array", "register_format", "open_index",
+           "is_manifest"]
 
 MAGIC = b"PLMINDEX"
 MANIFEST_MAGIC = b"PLMSHARD"
@@ -69,6 +70,19 @@ def header_crc(path: str | os.PathLike, magic: bytes | None = None) -> int:
     if magic is None:
         magic = prefix[:8] if prefix[:8] in _KINDS else MAGIC
     return read_prefix(prefix, Path(path), magic)[2]
+
+
+def read_array(f: Any, path: Path, offset: int, dtype: Any, shape: tuple[int, ...], *, mmap: bool,
+               what: str) -> np.ndarray:
+    """A large section of the open file ``f``: memory-mapped read-only (``mmap``), or read in
+    full; IndexFormatError names ``what`` when the file ends first."""
+    if mmap:
+        return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape)
+    out = np.empty(shape, dtype)
+    f.seek(offset)
+    if f.readinto(out.data.cast("B")) != out.nbytes:
+        raise IndexFormatError(f"{path} is truncated ({what} incomplete)")
+    return out
 
 
 def sum64(buf: np.ndarray) -> int:

@@ -47,6 +47,7 @@ from .format import (
     header_crc,
     open_index,
     parse_json,
+    read_array,
     read_prefix,
     register_format,
     sum64,
@@ -426,13 +427,8 @@ class Index:
         moff = sections["matrix"]["offset"]
         if count == 0:
             matrix = np.empty((0, dim), np.float16)
-        elif mmap:
-            matrix = np.memmap(f, dtype=np.float16, mode="r", offset=moff, shape=(count, dim))
         else:
-            matrix = np.empty((count, dim), np.float16)
-            f.seek(moff)
-            if f.readinto(matrix.data.cast("B")) != matrix.nbytes:
-                raise IndexFormatError(f"{path} is truncated (descriptor matrix incomplete)")
+            matrix = read_array(f, path, moff, np.float16, (count, dim), mmap=mmap, what="descriptor matrix")
         if verify and sum64(matrix) != sections["matrix"]["sum64"]:
             raise IndexFormatError(f"{path} is damaged (descriptor matrix checksum mismatch)")
         index = cls(dim, metric, metadata)
