@@ -69,9 +69,32 @@ bool has_avx512() {
 }
 #endif
 
+#if defined(PLM_HAVE_AVX512) && defined(PLM_HAVE_AVX2)
+// AVX-512 with the AVX2 register-blocked kernels for large query batches: the 6 x 16 GEMM
+// micro-kernel keeps both FMA ports busy, where the 16-lane tile kernel (dot products reduced
+// across lanes) does not; below block_min_q the tile kernel's cheaper packing wins. Measured
+// on the 2-vCPU AVX-512 VNNI VM, N = 200,000 x 1024 float16, 2 threads: Q = 1024 2.04 s against
+// 2.46 s, Q = 256 0.57 s against 0.67 s, Q = 128 0.97x, Q = 64 equal (benchmarks/RESULTS.md).
+KernelTable avx512_with_blocked() {
+  KernelTable t = kernels_isa_avx512;
+  t.block_mr = kernels_isa_avx2.block_mr;
+  t.block_nr = kernels_isa_avx2.block_nr;
+  t.block_kc = kernels_isa_avx2.block_kc;
+  t.pack_query_panels = kernels_isa_avx2.pack_query_panels;
+  t.scores_block = kernels_isa_avx2.scores_block;
+  t.scores_one_block = kernels_isa_avx2.scores_one_block;
+  t.block_min_q = 256;
+  return t;
+}
+const KernelTable kernels_avx512_blocked = avx512_with_blocked();
+#define PLM_AVX512_TABLE kernels_avx512_blocked
+#elif defined(PLM_HAVE_AVX512)
+#define PLM_AVX512_TABLE kernels_isa_avx512
+#endif
+
 const IsaEntry kIsas[] = {  // best first
 #if defined(PLM_HAVE_AVX512)
-    {"avx512", &kernels_isa_avx512, has_avx512},
+    {"avx512", &PLM_AVX512_TABLE, has_avx512},
 #endif
 #if defined(PLM_HAVE_AVX2)
     {"avx2", &kernels_isa_avx2, has_avx2},

@@ -541,10 +541,10 @@ static inline void micro_block_one(const float* __restrict a, const float* __res
 }
 #endif  // PLM_W == 8
 
-static void scores_one(const float* q, const void* db, DType dt, int64_t row_stride, int64_t nt, int64_t D,
-                       float* out, float* inv_norms, float* work) {
-  const int64_t Dp = padded_dim(D);
 #if defined(PLM_HAVE_BLOCKED)
+static void scores_one_block(const float* q, const void* db, DType dt, int64_t row_stride, int64_t nt, int64_t D,
+                             float* out, float* inv_norms, float* work) {
+  const int64_t Dp = padded_dim(D);
   float* qp = work;
   float* panels = work + Dp * kBlockMR;
   pack_query_panels(q, 1, Dp, qp);
@@ -559,7 +559,12 @@ static void scores_one(const float* q, const void* db, DType dt, int64_t row_str
       micro_block_one(qp + k0 * kBlockMR, panels + (jp * Dp + k0) * kBlockNR, imin(kBlockKC, Dp - k0), c, k0 == 0);
     for (int64_t j = 0; j < imin(kBlockNR, nt - jp * kBlockNR); ++j) out[jp * kBlockNR + j] = c[j];
   }
-#else
+}
+#endif
+
+static void scores_one_tile(const float* q, const void* db, DType dt, int64_t row_stride, int64_t nt, int64_t D,
+                            float* out, float* inv_norms, float* work) {
+  const int64_t Dp = padded_dim(D);
   pack_rows(db, dt, row_stride, nt, D, Dp, work, inv_norms);
   const float* qr[1] = {q};
   for (int64_t j0 = 0; j0 < nt; j0 += kTileNR) {
@@ -568,7 +573,6 @@ static void scores_one(const float* q, const void* db, DType dt, int64_t row_str
     for (int j = 0; j < kTileNR; ++j) tr[j] = work + (j0 + (j < nr ? j : 0)) * Dp;
     micro_tile<1, kTileNR>(qr, tr, Dp, out + j0, nt, 1, nr);
   }
-#endif
 }
 
 // ---- GeM ------------------------------------------------------------------------------------
@@ -781,7 +785,15 @@ const KernelTable PLM_CAT(kernels_, PLM_ISA_NS) = {
     nullptr,
     nullptr,
 #endif
-    PLM_ISA_NS::scores_one,
+#if defined(PLM_HAVE_BLOCKED)
+    0,
+    PLM_ISA_NS::scores_one_tile,
+    PLM_ISA_NS::scores_one_block,
+#else
+    0,
+    PLM_ISA_NS::scores_one_tile,
+    nullptr,
+#endif
     PLM_ISA_NS::gem_fwd_rows,
     PLM_ISA_NS::gem_fwd_cols,
     PLM_ISA_NS::gem_bwd_rows,

@@ -65,13 +65,18 @@ struct KernelTable {
                        int64_t nt, int64_t D, float* out, int64_t ld, float* inv_norms, float* work,
                        const void* next, int64_t next_nt);
 
+  // The blocked kernels serve searches of at least block_min_q queries (past the direct path);
+  // fewer use pack_rows + scores_tile.
+  int block_min_q;
   // One query (q: Dp packed float32) against nt rows, each pair scored exactly as the many-query
-  // kernels score it (scores_block where the ISA has it, else pack_rows + scores_tile: a pair's
-  // accumulation does not depend on the other queries or rows there), without computing the
-  // other queries of a register tile: out[j] = <q, row_j>, inv_norms (optional) as pack_rows.
-  // work: round_up(nt, 16) x Dp + 16 x Dp floats.
-  void (*scores_one)(const float* q, const void* db, DType dt, int64_t row_stride, int64_t nt, int64_t D,
-                     float* out, float* inv_norms, float* work);
+  // kernels score it (a pair's accumulation does not depend on the other queries or rows there),
+  // without computing the other queries of a register tile: out[j] = <q, row_j>, inv_norms
+  // (optional) as pack_rows. _tile: as pack_rows + scores_tile; _block: as scores_block (null
+  // where that is). work: round_up(nt, 16) x Dp + 16 x Dp floats.
+  void (*scores_one_tile)(const float* q, const void* db, DType dt, int64_t row_stride, int64_t nt, int64_t D,
+                          float* out, float* inv_norms, float* work);
+  void (*scores_one_block)(const float* q, const void* db, DType dt, int64_t row_stride, int64_t nt, int64_t D,
+                           float* out, float* inv_norms, float* work);
 
   // GeM over rows of n contiguous elements (row r at x + r*row_stride elements):
   // y[r] = (mean_i max(x_ri, eps)^p)^(1/p).

@@ -17,6 +17,7 @@ struct Plan {
   int64_t Dp;
   const float* queries;  // Q x Dp packed float32, unit norm for cosine
   bool direct;           // the few-query kernels (scores_direct), chosen by the caller's Q
+  bool blocked;          // off the direct path: scores_block (else pack_rows + scores_tile), by Q too
   int64_t query_block;
   int64_t tile_rows;
 };

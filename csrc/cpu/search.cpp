@@ -111,7 +111,7 @@ void scan(const Plan& p, int64_t q0, int64_t q1, int64_t n0, int64_t n1, TopKLis
     }
     return;
   }
-  if (K.scores_block) {
+  if (p.blocked) {
     const int64_t ld = round_up(p.tile_rows, K.block_nr);
     std::vector<float> panels(round_up(p.query_block, K.block_mr) * p.Dp), work(ld * p.Dp);
     std::vector<float> scores(round_up(p.query_block, K.block_mr) * ld), inv(p.tile_rows);
@@ -153,8 +153,8 @@ void scan_one(const Plan& p, int64_t i, int64_t n0, int64_t n1, TopKList* list) 
   std::vector<float> scores(rows), inv(rows), work((round_up(rows, 16) + 16) * p.Dp);
   for (int64_t n = n0; n < n1; n += rows) {
     const int64_t nt = std::min(rows, n1 - n);
-    K.scores_one(q, db_row(a, n), a.db_dtype, a.db_stride, nt, a.D, scores.data(), a.cosine ? inv.data() : nullptr,
-                 work.data());
+    (p.blocked ? K.scores_one_block : K.scores_one_tile)(q, db_row(a, n), a.db_dtype, a.db_stride, nt, a.D,
+                                                         scores.data(), a.cosine ? inv.data() : nullptr, work.data());
     if (a.cosine) redo_extreme_rows(p, q, 1, n, nt, scores.data(), nt, inv.data());
     offer_block(scores.data(), nt, 1, nt, n, a.cosine ? inv.data() : nullptr, list);
   }
@@ -195,6 +195,7 @@ Plan make_plan(const SearchArgs& a, const KernelTable& K, const float* queries) 
   p.Dp = padded_dim(a.D);
   p.queries = queries;
   p.direct = a.Q <= K.direct_max_q;
+  p.blocked = K.scores_block != nullptr && a.Q >= K.block_min_q;
   p.query_block = std::clamp<int64_t>(kQueryBlockBytes / (p.Dp * 4), 6, 512) / 6 * 6;
   p.tile_rows = std::max<int64_t>(8, std::min<int64_t>(512, kTileBytes / (p.Dp * 4)) / 4 * 4);
   return p;
@@ -219,7 +220,7 @@ void search_planned(Plan& p) {
   if (!p.direct && a.Q >= threads * kMinQueriesPerThread) {
     // Many queries: each thread owns whole query blocks, streams the db once per block, and
     // keeps its lists in the output arrays.
-    if (K.scores_block) {
+    if (p.blocked) {
       // Equal blocks, a multiple of the threads in number: every block streams the whole db and
       // packs it for its queries, so the largest blocks whose d slice stays in L2 are best.
       const int64_t slice = std::min<int64_t>(Dp, K.block_kc) * 4;
