@@ -75,6 +75,14 @@ bool has_avx512() {
 // across lanes) does not; below block_min_q the tile kernel's cheaper packing wins. Measured
 // on the 2-vCPU AVX-512 VNNI VM, N = 200,000 x 1024 float16, 2 threads: Q = 1024 2.04 s against
 // 2.46 s, Q = 256 0.57 s against 0.67 s, Q = 128 0.97x, Q = 64 equal (benchmarks/RESULTS.md).
+// Few queries: AVX-512's direct kernels (long streams, 16 lanes) up to its direct_max_q, then
+// AVX2's query groups (3 rows in L1, up to 16 queries), instead of the tile kernel.
+void scores_direct_avx512_or_avx2(const float* q, int64_t nq, const void* db, DType dt, int64_t row_stride,
+                                  int64_t nt, int64_t D, float* out, float* inv_norms) {
+  const KernelTable& k = nq <= kernels_isa_avx512.direct_max_q ? kernels_isa_avx512 : kernels_isa_avx2;
+  k.scores_direct(q, nq, db, dt, row_stride, nt, D, out, inv_norms);
+}
+
 KernelTable avx512_with_blocked() {
   KernelTable t = kernels_isa_avx512;
   t.block_mr = kernels_isa_avx2.block_mr;
@@ -84,6 +92,8 @@ KernelTable avx512_with_blocked() {
   t.scores_block = kernels_isa_avx2.scores_block;
   t.scores_one_block = kernels_isa_avx2.scores_one_block;
   t.block_min_q = 256;
+  t.direct_max_q = kernels_isa_avx2.direct_max_q;
+  t.scores_direct = scores_direct_avx512_or_avx2;
   return t;
 }
 const KernelTable kernels_avx512_blocked = avx512_with_blocked();
