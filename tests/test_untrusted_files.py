@@ -309,3 +309,29 @@ def test_a_pickle_memo_index_beyond_its_size_is_refused_before_allocating():
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing near 12 GB
     ok = pickle.dumps([{"imlist": ["a"] * 3}] * 2, protocol=2)  # memo indexes of a real pickle pass
     assert safe_pickle.loads(ok, "real.pkl") == [{"imlist": ["a"] * 3}] * 2
+
+
+def test_a_crafted_numpy_dtype_state_is_refused():
+    """Found by tests/test_fuzz.py (pickle target, a deadly signal under atheris): a dtype('i8')
+    whose BUILD state is a 6-tuple (3, '<', None, -1, -1, 0) reaches numpy.dtype.__setstate__,
+    which trusts it and corrupts memory. The restricted unpickler now checks dtype and array
+    states before numpy sees them; the states numpy writes still load."""
+    import numpy as np
+
+    from pylandmark.data import safe_pickle
+
+    crash = (b"\x80\x04\x95\xc2\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01x\x94\x8c\x16numpy._core.multiarray\x94"
+             b"\x8c\x0c_reconstruct\x94\x93\x94\x8c\x05numpy\x94\x8c\x07ndarray\x94\x93\x94K\x00\x85\x94C\x01b\x94"
+             b"\x87\x94R\x94(K\x01K\x02K\x03\x86\x94h\x05\x8c\x05dtype\x94\x93\x94\x8c\x02i8\x94\x89\x88\x87\x94R\x94"
+             b"(K\x03\x8c\x01<\x94NN0J\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94b\x89C0"
+             + b"".join(i.to_bytes(8, "little") for i in range(6)) + b"\x94t\x94bs.")
+    with pytest.raises(safe_pickle.PickleRefused, match="dtype state"):
+        safe_pickle.loads(crash, "fuzz input", numpy=True)
+    # an array whose bytes do not match its shape, and state on a non-numpy object
+    bad = pickle.dumps(np.arange(6)).replace(b"\x06\x85", b"\x07\x85")
+    with pytest.raises(safe_pickle.PickleRefused):
+        safe_pickle.loads(bad, "x", numpy=True)
+    for obj in (np.arange(6).reshape(2, 3), np.array(["ab", "c"]), np.array([b"x"]), np.float32(3), np.zeros((0, 3))):
+        for protocol in (2, 4, 5):
+            back = safe_pickle.loads(pickle.dumps(obj, protocol=protocol), "x", numpy=True)
+            assert np.array_equal(np.asarray(back), np.asarray(obj)) and np.asarray(back).dtype == np.asarray(obj).dtype

@@ -58,19 +58,78 @@ class PickleRefused(pickle.UnpicklingError, ValueError):
     """A pickle was not read: it needs code, is too large or too deep, or is not a pickle."""
 
 
-class _Restricted(pickle.Unpickler):
-    def __init__(self, data: bytes, what: str, numpy: bool):
-        super().__init__(io.BytesIO(data), encoding="latin1")
-        self._what, self._numpy = what, numpy
+class _Refusals:
+    """What both unpicklers refuse: every global but numpy's reconstruction ones, persistent ids."""
+
+    _what: str
+    _numpy: bool
 
     def find_class(self, module: str, name: str) -> Any:
         if self._numpy and (module, name) in _NUMPY_GLOBALS:
-            return super().find_class(module, name)
+            return super().find_class(module, name)  # type: ignore[misc]
         raise PickleRefused(f"{self._what}: refusing to load {module}.{name}: this file should hold only dicts, "
                             "lists, strings and numbers; it is not the expected file, or was tampered with")
 
     def persistent_load(self, pid: Any) -> Any:
         raise PickleRefused(f"{self._what}: refusing a persistent id; not the expected file")
+
+
+class _Restricted(_Refusals, pickle.Unpickler):
+    """Plain data only (no globals at all): the C unpickler."""
+
+    def __init__(self, data: bytes, what: str, numpy: bool):
+        super().__init__(io.BytesIO(data), encoding="latin1")
+        self._what, self._numpy = what, numpy
+
+
+def _check_dtype_state(state: Any, what: str) -> None:
+    """numpy.dtype.__setstate__ trusts its argument: a crafted one (element size -1 on a
+    version-3 tuple of 6, found by tests/test_fuzz.py) corrupts memory. Only the state numpy
+    itself writes for a plain (not structured) dtype passes."""
+    ok = (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("<", ">", "|", "=")
+          and state[2] is None and state[3] is None and state[4] is None
+          and all(type(v) is int for v in state[5:])
+          and (state[5] == -1 or 0 < state[5] <= 1 << 20) and state[6] in (-1, 1, 2, 4, 8, 16) and state[7] in (0, 8))
+    if not ok:
+        raise PickleRefused(f"{what}: refusing a numpy dtype state numpy does not write ({state!r:.80}); "
+                            "not the expected file")
+
+
+def _check_array_state(state: Any, what: str) -> None:
+    """ndarray.__setstate__'s argument: (1, shape, dtype, fortran, bytes) of a numeric or string
+    dtype, the bytes exactly the array's size."""
+    ok = (isinstance(state, tuple) and len(state) == 5 and state[0] == 1 and isinstance(state[1], tuple)
+          and all(type(n) is int and 0 <= n <= MAX_ITEMS for n in state[1]) and isinstance(state[2], np.dtype)
+          and state[2].kind in _ARRAY_KINDS and type(state[3]) is bool and isinstance(state[4], bytes))
+    if ok:
+        count = int(np.prod(state[1], dtype=np.int64)) if state[1] else 1
+        ok = count <= MAX_ITEMS and len(state[4]) == count * state[2].itemsize
+    if not ok:
+        raise PickleRefused(f"{what}: refusing a numpy array state numpy does not write; not the expected file")
+
+
+class _RestrictedNumpy(_Refusals, pickle._Unpickler):
+    """With numpy's reconstruction globals: the pure-Python unpickler, whose BUILD opcode can be
+    checked before numpy's __setstate__ sees its argument (the files that need it are small)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, data: bytes, what: str, numpy: bool):
+        super().__init__(io.BytesIO(data), encoding="latin1")
+        self._what, self._numpy = what, numpy
+
+    def load_build(self) -> None:
+        state, inst = self.stack[-1], self.stack[-2]  # type: ignore[attr-defined]
+        if isinstance(inst, np.dtype):
+            _check_dtype_state(state, self._what)
+        elif isinstance(inst, np.ndarray):
+            _check_array_state(state, self._what)
+        else:
+            raise PickleRefused(f"{self._what}: refusing to set the state of a {type(inst).__name__}; "
+                                "not the expected file")
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]
 
 
 def _check_memo_indexes(data: bytes, what: str) -> None:
@@ -102,7 +161,7 @@ def loads(data: bytes, what: str, *, numpy: bool = False, max_depth: int = MAX_D
     """
     _check_memo_indexes(data, what)
     try:
-        obj = _Restricted(data, what, numpy).load()
+        obj = (_RestrictedNumpy if numpy else _Restricted)(data, what, numpy).load()
     except PickleRefused:
         raise
     except RecursionError:
