@@ -121,6 +121,9 @@ class _RestrictedNumpy(_Refusals, pickle._Unpickler):
     def load_build(self) -> None:
         state, inst = self.stack[-1], self.stack[-2]  # type: ignore[attr-defined]
         if isinstance(inst, np.dtype):
+            if inst.kind not in _ARRAY_KINDS:  # the same answer as the walk gives such arrays
+                raise PickleRefused(f"{self._what}: holds a numpy {inst} array; only numeric and string arrays "
+                                    "are read")
             _check_dtype_state(state, self._what)
         elif isinstance(inst, np.ndarray):
             _check_array_state(state, self._what)
