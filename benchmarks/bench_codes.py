@@ -3,6 +3,7 @@
     python benchmarks/bench_codes.py                        # N=1,000,000, D=1024, Q 1/64/1024, k 5/100
     python benchmarks/bench_codes.py --n 100000 --queries 1 64 --repeat 3
     python benchmarks/bench_codes.py --json out.json
+    python benchmarks/bench_codes.py --device cuda --no-faiss  # torch CUDA tensors (tools/device_check.sh)
 
 Three data sets of unit float16 rows, each searched by fresh queries:
   gaussian   rows and queries i.i.d. Gaussian (top-k scores barely above the bulk: the hard
@@ -16,7 +17,9 @@ Methods: pylandmark.search on the float16 rows ("f16"), on pylandmark.prepare(ro
 checked equal to f16, bit for bit, every call), faiss IndexScalarQuantizer QT_8bit inner product
 ("faiss sq8", approximate: its recall@k against f16 is printed) and, with --faiss-flat,
 IndexFlatIP on a float32 copy. Methods run interleaved (one call of each per round; median of
-the rounds). Ratio = the method's time / codes. Prints the table last.
+the rounds). Ratio = the method's time / codes. Prints the table last. With --device cuda the
+rows and queries are torch tensors on the GPU (timed to torch.cuda.synchronize()), and "read"
+is the time to read the int8 codes once (a max over them): the floor of a code scan.
 """
 from __future__ import annotations
 
@@ -83,6 +86,11 @@ def run_set(args: argparse.Namespace, name: str, rng: np.random.Generator, faiss
     """One data set: every (Q, k) timed; returns the table rows."""
     t0 = time.perf_counter()
     db, queries = make_set(name, args.n, args.dim, max(args.queries), rng)
+    gpu = args.device == "cuda"
+    if gpu:
+        import torch
+
+        db, queries = (torch.from_numpy(x).cuda() for x in (db, queries))
     t1 = time.perf_counter()
     prepared = plm.prepare(db)
     print(f"{name}: made in {t1 - t0:.1f} s, codes built in {time.perf_counter() - t1:.2f} s", flush=True)
@@ -97,16 +105,26 @@ def run_set(args: argparse.Namespace, name: str, rng: np.random.Generator, faiss
             for s in range(0, args.n, CHUNK):
                 flat.add(db[s:s + CHUNK].astype(np.float32))
     rows = []
+    def timed(fn):  # on the GPU: to the end of the queued work
+        if not gpu:
+            return fn
+        return lambda: (fn(), torch.cuda.synchronize())
+
     for nq in args.queries:
         q = queries[:nq]
-        qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+        qn = None if gpu else q / np.linalg.norm(q, axis=1, keepdims=True)
         for k in args.k:
             ref_s, ref_i = plm.search(q, db, k)
             got_s, got_i = plm.search(q, prepared, k)
+            if gpu:
+                ref_s, ref_i, got_s, got_i = (x.cpu().numpy() for x in (ref_s, ref_i, got_s, got_i))
             if not (np.array_equal(ref_i, got_i) and np.array_equal(ref_s.view(np.uint32), got_s.view(np.uint32))):
                 raise SystemExit(f"{name} Q={nq} k={k}: codes differ from the float16 search")
-            stats = dict(prepared.last_stats)
-            fns = {"f16": lambda q=q, k=k: plm.search(q, db, k), "codes": lambda q=q, k=k: plm.search(q, prepared, k)}
+            stats = dict(prepared.last_stats)  # the CPU search's (the GPU one keeps none)
+            fns = {"f16": timed(lambda q=q, k=k: plm.search(q, db, k)),
+                   "codes": timed(lambda q=q, k=k: plm.search(q, prepared, k))}
+            if gpu:
+                fns["read"] = timed(lambda c=prepared.device_codes[0]: c.view(torch.int32).max())
             recall = None
             if sq is not None and (nq < 1024 or not args.faiss_big_once or (name, k) == (args.sets[0], args.k[0])):
                 fns["faiss sq8"] = lambda qn=qn, k=k: sq.search(qn, k)
@@ -115,8 +133,9 @@ def run_set(args: argparse.Namespace, name: str, rng: np.random.Generator, faiss
             if flat is not None:
                 fns["faiss flat"] = lambda qn=qn, k=k: flat.search(qn, k)
             ms = interleaved(fns, 1 if nq >= 1024 else args.repeat, warmup=nq < 1024)
-            row = {"set": name, "Q": nq, "k": k, "ms": ms, "rescored_fraction": stats["rescored"] / (nq * args.n),
-                   "fallback_queries": stats["fallback_queries"], "sq8_recall": recall}
+            rescored = None if gpu else stats["rescored"] / (nq * args.n)
+            row = {"set": name, "Q": nq, "k": k, "ms": ms, "rescored_fraction": rescored,
+                   "fallback_queries": None if gpu else stats["fallback_queries"], "sq8_recall": recall}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -135,22 +154,28 @@ def main() -> None:
     ap.add_argument("--no-faiss", action="store_true")
     ap.add_argument("--faiss-big-once", action="store_true",
                     help="faiss at Q >= 1024 for the first set and k only (its scan takes the same time on any data)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     faiss = None
-    if not args.no_faiss:
+    if not args.no_faiss and args.device == "cpu":
         import faiss
     threads = plm.get_num_threads()
     machine = (f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads, isa {_C.cpu_isa()}, code kernel "
                f"{_C.code_kernel()}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '-')}, "
                f"Python {platform.python_version()}, faiss {getattr(faiss, '__version__', '-')}")
+    if args.device == "cuda":
+        import torch
+
+        machine += f"; GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     print(machine, flush=True)
     rng = np.random.default_rng(0)
     rows = []
     for name in args.sets:
         rows += run_set(args, name, rng, faiss)
     print(f"\nN={args.n:,}, D={args.dim}; {machine}\n")
-    cols = ["f16", "codes", "faiss sq8"] + (["faiss flat"] if args.faiss_flat else [])
+    cols = ["f16", "codes", "faiss sq8"] + (["faiss flat"] if args.faiss_flat else []) + \
+        (["read"] if args.device == "cuda" else [])
     print("| set | Q | k | " + " | ".join(f"{c} ms" for c in cols) +
           " | f16 / codes | sq8 / codes | rescored | fallback | sq8 recall |")
     print("|" + "---|" * (len(cols) + 8))
@@ -159,9 +184,12 @@ def main() -> None:
         cells = [f"{ms[c]:.1f}" if c in ms else "-" for c in cols]
         sq8 = f"{ms['faiss sq8'] / ms['codes']:.2f}x" if "faiss sq8" in ms else "-"
         rec = f"{r['sq8_recall']:.3f}" if r["sq8_recall"] is not None else "-"
+        if "read" in ms:
+            sq8 = f"codes / read {ms['codes'] / ms['read']:.2f}x"
         print(f"| {r['set']} | {r['Q']} | {r['k']} | " + " | ".join(cells) +
-              f" | **{ms['f16'] / ms['codes']:.2f}x** | {sq8} | {r['rescored_fraction']:.2e} | "
-              f"{r['fallback_queries']}/{r['Q']} | {rec} |")
+              f" | **{ms['f16'] / ms['codes']:.2f}x** | {sq8} | " +
+              ("- | - |" if r["rescored_fraction"] is None else
+               f"{r['rescored_fraction']:.2e} | {r['fallback_queries']}/{r['Q']} |") + f" {rec} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "n": args.n, "dim": args.dim, "rows": rows}, f, indent=1)

@@ -172,6 +172,35 @@ void code_bounds(const py::tuple& q_spec, const py::tuple& db_spec, const py::tu
                         static_cast<float*>(lower.data), static_cast<float*>(upper.data));
 }
 
+// The codes of N rows of D (build_codes) in the GPU scan's layout, with
+// Dg = D rounded up to 16, out_codes (N, Dg) uint8 holding the int8 codes' bits, out_meta (3, N)
+// float32 (cpu::device_codes).
+void device_codes(const py::tuple& codes_spec, const py::tuple& meta_spec, int64_t N, int64_t D, bool cosine,
+                  const py::tuple& out_codes_spec, const py::tuple& out_meta_spec) {
+  ArrayView codes = plm::view_from_spec(codes_spec, "codes");
+  ArrayView meta = plm::view_from_spec(meta_spec, "meta");
+  ArrayView out_codes = plm::view_from_spec(out_codes_spec, "out_codes");
+  ArrayView out_meta = plm::view_from_spec(out_meta_spec, "out_meta");
+  if (N < 0 || D < 1) throw py::value_error("N must be >= 0 and D >= 1");
+  check_codes(codes, meta, N, D, false);
+  require_cpu(out_codes);
+  require_cpu(out_meta);
+  plm::require_dtype(out_codes, DType::u8);
+  plm::require_dtype(out_meta, DType::f32);
+  for (const ArrayView* out : {&out_codes, &out_meta}) {
+    plm::require_contiguous(*out);
+    plm::require_writable(*out);
+  }
+  const int64_t Dg = (D + 15) / 16 * 16;
+  if (out_codes.ndim != 2 || out_codes.shape[0] != N || out_codes.shape[1] != Dg)
+    throw py::value_error("out_codes must have shape (" + std::to_string(N) + ", " + std::to_string(Dg) + ")");
+  if (out_meta.ndim != 2 || out_meta.shape[0] != 3 || out_meta.shape[1] != N)
+    throw py::value_error("out_meta must have shape (3, " + std::to_string(N) + ")");
+  py::gil_scoped_release nogil;
+  plm::cpu::device_codes(static_cast<const uint8_t*>(codes.data), static_cast<const float*>(meta.data), N, D, cosine,
+                         reinterpret_cast<int8_t*>(out_codes.data), Dg, static_cast<float*>(out_meta.data));
+}
+
 plm::cpu::GemArgs gem_args(const ArrayView& x, double p, double eps) {
   plm::require_ndim(x, 4);
   if (x.dtype != DType::f64) plm::require_dtype_float(x);
@@ -313,9 +342,11 @@ std::string search_cuda_kernel(const py::tuple& q_spec, const py::tuple& db_spec
 
 // alloc(nbytes) -> (array, spec): a uint8 array of at least nbytes on the data's device from the
 // caller's framework allocator (on `stream`), and its spec; called once, after planning. The
-// array is kept alive here until the work is queued.
-void search_cuda(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& scores_spec,
-                 const py::tuple& idx_spec, const py::function& alloc, int64_t k, bool cosine, uintptr_t stream) {
+// array is kept alive here until run(args, workspace, scores, indices) has queued the work.
+template <class Run>
+void search_cuda_with(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& scores_spec,
+                      const py::tuple& idx_spec, const py::function& alloc, int64_t k, bool cosine, uintptr_t stream,
+                      Run&& run) {
   ArrayView q = plm::view_from_spec(q_spec, "queries");
   ArrayView db = plm::view_from_spec(db_spec, "db");
   ArrayView scores = plm::view_from_spec(scores_spec, "scores");
@@ -338,8 +369,41 @@ void search_cuda(const py::tuple& q_spec, const py::tuple& db_spec, const py::tu
   };
   {
     py::gil_scoped_release nogil;
-    plm::cuda::search(args, workspace, static_cast<float*>(scores.data), static_cast<int64_t*>(idx.data));
+    run(args, workspace, static_cast<float*>(scores.data), static_cast<int64_t*>(idx.data));
   }
+}
+
+void search_cuda(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& scores_spec,
+                 const py::tuple& idx_spec, const py::function& alloc, int64_t k, bool cosine, uintptr_t stream) {
+  search_cuda_with(q_spec, db_spec, scores_spec, idx_spec, alloc, k, cosine, stream,
+                   [](const plm::cuda::SearchDeviceArgs& args, const std::function<void*(size_t)>& workspace,
+                      float* scores, int64_t* indices) { plm::cuda::search(args, workspace, scores, indices); });
+}
+
+// search_cuda from a prepared db's device codes (ops.device_codes moved to the rows' device).
+void search_codes_cuda(const py::tuple& q_spec, const py::tuple& db_spec, const py::tuple& codes_spec,
+                       const py::tuple& meta_spec, const py::tuple& scores_spec, const py::tuple& idx_spec,
+                       const py::function& alloc, int64_t k, bool cosine, uintptr_t stream) {
+  ArrayView db = plm::view_from_spec(db_spec, "db");
+  ArrayView codes = plm::view_from_spec(codes_spec, "codes");
+  ArrayView meta = plm::view_from_spec(meta_spec, "code metadata");
+  plm::require_dtype(codes, DType::u8);
+  plm::require_dtype(meta, DType::f32);
+  plm::require_contiguous(codes);
+  plm::require_contiguous(meta);
+  plm::require_same_device(codes, db);
+  plm::require_same_device(meta, db);
+  const int64_t N = db.shape[0], Dg = (db.shape[1] + 15) / 16 * 16;
+  if (codes.ndim != 2 || codes.shape[0] != N || codes.shape[1] != Dg)
+    throw py::value_error("codes must have shape (" + std::to_string(N) + ", " + std::to_string(Dg) +
+                          ") for this db, got " + codes.describe() + "; prepare() the db again");
+  if (meta.ndim != 2 || meta.shape[0] != 3 || meta.shape[1] != N)
+    throw py::value_error("code metadata must have shape (3, " + std::to_string(N) + "), got " + meta.describe() +
+                          "; prepare() the db again");
+  const plm::cuda::DeviceCodesArgs c{codes.data, Dg, static_cast<const float*>(meta.data)};
+  search_cuda_with(q_spec, db_spec, scores_spec, idx_spec, alloc, k, cosine, stream,
+                   [&](const plm::cuda::SearchDeviceArgs& args, const std::function<void*(size_t)>& workspace,
+                       float* scores, int64_t* indices) { plm::cuda::search_codes(args, c, workspace, scores, indices); });
 }
 #endif
 
@@ -376,6 +440,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("cosine"));
   m.def("search_codes", &search_codes, py::arg("queries"), py::arg("db"), py::arg("codes"), py::arg("meta"),
         py::arg("scores"), py::arg("indices"), py::arg("k"), py::arg("cosine"));
+  m.def("device_codes", &device_codes, py::arg("codes"), py::arg("meta"), py::arg("N"), py::arg("D"),
+        py::arg("cosine"), py::arg("out_codes"), py::arg("out_meta"));
   m.def("code_bounds", &code_bounds, py::arg("queries"), py::arg("db"), py::arg("codes"), py::arg("meta"),
         py::arg("lower"), py::arg("upper"), py::arg("cosine"));
   m.def("code_kernel", [] { return std::string(plm::cpu::active_code_kernels().name); });
@@ -397,6 +463,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad_input"), py::arg("terms"), py::arg("p"), py::arg("eps"), py::arg("stream"));
   m.def("search_cuda", &search_cuda, py::arg("queries"), py::arg("db"), py::arg("scores"), py::arg("indices"),
         py::arg("alloc"), py::arg("k"), py::arg("cosine"), py::arg("stream"));
+  m.def("search_codes_cuda", &search_codes_cuda, py::arg("queries"), py::arg("db"), py::arg("codes"),
+        py::arg("meta"), py::arg("scores"), py::arg("indices"), py::arg("alloc"), py::arg("k"), py::arg("cosine"),
+        py::arg("stream"));
   m.def("search_cuda_kernel", &search_cuda_kernel, py::arg("queries"), py::arg("db"), py::arg("k"),
         py::arg("cosine"));
   m.attr("SEARCH_CUDA_MAX_K") = plm::cuda::max_search_k();

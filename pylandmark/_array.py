@@ -127,6 +127,29 @@ def empty_like_framework(ref: Array, shape: tuple[int, ...], dtype: str) -> Any:
     return np.empty(shape, dtype=dtype)
 
 
+def to_host(a: Array) -> Any:
+    """A CPU copy of a CUDA array (a torch tensor for torch, numpy for cupy)."""
+    if a.framework == "torch":
+        return a.obj.cpu()
+    if a.framework == "cupy":
+        return a.obj.get()
+    return a.obj
+
+
+def to_device_of(x: np.ndarray, ref: Array) -> Any:
+    """A copy of the numpy array x in ref's framework and on ref's device."""
+    if ref.framework == "torch":
+        import torch
+
+        return torch.from_numpy(x).to(ref.obj.device)
+    if ref.framework == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(ref.device[1]):
+            return cupy.asarray(x)
+    return x
+
+
 def current_stream(a: Array) -> int:
     """The caller's current CUDA stream (cudaStream_t as an int) on the device holding a."""
     if a.framework == "torch":

@@ -9,7 +9,18 @@ from typing import Any
 
 import numpy as np
 
-from ._array import CUDA, Array, as_array, contiguous, current_stream, empty_like_framework, gem_layout, require_float
+from ._array import (
+    CUDA,
+    Array,
+    as_array,
+    contiguous,
+    current_stream,
+    empty_like_framework,
+    gem_layout,
+    require_float,
+    to_device_of,
+    to_host,
+)
 from ._checks import check_int, check_number, gem_p, is_torch
 from ._native import extension
 
@@ -37,14 +48,18 @@ class PreparedDatabase:
             prepared (the codes describe it as it was).
         metric: "cosine" or "ip": the metric the codes were built for.
         codes: (ceil(N / 16), 16 * Dc) uint8, Dc = D rounded up to 4 (layout: csrc/cpu/codes.h);
-            None for rows on a GPU, which :func:`search` scans in float16.
+            None for rows on a GPU.
         meta: (ceil(N / 16), 3, 16) float32 per-row scale, error term and norm, or None.
-        last_stats: of the most recent search: "rescored" (query, row) pairs scored exactly and
-            "fallback_queries" (queries searched in full because the bound could not prune).
+        device_codes: for rows on a GPU, (codes (N, Dg) uint8 holding int8 codes, Dg = D rounded
+            up to 16; meta (3, N) float32) on the rows' device (:func:`device_codes`); else None.
+        last_stats: of the most recent CPU search: "rescored" (query, row) pairs scored exactly
+            and "fallback_queries" (queries searched in full because the bound could not prune).
     """
 
-    def __init__(self, rows: Any, metric: str, codes: np.ndarray | None, meta: np.ndarray | None):
+    def __init__(self, rows: Any, metric: str, codes: np.ndarray | None, meta: np.ndarray | None,
+                 device_codes: tuple[Any, Any] | None = None):
         self.rows, self.metric, self.codes, self.meta = rows, metric, codes, meta
+        self.device_codes = device_codes
         self.last_stats: dict[str, int] = {}
 
     @property
@@ -56,14 +71,15 @@ class PreparedDatabase:
 
     def __repr__(self) -> str:
         return (f"PreparedDatabase(N={len(self)}, D={self.shape[1]}, metric={self.metric!r}, "
-                f"codes={self.codes is not None})")
+                f"codes={self.codes is not None or self.device_codes is not None})")
 
 
 def prepare(db: Any, metric: str = "cosine") -> PreparedDatabase:
     """Prepares ``db`` (N, D) float16/bfloat16/float32 for repeated exact searches with
     :func:`search`: builds the compact codes (about a second per million 1024-d rows and
-    core). numpy arrays (memory-mapped ones included) and CPU torch tensors get codes; arrays
-    on a GPU are kept as they are and searched in float16.
+    core). numpy arrays (memory-mapped ones included) and CPU torch tensors get codes beside
+    them; CUDA arrays get codes on their device (built from a host copy of the rows, which is
+    then dropped), scanned by the GPU's int8 tensor cores.
 
     >>> prepared = pylandmark.prepare(db)            # once
     >>> scores, idx = pylandmark.search(q, prepared, k=5)  # equal to search(q, db, k=5)
@@ -80,9 +96,23 @@ def prepare(db: Any, metric: str = "cosine") -> PreparedDatabase:
         raise ValueError("db: the last axis must be contiguous (element stride 1); pass a "
                          "contiguous copy (np.ascontiguousarray / .contiguous())")
     if d.device[0] == CUDA:
-        return PreparedDatabase(db, metric, None, None)
+        codes, meta = build_codes(to_host(d), metric)
+        on_host = device_codes(codes, meta, d.shape[0], d.shape[1], metric)
+        return PreparedDatabase(db, metric, None, None, tuple(to_device_of(x, d) for x in on_host))
     codes, meta = build_codes(d, metric)
     return PreparedDatabase(db, metric, codes, meta)
+
+
+def device_codes(codes: np.ndarray, meta: np.ndarray, n_rows: int, dim: int,
+                 metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The codes of :func:`build_codes` in the GPU scan's layout (csrc/cuda/code_kernels.cuh):
+    ((N, Dg) uint8 holding each row's int8 code, zero-padded to Dg = D rounded up to 16;
+    (3, N) float32 scale, error term widened for tensor-core sums, norm)."""
+    out_codes = np.empty((n_rows, -(-dim // 16) * 16), np.uint8)
+    out_meta = np.empty((3, n_rows), np.float32)
+    _C.device_codes(as_array(codes, "codes").spec(), as_array(meta, "meta").spec(), n_rows, dim,
+                    metric == "cosine", as_array(out_codes, "out_codes").spec(), as_array(out_meta, "out_meta").spec())
+    return out_codes, out_meta
 
 
 def build_codes(rows: Any, metric: str, previous: tuple[np.ndarray, np.ndarray] | None = None,
@@ -143,7 +173,8 @@ def search(queries: Any, db: Any, k: int = 5, metric: str = "cosine") -> tuple[A
                                              indices.spec(), k, metric == "cosine")
         prepared.last_stats = {"rescored": rescored, "fallback_queries": fallback}
     elif q.device[0] == CUDA:
-        _search_cuda(q, d, scores, indices, k, metric == "cosine")
+        codes = prepared.device_codes if prepared is not None else None
+        _search_cuda(q, d, scores, indices, k, metric == "cosine", codes)
     else:
         _C.search(q.spec(), d.spec(), scores.spec(), indices.spec(), k, metric == "cosine")
     if one:
@@ -205,8 +236,10 @@ def _check_result_size(n_queries: int, k: int, n_rows: int) -> None:
                          "queries per call")
 
 
-def _search_cuda(q: Array, d: Array, scores: Array, indices: Array, k: int, cosine: bool) -> None:
-    """Queues the GPU search on the caller's current stream of the data's device."""
+def _search_cuda(q: Array, d: Array, scores: Array, indices: Array, k: int, cosine: bool,
+                 codes: tuple[Any, Any] | None = None) -> None:
+    """Queues the GPU search (from the device codes of a prepared db where given) on the
+    caller's current stream of the data's device."""
     if not hasattr(_C, "search_cuda"):
         raise ValueError("queries and db are on a CUDA device, but this build of pylandmark has no "
                          "CUDA kernels; reinstall with nvcc available (PYLANDMARK_CUDA=ON) or search "
@@ -220,6 +253,14 @@ def _search_cuda(q: Array, d: Array, scores: Array, indices: Array, k: int, cosi
         workspace = as_array(empty_like_framework(q, (max(nbytes, 1),), "uint8"), "workspace")
         return workspace.obj, workspace.spec()
 
+    if codes is not None:
+        c, m = (as_array(x, name) for x, name in zip(codes, ("codes", "code metadata")))
+        if c.device != d.device or m.device != d.device:
+            raise ValueError("the prepared db's codes are not on the rows' device; prepare() it again "
+                             "after moving the rows")
+        _C.search_codes_cuda(q.spec(), d.spec(), c.spec(), m.spec(), scores.spec(), indices.spec(), alloc, k,
+                             cosine, current_stream(q))
+        return
     _C.search_cuda(q.spec(), d.spec(), scores.spec(), indices.spec(), alloc, k, cosine, current_stream(q))
 
 

@@ -250,3 +250,39 @@ def test_second_device(rng):
     run_and_check(q, db, 17, "ip")
     with pytest.raises(ValueError, match="same device"):
         plm.search(q.to("cuda:0"), db, k=3)
+
+
+# A prepared db on the GPU (int8 codes on the device, tensor-core code scan, rescoring of the
+# listed rows): the plain GPU search's scores and indices, bit for bit.
+PREPARED = [
+    (1, 50000, 1024, 5, "float16", "float16", "cosine"), (1, 50000, 1024, 100, "float32", "float16", "ip"),
+    (64, 30000, 256, 5, "float16", "bfloat16", "cosine"), (1024, 20000, 128, 100, "bfloat16", "float16", "cosine"),
+    (70, 4099, 72, 33, "float32", "float16", "cosine"), (3, 1000, 17, 5, "float16", "float16", "cosine"),
+    (5, 2000, 64, 5, "float32", "float32", "ip"),
+]
+
+
+@pytest.mark.parametrize("Q,N,D,k,qdtype,dbdtype,metric", PREPARED)
+def test_prepared_db_gives_the_plain_search_bit_for_bit(rng, Q, N, D, k, qdtype, dbdtype, metric):
+    q, db = make(rng, (Q, D), qdtype), make_db(rng, (N, D), dbdtype, metric)
+    db[7] = db[N // 2]  # a tie across splits
+    prepared = plm.prepare(db, metric)
+    assert prepared.device_codes is not None and prepared.device_codes[0].device == db.device
+    scores, idx = plm.search(q, prepared, k, metric)
+    ref_scores, ref_idx = plm.search(q, db, k, metric)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(scores.view(torch.int32), ref_scores.view(torch.int32))
+
+
+def test_prepared_db_near_ties_and_hostile_rows(rng):
+    base = make(rng, (1, 256), "float32")
+    db = (base + 1e-3 * make(rng, (70000, 256), "float32")).to(torch.float16)  # the bound cannot prune
+    db[5] = 0
+    db[9, 3] = float("nan")
+    q = torch.cat([base.half(), make(rng, (3, 256), "float16")])
+    q[2, 0] = float("inf")
+    prepared = plm.prepare(db)
+    scores, idx = plm.search(q, prepared, 10)
+    ref_scores, ref_idx = plm.search(q, db, 10)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(scores.nan_to_num().view(torch.int32), ref_scores.nan_to_num().view(torch.int32))

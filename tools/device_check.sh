@@ -87,6 +87,10 @@ run_step "other GPU tests" pytest_more.log "$venv/bin/python" -m pytest -q -p no
 grep -E "passed|failed|error|skipped|no tests ran" "$out/pytest_more.log" | tail -n 1 >>"$out/summary.txt"
 # shellcheck disable=SC2086
 run_step "gpu_bench" gpu_bench.log "$venv/bin/python" benchmarks/gpu_bench.py --json "$out/gpu.json" ${BENCH_ARGS:-}
+# exact search from codes on the GPU (issue 27): N = 1M x 1024 float16, against the float16 kernel
+run_step "codes_bench" codes_bench.log "$venv/bin/python" benchmarks/bench_codes.py --device cuda --no-faiss \
+  --queries 1 1024 --k 5 100 --repeat 5 --json "$out/codes_gpu.json" ${CODES_ARGS:-}
+tail -n 12 "$out/codes_bench.log" >>"$out/summary.txt"
 cat "$out/summary.txt"
 echo "---- gpu_bench (tables last) ----"
 tail -n 60 "$out/gpu_bench.log"

@@ -222,6 +222,25 @@ void build_codes(const void* db, DType dt, int64_t row_stride, int64_t rows, int
   }
 }
 
+void device_codes(const uint8_t* codes, const float* meta, int64_t N, int64_t D, bool cosine, int8_t* out_codes,
+                  int64_t out_stride, float* out_meta) {
+  const int64_t Dc = code_dim(D);
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* block = codes + (n / kCodeBlock) * kCodeBlock * Dc;
+    int8_t* out = out_codes + n * out_stride;
+    for (int64_t d = 0; d < D; ++d)
+      out[d] = static_cast<int8_t>(static_cast<int>(block[(d / 4) * 64 + (n % kCodeBlock) * 4 + d % 4]) - 128);
+    std::memset(out + D, 0, static_cast<size_t>(out_stride - D));
+    const float* m = meta + (n / kCodeBlock) * kCodeFields * kCodeBlock + n % kCodeBlock;
+    const double E = m[kCodeBlock], beta = m[2 * kCodeBlock];
+    // rho as build_row adds it; for ip rho = (1.5 D + 4) u nu with nu <= ||b|| + ||r|| <= beta + E.
+    const double rho = cosine ? (3.0 * D + 8.0) * kU : (1.5 * D + 4.0) * kU * (beta + E);
+    out_meta[n] = m[0];
+    out_meta[N + n] = up(widen(E + 15.0 * rho));
+    out_meta[2 * N + n] = m[2 * kCodeBlock];
+  }
+}
+
 // ---- searching ------------------------------------------------------------------------------
 
 namespace {

@@ -96,6 +96,14 @@ void set_code_kernel(const char* name);
 void build_codes(const void* db, DType dt, int64_t row_stride, int64_t rows, int64_t D,
                  int64_t row0, bool cosine, uint8_t* codes, float* meta, int threads);
 
+// The codes in the GPU scan's layout (csrc/cuda/code_kernels.cuh), from build_codes' output
+// for N rows of D: row n's int8 code at out_codes + n * out_stride (zero past D), and out_meta
+// [3][N] = c, E', beta. E' = E + 15 rho: the float32 rounding term rho of E, widened 16 times
+// for the tensor cores' float32 accumulation, which is not IEEE round-to-nearest (products
+// exact, sums aligned and truncated: within a few units of 2^-23 per instruction; ARCHITECTURE.md).
+void device_codes(const uint8_t* codes, const float* meta, int64_t N, int64_t D, bool cosine, int8_t* out_codes,
+                  int64_t out_stride, float* out_meta);
+
 struct CodeSearchStats {
   int64_t rescored = 0;        // (query, row) pairs scored exactly
   int64_t fallback_queries = 0;  // queries that the bound could not prune, searched in full

@@ -73,6 +73,27 @@ launch::Plan plan_for(const SearchDeviceArgs& a) {
                            [&](const launch::Plan& p) { return blocks_per_sm(a.device, p, a.db_dtype); });
 }
 
+// Code scan blocks per SM of the current device, once per (device, db type, tile, K).
+std::map<std::tuple<int, int, int, int>, int> g_code_blocks_per_sm;
+
+int code_blocks_per_sm(int device, DType db_dtype, bool wide, int K) {
+  const auto key = std::make_tuple(device, static_cast<int>(db_dtype), wide ? 1 : 0, K);
+  {
+    std::lock_guard<std::mutex> lock(g_cache_mutex);
+    auto it = g_code_blocks_per_sm.find(key);
+    if (it != g_code_blocks_per_sm.end()) return it->second;
+  }
+  int blocks = 0;
+  launch::Plan p{};
+  p.K = K;
+  launch::with_variant(p, db_dtype, [&](auto tc, auto kc) {
+    blocks = variants::code_blocks_per_sm<typename decltype(tc)::type, decltype(kc)::value>(wide);
+  });
+  std::lock_guard<std::mutex> lock(g_cache_mutex);
+  g_code_blocks_per_sm[key] = blocks;
+  return blocks;
+}
+
 }  // namespace
 
 const char* search_kernel_name(const SearchDeviceArgs& a) {
@@ -92,6 +113,22 @@ void search(const SearchDeviceArgs& a, const std::function<void*(size_t)>& works
   void* ws = workspace(plan.workspace_bytes);
   launch::with_variant(plan, a.db_dtype, [&](auto tc, auto kc) {
     variants::run<typename decltype(tc)::type, decltype(kc)::value>(plan, a, ws, scores, indices, a.stream);
+  });
+}
+
+void search_codes(const SearchDeviceArgs& a, const DeviceCodesArgs& codes,
+                  const std::function<void*(size_t)>& workspace, float* scores, int64_t* indices) {
+  if (a.Q == 0) return;
+  DeviceGuard guard(a.device);
+  check_limits(a);
+  const launch::CodePlan c = launch::make_code_plan(
+      a, device_limits(a.device), [&](const launch::Plan& p) { return blocks_per_sm(a.device, p, a.db_dtype); },
+      [&](bool wide, int K) { return code_blocks_per_sm(a.device, a.db_dtype, wide, K); });
+  if (!c.usable) return search(a, workspace, scores, indices);
+  void* ws = workspace(c.workspace_bytes);
+  const launch::DeviceCodes dc{codes.codes, codes.code_stride, codes.meta};
+  launch::with_variant(c.rescore, a.db_dtype, [&](auto tc, auto kc) {
+    variants::run_codes<typename decltype(tc)::type, decltype(kc)::value>(c, a, dc, ws, scores, indices, a.stream);
   });
 }
 

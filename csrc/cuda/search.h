@@ -26,6 +26,22 @@ constexpr int64_t max_search_k() { return 1024; }
 void search(const SearchDeviceArgs& a, const std::function<void*(size_t)>& workspace, float* scores,
             int64_t* indices);
 
+// A db's compact codes on its device (pylandmark.prepare: cpu::build_codes laid out by
+// cpu::device_codes): N rows of int8 codes code_stride bytes apart (a multiple of 16), and
+// meta [3][N] float32 (scale, widened error term, norm), for the metric of the search.
+struct DeviceCodesArgs {
+  const void* codes;
+  int64_t code_stride;
+  const float* meta;
+};
+
+// search() from the codes (csrc/cuda/code_kernels.cuh): the same scores and indices bit for bit,
+// reading the rows only where the codes' bound says they can still win. Where the codes cannot
+// serve (a float32 db, unaligned rows, a GPU before sm_80, too little shared memory) this is
+// search() itself.
+void search_codes(const SearchDeviceArgs& a, const DeviceCodesArgs& codes,
+                  const std::function<void*(size_t)>& workspace, float* scores, int64_t* indices);
+
 // "mma_small", "mma_wide" or "simt": the scan kernel search() picks for these arguments.
 const char* search_kernel_name(const SearchDeviceArgs& a);
 

@@ -50,6 +50,13 @@ struct ScanArgs {
   int k;
   bool cosine;
   const float* db_inv_norms;  // [N] 1/|x| computed once (db_norms), or null: each block computes its own
+  // Rescoring after a code scan (code_kernels.cuh): each group of ids_queries queries scores only
+  // the rows of its list, row_ids + group * ids_stride (ascending), row_counts[group] long, or
+  // every row where that count is negative (the list overflowed). Null: every row.
+  const int32_t* row_ids;
+  const int32_t* row_counts;
+  int64_t ids_stride;
+  int64_t ids_queries;
 };
 
 // ---- 1. queries --------------------------------------------------------------------------------
@@ -148,19 +155,42 @@ __device__ __forceinline__ float row_inv_norm(float n2, const T* __restrict__ x,
   return inv <= 3.402823466e38 ? static_cast<float>(inv) : 0.0f;
 }
 
-// One warp per row: out[n] = 1/|x_n| (0 for a zero row), float32 sums of squares. VEC: rows are
-// 16-byte aligned half/bfloat16 and D % 8 == 0, read 16 bytes per lane.
+// The sum of squares of a db row as the tensor-core scan computes it for its own tile: two
+// halves, each summing the 16-byte pieces of its half of every BK-column stage in order, then
+// half 0 + half 1. The norms pass computes this very sum, so a score's bits do not depend on
+// which of the two computed its row's norm (a search's plan, or a rescoring after a code scan).
+constexpr int kNormBK = 32;  // the BK of every MmaTile (static_assert below)
+template <class T>
+__device__ __forceinline__ float half_row_squares(const T* __restrict__ x, int D, int half) {
+  float acc = 0.0f;
+  for (int c = half * (kNormBK / 2); c < D; c += kNormBK)
+#pragma unroll
+    for (int v = 0; v < kNormBK / 16; ++v)
+      if (c + 8 * v < D) add_squares8<T>(acc, *reinterpret_cast<const uint4*>(x + c + 8 * v));
+  return acc;
+}
+
+// out[n] = 1/|x_n| (0 for a zero row), float32 sums of squares. VEC (rows 16-byte aligned
+// half/bfloat16, D % 8 == 0, the tensor-core scans): two threads per row, the scan's own sum
+// (half_row_squares); otherwise one warp per row.
 template <class T, bool VEC>
 __global__ void __launch_bounds__(kThreads) db_inv_norms(const T* __restrict__ db, int64_t db_stride, int64_t N,
                                                          int D, float* __restrict__ out) {
   const int lane = threadIdx.x % 32;
+  if constexpr (VEC) {
+    const int64_t row = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 2;
+    const int half = threadIdx.x % 2;
+    const T* x = db + (row < N ? row : 0) * db_stride;
+    const float part = row < N ? half_row_squares<T>(x, D, half) : 0.0f;
+    const float other = __shfl_xor_sync(topk::kFullMask, part, 1);
+    if (row < N && half == 0) out[row] = row_inv_norm<T>(part + other, x, D);
+    return;
+  }
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= N) return;
   const T* x = db + row * db_stride;
   float n2 = 0.0f;
-  if constexpr (VEC) {
-    for (int d = lane * 8; d < D; d += 32 * 8) add_squares8<T>(n2, *reinterpret_cast<const uint4*>(x + d));
-  } else {
+  {
     for (int d = lane; d < D; d += 32) {
       const float v = to_float<T>(x[d]);
       n2 += v * v;
@@ -207,13 +237,15 @@ struct Selection {
     row_max = reinterpret_cast<float*>(p);
   }
 
-  // The list of local query ql in this block's split.
-  __device__ static uint64_t* list_of(const ScanArgs& a, int64_t q0, int ql) {
+  // The list of local query ql in this block's split (Args: ScanArgs or CodeScanArgs).
+  template <class Args>
+  __device__ static uint64_t* list_of(const Args& a, int64_t q0, int ql) {
     return a.lists + ((q0 + ql) * a.splits + blockIdx.y) * static_cast<int64_t>(K);
   }
 
-  // Empties the lists and buffers of this block and loads the query multipliers.
-  __device__ void init(const ScanArgs& a, int64_t q0, int valid_q) {
+  // Empties the lists and buffers of this block and loads the query multipliers (if any).
+  template <class Args>
+  __device__ void init(const Args& a, int64_t q0, int valid_q) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int ql = warp; ql < valid_q; ql += kWarps) {
       uint64_t* list = list_of(a, q0, ql);
@@ -222,13 +254,14 @@ struct Selection {
     for (int i = threadIdx.x; i < BQ; i += kThreads) {
       thresh[i] = 0;
       count[i] = 0;
-      qmul[i] = a.qmul[q0 + i];
+      qmul[i] = a.qmul ? a.qmul[q0 + i] : 1.0f;
     }
     __syncthreads();
   }
 
   // Sorts query ql's buffer (n entries) into its list; returns the new threshold.
-  __device__ uint64_t flush(const ScanArgs& a, int64_t q0, int ql, int n) {
+  template <class Args>
+  __device__ uint64_t flush(const Args& a, int64_t q0, int ql, int n) {
     constexpr int KL = K / 32, BL = B / 32;
     const int lane = threadIdx.x % 32;
     __syncwarp();
@@ -249,11 +282,14 @@ struct Selection {
     return t;
   }
 
-  // Offers the score tile (rows n0 .. n0 + kTileRows, masked at n_end) to every valid query.
-  // row_max[0 .. parts) hold each query's best score per part of the tile: a query whose best
-  // does not beat its k-th best is skipped (equal scores lose too: this tile's rows come after
-  // every row in the list).
-  __device__ void offer_tile(const ScanArgs& a, int64_t q0, int valid_q, int64_t n0, int64_t n_end, int parts) {
+  // Offers the score tile (positions n0 .. n0 + kTileRows of the block's range, masked at n_end;
+  // position p is db row row_of(p)) to every valid query. row_max[0 .. parts) hold each query's
+  // best score per part of the tile: a query whose best does not beat its k-th best is skipped
+  // (equal scores lose too: rows ascend with positions, so this tile's rows come after every
+  // row in the list).
+  template <class Args, class RowOf>
+  __device__ void offer_tile(const Args& a, int64_t q0, int valid_q, int64_t n0, int64_t n_end, int parts,
+                             RowOf row_of) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int ql = warp; ql < valid_q; ql += kWarps) {
       uint64_t t = thresh[ql];
@@ -267,10 +303,10 @@ struct Selection {
       const float* row = scores + ql * kScoreLd;
 #pragma unroll 1
       for (int c0 = 0; c0 < kTileRows; c0 += 32) {
-        const int64_t idx = n0 + c0 + lane;
+        const int64_t pos = n0 + c0 + lane;
         const float s = row[c0 + lane];
         uint64_t key = 0;
-        if (idx < n_end && topk::admissible(s)) key = topk::make_key(s, static_cast<uint32_t>(idx));
+        if (pos < n_end && topk::admissible(s)) key = topk::make_key(s, static_cast<uint32_t>(row_of(pos)));
         bool pass = key > t;
         unsigned m = __ballot_sync(topk::kFullMask, pass);
         if (m == 0) continue;
@@ -292,40 +328,60 @@ struct Selection {
   }
 
   // Flushes what is left in the buffers (end of the block's range).
-  __device__ void finish(const ScanArgs& a, int64_t q0, int valid_q) {
+  template <class Args>
+  __device__ void finish(const Args& a, int64_t q0, int valid_q) {
     const int warp = threadIdx.x / 32;
     for (int ql = warp; ql < valid_q; ql += kWarps)
       if (count[ql] > 0) flush(a, q0, ql, count[ql]);
   }
 };
 
-// Block geometry shared by the scan kernels.
+// Block geometry shared by the scan kernels: the block's queries and its range of positions
+// [n_begin, n_end); position p is db row p, or ids[p] when the block scores a list of rows.
 struct ScanRange {
   int64_t q0;
   int valid_q;
   int64_t n_begin, n_end;
   int tiles;
+  const int32_t* ids;
+  __device__ int64_t row(int64_t p) const { return ids ? static_cast<int64_t>(ids[p]) : p; }
 };
 
-template <int BQ>
-__device__ __forceinline__ ScanRange scan_range(const ScanArgs& a) {
+template <int BQ, class Args>
+__device__ __forceinline__ ScanRange scan_range(const Args& a) {
   ScanRange r;
   r.q0 = static_cast<int64_t>(blockIdx.x) * BQ;
   const int64_t left = a.Qc - r.q0;
   r.valid_q = left < BQ ? static_cast<int>(left) : BQ;
-  r.n_begin = static_cast<int64_t>(blockIdx.y) * a.rows_per_split;
-  const int64_t end = r.n_begin + a.rows_per_split;
-  r.n_end = end < a.N ? end : a.N;
+  r.ids = nullptr;
+  int64_t rows = a.N, per_split = a.rows_per_split;
+  if constexpr (std::is_same_v<Args, ScanArgs>) {
+    if (a.row_ids) {
+      const int64_t group = r.q0 / a.ids_queries;
+      const int64_t count = a.row_counts[group];
+      if (count >= 0) {  // this block's share of the list, whole tiles
+        r.ids = a.row_ids + group * a.ids_stride;
+        rows = count;
+        per_split = (count + a.splits - 1) / a.splits;
+        per_split = (per_split + kTileRows - 1) / kTileRows * kTileRows;
+      }
+    }
+  }
+  r.n_begin = static_cast<int64_t>(blockIdx.y) * per_split;
+  const int64_t end = r.n_begin + per_split;
+  r.n_end = end < rows ? end : rows;
   r.tiles = r.n_end > r.n_begin ? static_cast<int>((r.n_end - r.n_begin + kTileRows - 1) / kTileRows) : 0;
   return r;
 }
 
-// 1/|x| of db row n (0 for a zero row): from this block's sums of squares (two halves per row in
-// `parts`, row n - n0 at index tid) or from the precomputed norms. Rows past the range give 0.
+// 1/|x| of the db row at position p (0 for a zero row): from this block's sums of squares (two
+// halves per row in `parts`, position p - n0 at index tid) or from the precomputed norms.
+// Positions past the range give 0.
 template <class T>
-__device__ __forceinline__ float tile_inv_norm(const ScanArgs& a, bool row_norms, const float* parts, int64_t n,
-                                               int64_t n_end) {
-  if (n >= n_end) return 0.0f;
+__device__ __forceinline__ float tile_inv_norm(const ScanArgs& a, const ScanRange& r, bool row_norms,
+                                               const float* parts, int64_t p) {
+  if (p >= r.n_end) return 0.0f;
+  const int64_t n = r.row(p);
   if (!row_norms) return a.db_inv_norms[n];
   const int i = threadIdx.x;
   return row_inv_norm<T>(parts[i] + parts[kTileRows + i], static_cast<const T*>(a.db) + n * a.db_stride, a.D);
@@ -362,45 +418,66 @@ constexpr size_t mma_smem_bytes() {
          align16(sizeof(float) * 2 * kTileRows) + Selection<Tile::BQ, K>::bytes();
 }
 
-template <class T, int TERMS, class Tile, int K>
-__global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
+// What a 16-bit unit of the tensor-core tiles holds and the mma that multiplies them (16 units
+// of k per instruction either way, so the tiles, copies and ldmatrix addresses are shared).
+template <class T>
+struct MmaHalf {  // T = __half / __nv_bfloat16: float32 sums of exact products
+  using Unit = T;
+  using Acc = float;
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    ptx::mma_16816<T>(d, a, b);
+  }
+};
+struct MmaInt8 {  // a unit holds two int8 codes: exact int32 sums
+  using Unit = uint16_t;
+  using Acc = int32_t;
+  __device__ static void mma(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    ptx::mma_16832_s8(d, a, b);
+  }
+};
+
+// The tensor-core main loop: streams the block's range of db rows through shared memory,
+// kTileRows rows at a time, and scores each tile against the block's BQ queries. qplanes holds
+// TERMS planes of Qpad query rows of Dpad units (summed into one product); db rows are
+// db_stride units apart, of D units (columns past D, and positions past r.n_end, read as zeros).
+// on_stage(kt, sb) sees each stage of the tile's db rows as it lands (kTileRows rows, LD units
+// apart, columns kt * BK ..); on_tile(tile, acc) runs once tile `tile` is scored (acc: this
+// warp's fragments, Mma::Acc) and returns whether to go on, the same answer in every thread.
+// Uses the first mma_stage_bytes of dynamic shared memory.
+template <class Mma, int TERMS, class Tile, class OnStage, class OnTile>
+__device__ __forceinline__ void mma_stream(const typename Mma::Unit* __restrict__ qplanes, int64_t Qpad,
+                                           const typename Mma::Unit* __restrict__ db, int64_t db_stride, int D,
+                                           int Dpad, const ScanRange& r, OnStage&& on_stage, OnTile&& on_tile) {
+  using U = typename Mma::Unit;
+  using Acc = typename Mma::Acc;
   constexpr int BQ = Tile::BQ, BK = Tile::BK, LD = Tile::LD, STAGES = Tile::STAGES;
   constexpr int MT = Tile::MT, NT = Tile::NT;
   constexpr int STAGE = static_cast<int>(mma_stage_halves<Tile, TERMS>());
   constexpr int CHUNKS = BK / 8;  // 16-byte pieces per shared row
-  unsigned char* smem = ptx::dynamic_smem();
-  T* stages = reinterpret_cast<T*>(smem);
-  float* norm_part = reinterpret_cast<float*>(smem + align16(2 * STAGES * static_cast<size_t>(STAGE)));
-  Selection<BQ, K> sel(reinterpret_cast<unsigned char*>(norm_part) + align16(sizeof(float) * 2 * kTileRows));
-
+  static_assert(BK == kNormBK, "half_row_squares follows this loop's stages");
+  U* stages = reinterpret_cast<U*>(ptx::dynamic_smem());
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wq = warp / Tile::WARPS_N, wn = warp % Tile::WARPS_N;
-  const ScanRange r = scan_range<BQ>(a);
-  sel.init(a, r.q0, r.valid_q);
+  const int KT = Dpad / BK;
 
-  const T* qplanes = static_cast<const T*>(a.qprep);
-  const T* db = static_cast<const T*>(a.db);
-  const int KT = a.Dpad / BK;
-
-  // Stage `stage` <- columns [kt*BK, kt*BK + BK) of the query planes and of tile `tile`'s db
-  // rows (rows past the range and columns past D read as zeros).
+  // Stage `stage` <- columns [kt*BK, kt*BK + BK) of the query planes and of tile `tile`'s db rows.
   auto load_chunk = [&](int tile, int kt, int stage) {
     const int64_t n0 = r.n_begin + static_cast<int64_t>(tile) * kTileRows;
     const int k0 = kt * BK;
-    T* sa = stages + stage * STAGE;
-    T* sb = sa + TERMS * BQ * LD;
+    U* sa = stages + stage * STAGE;
+    U* sb = sa + TERMS * BQ * LD;
     for (int i = tid; i < TERMS * BQ * CHUNKS; i += kThreads) {
       const int row = i / CHUNKS, piece = i % CHUNKS;
       const int term = row / BQ, ql = row % BQ;
-      const T* src = qplanes + (term * a.Qpad + r.q0 + ql) * a.Dpad + k0 + piece * 8;
+      const U* src = qplanes + (term * Qpad + r.q0 + ql) * Dpad + k0 + piece * 8;
       ptx::cp_async16(sa + row * LD + piece * 8, src, true);
     }
     for (int i = tid; i < kTileRows * CHUNKS; i += kThreads) {
       const int row = i / CHUNKS, piece = i % CHUNKS;
-      const int64_t n = n0 + row;
+      const int64_t p = n0 + row;
       const int col = k0 + piece * 8;
-      const bool ok = n < r.n_end && col < a.D;
-      ptx::cp_async16(sb + row * LD + piece * 8, ok ? db + n * a.db_stride + col : db, ok);
+      const bool ok = p < r.n_end && col < D;
+      ptx::cp_async16(sb + row * LD + piece * 8, ok ? db + r.row(p) * db_stride + col : db, ok);
     }
   };
   // The pipeline runs over (tile, kt) chunks without a break between tiles: loads run
@@ -416,11 +493,7 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
     if (++load_stage == STAGES) load_stage = 0;
   };
 
-  float acc[MT][NT][4];
-  float norm_acc = 0.0f;  // sum of squares of half a db row (row tid % kTileRows)
-  const int norm_row = tid % kTileRows, norm_half = tid / kTileRows;
-  const bool row_norms = a.cosine && a.db_inv_norms == nullptr;  // else precomputed
-
+  Acc acc[MT][NT][4];
 #pragma unroll 1
   for (int s = 0; s < STAGES - 1; ++s) load_next();
   int tile = 0, kt = 0, stage = 0;
@@ -437,17 +510,11 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
-      norm_acc = 0.0f;
+          for (int e = 0; e < 4; ++e) acc[mt][nt][e] = Acc(0);
     }
-    const T* sa = stages + stage * STAGE;
-    const T* sb = sa + TERMS * BQ * LD;
-
-    if (row_norms) {  // 16-byte reads: lanes take consecutive rows, LD keeps them conflict-free
-      const uint4* p = reinterpret_cast<const uint4*>(sb + norm_row * LD + norm_half * (BK / 2));
-#pragma unroll
-      for (int v = 0; v < BK / 16; ++v) add_squares8<T>(norm_acc, p[v]);
-    }
+    const U* sa = stages + stage * STAGE;
+    const U* sb = sa + TERMS * BQ * LD;
+    on_stage(kt, sb);
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 16) {
       uint32_t af[TERMS][MT][4];
@@ -474,40 +541,9 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int term = 0; term < TERMS; ++term) ptx::mma_16816<T>(acc[mt][nt], af[term][mt], bf[nt]);
+          for (int term = 0; term < TERMS; ++term) Mma::mma(acc[mt][nt], af[term][mt], bf[nt]);
     }
-
-    if (kt == KT - 1) {  // the tile is scored: normalise, select
-      const int64_t n0 = r.n_begin + static_cast<int64_t>(tile) * kTileRows;
-      if (row_norms) norm_part[norm_half * kTileRows + norm_row] = norm_acc;
-      __syncthreads();
-      if (a.cosine && tid < kTileRows) sel.inv_norm[tid] = tile_inv_norm<T>(a, row_norms, norm_part, n0 + tid, r.n_end);
-      __syncthreads();
-      const int g = lane / 4, t4 = lane % 4;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {  // rows g and g + 8 of the m tile
-          const int ql = wq * Tile::WQ + mt * 16 + g + half * 8;
-          float best = -__uint_as_float(0x7f800000u);
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = half * 2; e < half * 2 + 2; ++e) {
-              const int nl = wn * Tile::WN + nt * 8 + t4 * 2 + (e & 1);
-              float s = acc[mt][nt][e] * sel.qmul[ql];
-              if (a.cosine) s *= sel.inv_norm[nl];
-              sel.scores[ql * Selection<BQ, K>::kScoreLd + nl] = s;
-              best = fmaxf(best, s);
-            }
-          best = fmaxf(best, __shfl_xor_sync(topk::kFullMask, best, 1));  // the 4 lanes of row g
-          best = fmaxf(best, __shfl_xor_sync(topk::kFullMask, best, 2));
-          if (t4 == 0) sel.row_max[wn * BQ + ql] = best;
-        }
-      __syncthreads();
-      sel.offer_tile(a, r.q0, r.valid_q, n0, r.n_end, Tile::WARPS_N);
-      __syncthreads();
-    }
+    if (kt == KT - 1 && !on_tile(tile, acc)) break;
     if (++stage == STAGES) stage = 0;
     if (++kt == KT) {
       kt = 0;
@@ -515,6 +551,90 @@ __global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
     }
   }
   ptx::cp_async_wait<0>();
+}
+
+// Calls f(ql, nl, e, mt, nt) for every accumulator element of this warp: local query ql, tile
+// row nl, as laid out by mma.sync (rows g and g + 8, columns 2 t4 and 2 t4 + 1 of each 16 x 8).
+template <class Tile, class F>
+__device__ __forceinline__ void for_each_fragment(F&& f) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wq = warp / Tile::WARPS_N, wn = warp % Tile::WARPS_N;
+  const int g = lane / 4, t4 = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < Tile::MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int nt = 0; nt < Tile::NT; ++nt)
+#pragma unroll
+        for (int e = half * 2; e < half * 2 + 2; ++e)
+          f(wq * Tile::WQ + mt * 16 + g + half * 8, wn * Tile::WN + nt * 8 + t4 * 2 + (e & 1), e, mt, nt);
+}
+
+// row_max[wn * BQ + ql] = the largest of vals[ql][...] over this warp's columns of the tile.
+template <class Tile>
+__device__ __forceinline__ void fragment_row_max(const float* vals, int ld, float* row_max) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wq = warp / Tile::WARPS_N, wn = warp % Tile::WARPS_N;
+  const int g = lane / 4, t4 = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < Tile::MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int ql = wq * Tile::WQ + mt * 16 + g + half * 8;
+      float best = -__uint_as_float(0x7f800000u);
+#pragma unroll
+      for (int nt = 0; nt < Tile::NT; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) best = fmaxf(best, vals[ql * ld + wn * Tile::WN + nt * 8 + t4 * 2 + j]);
+      best = fmaxf(best, __shfl_xor_sync(topk::kFullMask, best, 1));  // the 4 lanes of row g
+      best = fmaxf(best, __shfl_xor_sync(topk::kFullMask, best, 2));
+      if (t4 == 0) row_max[wn * Tile::BQ + ql] = best;
+    }
+}
+
+template <class T, int TERMS, class Tile, int K>
+__global__ void __launch_bounds__(kThreads) search_mma(ScanArgs a) {
+  constexpr int BQ = Tile::BQ, BK = Tile::BK, LD = Tile::LD, STAGES = Tile::STAGES;
+  constexpr int STAGE = static_cast<int>(mma_stage_halves<Tile, TERMS>());
+  unsigned char* smem = ptx::dynamic_smem();
+  float* norm_part = reinterpret_cast<float*>(smem + align16(2 * STAGES * static_cast<size_t>(STAGE)));
+  Selection<BQ, K> sel(reinterpret_cast<unsigned char*>(norm_part) + align16(sizeof(float) * 2 * kTileRows));
+  const int tid = threadIdx.x;
+  const ScanRange r = scan_range<BQ>(a);
+  sel.init(a, r.q0, r.valid_q);
+
+  float norm_acc = 0.0f;  // sum of squares of half a db row (position tid % kTileRows of the tile)
+  const int norm_row = tid % kTileRows, norm_half = tid / kTileRows;
+  const bool row_norms = a.cosine && a.db_inv_norms == nullptr;  // else precomputed
+  auto on_stage = [&](int kt, const T* sb) {
+    if (kt == 0) norm_acc = 0.0f;
+    if (row_norms) {  // 16-byte reads: lanes take consecutive rows, LD keeps them conflict-free
+      const uint4* p = reinterpret_cast<const uint4*>(sb + norm_row * LD + norm_half * (BK / 2));
+#pragma unroll
+      for (int v = 0; v < BK / 16; ++v) add_squares8<T>(norm_acc, p[v]);
+    }
+  };
+  auto on_tile = [&](int tile, const float (&acc)[Tile::MT][Tile::NT][4]) {  // normalise, select
+    const int64_t n0 = r.n_begin + static_cast<int64_t>(tile) * kTileRows;
+    if (row_norms) norm_part[norm_half * kTileRows + norm_row] = norm_acc;
+    __syncthreads();
+    if (a.cosine && tid < kTileRows) sel.inv_norm[tid] = tile_inv_norm<T>(a, r, row_norms, norm_part, n0 + tid);
+    __syncthreads();
+    for_each_fragment<Tile>([&](int ql, int nl, int e, int mt, int nt) {
+      float s = acc[mt][nt][e] * sel.qmul[ql];
+      if (a.cosine) s *= sel.inv_norm[nl];
+      sel.scores[ql * Selection<BQ, K>::kScoreLd + nl] = s;
+    });
+    __syncwarp();
+    fragment_row_max<Tile>(sel.scores, Selection<BQ, K>::kScoreLd, sel.row_max);
+    __syncthreads();
+    sel.offer_tile(a, r.q0, r.valid_q, n0, r.n_end, Tile::WARPS_N, [&](int64_t p) { return r.row(p); });
+    __syncthreads();
+    return true;
+  };
+  mma_stream<MmaHalf<T>, TERMS, Tile>(static_cast<const T*>(a.qprep), a.Qpad, static_cast<const T*>(a.db),
+                                      a.db_stride, a.D, a.Dpad, r, on_stage, on_tile);
   sel.finish(a, r.q0, r.valid_q);
 }
 
@@ -601,7 +721,7 @@ __global__ void __launch_bounds__(kThreads) search_simt(ScanArgs a) {
       if (lane == 0) sel.row_max[ql] = best;
     }
     __syncthreads();
-    sel.offer_tile(a, r.q0, r.valid_q, n0, r.n_end, 1);
+    sel.offer_tile(a, r.q0, r.valid_q, n0, r.n_end, 1, [](int64_t p) { return p; });
     __syncthreads();
   }
   sel.finish(a, r.q0, r.valid_q);

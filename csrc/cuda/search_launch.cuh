@@ -144,8 +144,10 @@ inline Split split_db(const Plan& p, int64_t N, int64_t qtiles) {
 }
 
 // blocks_per_sm(plan) reports how many scan blocks of the plan fit on one SM (0: none).
+// rescoring: the plan scores a few listed rows per query tile (code_launch.cuh): the narrow
+// tensor-core tile, and each block's own row norms (no pass over the whole db).
 inline Plan make_plan(const SearchInputs& pr, const DeviceLimits& dev,
-                      const std::function<int(const Plan&)>& blocks_per_sm) {
+                      const std::function<int(const Plan&)>& blocks_per_sm, bool rescoring = false) {
   Plan p{};
   p.K = list_length(pr.k);
   const bool half_db = pr.db_dtype == DType::f16 || pr.db_dtype == DType::bf16;
@@ -156,7 +158,7 @@ inline Plan make_plan(const SearchInputs& pr, const DeviceLimits& dev,
   else p.terms = pr.query_dtype == DType::bf16 ? 1 : (pr.query_dtype == DType::f16 ? 2 : 3);
   p.scan = Scan::simt;
   if (dev.compute_capability >= 80 && half_db && aligned) {
-    if (pr.Q > kernels::SmallTile::BQ && scan_smem(Scan::mma_wide, p.terms, p.K) <= dev.smem_per_block)
+    if (!rescoring && pr.Q > kernels::SmallTile::BQ && scan_smem(Scan::mma_wide, p.terms, p.K) <= dev.smem_per_block)
       p.scan = Scan::mma_wide;
     else if (scan_smem(Scan::mma_small, p.terms, p.K) <= dev.smem_per_block)
       p.scan = Scan::mma_small;
@@ -197,7 +199,7 @@ inline Plan make_plan(const SearchInputs& pr, const DeviceLimits& dev,
   p.qmul_offset = align256(p.planes_bytes);
   p.lists_offset = align256(p.qmul_offset + sizeof(float) * p.chunk);
   p.workspace_bytes = p.lists_offset + p.lists_bytes;
-  p.norms_pass = pr.cosine && qtiles >= kNormsPassTiles && sizeof(float) * pr.N <= kNormsBudget;
+  p.norms_pass = !rescoring && pr.cosine && qtiles >= kNormsPassTiles && sizeof(float) * pr.N <= kNormsBudget;
   if (p.norms_pass) {
     p.norms_offset = align256(p.workspace_bytes);
     p.workspace_bytes = p.norms_offset + sizeof(float) * pr.N;
@@ -205,12 +207,20 @@ inline Plan make_plan(const SearchInputs& pr, const DeviceLimits& dev,
   return p;
 }
 
+// Every row for every query (a plain search).
+struct AllRows {
+  template <class Launcher>
+  void operator()(kernels::ScanArgs&, int64_t /*q0*/, Launcher&) const {}
+};
+
 // Runs the whole search for the plan, for a db of element type T and list length K = p.K: per
-// chunk, prepare queries, scan, merge. `launch` is called as launch(kernel, grid_x, grid_y,
-// smem_bytes, args...) with kThreads threads per block.
-template <class T, int K, class Launcher>
+// chunk, prepare queries, (rows), scan, merge. `launch` is called as launch(kernel, grid_x,
+// grid_y, smem_bytes, args...) with kThreads threads per block. rows(args, q0, launch) may
+// queue work that lists the rows each query tile of the chunk scores (args.row_ids ...), once
+// the chunk's query planes are ready (code_launch.cuh).
+template <class T, int K, class Launcher, class Rows = AllRows>
 void run_search_typed(const Plan& p, const SearchInputs& pr, void* workspace, float* scores, int64_t* indices,
-                      Launcher&& launch) {
+                      Launcher&& launch, Rows&& rows = Rows{}) {
   auto* ws = static_cast<unsigned char*>(workspace);
   void* planes = ws;
   auto* qmul = reinterpret_cast<float*>(ws + p.qmul_offset);
@@ -221,13 +231,14 @@ void run_search_typed(const Plan& p, const SearchInputs& pr, void* workspace, fl
     inv_norms = reinterpret_cast<float*>(ws + p.norms_offset);
     const bool vec = p.scan != Scan::simt;  // the tensor-core scans need 16-byte aligned rows too
     {
-      const auto grid = static_cast<unsigned>(ceil_div(pr.N, kWarps));
+      const auto grid = static_cast<unsigned>(ceil_div(pr.N, kWarps));  // a warp per row
+      const auto vec_grid = static_cast<unsigned>(ceil_div(2 * pr.N, kThreads));  // two threads per row
       const auto* db = static_cast<const T*>(pr.db);
       const int D = static_cast<int>(pr.D);
       if constexpr (std::is_same_v<T, float>) {
         launch(&kernels::db_inv_norms<T, false>, grid, 1u, size_t{0}, db, pr.db_stride, pr.N, D, inv_norms);
       } else {
-        if (vec) launch(&kernels::db_inv_norms<T, true>, grid, 1u, size_t{0}, db, pr.db_stride, pr.N, D, inv_norms);
+        if (vec) launch(&kernels::db_inv_norms<T, true>, vec_grid, 1u, size_t{0}, db, pr.db_stride, pr.N, D, inv_norms);
         else launch(&kernels::db_inv_norms<T, false>, grid, 1u, size_t{0}, db, pr.db_stride, pr.N, D, inv_norms);
       }
     }
@@ -272,7 +283,12 @@ void run_search_typed(const Plan& p, const SearchInputs& pr, void* workspace, fl
                            lists,
                            static_cast<int>(pr.k),
                            pr.cosine,
-                           inv_norms};
+                           inv_norms,
+                           nullptr,
+                           nullptr,
+                           0,
+                           0};
+    rows(args, q0, launch);
     with_scan_kernel_typed<T, K>(p, [&](auto kernel) {
       launch(kernel, static_cast<unsigned>(qpad / p.bq), static_cast<unsigned>(sp.splits), p.smem, args);
     });

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/check.h"
+#include "cuda/code_launch.cuh"
 #include "cuda/launcher.h"
 #include "cuda/search_launch.cuh"
 #include "cuda/search_variant.h"
@@ -26,6 +27,25 @@ template <class T, int K>
 void run(const launch::Plan& p, const SearchInputs& pr, void* workspace, float* scores, int64_t* indices,
          cudaStream_t stream) {
   launch::run_search_typed<T, K>(p, pr, workspace, scores, indices, StreamLauncher{stream, launch::kThreads});
+}
+
+template <class T, int K>
+int code_blocks_per_sm(bool wide) {
+  int blocks = 0;
+  launch::with_code_tile(wide, [&](auto tt) {
+    auto kernel = &kernels::scan_codes<typename decltype(tt)::type, K>;
+    const size_t smem = launch::code_scan_smem(wide, K);
+    allow_smem(kernel, smem);
+    PLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, launch::kThreads, smem));
+  });
+  return blocks;
+}
+
+template <class T, int K>
+void run_codes(const launch::CodePlan& c, const SearchInputs& pr, const launch::DeviceCodes& dc, void* workspace,
+               float* scores, int64_t* indices, cudaStream_t stream) {
+  if constexpr (!std::is_same_v<T, float>)
+    launch::run_code_search_typed<T, K>(c, pr, dc, workspace, scores, indices, StreamLauncher{stream, launch::kThreads});
 }
 
 }  // namespace plm::cuda::variants

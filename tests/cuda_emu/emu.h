@@ -28,6 +28,7 @@
 //     template <int N> void cp_async_wait();
 //     void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row);
 //     template <class T> void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+//     void mma_16832_s8(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 //
 // EXECUTION MODEL
 //   * Blocks run one after another (blockIdx.x fastest, then y, then z). Only 1-D blocks
@@ -75,7 +76,8 @@
 //   still pending when the thread exits are performed silently then, and become visible to threads
 //   still running),
 //   ldmatrix_x4 and mma_16816<__half|__nv_bfloat16> (warp collectives computed from the PTX ISA
-//   fragment layouts; mma sums c + the 16 exact products in float, k = 0..15 in order).
+//   fragment layouts; mma sums c + the 16 exact products in float, k = 0..15 in order), and
+//   mma_16832_s8 (int8 inputs, exact int32 sums; a sum that overflows int32 fails the launch).
 //   Extras: emu::ldmatrix<NUM, TRANS>(uint32_t* r, const void* row) for .x1/.x2/.x4 and .trans.
 //
 // ERRORS DETECTED (launch throws std::runtime_error, message starts with "emu:")
@@ -246,6 +248,7 @@ enum class Op : uint8_t {
   Ldmatrix,
   MmaF16,
   MmaBF16,
+  MmaS8,
 };
 
 inline std::string op_name(Op op, unsigned aux) {
@@ -270,6 +273,7 @@ inline std::string op_name(Op op, unsigned aux) {
       return "ldmatrix.m8n8.x" + std::to_string(aux >> 1) + ((aux & 1) ? ".trans" : "") + ".b16";
     case Op::MmaF16: return "mma.m16n8k16.f32.f16.f16.f32";
     case Op::MmaBF16: return "mma.m16n8k16.f32.bf16.bf16.f32";
+    case Op::MmaS8: return "mma.m16n8k32.s32.s8.s8.s32";
   }
   return "?";
 }
@@ -873,6 +877,39 @@ inline void complete_warp(Block& b, Warp& w, unsigned warp_index) {
       }
       break;
     }
+    case Op::MmaS8: {
+      // PTX mma.m16n8k32 .row.col .s8, s32 accumulators; byte j of register r is element 4r + j.
+      //   A (16x32): register r at row g + 8*(r&1), cols 4t + j + 16*(r>>1)
+      //   B (32x8, k x n): register r at rows k = 4t + j + 16*r, col n = g
+      //   C/D (16x8): c_i at row g + 8*(i>>1), col 2t + (i&1)
+      int32_t A[16][32], B[32][8], C[16][8];
+      for (unsigned l = 0; l < 32; ++l) {
+        const unsigned g = l >> 2, t = l & 3;
+        const auto* a = static_cast<const uint32_t*>(lanes[l]->p0);
+        const auto* bb = static_cast<const uint32_t*>(lanes[l]->p1);
+        const auto* c = static_cast<const int32_t*>(lanes[l]->out);
+        for (unsigned r = 0; r < 4; ++r)
+          for (unsigned j = 0; j < 4; ++j)
+            A[g + 8 * (r & 1)][4 * t + j + 16 * (r >> 1)] = static_cast<int8_t>(a[r] >> (8 * j));
+        for (unsigned r = 0; r < 2; ++r)
+          for (unsigned j = 0; j < 4; ++j) B[4 * t + j + 16 * r][g] = static_cast<int8_t>(bb[r] >> (8 * j));
+        for (unsigned i = 0; i < 4; ++i) C[g + 8 * (i >> 1)][2 * t + (i & 1)] = c[i];
+      }
+      int32_t D[16][8];
+      for (unsigned m = 0; m < 16; ++m)
+        for (unsigned nn = 0; nn < 8; ++nn) {
+          int64_t acc = C[m][nn];
+          for (unsigned k = 0; k < 32; ++k) acc += A[m][k] * B[k][nn];
+          if (acc > INT32_MAX || acc < INT32_MIN) fail("mma.m16n8k32.s8: the int32 sum overflowed");
+          D[m][nn] = static_cast<int32_t>(acc);
+        }
+      for (unsigned l = 0; l < 32; ++l) {
+        const unsigned g = l >> 2, t = l & 3;
+        auto* d = static_cast<int32_t*>(lanes[l]->out);
+        for (unsigned i = 0; i < 4; ++i) d[i] = D[g + 8 * (i >> 1)][2 * t + (i & 1)];
+      }
+      break;
+    }
     default: die("unexpected warp collective");
   }
 }
@@ -960,6 +997,18 @@ inline void mma_impl(float* d, const uint32_t* a, const uint32_t* bb) {
   f.p1 = bb;
   f.out = d;
   warp_collective(f, op, 0, 0xffffffffu, nullptr, 0);
+}
+
+inline void mma_s8_impl(int32_t* d, const uint32_t* a, const uint32_t* bb) {
+  Fiber& f = cur("mma_16832_s8");
+  Block& b = *g_block;
+  if (b.warps[f.warp].nlanes != 32)
+    fail(op_name(Op::MmaS8, 0) + " executed by a partial warp (" + std::to_string(b.warps[f.warp].nlanes) +
+         " lanes) in " + b.where() + ": .aligned warp instructions need all 32 lanes");
+  f.p0 = a;
+  f.p1 = bb;
+  f.out = d;
+  warp_collective(f, Op::MmaS8, 0, 0xffffffffu, nullptr, 0);
 }
 
 // ------------------------------------------- fibers -------------------------------------------
@@ -1506,6 +1555,11 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
 template <class T>
 inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   ::emu::detail::mma_impl<T>(d, a, b);
+}
+
+// mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 d, a, b, d.
+inline void mma_16832_s8(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  ::emu::detail::mma_s8_impl(d, a, b);
 }
 
 }  // namespace plm::cuda::ptx
