@@ -78,8 +78,9 @@ def prepare(db: Any, metric: str = "cosine") -> PreparedDatabase:
     """Prepares ``db`` (N, D) float16/bfloat16/float32 for repeated exact searches with
     :func:`search`: builds the compact codes (about a second per million 1024-d rows and
     core). numpy arrays (memory-mapped ones included) and CPU torch tensors get codes beside
-    them; CUDA arrays get codes on their device (built from a host copy of the rows, which is
-    then dropped), scanned by the GPU's int8 tensor cores.
+    them; float16/bfloat16 CUDA arrays get codes on their device (built from a host copy of the
+    rows, which is then dropped), scanned by the GPU's int8 tensor cores (float32 CUDA arrays
+    are searched as they are).
 
     >>> prepared = pylandmark.prepare(db)            # once
     >>> scores, idx = pylandmark.search(q, prepared, k=5)  # equal to search(q, db, k=5)
@@ -96,6 +97,8 @@ def prepare(db: Any, metric: str = "cosine") -> PreparedDatabase:
         raise ValueError("db: the last axis must be contiguous (element stride 1); pass a "
                          "contiguous copy (np.ascontiguousarray / .contiguous())")
     if d.device[0] == CUDA:
+        if d.dtype == "float32":  # the GPU scans codes beside float16/bfloat16 rows only
+            return PreparedDatabase(db, metric, None, None)
         codes, meta = build_codes(to_host(d), metric)
         on_host = device_codes(codes, meta, d.shape[0], d.shape[1], metric)
         return PreparedDatabase(db, metric, None, None, tuple(to_device_of(x, d) for x in on_host))
