@@ -18,7 +18,7 @@ from pylandmark import _C
 from pylandmark.retrieval.format import PREFIX, sum64
 from pylandmark.retrieval.index import Index
 
-CODE_KERNELS = ["generic", "avx2", "avx512", "avx512-vnni"]  # each runs under its ISA's float kernels
+CODE_KERNELS = ["generic", "avx2", "avx2-vnni", "avx512", "avx512-vnni"]  # each under its ISA's float kernels
 
 
 @pytest.fixture(params=CODE_KERNELS)
@@ -117,6 +117,22 @@ def test_bound_holds_and_is_nearly_reached(code_kernel, rng, metric):
     for i in range(3):  # query i's own aligned rows
         assert reach[i, 400 * i:400 * (i + 1)].max() > 0.97
     assert_same(q, db, 16, metric, prepared=prepared)
+
+
+def test_direct_path_union_split_across_threads(code_kernel, rng):
+    """5 to 16 queries take the float search's direct kernels, which score a row for all queries
+    at once: the union of the queries' candidates is scored for every query, one contiguous share
+    per thread, and the threads' lists merged. A row duplicated at both ends of the db ties
+    across the shares and must come out at its lower index."""
+    D = 32
+    db = rng.standard_normal((60000, D)).astype(np.float16)
+    db[59000] = db[100]
+    q = rng.standard_normal((12, D)).astype(np.float32)
+    q[0] = db[100].astype(np.float32) + 0.01 * rng.standard_normal(D).astype(np.float32)
+    stats = assert_same(q, db, 50)
+    _, idx = plm.search(q[:1], db, 2)
+    assert sorted(idx[0].tolist()) == [100, 59000]
+    assert stats["fallback_queries"] == 0 and stats["rescored"] >= 2 * 256  # two shares of the union
 
 
 def test_ties_duplicates_and_equal_rows(code_kernel, rng):

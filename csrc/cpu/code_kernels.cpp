@@ -1,11 +1,12 @@
 // The scan of block-packed int8 codes for one instruction set (see codes.h). CMake compiles this
-// file once per variant (generic, avx2, avx512, avx512vnni) with PLM_ISA_NS naming its namespace;
+// file once per variant (generic, avx2, avx2vnni, avx512, avx512vnni) with PLM_ISA_NS naming its
+// namespace;
 // nothing here allocates or throws.
 //
 // Per quad of dimensions t, one vector holds 4 code bytes of each of its W rows; a query's 4
 // bytes are broadcast to every lane, and the lane's 4 products are summed into its int32
-// accumulator: vpdpbusd on AVX-512 VNNI (unsigned rows, so the sum carries 128 x sum(q8), which
-// CodeQuery::corr takes off), vpsignb / masked negation + vpmaddubsw + vpmaddwd on AVX2 and
+// accumulator: vpdpbusd on AVX-512 VNNI and AVX-VNNI (unsigned rows, so the sum carries 128 x
+// sum(q8), which CodeQuery::corr takes off), vpsignb / masked negation + vpmaddubsw + vpmaddwd on AVX2 and
 // AVX-512BW (signed rows: no correction). Every variant gets the same int8 queries and returns
 // the same exact integer dot products; the bounds then differ at most in the rounding of their
 // float32 expression (fused multiply-adds where the ISA has them), which the proof covers.
@@ -57,6 +58,19 @@ static inline vi dot4(vi acc, vi rows, vi q) {
   return acc + (vi)_mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
 }
 static inline unsigned mask_ge(vf a, vf b) { return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ); }
+#elif defined(PLM_ISA_avx2) && defined(PLM_CODE_VNNI)
+// AVX-VNNI: the VEX-encoded vpdpbusd on 8 lanes, as on AVX-512 VNNI.
+constexpr int kQMax = 127;
+constexpr bool kSignedRows = false;
+static inline vi load_rows(const uint8_t* p) {
+  return (vi)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+static inline vi dot4(vi acc, vi rows, vi q) {
+  return (vi)_mm256_dpbusd_avx_epi32((__m256i)acc, (__m256i)rows, (__m256i)q);
+}
+static inline unsigned mask_ge(vf a, vf b) {
+  return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GE_OQ)));
+}
 #elif defined(PLM_ISA_avx2)
 // The rows as signed bytes (u8 ^ 0x80 = x8): vpsignb moves each x8's sign onto the query byte,
 // vpmaddubsw multiplies |x8| by it (pairs <= 2 x 127 x 127 < 2^15: no saturation), vpmaddwd sums.
@@ -178,6 +192,11 @@ static int64_t scan(const int8_t* q, int64_t q_stride, const CodeQuery* qp, cons
   if (nq <= 4) return scan_t<4, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
   if (nq <= 8) return scan_t<8, 2>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
   return scan_t<12, 2>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+#elif defined(PLM_ISA_avx2) && defined(PLM_CODE_VNNI)
+  // 16 ymm registers: MR x NRV accumulators, NRV rows, the broadcast query bytes
+  if (nq == 1) return scan_t<1, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+  if (nq == 2) return scan_t<2, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+  return scan_t<4, 3>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
 #elif defined(PLM_ISA_avx2)
   // 16 ymm registers: MR x NRV accumulators, NRV rows and their |x8|, the query, a temporary
   // and the constant of vpmaddwd
@@ -198,7 +217,7 @@ constexpr int kMR = 4;
 // Measured on the 2-vCPU AVX-512 VNNI VM (benchmarks/RESULTS.md, issue 27): VNNI 1.8-4.6x the
 // float16 search at every Q; AVX2 1.6-1.8x at Q = 1, 0.7-0.9x at Q = 2..16 (the float16 direct
 // path reads the rows once for all of them), 1.0-1.4x beyond; the plain C scan 0.2-0.7x.
-#if defined(PLM_ISA_avx512) && defined(PLM_CODE_VNNI)
+#if defined(PLM_CODE_VNNI)
 constexpr int kPays = kAlways;
 #elif defined(PLM_ISA_avx512) || defined(PLM_ISA_avx2)
 constexpr int kPays = kOneOrMany;
@@ -210,6 +229,8 @@ constexpr int kPays = kNever;
 
 #if defined(PLM_ISA_avx512) && defined(PLM_CODE_VNNI)
 #define PLM_CODE_NAME "avx512-vnni"
+#elif defined(PLM_ISA_avx2) && defined(PLM_CODE_VNNI)
+#define PLM_CODE_NAME "avx2-vnni"
 #elif defined(PLM_ISA_avx512)
 #define PLM_CODE_NAME "avx512"
 #elif defined(PLM_ISA_avx2)

@@ -51,6 +51,16 @@ float down(double x) {
 // rounding is at most D * 2^-52 relative, far below 2^-30.
 double widen(double x) { return x * (1.0 + 0x1p-30); }
 
+#if defined(PLM_HAVE_AVX2)
+// AVX-VNNI: CPUID.(EAX=7, ECX=1):EAX bit 4 (the VEX vpdpbusd; the AVX2 ISA's own check covers
+// the OS saving ymm state).
+bool has_avx_vnni() {
+  unsigned a, b, c, d;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 1, a, b, c, d);
+  return a & (1u << 4);
+}
+#endif
 #if defined(PLM_HAVE_AVX512)
 bool has_vnni() {
   unsigned a, b, c, d;
@@ -73,6 +83,7 @@ const CodeIsa kCodeIsas[] = {  // best first
     {"avx512", &code_kernels_isa_avx512, always},
 #endif
 #if defined(PLM_HAVE_AVX2)
+    {"avx2", &code_kernels_isa_avx2vnni, has_avx_vnni},
     {"avx2", &code_kernels_isa_avx2, always},
 #endif
     {"generic", &code_kernels_isa_generic, always},
@@ -392,18 +403,22 @@ void scan_codes(const CodeKernelTable& CK, const QuantizedQueries& qq, int64_t D
 // tile, each query's k-th best lower bound in proportion, and how many sampled rows reach it.
 // When more than 1 in 16 do (the share past which a query is searched in full anyway, below),
 // the k-th best score lies inside a dense bulk and the bound will not prune: the query is marked
-// to be searched in full before the scan is paid for. Speed only:
-// a wrong guess either way leaves the result exact. Returns whether any query was marked.
+// to be searched in full before the scan is paid for. *share: the sampled rows that reach their
+// query's threshold, summed over the queries, per sampled row (>= the share of the db that the
+// union of the candidates will hold; 0 without a sample). Speed only: a wrong guess either way
+// leaves the result exact. Returns whether any query was marked.
 constexpr int64_t kSampleStride = 32;
 
 bool predict_fallbacks(const CodeKernelTable& CK, QuantizedQueries& qq, const SearchArgs& a, int64_t Dc,
-                       const uint8_t* codes, const float* meta, int threads) {
+                       const uint8_t* codes, const float* meta, int threads, double* share) {
   const int64_t tiles = (a.N + kTileRows - 1) / kTileRows;
   const int64_t sampled_tiles = (tiles + kSampleStride - 1) / kSampleStride;
   const int64_t sampled = std::min(a.N, sampled_tiles * kTileRows);
   const int64_t ks = a.k * sampled / a.N;
+  *share = 0.0;
   if (ks < 2 || sampled_tiles < 8) return false;
   std::atomic<bool> any{false};
+  std::atomic<int64_t> reached{0};
   WorkQueue panels((a.Q + CK.mr - 1) / CK.mr);
   parallel_for(threads, [&](int) {
     long long g;
@@ -427,6 +442,7 @@ bool predict_fallbacks(const CodeKernelTable& CK, QuantizedQueries& qq, const Se
         std::nth_element(lows[j].begin(), lows[j].begin() + (ks - 1), lows[j].end(), std::greater<float>());
         const float t = lows[j][ks - 1];
         const int64_t reach = std::count_if(ups[j].begin(), ups[j].end(), [t](float u) { return u >= t; });
+        reached += reach;
         if (reach * 16 > static_cast<int64_t>(ups[j].size())) {
           qq.fallback[q0 + j] = 1;
           any = true;
@@ -434,6 +450,7 @@ bool predict_fallbacks(const CodeKernelTable& CK, QuantizedQueries& qq, const Se
       }
     }
   });
+  *share = static_cast<double>(reached.load()) / static_cast<double>(sampled);
   return any;
 }
 
@@ -479,8 +496,11 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
 
   int threads = a.threads > 0 ? a.threads : get_num_threads();
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, a.Q * a.N * a.D >> 22)));
-  if (predict_fallbacks(CK, qq, a, Dc, codes, meta, threads) && p.direct) {
-    if (stats) stats->fallback_queries += a.Q;  // the direct kernels search all queries together
+  // The direct kernels search all queries together (one query that falls back takes them all),
+  // reading each row once: past an eighth of the db in candidates the plain search is cheaper.
+  double share = 0.0;
+  if ((predict_fallbacks(CK, qq, a, Dc, codes, meta, threads, &share) || share * 8 > 1.0) && p.direct) {
+    if (stats) stats->fallback_queries += a.Q;
     return search_planned(p);
   }
   // scans[t * Q + i]: query i over thread t's rows (by rows), or over all rows (t = 0, by queries)
@@ -560,8 +580,17 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
   for (int64_t i = 0; i < a.Q; ++i)
     if (gave_up[i]) fallback.push_back(i);
   std::vector<QueryScan>().swap(scans);
-  if (p.direct && !fallback.empty()) {
-    // the direct kernels score a query with the others of the call: search them all together
+  // The direct kernels score a query together with the other queries of the call, so there the
+  // union of all queries' candidates is scored for all queries at once.
+  std::vector<int64_t> all;
+  if (p.direct && fallback.empty()) {
+    for (const auto& c : cands) all.insert(all.end(), c.begin(), c.end());
+    std::sort(all.begin(), all.end());
+    all.erase(std::unique(all.begin(), all.end()), all.end());
+  }
+  // A direct search reads each row once for all its queries; rescoring copies the union's rows
+  // first: past a quarter of the db the plain search is the cheaper one.
+  if (p.direct && (!fallback.empty() || static_cast<int64_t>(all.size()) * 4 > a.N)) {
     if (stats) stats->fallback_queries += a.Q;
     return search_planned(p);
   }
@@ -570,45 +599,62 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
     for (const auto& c : cands) stats->rescored += static_cast<int64_t>(c.size());
   }
 
-  // Exact scores of the candidates, copied together in increasing row order and scored by the
-  // search's own kernels (a pair's score does not depend on the other rows), rows mapped back.
-  // The direct kernels score a query together with the other queries of the call, so there the
-  // union of all queries' candidates is scored for all queries at once; elsewhere each query
-  // scores its own candidates alone (scan_one).
+  // Exact scores of the candidates, copied in increasing row order and scored by the search's
+  // own kernels (a pair's score depends on neither the other rows nor, off the direct path, the
+  // other queries), rows mapped back. Direct path: the union split into one contiguous share per
+  // thread, each scored for every query into the thread's lists, merged (offer() orders by score
+  // and then index, so the merge keeps ties to the lower index). Elsewhere each query scores its
+  // own candidates alone (scan_one).
   const int64_t esize = static_cast<int64_t>(dtype_size(a.db_dtype));
-  const int64_t group = p.direct ? a.Q : 1;
-  WorkQueue groups((a.Q + group - 1) / group);
-  parallel_for(p.direct ? 1 : threads, [&](int) {
-    long long g;
-    std::vector<int64_t> rows;
-    std::vector<unsigned char> copy;
-    while (groups.next(&g)) {
-      const int64_t q0 = g * group, q1 = std::min(a.Q, q0 + group);
-      if (q1 - q0 == 1 && std::binary_search(fallback.begin(), fallback.end(), q0)) continue;
-      rows.clear();
-      for (int64_t i = q0; i < q1; ++i) rows.insert(rows.end(), cands[i].begin(), cands[i].end());
-      if (q1 - q0 > 1) {
-        std::sort(rows.begin(), rows.end());
-        rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
-      }
-      copy.resize(std::max<size_t>(1, rows.size()) * a.D * esize);
-      for (size_t j = 0; j < rows.size(); ++j)
-        std::memcpy(copy.data() + j * a.D * esize, db_row(a, rows[j]), a.D * esize);
-      SearchArgs sub = a;
-      sub.db = copy.data();
-      sub.db_stride = a.D;
-      sub.N = static_cast<int64_t>(rows.size());
-      Plan ps = p;
-      ps.args = &sub;
-      auto lists = make_lists(a.scores + q0 * a.k, a.indices + q0 * a.k, q1 - q0, a.k);
-      if (p.direct) scan(ps, q0, q1, 0, sub.N, lists.data());
-      else scan_one(ps, q0, 0, sub.N, lists.data());
-      for (int64_t i = q0; i < q1; ++i) {
-        TopKList& l = lists[i - q0];
+  auto score_rows = [&](const int64_t* rows, int64_t n, int64_t q0, int64_t q1, std::vector<unsigned char>& copy,
+                        TopKList* lists) {
+    copy.resize(static_cast<size_t>(std::max<int64_t>(1, n) * a.D * esize));
+    for (int64_t j = 0; j < n; ++j) std::memcpy(copy.data() + j * a.D * esize, db_row(a, rows[j]), a.D * esize);
+    SearchArgs sub = a;
+    sub.db = copy.data();
+    sub.db_stride = a.D;
+    sub.N = n;
+    Plan ps = p;
+    ps.args = &sub;
+    if (p.direct) scan(ps, q0, q1, 0, n, lists);
+    else scan_one(ps, q0, 0, n, lists);
+    for (int64_t i = q0; i < q1; ++i) {
+      TopKList& l = lists[i - q0];
+      for (int64_t j = 0; j < a.k; ++j)
+        if (l.index[j] >= 0) l.index[j] = rows[l.index[j]];
+    }
+  };
+  if (p.direct) {
+    const int shares = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(all.size()) / 256)));
+    const int64_t per = (static_cast<int64_t>(all.size()) + shares - 1) / shares;
+    std::vector<float> part_scores(static_cast<size_t>(shares * a.Q * a.k));
+    std::vector<int64_t> part_indices(part_scores.size());
+    std::vector<std::vector<TopKList>> parts(shares);
+    parallel_for(shares, [&](int t) {
+      parts[t] = make_lists(part_scores.data() + t * a.Q * a.k, part_indices.data() + t * a.Q * a.k, a.Q, a.k);
+      const int64_t j0 = std::min<int64_t>(static_cast<int64_t>(all.size()), t * per);
+      const int64_t j1 = std::min<int64_t>(static_cast<int64_t>(all.size()), j0 + per);
+      std::vector<unsigned char> copy;
+      score_rows(all.data() + j0, j1 - j0, 0, a.Q, copy, parts[t].data());
+    });
+    auto lists = make_lists(a.scores, a.indices, a.Q, a.k);
+    for (int64_t i = 0; i < a.Q; ++i) {
+      for (int t = 0; t < shares; ++t)
         for (int64_t j = 0; j < a.k; ++j)
-          if (l.index[j] >= 0) l.index[j] = rows[l.index[j]];
-        l.sort();
-      }
+          if (parts[t][i].index[j] >= 0) lists[i].offer(parts[t][i].score[j], parts[t][i].index[j]);
+      lists[i].sort();
+    }
+    return;
+  }
+  WorkQueue each_query(a.Q);
+  parallel_for(threads, [&](int) {
+    long long i;
+    std::vector<unsigned char> copy;
+    while (each_query.next(&i)) {
+      if (gave_up[i]) continue;
+      auto lists = make_lists(a.scores + i * a.k, a.indices + i * a.k, 1, a.k);
+      score_rows(cands[i].data(), static_cast<int64_t>(cands[i].size()), i, i + 1, copy, lists.data());
+      lists[0].sort();
     }
   });
 

@@ -72,6 +72,7 @@ extern const CodeKernelTable code_kernels_isa_generic;
 #endif
 #if defined(PLM_HAVE_AVX2)
 extern const CodeKernelTable code_kernels_isa_avx2;
+extern const CodeKernelTable code_kernels_isa_avx2vnni;
 #endif
 #if defined(PLM_HAVE_AVX512)
 extern const CodeKernelTable code_kernels_isa_avx512;
