@@ -37,6 +37,7 @@ constexpr int64_t kQueryBlock = 192;     // queries that share a tile of codes w
 constexpr int64_t kMinRowsPerRange = 4096;
 constexpr int64_t kWindowRows = 4096;    // rows per near-tie test
 constexpr size_t kCandidateBytes = 256 << 20;  // all queries' candidate lists together, at most
+constexpr int64_t kGiveUp = 16;  // more than 1 in kGiveUp rows rescored: the plain search instead
 
 // x rounded up to float32 (a float32 that is >= x).
 float up(double x) {
@@ -400,10 +401,11 @@ void scan_codes(const CodeKernelTable& CK, const QuantizedQueries& qq, int64_t D
 }
 
 // Large k only (a sample holds >= 2 of the k best in proportion): from every kSampleStride-th
-// tile, each query's k-th best lower bound in proportion, and how many sampled rows reach it.
-// When more than 1 in 16 do (the share past which a query is searched in full anyway, below),
-// the k-th best score lies inside a dense bulk and the bound will not prune: the query is marked
-// to be searched in full before the scan is paid for. *share: the sampled rows that reach their
+// block of rows, each query's k-th best lower bound in proportion, and how many sampled rows
+// reach it. When more than 1 in 2 kGiveUp do (half the share past which a query is searched in
+// full anyway, below: the sample's own scatter), the k-th best score lies inside a dense bulk
+// and the bound will not prune: the query is marked to be searched in full before the scan is
+// paid for. *share: the sampled rows that reach their
 // query's threshold, summed over the queries, per sampled row (>= the share of the db that the
 // union of the candidates will hold; 0 without a sample). Speed only: a wrong guess either way
 // leaves the result exact. Returns whether any query was marked.
@@ -411,12 +413,14 @@ constexpr int64_t kSampleStride = 32;
 
 bool predict_fallbacks(const CodeKernelTable& CK, QuantizedQueries& qq, const SearchArgs& a, int64_t Dc,
                        const uint8_t* codes, const float* meta, int threads, double* share) {
-  const int64_t tiles = (a.N + kTileRows - 1) / kTileRows;
-  const int64_t sampled_tiles = (tiles + kSampleStride - 1) / kSampleStride;
-  const int64_t sampled = std::min(a.N, sampled_tiles * kTileRows);
+  // Every kSampleStride-th block of 16 rows: small units, so that a run of similar rows (a
+  // landmark's photos stored together) weighs in the sample as it does in the db.
+  const int64_t blocks = code_blocks(a.N);
+  int64_t sampled = 0;
+  for (int64_t b = 0; b < blocks; b += kSampleStride) sampled += std::min(kCodeBlock, a.N - b * kCodeBlock);
   const int64_t ks = a.k * sampled / a.N;
   *share = 0.0;
-  if (ks < 2 || sampled_tiles < 8) return false;
+  if (ks < 2 || sampled < 8 * kTileRows) return false;
   std::atomic<bool> any{false};
   std::atomic<int64_t> reached{0};
   WorkQueue panels((a.Q + CK.mr - 1) / CK.mr);
@@ -428,8 +432,8 @@ bool predict_fallbacks(const CodeKernelTable& CK, QuantizedQueries& qq, const Se
     while (panels.next(&g)) {
       const int64_t q0 = g * CK.mr, nq = std::min<int64_t>(CK.mr, a.Q - q0);
       for (int64_t j = 0; j < nq; ++j) lows[j].clear(), ups[j].clear();
-      for (int64_t t = 0; t < tiles; t += kSampleStride) {
-        const int64_t r0 = t * kTileRows, nt = std::min(kTileRows, a.N - r0);
+      for (int64_t b = 0; b < blocks; b += kSampleStride) {
+        const int64_t r0 = b * kCodeBlock, nt = std::min(kCodeBlock, a.N - r0);
         const int64_t nh = CK.scan(qq.q8.data() + q0 * Dc, Dc, &qq.params[q0], tau.data(), nq, codes, meta, Dc, r0,
                                    nt, hits.data());
         for (int64_t h = 0; h < nh; ++h) {
@@ -443,7 +447,7 @@ bool predict_fallbacks(const CodeKernelTable& CK, QuantizedQueries& qq, const Se
         const float t = lows[j][ks - 1];
         const int64_t reach = std::count_if(ups[j].begin(), ups[j].end(), [t](float u) { return u >= t; });
         reached += reach;
-        if (reach * 16 > static_cast<int64_t>(ups[j].size())) {
+        if (reach * 2 * kGiveUp > static_cast<int64_t>(ups[j].size())) {
           qq.fallback[q0 + j] = 1;
           any = true;
         }
@@ -556,7 +560,7 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
       int64_t again = 0;
       for (int t = 0; t < parts && !fb; ++t)
         for (float m : scans[t * a.Q + i].lost_max) again += m >= tau;
-      fb = fb || again * kTileRows * 16 > a.N;
+      fb = fb || again * kTileRows * kGiveUp > a.N;
       for (int t = 0; t < parts && !fb; ++t) {
         const QueryScan& s = scans[t * a.Q + i];
         for (const auto& c : s.cands)
@@ -570,7 +574,7 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
         }
       }
       std::sort(cands[i].begin(), cands[i].end());
-      if (fb || static_cast<int64_t>(cands[i].size()) * 16 > a.N) {  // cheaper to search in full
+      if (fb || static_cast<int64_t>(cands[i].size()) * kGiveUp > a.N) {  // cheaper to search in full
         std::vector<int64_t>().swap(cands[i]);
         gave_up[i] = 1;
       }
