@@ -1,21 +1,24 @@
 // The scan of block-packed int8 codes for one instruction set (see codes.h). CMake compiles this
-// file once per variant (generic, avx2, avx2vnni, avx512, avx512vnni) with PLM_ISA_NS naming its
-// namespace;
-// nothing here allocates or throws.
+// file once per variant (generic, avx2, avx2vnni, avx512, avx512vnni; neondot on AArch64) with
+// PLM_ISA_NS naming its namespace; nothing here allocates or throws.
 //
 // Per quad of dimensions t, one vector holds 4 code bytes of each of its W rows; a query's 4
 // bytes are broadcast to every lane, and the lane's 4 products are summed into its int32
-// accumulator: vpdpbusd on AVX-512 VNNI and AVX-VNNI (unsigned rows, so the sum carries 128 x
-// sum(q8), which CodeQuery::corr takes off), vpsignb / masked negation + vpmaddubsw + vpmaddwd on AVX2 and
-// AVX-512BW (signed rows: no correction). Every variant gets the same int8 queries and returns
-// the same exact integer dot products; the bounds then differ at most in the rounding of their
-// float32 expression (fused multiply-adds where the ISA has them), which the proof covers.
+// accumulator: vpdpbusd on AVX-512 VNNI and AVX-VNNI (unsigned rows, so the sum carries
+// 128 x sum(q8), which CodeQuery::corr takes off), vpsignb / masked negation + vpmaddubsw +
+// vpmaddwd on AVX2 and AVX-512BW, sdot on AArch64 (signed rows: no correction). Every variant
+// gets the same int8 queries and returns the same exact integer dot products; the bounds then
+// differ at most in the rounding of their float32 expression (fused multiply-adds where the ISA
+// has them), which the proof covers.
 #include <cstdint>
 
 #include "cpu/codes.h"
 
 #if defined(PLM_ISA_avx512) || defined(PLM_ISA_avx2)
 #include <immintrin.h>
+#endif
+#if defined(PLM_CODE_NEONDOT)
+#include <arm_neon.h>
 #endif
 
 #ifndef PLM_ISA_NS
@@ -87,6 +90,18 @@ static inline vi dot4(vi acc, vi rows, vi q) {
 }
 static inline unsigned mask_ge(vf a, vf b) {
   return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GE_OQ)));
+}
+#elif defined(PLM_CODE_NEONDOT)
+// AArch64 with the dot-product extension (sdot: Graviton2 and later, Ampere, Apple M1 and later):
+// each lane multiplies 4 signed row bytes (u8 ^ 0x80 = x8) by the 4 query bytes and adds.
+constexpr int kQMax = 127;
+constexpr bool kSignedRows = true;
+static inline vi load_rows(const uint8_t* p) { return (vi)veorq_u8(vld1q_u8(p), vdupq_n_u8(0x80)); }
+static inline vi dot4(vi acc, vi rows, vi q) { return (vi)vdotq_s32((int32x4_t)acc, (int8x16_t)rows, (int8x16_t)q); }
+static inline unsigned mask_ge(vf a, vf b) {
+  unsigned m = 0;
+  for (int l = 0; l < W; ++l) m |= static_cast<unsigned>(a[l] >= b[l]) << l;
+  return m;
 }
 #else
 constexpr int kQMax = 127;
@@ -203,6 +218,11 @@ static int64_t scan(const int8_t* q, int64_t q_stride, const CodeQuery* qp, cons
   if (nq == 1) return scan_t<1, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
   if (nq == 2) return scan_t<2, 2>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
   return scan_t<4, 2>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+#elif defined(PLM_CODE_NEONDOT)
+  // 32 vector registers: MR x NRV accumulators, NRV rows, the broadcast query bytes
+  if (nq == 1) return scan_t<1, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+  if (nq == 2) return scan_t<2, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
+  return scan_t<4, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
 #else
   if (nq == 1) return scan_t<1, 4>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
   return scan_t<4, 2>(q, q_stride, qp, tau, nq, codes, meta, Dc, r0, nt, hits);
@@ -219,6 +239,10 @@ constexpr int kMR = 4;
 // path reads the rows once for all of them), 1.0-1.4x beyond; the plain C scan 0.2-0.7x.
 #if defined(PLM_CODE_VNNI)
 constexpr int kPays = kAlways;
+#elif defined(PLM_CODE_NEONDOT)
+// Unmeasured (no ARM machine here): sdot does four times the multiply-adds of a float32 fmla
+// per instruction, as vpdpbusd does on x86, where the scan pays at every query count.
+constexpr int kPays = kAlways;
 #elif defined(PLM_ISA_avx512) || defined(PLM_ISA_avx2)
 constexpr int kPays = kOneOrMany;
 #else
@@ -231,6 +255,8 @@ constexpr int kPays = kNever;
 #define PLM_CODE_NAME "avx512-vnni"
 #elif defined(PLM_ISA_avx2) && defined(PLM_CODE_VNNI)
 #define PLM_CODE_NAME "avx2-vnni"
+#elif defined(PLM_CODE_NEONDOT)
+#define PLM_CODE_NAME "neon-dotprod"
 #elif defined(PLM_ISA_avx512)
 #define PLM_CODE_NAME "avx512"
 #elif defined(PLM_ISA_avx2)

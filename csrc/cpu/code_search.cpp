@@ -21,6 +21,9 @@
 #if defined(PLM_HAVE_AVX2) || defined(PLM_HAVE_AVX512)
 #include <cpuid.h>
 #endif
+#if defined(PLM_HAVE_NEONDOT)
+#include <sys/auxv.h>
+#endif
 
 namespace plm::cpu {
 
@@ -62,6 +65,12 @@ bool has_avx_vnni() {
   return a & (1u << 4);
 }
 #endif
+#if defined(PLM_HAVE_NEONDOT)
+bool has_dotprod() {
+  constexpr unsigned long kHwcapAsimdDp = 1ul << 20;  // HWCAP_ASIMDDP (asm/hwcap.h)
+  return getauxval(AT_HWCAP) & kHwcapAsimdDp;
+}
+#endif
 #if defined(PLM_HAVE_AVX512)
 bool has_vnni() {
   unsigned a, b, c, d;
@@ -86,6 +95,9 @@ const CodeIsa kCodeIsas[] = {  // best first
 #if defined(PLM_HAVE_AVX2)
     {"avx2", &code_kernels_isa_avx2vnni, has_avx_vnni},
     {"avx2", &code_kernels_isa_avx2, always},
+#endif
+#if defined(PLM_HAVE_NEONDOT)
+    {"generic", &code_kernels_isa_neondot, has_dotprod},
 #endif
     {"generic", &code_kernels_isa_generic, always},
 };
@@ -401,8 +413,9 @@ void scan_codes(const CodeKernelTable& CK, const QuantizedQueries& qq, int64_t D
 }
 
 // Large k only (a sample holds >= 2 of the k best in proportion): from every kSampleStride-th
-// block of rows, each query's k-th best lower bound in proportion, and how many sampled rows
-// reach it. When more than 1 in 2 kGiveUp do (half the share past which a query is searched in
+// block of rows, each query's k-th best lower bound in proportion (counting each block's best
+// only: a block of a query's own near-duplicates, stored together, would otherwise hold the
+// whole rank and hide the bulk below it), and how many sampled rows reach it. When more than 1 in 2 kGiveUp do (half the share past which a query is searched in
 // full anyway, below: the sample's own scatter), the k-th best score lies inside a dense bulk
 // and the bound will not prune: the query is marked to be searched in full before the scan is
 // paid for. *share: the sampled rows that reach their
@@ -436,8 +449,10 @@ bool predict_fallbacks(const CodeKernelTable& CK, QuantizedQueries& qq, const Se
         const int64_t r0 = b * kCodeBlock, nt = std::min(kCodeBlock, a.N - r0);
         const int64_t nh = CK.scan(qq.q8.data() + q0 * Dc, Dc, &qq.params[q0], tau.data(), nq, codes, meta, Dc, r0,
                                    nt, hits.data());
+        for (int64_t j = 0; j < nq; ++j) lows[j].push_back(-kInf);
         for (int64_t h = 0; h < nh; ++h) {
-          lows[hits[h].query].push_back(hits[h].lower);
+          float& best = lows[hits[h].query].back();
+          best = std::max(best, hits[h].lower);
           ups[hits[h].query].push_back(hits[h].upper);
         }
       }

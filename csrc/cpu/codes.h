@@ -74,6 +74,9 @@ extern const CodeKernelTable code_kernels_isa_generic;
 extern const CodeKernelTable code_kernels_isa_avx2;
 extern const CodeKernelTable code_kernels_isa_avx2vnni;
 #endif
+#if defined(PLM_HAVE_NEONDOT)
+extern const CodeKernelTable code_kernels_isa_neondot;
+#endif
 #if defined(PLM_HAVE_AVX512)
 extern const CodeKernelTable code_kernels_isa_avx512;
 extern const CodeKernelTable code_kernels_isa_avx512vnni;
