@@ -155,11 +155,15 @@ def main() -> None:
     ap.add_argument("--faiss-big-once", action="store_true",
                     help="faiss at Q >= 1024 for the first set and k only (its scan takes the same time on any data)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--code-kernel", default="", help="run this CPU code kernel (pylandmark._C.code_kernels()) "
+                    "for every search, even where the search would not pick it (e.g. avx2 on a CPU with AVX-VNNI)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     faiss = None
     if not args.no_faiss and args.device == "cpu":
         import faiss
+    if args.code_kernel:
+        _C.set_code_kernel(args.code_kernel)
     threads = plm.get_num_threads()
     machine = (f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads, isa {_C.cpu_isa()}, code kernel "
                f"{_C.code_kernel()}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '-')}, "
