@@ -553,13 +553,27 @@ __device__ __forceinline__ void mma_stream(const typename Mma::Unit* __restrict_
   ptx::cp_async_wait<0>();
 }
 
+// Where this lane's mma.sync fragments sit in the block's score tile: warp (wq, wn) of the
+// tile's grid, and in each 16 x 8 piece rows g and g + 8, columns 2 t4 and 2 t4 + 1.
+template <class Tile>
+struct FragmentPos {
+  int wq, wn, g, t4;
+  __device__ FragmentPos() {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    wq = warp / Tile::WARPS_N;
+    wn = warp % Tile::WARPS_N;
+    g = lane / 4;
+    t4 = lane % 4;
+  }
+  __device__ int query(int mt, int half) const { return wq * Tile::WQ + mt * 16 + g + half * 8; }
+  __device__ int row(int nt, int j) const { return wn * Tile::WN + nt * 8 + t4 * 2 + j; }
+};
+
 // Calls f(ql, nl, e, mt, nt) for every accumulator element of this warp: local query ql, tile
-// row nl, as laid out by mma.sync (rows g and g + 8, columns 2 t4 and 2 t4 + 1 of each 16 x 8).
+// row nl, element e of fragment (mt, nt).
 template <class Tile, class F>
 __device__ __forceinline__ void for_each_fragment(F&& f) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wq = warp / Tile::WARPS_N, wn = warp % Tile::WARPS_N;
-  const int g = lane / 4, t4 = lane % 4;
+  const FragmentPos<Tile> at;
 #pragma unroll
   for (int mt = 0; mt < Tile::MT; ++mt)
 #pragma unroll
@@ -567,29 +581,26 @@ __device__ __forceinline__ void for_each_fragment(F&& f) {
 #pragma unroll
       for (int nt = 0; nt < Tile::NT; ++nt)
 #pragma unroll
-        for (int e = half * 2; e < half * 2 + 2; ++e)
-          f(wq * Tile::WQ + mt * 16 + g + half * 8, wn * Tile::WN + nt * 8 + t4 * 2 + (e & 1), e, mt, nt);
+        for (int e = half * 2; e < half * 2 + 2; ++e) f(at.query(mt, half), at.row(nt, e & 1), e, mt, nt);
 }
 
 // row_max[wn * BQ + ql] = the largest of vals[ql][...] over this warp's columns of the tile.
 template <class Tile>
 __device__ __forceinline__ void fragment_row_max(const float* vals, int ld, float* row_max) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wq = warp / Tile::WARPS_N, wn = warp % Tile::WARPS_N;
-  const int g = lane / 4, t4 = lane % 4;
+  const FragmentPos<Tile> at;
 #pragma unroll
   for (int mt = 0; mt < Tile::MT; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int ql = wq * Tile::WQ + mt * 16 + g + half * 8;
+      const int ql = at.query(mt, half);
       float best = -__uint_as_float(0x7f800000u);
 #pragma unroll
       for (int nt = 0; nt < Tile::NT; ++nt)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) best = fmaxf(best, vals[ql * ld + wn * Tile::WN + nt * 8 + t4 * 2 + j]);
+        for (int j = 0; j < 2; ++j) best = fmaxf(best, vals[ql * ld + at.row(nt, j)]);
       best = fmaxf(best, __shfl_xor_sync(topk::kFullMask, best, 1));  // the 4 lanes of row g
       best = fmaxf(best, __shfl_xor_sync(topk::kFullMask, best, 2));
-      if (t4 == 0) row_max[wn * Tile::BQ + ql] = best;
+      if (at.t4 == 0) row_max[at.wn * Tile::BQ + ql] = best;
     }
 }
 
