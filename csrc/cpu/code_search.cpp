@@ -415,13 +415,14 @@ void scan_codes(const CodeKernelTable& CK, const QuantizedQueries& qq, int64_t D
 // Large k only (a sample holds >= 2 of the k best in proportion): from every kSampleStride-th
 // block of rows, each query's k-th best lower bound in proportion (counting each block's best
 // only: a block of a query's own near-duplicates, stored together, would otherwise hold the
-// whole rank and hide the bulk below it), and how many sampled rows reach it. When more than 1 in 2 kGiveUp do (half the share past which a query is searched in
-// full anyway, below: the sample's own scatter), the k-th best score lies inside a dense bulk
-// and the bound will not prune: the query is marked to be searched in full before the scan is
-// paid for. *share: the sampled rows that reach their
-// query's threshold, summed over the queries, per sampled row (>= the share of the db that the
-// union of the candidates will hold; 0 without a sample). Speed only: a wrong guess either way
-// leaves the result exact. Returns whether any query was marked.
+// whole rank and hide the bulk below it), and how many sampled rows reach it. When more than
+// 1 in 2 kGiveUp do (half the share past which a query is searched in full anyway, below: room
+// for the sample's scatter), the k-th best score lies inside a dense bulk and the bound will not
+// prune: the query is marked to be searched in full before the scan is paid for. *share: the
+// sampled rows that reach their query's threshold, summed over the queries, per sampled row
+// (>= the share of the db that the union of the candidates will hold; 0 without a sample).
+// Speed only: a wrong guess either way leaves the result exact. Returns whether any query was
+// marked.
 constexpr int64_t kSampleStride = 32;
 
 bool predict_fallbacks(const CodeKernelTable& CK, QuantizedQueries& qq, const SearchArgs& a, int64_t Dc,
