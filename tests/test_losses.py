@@ -139,3 +139,94 @@ def test_bad_inputs(fn):
         fn(q.numpy(), p, n)
     with pytest.raises(ValueError, match="loss must be one of"):
         make_loss("hinge", 0.5)
+
+
+# ---- ArcFace (classification loss for labelled photos) ----------------------------------------
+
+def arcface_reference(x, labels, w, scale, margin):
+    """ArcFace in float64 numpy from the angles themselves: arccos, add the margin, cos."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    w = w / np.linalg.norm(w, axis=1, keepdims=True)
+    cos = x @ w.T
+    logits = scale * cos
+    for i, y in enumerate(labels):
+        theta = math.acos(cos[i, y])
+        target = math.cos(theta + margin) if theta + margin <= math.pi else cos[i, y] - margin * math.sin(margin)
+        logits[i, y] = scale * target
+    top = logits.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return float(np.mean(lse - logits[np.arange(len(labels)), labels]))
+
+
+def _arcface_case(rng, B=7, D=13, C=5):
+    x = rng.standard_normal((B, D)) * rng.uniform(0.2, 5.0, (B, 1))  # any norm
+    w = rng.standard_normal((C, D))
+    labels = rng.integers(0, C, B)
+    x[0] = -w[labels[0]] + 0.05 * rng.standard_normal(D)  # t_y + margin > pi: the continuation
+    return x, labels, w
+
+
+@pytest.mark.parametrize("scale,margin", [(30.0, 0.5), (16.0, 0.15), (1.0, 0.0)])
+def test_arcface_equals_the_angle_reference(rng, scale, margin):
+    from pylandmark.nn.losses import arcface_loss
+
+    x, labels, w = _arcface_case(rng)
+    got = arcface_loss(torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(w), scale, margin)
+    # float64 throughout; the loss's clamp of cos to 1 - 1e-7 is far from these cosines
+    assert got.item() == pytest.approx(arcface_reference(x, labels, w, scale, margin), rel=1e-9, abs=1e-9)
+    if margin:  # the wrapped sample is there
+        cos0 = x[0] @ w[labels[0]] / np.linalg.norm(x[0]) / np.linalg.norm(w[labels[0]])
+        assert math.acos(cos0) + margin > math.pi
+
+
+def test_arcface_gradient_matches_finite_differences(rng):
+    from pylandmark.nn.losses import arcface_loss
+
+    x, labels, w = _arcface_case(rng, B=5, D=7, C=3)
+    xt = torch.from_numpy(x).requires_grad_()
+    wt = torch.from_numpy(w).requires_grad_()
+    lt = torch.from_numpy(labels)
+    assert torch.autograd.gradcheck(lambda a, b: arcface_loss(a, lt, b, 8.0, 0.3), (xt, wt), eps=1e-6, atol=1e-6)
+
+
+def test_arcface_head_learns_synthetic_classes():
+    from pylandmark.nn.losses import ArcFaceHead
+
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 16, generator=gen)
+
+    def batch(n):
+        y = torch.randint(0, 5, (n,), generator=gen)
+        return centers[y] + 0.5 * torch.randn(n, 16, generator=gen), y
+
+    torch.manual_seed(0)
+    embed, head = torch.nn.Linear(16, 8), ArcFaceHead(8, 5, scale=16.0, margin=0.3)
+    opt = torch.optim.Adam([*embed.parameters(), *head.parameters()], lr=0.03)
+    losses = []
+    for _ in range(80):
+        x, y = batch(64)
+        loss = head(embed(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    x, y = batch(500)
+    with torch.no_grad():
+        cos = torch.nn.functional.normalize(embed(x), dim=1) @ torch.nn.functional.normalize(head.weight, dim=1).t()
+    accuracy = (cos.argmax(1) == y).float().mean().item()
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    assert accuracy > 0.9
+
+
+def test_arcface_bad_inputs():
+    from pylandmark.nn.losses import ArcFaceHead, arcface_loss
+
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        arcface_loss(x, torch.tensor([0, 1, 2, 3]), w)
+    with pytest.raises(ValueError, match="int64 tensor of shape"):
+        arcface_loss(x, torch.tensor([0, 1]), w)
+    with pytest.raises(ValueError, match="same D"):
+        arcface_loss(x, torch.tensor([0, 1, 2, 0]), torch.randn(3, 7))
+    with pytest.raises(ValueError, match="classes >= 2"):
+        ArcFaceHead(8, 1)
