@@ -622,9 +622,8 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
   // Exact scores of the candidates, copied in increasing row order and scored by the search's
   // own kernels (a pair's score depends on neither the other rows nor, off the direct path, the
   // other queries), rows mapped back. Direct path: the union split into one contiguous share per
-  // thread, each scored for every query into the thread's lists, merged (offer() orders by score
-  // and then index, so the merge keeps ties to the lower index). Elsewhere each query scores its
-  // own candidates alone (scan_one).
+  // thread, each scored for every query into the share's lists, then merged (PartLists).
+  // Elsewhere each query scores its own candidates alone (scan_one).
   const int64_t esize = static_cast<int64_t>(dtype_size(a.db_dtype));
   auto score_rows = [&](const int64_t* rows, int64_t n, int64_t q0, int64_t q1, std::vector<unsigned char>& copy,
                         TopKList* lists) {
@@ -647,23 +646,14 @@ void search_codes(const SearchArgs& a, const uint8_t* codes, const float* meta, 
   if (p.direct) {
     const int shares = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(all.size()) / 256)));
     const int64_t per = (static_cast<int64_t>(all.size()) + shares - 1) / shares;
-    std::vector<float> part_scores(static_cast<size_t>(shares * a.Q * a.k));
-    std::vector<int64_t> part_indices(part_scores.size());
-    std::vector<std::vector<TopKList>> parts(shares);
+    PartLists parts(shares, a.Q, a.k);
     parallel_for(shares, [&](int t) {
-      parts[t] = make_lists(part_scores.data() + t * a.Q * a.k, part_indices.data() + t * a.Q * a.k, a.Q, a.k);
       const int64_t j0 = std::min<int64_t>(static_cast<int64_t>(all.size()), t * per);
       const int64_t j1 = std::min<int64_t>(static_cast<int64_t>(all.size()), j0 + per);
       std::vector<unsigned char> copy;
-      score_rows(all.data() + j0, j1 - j0, 0, a.Q, copy, parts[t].data());
+      score_rows(all.data() + j0, j1 - j0, 0, a.Q, copy, parts.part(t));
     });
-    auto lists = make_lists(a.scores, a.indices, a.Q, a.k);
-    for (int64_t i = 0; i < a.Q; ++i) {
-      for (int t = 0; t < shares; ++t)
-        for (int64_t j = 0; j < a.k; ++j)
-          if (parts[t][i].index[j] >= 0) lists[i].offer(parts[t][i].score[j], parts[t][i].index[j]);
-      lists[i].sort();
-    }
+    parts.merge(a.scores, a.indices);
     return;
   }
   WorkQueue each_query(a.Q);

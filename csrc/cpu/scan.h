@@ -41,6 +41,23 @@ void scan_one(const Plan& p, int64_t i, int64_t n0, int64_t n1, TopKList* list);
 void search_planned(Plan& p);
 
 std::vector<TopKList> make_lists(float* scores, int64_t* indices, int64_t Q, int64_t k);
+
+// Top-k lists kept apart per part of a search (a thread's db ranges, a share of candidate rows),
+// each part one list per query, merged at the end.
+class PartLists {
+ public:
+  PartLists(int parts, int64_t Q, int64_t k);
+  TopKList* part(int t) { return lists_[static_cast<size_t>(t)].data(); }
+  // Every part's entries offered to (Q, k) scores / indices, best first. offer() orders by
+  // (score, index), so merging the parts in any order keeps ties to the lower index.
+  void merge(float* scores, int64_t* indices);
+
+ private:
+  int64_t Q_, k_;
+  std::vector<float> scores_;
+  std::vector<int64_t> indices_;
+  std::vector<std::vector<TopKList>> lists_;
+};
 const unsigned char* db_row(const SearchArgs& a, int64_t n);
 
 }  // namespace plm::cpu

@@ -252,27 +252,31 @@ void search_planned(Plan& p) {
   const int64_t chunk = round_up(std::max<int64_t>((a.N + pieces - 1) / pieces,
                                                    threads == 1 ? 1 : kMinRowsPerThread), p.tile_rows);
   WorkQueue ranges((a.N + chunk - 1) / chunk);
-  std::vector<float> part_scores(static_cast<size_t>(threads) * a.Q * a.k);
-  std::vector<int64_t> part_indices(part_scores.size());
-  std::vector<std::vector<TopKList>> parts(threads);
-  for (int t = 0; t < threads; ++t)
-    parts[t] = make_lists(part_scores.data() + t * a.Q * a.k, part_indices.data() + t * a.Q * a.k, a.Q, a.k);
+  // Each thread takes its ranges in increasing order, so its lists see increasing indices (the
+  // strict threshold test keeps ties to the lower index).
+  PartLists parts(threads, a.Q, a.k);
   parallel_for(threads, [&](int t) {
     long long r;
     while (ranges.next(&r)) {
       const int64_t n0 = r * chunk, n1 = std::min(a.N, n0 + chunk);
-      scan(p, 0, a.Q, n0, n1, parts[t].data());
+      scan(p, 0, a.Q, n0, n1, parts.part(t));
     }
   });
-  auto out = make_lists(a.scores, a.indices, a.Q, a.k);
-  for (int64_t i = 0; i < a.Q; ++i) {
-    // Each thread took its ranges in increasing order, so its list saw increasing indices (the
-    // strict threshold test keeps ties to the lower index); offer() itself orders by (score,
-    // index), so merging in any order keeps that.
-    for (int t = 0; t < threads; ++t) {
-      TopKList& src = parts[t][i];
+  parts.merge(a.scores, a.indices);
+}
+
+PartLists::PartLists(int parts, int64_t Q, int64_t k)
+    : Q_(Q), k_(k), scores_(static_cast<size_t>(parts) * Q * k), indices_(scores_.size()), lists_(parts) {
+  for (int t = 0; t < parts; ++t) lists_[t] = make_lists(scores_.data() + t * Q * k, indices_.data() + t * Q * k, Q, k);
+}
+
+void PartLists::merge(float* scores, int64_t* indices) {
+  auto out = make_lists(scores, indices, Q_, k_);
+  for (int64_t i = 0; i < Q_; ++i) {
+    for (auto& part : lists_) {
+      TopKList& src = part[i];
       src.sort();
-      for (int64_t j = 0; j < a.k && src.index[j] >= 0; ++j) out[i].offer(src.score[j], src.index[j]);
+      for (int64_t j = 0; j < k_ && src.index[j] >= 0; ++j) out[i].offer(src.score[j], src.index[j]);
     }
     out[i].sort();
   }
