@@ -24,39 +24,61 @@ std::mutex g_cache_mutex;
 std::map<int, launch::DeviceLimits> g_limits;
 // (device, db dtype, list length, scan, query planes) -> resident scan blocks per SM
 std::map<std::tuple<int, int, int, int, int>, int> g_blocks_per_sm;
+// (device, db dtype, wide tile, list length) -> resident code scan blocks per SM
+std::map<std::tuple<int, int, int, int>, int> g_code_blocks_per_sm;
+
+// cache[key], computed by compute() the first time (outside the lock: runtime calls).
+template <class Map, class Compute>
+typename Map::mapped_type cached(Map& cache, const typename Map::key_type& key, Compute&& compute) {
+  {
+    std::lock_guard<std::mutex> lock(g_cache_mutex);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  const typename Map::mapped_type value = compute();
+  std::lock_guard<std::mutex> lock(g_cache_mutex);
+  cache.emplace(key, value);
+  return value;
+}
 
 launch::DeviceLimits device_limits(int device) {
-  std::lock_guard<std::mutex> lock(g_cache_mutex);
-  auto it = g_limits.find(device);
-  if (it != g_limits.end()) return it->second;
-  launch::DeviceLimits d{};
-  int major = 0, minor = 0, optin = 0;
-  PLM_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
-  PLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  PLM_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  PLM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  d.compute_capability = major * 10 + minor;
-  d.smem_per_block = static_cast<size_t>(optin);
-  d.max_chunk = launch::kMaxChunk;
-  g_limits[device] = d;
-  return d;
+  return cached(g_limits, device, [&] {
+    launch::DeviceLimits d{};
+    int major = 0, minor = 0, optin = 0;
+    PLM_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
+    PLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    PLM_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    PLM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    d.compute_capability = major * 10 + minor;
+    d.smem_per_block = static_cast<size_t>(optin);
+    d.max_chunk = launch::kMaxChunk;
+    return d;
+  });
 }
 
 // Resident scan blocks per SM of the plan's kernel on `device` (the current device).
 int blocks_per_sm(int device, const launch::Plan& p, DType db_dtype) {
   const auto key = std::make_tuple(device, static_cast<int>(db_dtype), p.K, static_cast<int>(p.scan), p.terms);
-  {
-    std::lock_guard<std::mutex> lock(g_cache_mutex);
-    auto it = g_blocks_per_sm.find(key);
-    if (it != g_blocks_per_sm.end()) return it->second;
-  }
-  int blocks = 0;
-  launch::with_variant(p, db_dtype, [&](auto tc, auto kc) {
-    blocks = variants::blocks_per_sm<typename decltype(tc)::type, decltype(kc)::value>(p);
+  return cached(g_blocks_per_sm, key, [&] {
+    int blocks = 0;
+    launch::with_variant(p, db_dtype, [&](auto tc, auto kc) {
+      blocks = variants::blocks_per_sm<typename decltype(tc)::type, decltype(kc)::value>(p);
+    });
+    return blocks;
   });
-  std::lock_guard<std::mutex> lock(g_cache_mutex);
-  g_blocks_per_sm[key] = blocks;
-  return blocks;
+}
+
+// Resident code scan blocks per SM (wide or small tile, list length K) on `device`.
+int code_blocks_per_sm(int device, DType db_dtype, bool wide, int K) {
+  return cached(g_code_blocks_per_sm, std::make_tuple(device, static_cast<int>(db_dtype), wide ? 1 : 0, K), [&] {
+    int blocks = 0;
+    launch::Plan p{};
+    p.K = K;
+    launch::with_variant(p, db_dtype, [&](auto tc, auto kc) {
+      blocks = variants::code_blocks_per_sm<typename decltype(tc)::type, decltype(kc)::value>(wide);
+    });
+    return blocks;
+  });
 }
 
 void check_limits(const SearchDeviceArgs& a) {
@@ -71,27 +93,6 @@ launch::Plan plan_for(const SearchDeviceArgs& a) {
   check_limits(a);
   return launch::make_plan(a, device_limits(a.device),
                            [&](const launch::Plan& p) { return blocks_per_sm(a.device, p, a.db_dtype); });
-}
-
-// Code scan blocks per SM of the current device, once per (device, db type, tile, K).
-std::map<std::tuple<int, int, int, int>, int> g_code_blocks_per_sm;
-
-int code_blocks_per_sm(int device, DType db_dtype, bool wide, int K) {
-  const auto key = std::make_tuple(device, static_cast<int>(db_dtype), wide ? 1 : 0, K);
-  {
-    std::lock_guard<std::mutex> lock(g_cache_mutex);
-    auto it = g_code_blocks_per_sm.find(key);
-    if (it != g_code_blocks_per_sm.end()) return it->second;
-  }
-  int blocks = 0;
-  launch::Plan p{};
-  p.K = K;
-  launch::with_variant(p, db_dtype, [&](auto tc, auto kc) {
-    blocks = variants::code_blocks_per_sm<typename decltype(tc)::type, decltype(kc)::value>(wide);
-  });
-  std::lock_guard<std::mutex> lock(g_cache_mutex);
-  g_code_blocks_per_sm[key] = blocks;
-  return blocks;
 }
 
 }  // namespace

@@ -13,13 +13,19 @@
 
 namespace plm::cuda::variants {
 
+// Blocks of `kernel` (kThreads threads, smem bytes of dynamic shared memory) resident per SM.
+template <class Kernel>
+int resident_blocks(Kernel kernel, size_t smem) {
+  int blocks = 0;
+  allow_smem(kernel, smem);
+  PLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, launch::kThreads, smem));
+  return blocks;
+}
+
 template <class T, int K>
 int blocks_per_sm(const launch::Plan& p) {
   int blocks = 0;
-  launch::with_scan_kernel_typed<T, K>(p, [&](auto kernel) {
-    allow_smem(kernel, p.smem);
-    PLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, launch::kThreads, p.smem));
-  });
+  launch::with_scan_kernel_typed<T, K>(p, [&](auto kernel) { blocks = resident_blocks(kernel, p.smem); });
   return blocks;
 }
 
@@ -33,10 +39,7 @@ template <class T, int K>
 int code_blocks_per_sm(bool wide) {
   int blocks = 0;
   launch::with_code_tile(wide, [&](auto tt) {
-    auto kernel = &kernels::scan_codes<typename decltype(tt)::type, K>;
-    const size_t smem = launch::code_scan_smem(wide, K);
-    allow_smem(kernel, smem);
-    PLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, launch::kThreads, smem));
+    blocks = resident_blocks(&kernels::scan_codes<typename decltype(tt)::type, K>, launch::code_scan_smem(wide, K));
   });
   return blocks;
 }
