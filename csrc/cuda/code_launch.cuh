@@ -111,6 +111,19 @@ struct CodeRows {
   const DeviceCodes& dc;
   unsigned char* ws;
 
+  // The chunk's query codes (q8, qcode in the workspace) from its float query planes.
+  void quantize(const kernels::ScanArgs& args, Launcher& launch) const {
+    const int64_t qpad = ceil_div(args.Qc, c.bq) * c.bq;
+    with_terms(c.rescore.terms, [&](auto tc) {
+      constexpr int TERMS = decltype(tc)::value;
+      if constexpr (TERMS <= max_terms<T>())
+        launch(&kernels::prep_code_queries<T, TERMS>, static_cast<unsigned>(ceil_div(qpad, kWarps)), 1u, size_t{0},
+               static_cast<const T*>(args.qprep), static_cast<const float*>(args.qmul), args.Qc, args.Qpad,
+               static_cast<int>(c.rescore.dpad), static_cast<int>(pr.D), static_cast<int>(2 * c.dpad),
+               reinterpret_cast<int8_t*>(ws + c.q8_offset), reinterpret_cast<float4*>(ws + c.qcode_offset), qpad);
+    });
+  }
+
   void operator()(kernels::ScanArgs& args, int64_t /*q0*/, Launcher& launch) const {
     const int64_t qc = args.Qc, qpad = ceil_div(qc, c.bq) * c.bq, tiles = qpad / c.bq;
     auto* q8 = reinterpret_cast<int8_t*>(ws + c.q8_offset);
@@ -122,14 +135,7 @@ struct CodeRows {
     auto* ids = reinterpret_cast<int32_t*>(ws + c.ids_offset);
     auto* counts = reinterpret_cast<int32_t*>(ws + c.counts_offset);
 
-    with_terms(c.rescore.terms, [&](auto tc) {
-      constexpr int TERMS = decltype(tc)::value;
-      if constexpr (TERMS <= max_terms<T>())
-        launch(&kernels::prep_code_queries<T, TERMS>, static_cast<unsigned>(ceil_div(qpad, kWarps)), 1u, size_t{0},
-               static_cast<const T*>(args.qprep), static_cast<const float*>(args.qmul), qc, args.Qpad,
-               static_cast<int>(c.rescore.dpad), static_cast<int>(pr.D), static_cast<int>(2 * c.dpad), q8, qcode,
-               qpad);
-    });
+    quantize(args, launch);
     const int64_t zero_words = static_cast<int64_t>(c.zero_bytes / 4);
     launch(&kernels::fill_zero<uint32_t>, static_cast<unsigned>(std::min<int64_t>(ceil_div(zero_words, kThreads), 4096)), 1u,
            size_t{0}, reinterpret_cast<uint32_t*>(zero), zero_words);

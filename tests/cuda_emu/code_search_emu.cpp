@@ -87,38 +87,22 @@ extern "C" int plm_emu_code_bounds(const void* queries, int query_dtype, int64_t
     if (c.rescore.chunk < Q) throw std::invalid_argument("one chunk only");
     std::vector<uint64_t> workspace(c.workspace_bytes / 8 + 2, 0);
     auto* ws = reinterpret_cast<unsigned char*>(workspace.data());
-    // The float search's query preparation, then the code scan's own (run up to the scan).
-    struct StopAtScan {
-      unsigned char* ws;
-      const CodePlan& c;
-      const plm::SearchInputs& pr;
-      const DeviceCodes& dc;
-      void operator()(plm::cuda::kernels::ScanArgs& args, int64_t, EmuLauncher& launch) const {
-        const int64_t qpad = ceil_div(args.Qc, c.bq) * c.bq;
-        plm::cuda::with_float_type(pr.db_dtype, "db", [&](auto tc) {
-          using T = typename decltype(tc)::type;
-          if constexpr (!std::is_same_v<T, float>) {
-            with_terms(c.rescore.terms, [&](auto termc) {
-              constexpr int TERMS = decltype(termc)::value;
-              if constexpr (TERMS <= max_terms<T>())
-                launch(&plm::cuda::kernels::prep_code_queries<T, TERMS>,
-                       static_cast<unsigned>(ceil_div(qpad, kWarps)), 1u, size_t{0},
-                       static_cast<const T*>(args.qprep), static_cast<const float*>(args.qmul), args.Qc, args.Qpad,
-                       static_cast<int>(c.rescore.dpad), static_cast<int>(pr.D), static_cast<int>(2 * c.dpad),
-                       reinterpret_cast<int8_t*>(ws + c.q8_offset), reinterpret_cast<float4*>(ws + c.qcode_offset),
-                       qpad);
-            });
-          }
-        });
-        throw StopHere{};  // before the scan
-      }
-    };
+    // The float search's query preparation, then the code scan's own (CodeRows::quantize), then
+    // stop before the scan.
     const DeviceCodes dc{codes, code_stride, meta};
     EmuLauncher launch;
     try {
       with_variant(c.rescore, pr.db_dtype, [&](auto tc, auto kc) {
         using T = typename decltype(tc)::type;
-        run_search_typed<T, decltype(kc)::value>(c.rescore, pr, ws, lower, nullptr, launch, StopAtScan{ws, c, pr, dc});
+        constexpr int K = decltype(kc)::value;
+        if constexpr (!std::is_same_v<T, float>) {
+          const CodeRows<T, K, EmuLauncher> rows{c, pr, dc, ws};
+          run_search_typed<T, K>(c.rescore, pr, ws, lower, nullptr, launch,
+                                 [&](plm::cuda::kernels::ScanArgs& args, int64_t, EmuLauncher& l) {
+                                   rows.quantize(args, l);
+                                   throw StopHere{};
+                                 });
+        }
       });
     } catch (const StopHere&) {
     }
