@@ -7,6 +7,8 @@ import torch
 
 import pylandmark as plm
 
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # plm::DType, for the emulator libraries
+
 
 def make(rng, shape, dtype, device="cuda"):
     """Random unit-norm rows (last axis), rounded to dtype, on device."""

@@ -16,11 +16,10 @@ import ctypes
 import numpy as np
 import pytest
 import torch
-from search_checks import make, make_db
+from search_checks import DTYPE_CODES, make, make_db
 
 import pylandmark as plm
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # plm::DType
 F16, BF16, F32 = "float16", "bfloat16", "float32"
 I64, I32, PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
@@ -31,23 +30,20 @@ def device_codes(db: torch.Tensor, metric: str) -> tuple[np.ndarray, np.ndarray]
     return plm.ops.device_codes(codes, meta, db.shape[0], db.shape[1], metric)
 
 
-def _args(q, db, metric):
+def _args(q, db):
     assert q.stride(1) == 1 and db.stride(1) == 1
     return (q.data_ptr(), DTYPE_CODES[q.dtype], q.stride(0), db.data_ptr(), DTYPE_CODES[db.dtype], db.stride(0),
             q.shape[0], db.shape[0], db.shape[1])
 
 
 @pytest.fixture(scope="module")
-def emu(emu_library):
-    codes_lib, plain_lib = emu_library("code_search_emu.cpp"), emu_library("search_emu.cpp")
-    code_fn, plain_fn, bounds_fn = (codes_lib.plm_emu_code_search, plain_lib.plm_emu_search,
-                                    codes_lib.plm_emu_code_bounds)
-    for fn in (code_fn, plain_fn, bounds_fn):
+def emu(emu_library, emu_search):
+    codes_lib = emu_library("code_search_emu.cpp")
+    code_fn, bounds_fn = codes_lib.plm_emu_code_search, codes_lib.plm_emu_code_bounds
+    for fn in (code_fn, bounds_fn):
         fn.restype = ctypes.c_int
     code_fn.argtypes = [PTR, I32, I64, PTR, I32, I64, I64, I64, I64, I64, I32, PTR, I64, PTR, I32, I32, I64, I32,
                         I64, ctypes.c_uint64, PTR, PTR, ctypes.c_char_p, I32]
-    plain_fn.argtypes = [PTR, I32, I64, PTR, I32, I64, I64, I64, I64, I64, I32, I32, I32, I64, I32, I64,
-                         ctypes.c_uint64, PTR, PTR, ctypes.c_char_p, I32]
     bounds_fn.argtypes = [PTR, I32, I64, PTR, I32, I64, I64, I64, I64, I32, PTR, I64, PTR, PTR, PTR,
                           ctypes.c_char_p, I32]
 
@@ -58,23 +54,14 @@ def emu(emu_library):
             scores = torch.empty((q.shape[0], k), dtype=torch.float32)
             indices = torch.empty((q.shape[0], k), dtype=torch.int64)
             info = ctypes.create_string_buffer(256)
-            rc = code_fn(*_args(q, db, metric), k, int(metric == "cosine"), codes.ctypes.data, codes.shape[1],
+            rc = code_fn(*_args(q, db), k, int(metric == "cosine"), codes.ctypes.data, codes.shape[1],
                          meta.ctypes.data, sms, cc, smem, blocks_per_sm, max_chunk, seed, scores.data_ptr(),
                          indices.data_ptr(), info, len(info))
             if rc:
                 raise RuntimeError(info.value.decode())
             return scores, indices, info.value.decode()
 
-        def plain(self, q, db, k, metric="cosine", *, cc=90, smem=227 * 1024, sms=3, blocks_per_sm=1,
-                  max_chunk=65536, seed=0):
-            scores = torch.empty((q.shape[0], k), dtype=torch.float32)
-            indices = torch.empty((q.shape[0], k), dtype=torch.int64)
-            info = ctypes.create_string_buffer(512)
-            rc = plain_fn(*_args(q, db, metric), k, int(metric == "cosine"), sms, cc, smem, blocks_per_sm,
-                          max_chunk, seed, scores.data_ptr(), indices.data_ptr(), info, len(info))
-            if rc:
-                raise RuntimeError(info.value.decode())
-            return scores, indices, info.value.decode()
+        plain = staticmethod(emu_search)  # the plain GPU search on the same emulator (conftest)
 
         def bounds(self, q, db, metric="cosine"):
             codes, meta = device_codes(db, metric)
@@ -82,7 +69,7 @@ def emu(emu_library):
             lower = np.empty((Q, N), np.float32)
             upper = np.empty((Q, N), np.float32)
             info = ctypes.create_string_buffer(256)
-            rc = bounds_fn(*_args(q, db, metric), int(metric == "cosine"), codes.ctypes.data, codes.shape[1],
+            rc = bounds_fn(*_args(q, db), int(metric == "cosine"), codes.ctypes.data, codes.shape[1],
                            meta.ctypes.data, lower.ctypes.data, upper.ctypes.data, info, len(info))
             if rc:
                 raise RuntimeError(info.value.decode())

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import gem_float64
+from search_checks import DTYPE_CODES
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # plm::DType
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 EPS = 1e-6
 

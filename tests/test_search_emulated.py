@@ -10,41 +10,12 @@ the same checks on a real GPU.
 """
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 import torch
 from search_checks import check, check_matches_cpu, make, make_db, reference, tolerance
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # plm::DType
 H100 = {"cc": 90, "smem": 227 * 1024}
-
-
-@pytest.fixture(scope="module")
-def emu_search(emu_library):
-    """search(q, db, k, metric, **device) -> (scores, indices, info) on the emulator."""
-    fn = emu_library("search_emu.cpp").plm_emu_search
-    fn.restype = ctypes.c_int
-    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    fn.argtypes = [ptr, i32, i64, ptr, i32, i64, i64, i64, i64, i64, i32, i32, i32, i64, i32, i64,
-                   ctypes.c_uint64, ptr, ptr, ctypes.c_char_p, i32]
-
-    def search(q, db, k, metric="cosine", *, cc=90, smem=227 * 1024, sms=3, blocks_per_sm=1,
-               max_chunk=65536, seed=0):
-        Q, N = q.shape[0], db.shape[0]
-        assert q.stride(1) == 1 and db.stride(1) == 1
-        scores = torch.empty((Q, k), dtype=torch.float32)
-        indices = torch.empty((Q, k), dtype=torch.int64)
-        info = ctypes.create_string_buffer(512)
-        rc = fn(q.data_ptr(), DTYPE_CODES[q.dtype], q.stride(0), db.data_ptr(), DTYPE_CODES[db.dtype],
-                db.stride(0), Q, N, db.shape[1], k, int(metric == "cosine"), sms, cc, smem, blocks_per_sm,
-                max_chunk, seed, scores.data_ptr(), indices.data_ptr(), info, len(info))
-        if rc:
-            raise RuntimeError(info.value.decode())
-        return scores, indices, info.value.decode()
-
-    return search
 
 
 def run_and_check(emu_search, q, db, k, metric="cosine", kernel=None, **device):
