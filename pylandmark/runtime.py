@@ -157,6 +157,13 @@ def init_from_env(device_type: str, timeout_s: float = 1800) -> bool:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(launched_local_rank())
+    # torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument, read
+    # when the module is imported; torch imports it lazily (torch._dynamo, on the first
+    # meta-device model build), and imported after this call those defaults would hold the
+    # process group past destroy_process_group: its gloo threads then outlive the interpreter,
+    # and one dropping its last collective during shutdown aborts the process. Imported now,
+    # the defaults are None.
+    import torch.distributed.nn  # noqa: F401
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     logger.info("joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return True

@@ -293,3 +293,31 @@ def test_evaluate_under_torchrun(work, capsys, tmp_path):
         one_process(capsys, work, *args, "--out", tmp_path / "one.json")
         torchrun(3, "-m", "pylandmark", *args, "--out", tmp_path / "three.json", cwd=work)
         assert json.loads((tmp_path / "one.json").read_text()) == json.loads((tmp_path / "three.json").read_text())
+
+
+LEAVING = textwrap.dedent('''
+    """A command under torchrun, then the threads left in this rank: none of gloo's may outlive
+    the command, or one finishing its last collective after the interpreter starts to shut down
+    aborts the process ("terminate called without an active exception", a rare exit code -6)."""
+    import os, sys
+    from pylandmark.cli import main
+
+    assert main(sys.argv[1:]) == 0
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    left = [n for n in names if "gloo" in n]
+    print(f"rank {os.environ['RANK']}: gloo threads left {left}", file=sys.stderr)
+    sys.exit(3 if left else 0)
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the threads from /proc (Linux)")
+def test_a_command_leaves_no_process_group_behind(built, work):
+    # building the network on the meta device makes torch import torch.distributed.nn, whose
+    # functions keep the process group as a default argument: before the fix its threads lived
+    # on past destroy_process_group
+    out, _ = built
+    (work / "leaving.py").write_text(LEAVING)
+    proc = torchrun(2, "leaving.py", "search", out, "q", "-k", "3", "--json", *NET_ARGS, cwd=work, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("gloo threads left []") == 2
