@@ -27,6 +27,7 @@ import io
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,8 @@ import numpy as np
 from .._files import inside
 from .folders import IMAGE_EXTENSIONS, LabelledFolder
 
-__all__ = ["LabelledTrainingSet", "same_label_pairs", "held_out_split", "read_landmark_csv", "detect_layout",
-           "LAYOUTS", "MAX_CSV_BYTES"]
+__all__ = ["LabelledTrainingSet", "HeldOut", "same_label_pairs", "held_out_split", "read_landmark_csv", "detect_layout",
+           "readable_images", "LAYOUTS", "MAX_CSV_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,23 +167,80 @@ class LabelledTrainingSet:
                                    [lab for lab, k in zip(self.labels, mask) if k],
                                    positives=self.positives, seed=self.seed, source=source)
 
+    def split(self, fraction: float, seed: int = 0) -> tuple[LabelledTrainingSet, HeldOut | None]:
+        """The training photos and the held-out ones (:func:`held_out_split`); (self, None) when
+        no landmark is large enough to give any."""
+        held = held_out_split(self.clusters, fraction, seed)
+        if not held.any():
+            return self, None
+        train = self.subset(~held, self.source)
+        return train, HeldOut([p for p, h in zip(self.images, held) if h],
+                              [lab for lab, h in zip(self.labels, held) if h], train.images, train.labels)
+
     @classmethod
-    def from_folders(cls, root: str | os.PathLike, **kwargs: Any) -> LabelledTrainingSet:
-        """Class folders ``<root>/<landmark>/<image>``."""
+    def from_folders(cls, root: str | os.PathLike, *, bad_images: str = "stop", **kwargs: Any) -> LabelledTrainingSet:
+        """Class folders ``<root>/<landmark>/<image>``; files that are not images are handled as
+        :func:`readable_images` says."""
         folder = LabelledFolder(root)
-        return cls(folder.paths, folder.labels, source=f"{folder.root} (class folders)", **kwargs)
+        source = f"{folder.root} (class folders)"
+        paths, labels = readable_images(folder.paths, folder.labels, bad_images, source)
+        return cls(paths, labels, source=source, **kwargs)
 
     @classmethod
     def from_csv(cls, csv_path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
-                 missing: str = "stop", **kwargs: Any) -> LabelledTrainingSet:
-        """A list (:func:`read_landmark_csv`); ``missing="skip"`` leaves out rows whose image file
-        is absent (with a count), ``"stop"`` raises on the first."""
-        paths, labels = read_landmark_csv(csv_path, image_root, missing=missing)
-        return cls(paths, labels, source=f"{csv_path} (landmark list)", **kwargs)
+                 bad_images: str = "stop", **kwargs: Any) -> LabelledTrainingSet:
+        """A list (:func:`read_landmark_csv`); listed files that are missing or not images are
+        handled as :func:`readable_images` says."""
+        paths, labels = read_landmark_csv(csv_path, image_root, missing=bad_images)
+        source = f"{csv_path} (landmark list)"
+        paths, labels = readable_images(paths, labels, bad_images, source)
+        return cls(paths, labels, source=source, **kwargs)
 
     def __repr__(self) -> str:
         return (f"LabelledTrainingSet({self.source}: images={len(self)}, landmarks={len(self.classes)}, "
                 f"pairs={self.n_pairs})")
+
+
+@dataclass
+class HeldOut:
+    """Held-out photos to validate on: each query is recognised among the training photos.
+
+    Attributes:
+        query_images, query_labels: (Q,) the held-out photos and their landmarks.
+        db_images, db_labels: (N,) the training photos and their landmarks.
+    """
+
+    query_images: list[Path]
+    query_labels: list[str]
+    db_images: list[Path]
+    db_labels: list[str]
+
+
+def readable_images(paths: Sequence[Path], labels: Sequence[Any], bad_images: str,
+                    source: str) -> tuple[list[Path], list[Any]]:
+    """The images whose header opens as a supported raster format
+    (:func:`pylandmark.data.images.open_raster`: the header only, so a photo truncated further
+    on fails later, when it is decoded, naming the file). ``bad_images="stop"`` raises on the
+    first that does not open; ``"skip"`` leaves them out with a count."""
+    from .images import ImageLoadError, open_raster
+
+    if bad_images not in ("stop", "skip"):
+        raise ValueError(f"bad_images must be 'stop' or 'skip', got {bad_images!r}")
+    keep_paths, keep_labels, bad = [], [], []
+    for path, label in zip(paths, labels):
+        try:
+            with open(path, "rb") as f, open_raster(f, str(path)):
+                pass
+        except (OSError, ImageLoadError) as err:
+            if bad_images == "stop":
+                raise ImageLoadError(f"{source}: {err} (--bad-images skip leaves such files out)") from None
+            bad.append(path)
+            continue
+        keep_paths.append(path)
+        keep_labels.append(label)
+    if bad:
+        logger.warning("%s: skipped %d file(s) that are not readable images, e.g. %s", source, len(bad), bad[0])
+    return keep_paths, keep_labels
 
 
 def gldv2_path(root: Path, image_id: str, where: str) -> Path:
@@ -195,7 +253,8 @@ def gldv2_path(root: Path, image_id: str, where: str) -> Path:
 
 def read_landmark_csv(csv_path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
                       missing: str = "stop") -> tuple[list[Path], list[str]]:
-    """Image paths and landmarks from a list with a header row.
+    """Image paths and landmarks from a list with a header row (``missing``: "stop" raises on a
+    listed file that does not exist, "skip" leaves its row out with a count).
 
     ``id,landmark_id`` (Google Landmarks v2 ``train.csv``; images at
     ``<image_root>/<a>/<b>/<c>/<id>.jpg``) or ``path,label`` (paths relative to ``image_root``);
@@ -241,12 +300,12 @@ def read_landmark_csv(csv_path: str | os.PathLike, image_root: str | os.PathLike
         name, label = row[key].strip(), row[value].strip()
         if not name or not label:
             raise ValueError(f"{where}: empty {'id' if gld else 'path'} or label")
-        image = gldv2_path(root, name, where) if gld else inside(root, name, where)
+        image = gldv2_path(root, name, where) if gld else inside(root, name, f"{where}: the path")
         if image.suffix.lower() not in IMAGE_EXTENSIONS:
             raise ValueError(f"{where}: {name!r:.80} is not an image file name ({', '.join(IMAGE_EXTENSIONS)})")
         if not image.is_file():
             if missing == "stop":
-                raise FileNotFoundError(f"{where}: no image file {image} (--missing-images skip leaves such rows out)")
+                raise FileNotFoundError(f"{where}: no image file {image} (--bad-images skip leaves such rows out)")
             absent += 1
             continue
         paths.append(image)

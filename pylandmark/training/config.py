@@ -54,8 +54,16 @@ class TrainConfig(JsonConfig):
     val split); whitening computed after training (``whitening``: None, "lw" or "pca").
     """
 
-    data_root: str = _opt("", "SfM-120k folder (retrieval-SfM-120k.pkl and ims/)", "data", runtime=True,
-                          required=True)
+    data_root: str = _opt("", "training photos: an SfM-120k folder (retrieval-SfM-120k.pkl and ims/) or class "
+                          "folders (<root>/<landmark>/<image>), recognised by what they hold; with --data-csv or "
+                          "--colmap, the folder the images are under", "data", runtime=True, required=True)
+    data_csv: str | None = _opt(None, "a landmark list: Google Landmarks v2 (id,landmark_id; images at "
+                                "<data-root>/<a>/<b>/<c>/<id>.jpg) or path,label (paths under --data-root)", "data")
+    colmap: str | None = _opt(None, "a COLMAP model (sparse/0: cameras, images, points3D; text or binary) of the "
+                              "photos under --data-root, made into SfM-120k-format pairs under <out>/colmap-data "
+                              "(needs pycolmap)", "data")
+    bad_images: str = _opt("stop", "listed image files that are missing or not images: stop with an error "
+                           "naming the first, or skip them with a count", "data", choices=("stop", "skip"))
     out_dir: str = _opt("runs/sfm120k", "output folder (checkpoints, logs, exported model)", "data",
                         runtime=True, required=True, flag="--out")
     db_name: str = _opt("retrieval-SfM-120k", "base name of the db pickle", "data")
@@ -63,6 +71,8 @@ class TrainConfig(JsonConfig):
     query_size: int = _opt(2000, "tuples mined per epoch", "recipe", minimum=1)
     pool_size: int = _opt(20000, "negative pool size", "recipe", minimum=1)
     negatives: int = _opt(5, "hard negatives per tuple", "recipe", minimum=1)
+    positives: int = _opt(5, "labelled photos: (query, positive) pairs per photo, positives drawn among the "
+                          "other photos of its landmark", "recipe", minimum=1)
     model: str = _opt("cspdarknet53-gem", "LandmarkNet preset (pylandmark.models.LANDMARKNET_PRESETS)", "recipe")
     model_args: dict[str, Any] = _opt(None, "LandmarkNetConfig fields to override, as a JSON object "
                                       '(e.g. \'{"backbone_args": {"depths": [1, 1, 1, 1, 1]}}\')', "recipe",
@@ -91,6 +101,9 @@ class TrainConfig(JsonConfig):
                      "recipe", minimum=0)
     validate_every: int = _opt(1, "epochs between validations (0: never)", "validation", runtime=True,
                                minimum=0)
+    val_fraction: float = _opt(0.1, "labelled photos: the share of every landmark held out (seeded) to "
+                               "validate on (recognition accuracy by top-5 vote and mAP against the rest); "
+                               "landmarks too small to keep two photos stay whole", "validation", minimum=0)
     validate_initial: bool = _opt(False, "also validate before the first epoch", "validation", runtime=True)
     val_queries: int | None = _opt(None, "cap on the SfM val queries (default: all)", "validation",
                                    runtime=True, minimum=1)
@@ -118,6 +131,10 @@ class TrainConfig(JsonConfig):
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
+        if self.val_fraction >= 1:
+            raise ValueError(f"val_fraction must be below 1 (a share of every landmark), got {self.val_fraction}")
+        if self.data_csv and self.colmap:
+            raise ValueError("data_csv and colmap both name the training data; give one")
         if self.batch_size % self.accumulation:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by accumulation "
                              f"({self.accumulation}): each micro-batch holds batch_size / accumulation tuples")
@@ -140,7 +157,7 @@ class TrainConfig(JsonConfig):
                 setattr(self, n, os.fspath(v))
             elif not isinstance(v, str):
                 raise TypeError(f"{n} must be a path, got {type(v).__name__}")
-        for n in ("test_root", "pretrained"):
+        for n in ("test_root", "pretrained", "data_csv", "colmap"):
             v = getattr(self, n)
             if isinstance(v, os.PathLike):
                 setattr(self, n, os.fspath(v))

@@ -6,12 +6,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from .. import runtime as dist_utils
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, autocast_dtype
+from .data import TrainingData
 
 if TYPE_CHECKING:
     from ..models import LandmarkNet
@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 def export(model: LandmarkNet, cfg: TrainConfig, out: Path, best_path: Path, main_rank: bool,
-           dev: torch.device) -> Path:
-    """Writes ``model`` (last epoch) and ``model_best``; computes and installs the whitening."""
+           dev: torch.device, data: TrainingData) -> Path:
+    """Writes ``model`` (last epoch) and ``model_best``; computes and installs the whitening
+    (learned from ``data``'s whitening images)."""
     from ..models import LandmarkNet
 
     target = out / "model"
@@ -37,7 +38,7 @@ def export(model: LandmarkNet, cfg: TrainConfig, out: Path, best_path: Path, mai
         final = best_model.to(dev)
         target = out / "model_best"
     if cfg.whitening:
-        final = _whiten(final, cfg, out, dev, main_rank)
+        final = _whiten(final, cfg, out, dev, main_rank, data)
     if main_rank:
         final.save(target)
         logger.info("exported the trained network to %s", target)
@@ -45,25 +46,12 @@ def export(model: LandmarkNet, cfg: TrainConfig, out: Path, best_path: Path, mai
     return target
 
 
-def _whiten(model: LandmarkNet, cfg: TrainConfig, out: Path, dev: torch.device, main_rank: bool) -> LandmarkNet:
-    from ..data.sfm120k import WhiteningPairs
+def _whiten(model: LandmarkNet, cfg: TrainConfig, out: Path, dev: torch.device, main_rank: bool,
+            data: TrainingData) -> LandmarkNet:
     from ..extraction import compute_whitening
     from ..models.whitening import install_whitening
 
-    if cfg.whitening == "lw":
-        pairs = WhiteningPairs(cfg.data_root, cfg.whiten_name)
-        paths = pairs.images
-        qidxs: np.ndarray | None = pairs.qidxs
-        pidxs: np.ndarray | None = pairs.pidxs
-    else:
-        try:
-            pairs = WhiteningPairs(cfg.data_root, cfg.whiten_name)
-            paths = pairs.images
-        except FileNotFoundError:
-            from ..data.sfm120k import SfM120k
-
-            paths = SfM120k(cfg.data_root, "train", name=cfg.db_name).images
-        qidxs = pidxs = None
+    paths, qidxs, pidxs = data.whitening_images(cfg, str(cfg.whitening))
     amp = autocast_dtype(cfg, dev) is not None and dev.type == "cuda"
     w = compute_whitening(model, paths, str(cfg.whitening), qidxs=qidxs, pidxs=pidxs, image_size=cfg.whiten_image_size,
                           batch_size=cfg.mining_batch_size, num_workers=cfg.workers, device=dev, amp=amp,

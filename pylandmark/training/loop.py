@@ -1,4 +1,5 @@
-"""Unsupervised fine-tuning on SfM-120k (Radenovic, Tolias, Chum, TPAMI 2018), as the paper trains.
+"""Fine-tuning on SfM-120k (unsupervised: Radenovic, Tolias, Chum, TPAMI 2018, as the paper
+trains), on a team's own labelled photos, or on its own COLMAP model (:mod:`.data`): one loop.
 
 Every epoch:
 
@@ -59,10 +60,11 @@ from .._files import replaced_atomically
 from ..nn.losses import make_loss
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RUNTIME_FIELDS, TrainConfig, autocast_dtype, resolve_device
+from .data import describe_clusters, load_training_data
 from .export import export
 from .mining import Tuples, mine_tuples
 from .runlog import RunLog, format_row
-from .validation import validate
+from .validation import has_revisited, validate
 
 if TYPE_CHECKING:
     from ..models import LandmarkNet
@@ -324,8 +326,8 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, **overrides: An
     else:
         raise TypeError(f"config must be a TrainConfig, a dict or None, got {type(config).__name__}")
     if not cfg.data_root:
-        raise ValueError("data_root is empty: give the SfM-120k folder (with retrieval-SfM-120k.pkl and "
-                         "ims/), e.g. from pylandmark.data.download_sfm120k or make_sfm_dataset")
+        raise ValueError("data_root is empty: give the training photos (class folders <root>/<landmark>/<image>, "
+                         "or an SfM-120k folder from pylandmark.data.download_sfm120k)")
     dev = resolve_device(cfg.device)
     own_group = dist_utils.init_from_env(dev.type)
     try:
@@ -336,8 +338,6 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, **overrides: An
 
 
 def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
-    from ..data.sfm120k import SfM120k
-
     world, rank = dist_utils.world_size(), dist_utils.rank()
     main_rank = rank == 0
     out = Path(cfg.out_dir)
@@ -360,11 +360,12 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
     channels_last = dev.type == "cuda" if cfg.channels_last is None else bool(cfg.channels_last)
     progress = cfg.progress and main_rank
 
-    train_ds = SfM120k(cfg.data_root, "train", name=cfg.db_name)
-    val_ds = SfM120k(cfg.data_root, "val", name=cfg.db_name)
-    train_paths = train_ds.images
-    logger.info("training on %r (%d images, %d pairs), %d process(es) on %s, amp %s", train_ds.db_path.name,
-                len(train_ds), train_ds.n_pairs, world, dev, amp_dtype)
+    data = load_training_data(cfg)
+    train_ds, val_ds = data.train, data.val
+    train_paths = list(train_ds.images)
+    logger.info("training on %s (%s: %s), %d process(es) on %s, amp %s", cfg.data_csv or cfg.colmap or cfg.data_root,
+                data.layout, describe_clusters(train_ds), world, dev, amp_dtype)
+    validating = bool(cfg.validate_every) and (val_ds is not None or has_revisited(cfg))
 
     model = build_model(cfg).to(dev)
     if channels_last:
@@ -412,7 +413,7 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
                 shutil.copyfile(last_path, tmp)
 
     try:
-        if cfg.validate_initial and start_epoch == 0 and not history and cfg.validate_every:
+        if cfg.validate_initial and start_epoch == 0 and not history and validating:
             metrics = validate(model, cfg, val_ds, dev)
             row = {"epoch": 0, **{k: v for k, v in metrics.items() if k != "score"}}
             history.append(row)
@@ -442,7 +443,7 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
                    "n_tuples": n_tuples, "neg_similarity": tuples.stats.get("neg_similarity", float("nan"))}
             is_best = False
             last_epoch = epoch + 1 == cfg.epochs
-            if cfg.validate_every and ((epoch + 1) % cfg.validate_every == 0 or last_epoch):
+            if validating and ((epoch + 1) % cfg.validate_every == 0 or last_epoch):
                 metrics = validate(model, cfg, val_ds, dev)
                 score = metrics.pop("score")
                 row.update(metrics)
@@ -458,7 +459,7 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
     finally:
         log.close()
 
-    return export(model, cfg, out, best_path, main_rank, dev)
+    return export(model, cfg, out, best_path, main_rank, dev, data)
 
 
 def _train_epoch(net: nn.Module, model: LandmarkNet, tuples: Tuples, paths: Sequence[Path], cfg: TrainConfig,

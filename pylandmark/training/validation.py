@@ -1,5 +1,6 @@
 """Validation during training: revisited Oxford / Paris mAP when their ground truth is present,
-otherwise mAP and recall@k on the SfM-120k val split."""
+otherwise mAP and recall@k on the SfM-120k val split, or, training on labelled photos,
+recognition accuracy and mAP of the held-out photos against the training photos."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from torch import nn
 from ..extraction import ExtractOptions, extract_shared
 from .config import TrainConfig, autocast_dtype
 
-__all__ = ["validate"]
+__all__ = ["validate", "has_revisited"]
 
 
 def _sfm_validation(model: nn.Module, val: Any, cfg: TrainConfig, dev: torch.device, amp: bool) -> dict[str, float]:
@@ -46,6 +47,38 @@ def _sfm_validation(model: nn.Module, val: Any, cfg: TrainConfig, dev: torch.dev
     return out
 
 
+def _held_out_validation(model: nn.Module, val: Any, cfg: TrainConfig, dev: torch.device,
+                         amp: bool) -> dict[str, float]:
+    """Each held-out photo (:class:`~pylandmark.data.labelled.HeldOut`) searches the training
+    photos: ``val_accuracy`` is the share recognised by the majority vote of its 5 nearest
+    (:func:`pylandmark.retrieval.recognition.recognize`), ``val_map`` the mAP of its ranking,
+    the photos of its landmark being its positives."""
+    from ..evaluate import revisited
+    from ..evaluate.metrics import accuracy
+    from ..ops import search
+    from ..retrieval.recognition import recognize
+
+    size = cfg.val_image_size or cfg.image_size
+    nq = len(val.query_images)
+    desc = extract_shared(model, [*val.query_images, *val.db_images], image_size=size,
+                          batch_size=cfg.mining_batch_size, num_workers=cfg.workers, device=dev, amp=amp,
+                          progress=cfg.progress).astype(np.float32)
+    queries, db = desc[:nq], desc[nq:]
+    db_labels = np.asarray(val.db_labels)
+    votes = recognize(db, queries, k=min(5, db.shape[0]), labels=db_labels)
+    _, ranks = search(queries, db, k=db.shape[0], metric="cosine")
+    gnd = [{"easy": np.flatnonzero(db_labels == lab), "hard": [], "junk": []} for lab in val.query_labels]
+    out = {"val_accuracy": float(accuracy(votes.labels, val.query_labels)),
+           "val_map": float(revisited(np.asarray(ranks), gnd, protocols=("medium",))["medium"]["map"])}
+    out["score"] = out["val_map"]
+    return out
+
+
+def has_revisited(cfg: TrainConfig) -> bool:
+    """Whether revisited Oxford / Paris ground truth under ``cfg.test_root`` is validated on."""
+    return bool(_revisited_present(cfg))
+
+
 def _revisited_present(cfg: TrainConfig) -> list[str]:
     if not cfg.test_root:
         return []
@@ -73,8 +106,9 @@ def _revisited_validation(model: nn.Module, names: Sequence[str], cfg: TrainConf
 def validate(model: nn.Module, cfg: TrainConfig, val: Any = None, device: Any = None) -> dict[str, float]:
     """Validation metrics of ``model`` (fractions): revisited Oxford / Paris mAP (E/M/H) when
     their ground truth is under ``cfg.test_root``, else mAP and recall@k on the SfM val split
-    ``val``. ``score`` is what picks the best checkpoint (mean medium mAP, or val mAP). The
-    generators' states are left as they were."""
+    ``val``, or the held-out labelled photos ``val`` (accuracy and mAP). ``score`` is what picks
+    the best checkpoint (mean medium mAP, or val mAP). The generators' states are left as they
+    were."""
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     amp = autocast_dtype(cfg, dev) is not None and dev.type == "cuda"
     names = _revisited_present(cfg)
@@ -85,7 +119,10 @@ def validate(model: nn.Module, cfg: TrainConfig, val: Any = None, device: Any = 
             if names:
                 return _revisited_validation(model, names, cfg, dev, amp)
             if val is None:
-                raise ValueError("no validation data: give the SfM val split or test_root with revisited data")
+                raise ValueError("no validation data: give the SfM val split, held-out labelled photos or "
+                                 "test_root with revisited data")
+            if hasattr(val, "query_images"):
+                return _held_out_validation(model, val, cfg, dev, amp)
             return _sfm_validation(model, val, cfg, dev, amp)
     finally:
         model.train(was_training)
