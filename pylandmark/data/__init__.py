@@ -25,6 +25,10 @@ _EXPORTS: dict[str, str] = {
     "WhiteningPairs": "sfm120k",
     "download_sfm120k": "sfm120k",
     "load_sfm_pickle": "sfm120k",
+    "ColmapPairs": "colmap",
+    "colmap_pairs": "colmap",
+    "write_sfm_database": "colmap",
+    "colmap_to_sfm": "colmap",
     "make_sfm_dataset": "synthetic",
     "make_revisited_dataset": "synthetic",
 }
