@@ -16,8 +16,13 @@ from PIL import Image
 
 from pylandmark.data import SfM120k, make_sfm_dataset
 from pylandmark.data.images import ImageLoadError
-from pylandmark.data.labelled import (LabelledTrainingSet, detect_layout, held_out_split, read_landmark_csv,
-                                      same_label_pairs)
+from pylandmark.data.labelled import (
+    LabelledTrainingSet,
+    detect_layout,
+    held_out_split,
+    read_landmark_csv,
+    same_label_pairs,
+)
 from pylandmark.models import LandmarkNet
 from pylandmark.training.checkpoint import load_checkpoint
 from pylandmark.training.config import TrainConfig
@@ -274,3 +279,58 @@ def test_pnu_train_resume_export_and_recognize(tmp_path, capsys):
     assert len(results) == 15 and all(r["truth"] in {"cse", "hh", "rg", "wb", "wjj"} for r in results)
     print("PNU test/ top-5 vote accuracy after 2 epochs:",
           np.mean([r["label"] == r["truth"] for r in results]))
+
+
+def test_arcface_training_learns_the_landmarks_and_drops_its_head(folders, tmp_path):
+    """`--loss arcface`: the landmarks as classes through a head that is checkpointed (an exact
+    resume) but not exported; on the training photos the head's loss falls."""
+    kw = dict(loss="arcface", margin=0.2, arcface_scale=16.0, query_size=32, batch_size=8, lr=3e-3,
+              validate_every=0)
+    out = train(_cfg(folders, tmp_path / "full", epochs=2, **kw))
+    train(_cfg(folders, tmp_path / "part", epochs=1, **kw))
+    train(_cfg(folders, tmp_path / "part", epochs=2, **kw), resume=True)
+    a, meta = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b, _ = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    assert a["head"]["weight"].shape == (11, 24)  # 11 landmarks, the 24-d descriptor
+    for k in (*a["model"], "head"):
+        x, y = (a["head"]["weight"], b["head"]["weight"]) if k == "head" else (a["model"][k], b["model"][k])
+        assert torch.equal(x, y), k
+    losses = [row["loss"] for row in meta["history"]]
+    assert losses[-1] < losses[0], losses  # a per-image mean: query_size images each epoch
+    net = LandmarkNet.from_pretrained(out)
+    assert not any("head" in k for k in net.state_dict())
+    assert [n for n, _ in net.named_parameters()] == [n for n, _ in LandmarkNet(net.config).named_parameters()]
+
+
+def test_arcface_margin_is_an_angle(folders):
+    with pytest.raises(ValueError, match="at most pi/2"):
+        _cfg(folders, "unused", loss="arcface", margin=2.0)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("pycolmap"), reason="needs pycolmap")
+def test_training_on_a_colmap_model(tmp_path):
+    """`--colmap sparse/0`: the model becomes SfM-120k-format pairs under <out>/colmap-data (as
+    pylandmark.data.colmap rules them) and one epoch trains on them."""
+    import pycolmap
+
+    from pylandmark.data.colmap import colmap_pairs
+
+    options = pycolmap.SyntheticDatasetOptions()
+    options.num_rigs, options.num_cameras_per_rig, options.num_frames_per_rig = 3, 1, 4
+    options.num_points3D = 120
+    rec = pycolmap.synthesize_dataset(options)
+    model = tmp_path / "sparse" / "0"
+    model.mkdir(parents=True)
+    rec.write(str(model))
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for image in rec.images.values():
+        (images / image.name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((40, 56, 3)) * 255).astype(np.uint8)).save(images / image.name, format="PNG")
+    pairs = colmap_pairs(model, min_shared=5)
+    out = train(_cfg(images, tmp_path / "run", colmap=str(model), colmap_min_shared=5, epochs=1, val_fraction=0.3,
+                     query_size=8, pool_size=12, negatives=1, validate_every=0))
+    assert out == tmp_path / "run" / "model"
+    db = SfM120k(tmp_path / "run" / "colmap-data", "train")
+    val = SfM120k(tmp_path / "run" / "colmap-data", "val")
+    assert db.n_pairs + val.n_pairs == pairs.qidxs.size

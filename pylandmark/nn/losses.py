@@ -33,7 +33,7 @@ from torch import nn
 from .._checks import check_number
 
 __all__ = ["contrastive_loss", "triplet_loss", "ContrastiveLoss", "TripletLoss", "make_loss", "LOSSES",
-           "arcface_loss", "ArcFaceHead"]
+           "arcface_loss", "ArcFaceHead", "CLASSIFICATION_LOSSES"]
 
 
 def _check(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
@@ -135,6 +135,8 @@ class TripletLoss(_MarginLoss):
 
 
 LOSSES = {"contrastive": ContrastiveLoss, "triplet": TripletLoss}
+#: losses over labelled images through a classification head (ArcFaceHead), not over tuples
+CLASSIFICATION_LOSSES = ("arcface",)
 
 
 def make_loss(name: str, margin: float) -> nn.Module:

@@ -65,7 +65,8 @@ class TrainingData:
         return wp.images, *((wp.qidxs, wp.pidxs) if kind == "lw" else (None, None))
 
 
-_WHITEN_NAME = "retrieval-SfM-120k-whiten"
+_DB_NAME = "retrieval-SfM-120k"
+_WHITEN_NAME = f"{_DB_NAME}-whiten"
 
 
 def load_training_data(cfg: TrainConfig) -> TrainingData:
@@ -99,11 +100,14 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:
 def _colmap_data(cfg: TrainConfig, image_root: Path) -> Path:
     """``<out>/colmap-data``, written from the COLMAP model by rank 0 unless already there."""
     out = Path(cfg.out_dir) / COLMAP_DATA
-    if dist_utils.rank() == 0 and not (out / f"{_WHITEN_NAME.rsplit('-', 1)[0]}.pkl").is_file():
+    if dist_utils.rank() == 0 and not (out / f"{_DB_NAME}.pkl").is_file():  # written last: complete
         from ..data.colmap import colmap_to_sfm
 
         logger.info("making SfM-120k-format pairs of the COLMAP model %s in %s", cfg.colmap, out)
-        colmap_to_sfm(cfg.colmap, image_root, out, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        assert cfg.colmap is not None  # the caller's test
+        colmap_to_sfm(cfg.colmap, image_root, out, min_shared=cfg.colmap_min_shared,
+                      min_overlap=cfg.colmap_min_overlap, max_scale_change=cfg.colmap_max_scale_change,
+                      val_fraction=cfg.val_fraction, seed=cfg.seed)
     dist_utils.barrier()
     return out
 

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 from .. import runtime as dist_utils
 from .._files import replaced_atomically
-from ..nn.losses import make_loss
+from ..nn.losses import CLASSIFICATION_LOSSES, ArcFaceHead, make_loss
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RUNTIME_FIELDS, TrainConfig, autocast_dtype, resolve_device
 from .data import describe_clusters, load_training_data
@@ -99,11 +99,13 @@ def build_model(cfg: TrainConfig) -> LandmarkNet:
     return model
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
-    """Adam with two groups (network: lr, weight decay; GeM p: ``p_lr_mult`` x lr, no decay) and
-    the exponential decay ``lr x exp(-lr_decay)`` per epoch."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, head: nn.Module | None = None
+                    ) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam with two groups (network and classification head: lr, weight decay; GeM p:
+    ``p_lr_mult`` x lr, no decay) and the exponential decay ``lr x exp(-lr_decay)`` per epoch."""
     p_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("pool.")]
     others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("pool.")]
+    others += [] if head is None else list(head.parameters())
     groups = [{"params": others, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if p_params:
         groups.append({"params": p_params, "lr": cfg.lr * cfg.p_lr_mult, "weight_decay": 0.0})
@@ -122,14 +124,24 @@ def freeze_batchnorm(model: nn.Module) -> nn.Module:
 
 class _GroupForward(nn.Module):
     """Runs the network on a list of same-shape image batches in one call (one DDP forward per
-    micro-batch, whatever the number of shapes)."""
+    micro-batch, whatever the number of shapes), and the classification head when there is one
+    (inside the DDP module, so that its gradients are summed over the ranks as well)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, head: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.head = head
 
-    def forward(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.model(x) for x in groups]
+    def forward(self, groups: list[torch.Tensor], order: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> Any:
+        """The (B_g, D) descriptors of every group; with a head, ``order`` (the image of each
+        descriptor row, concatenated) and ``labels`` (B,) of the images in their own order, the
+        head's summed loss instead."""
+        outs = [self.model(x) for x in groups]
+        if self.head is None or labels is None or order is None:
+            return outs
+        desc = torch.cat([o.float() if o.dtype in (torch.float16, torch.bfloat16) else o for o in outs])
+        return self.head(desc[torch.argsort(order)], labels) * labels.numel()
 
 
 # ------------------------------------------------------------------------------------ one step
@@ -142,8 +154,9 @@ def _group_by_shape(images: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _micro_loss(net: nn.Module, tuples: Sequence[Sequence[torch.Tensor]], loss_fn: nn.Module,
-                dev: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
+def _micro_loss(net: nn.Module, tuples: Sequence[Sequence[torch.Tensor]], loss_fn: nn.Module | None,
+                dev: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
+                labels: Sequence[int] | None = None) -> torch.Tensor:
     flat = [x for t in tuples for x in t]
     groups = _group_by_shape(flat)
     batches = []
@@ -152,9 +165,12 @@ def _micro_loss(net: nn.Module, tuples: Sequence[Sequence[torch.Tensor]], loss_f
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         batches.append(x)
-    with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        outs = net(batches)
     perm = torch.as_tensor([i for g in groups for i in g], device=dev)
+    with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        if labels is not None:  # classification: one image per "tuple", the head's loss
+            return net(batches, perm, torch.as_tensor(labels, dtype=torch.int64, device=dev))
+        outs = net(batches)
+    assert loss_fn is not None
     desc = torch.cat([o.float() if o.dtype in (torch.float16, torch.bfloat16) else o for o in outs])
     desc = desc[torch.argsort(perm)]
     dim = desc.shape[1]
@@ -174,9 +190,10 @@ def _micro_loss(net: nn.Module, tuples: Sequence[Sequence[torch.Tensor]], loss_f
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer,
-               micro_batches: Sequence[Sequence[Sequence[torch.Tensor]]], loss_fn: nn.Module, *,
+               micro_batches: Sequence[Sequence[Sequence[torch.Tensor]]], loss_fn: nn.Module | None, *,
                device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
-               scaler: Any = None, channels_last: bool = False, world_size: int = 1) -> float:
+               scaler: Any = None, channels_last: bool = False, world_size: int = 1,
+               labels: Sequence[Sequence[int]] | None = None, head: nn.Module | None = None) -> float:
     """One optimiser step over this process's share of a batch of tuples, with the network in
     training mode and its BatchNorm layers in eval mode (frozen statistics).
 
@@ -186,18 +203,21 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer,
         optimizer: its optimizer.
         micro_batches: ``accumulation`` lists of tuples; a tuple is a list of (3, H, W) images
             ``[query, positive, negative, ...]``.
-        loss_fn: a tuple loss module (sum over pairs and tuples).
+        loss_fn: a tuple loss module (sum over pairs and tuples); None with ``labels``.
         device, amp_dtype, scaler, channels_last: runtime settings (``scaler``: a
             ``torch.amp.GradScaler`` for float16).
         world_size: processes in the DDP group: the loss is scaled by it so that DDP's gradient
             average becomes the sum over all tuples of the step.
+        labels, head: classification (``--loss arcface``): every tuple is one image, ``labels``
+            holds each micro-batch's classes, and the loss is ``head``'s summed over the images
+            (with DDP the head is inside ``net``, a ``_GroupForward(model, head)``).
 
     Returns:
         the summed loss of this process's tuples (a float).
     """
     dev = torch.device(device)
     ddp = isinstance(net, nn.parallel.DistributedDataParallel)
-    fwd = net if ddp else _GroupForward(net)
+    fwd = net if ddp else _GroupForward(net, head)
     freeze_batchnorm(fwd.train())  # the recipe: BatchNorm statistics stay frozen
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -206,7 +226,7 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer,
         ctx = net.no_sync() if (isinstance(net, nn.parallel.DistributedDataParallel) and not last) \
             else contextlib.nullcontext()
         with ctx:
-            loss = _micro_loss(fwd, mb, loss_fn, dev, amp_dtype, channels_last)
+            loss = _micro_loss(fwd, mb, loss_fn, dev, amp_dtype, channels_last, None if labels is None else labels[i])
             scaled = loss * world_size if ddp else loss
             if scaler is not None:
                 scaler.scale(scaled).backward()
@@ -230,10 +250,28 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer,
 # ------------------------------------------------------------------------------------ data
 
 
+class _Singles:
+    """A classification epoch's images as one-image tuples (what :class:`_TupleImages` reads).
+
+    Attributes:
+        idx: (T,) image indices; classes: (T,) their class in [0, C).
+    """
+
+    def __init__(self, idx: np.ndarray, classes: np.ndarray):
+        self.idx, self.classes = idx, classes
+        self.stats: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return int(self.idx.size)
+
+    def images(self, i: int) -> list[int]:
+        return [int(self.idx[i])]
+
+
 class _TupleImages(torch.utils.data.Dataset):
     """Tuple ``order[i]`` of an epoch as a list of (3, H, W) training images."""
 
-    def __init__(self, paths: Sequence[Path], tuples: Tuples, order: Sequence[int], image_size: int,
+    def __init__(self, paths: Sequence[Path], tuples: Tuples | _Singles, order: Sequence[int], image_size: int,
                  mean: Sequence[float], std: Sequence[float]):
         self.paths, self.tuples, self.order = paths, tuples, list(order)
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
@@ -370,9 +408,13 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
     model = build_model(cfg).to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from the stubs
-    optimizer, scheduler = build_optimizer(model, cfg)
+    head, classes = None, None
+    if cfg.loss in CLASSIFICATION_LOSSES:  # the classes: the landmarks (or SfM clusters), numbered 0..C-1
+        classes = np.unique(train_ds.clusters, return_inverse=True)[1].astype(np.int64)
+        head = ArcFaceHead(model.dim, int(classes.max()) + 1, cfg.arcface_scale, cfg.margin).to(dev)
+    optimizer, scheduler = build_optimizer(model, cfg, head)
     scaler = torch.amp.GradScaler("cuda") if (amp_dtype == torch.float16 and dev.type == "cuda") else None
-    loss_fn = make_loss(cfg.loss, cfg.margin)
+    loss_fn = None if head is not None else make_loss(cfg.loss, cfg.margin)
 
     start_epoch = 0
     history: list[dict[str, Any]] = []
@@ -381,6 +423,8 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
         contents, meta = load_checkpoint(last_path)
         _check_resume_config(meta["config"], cfg)
         model.load_state_dict(contents["model"])
+        if head is not None:
+            head.load_state_dict(contents["head"])
         optimizer.load_state_dict(contents["optimizer"])
         scheduler.load_state_dict(contents["scheduler"])
         if scaler is not None and contents.get("scaler"):
@@ -392,7 +436,7 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
-            _GroupForward(model), device_ids=[dev.index] if dev.type == "cuda" else None,
+            _GroupForward(model, head), device_ids=[dev.index] if dev.type == "cuda" else None,
             broadcast_buffers=False)
     log = RunLog(out, cfg.tensorboard, main_rank)
     log.write(history)
@@ -405,6 +449,7 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
         if not main_rank:
             return
         contents = {"model": _unwrap_state(model), "optimizer": optimizer.state_dict(),
+                    **({} if head is None else {"head": _unwrap_state(head)}),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
                     "rng": rng_state()}
         save_checkpoint(last_path, contents, checkpoint_meta(epoch))
@@ -424,15 +469,20 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             rng = np.random.default_rng([cfg.seed, epoch])
-            tuples = mine_tuples(model, train_ds, query_size=cfg.query_size, pool_size=cfg.pool_size,
-                                 negatives=cfg.negatives, image_size=cfg.image_size, rng=rng,
-                                 batch_size=cfg.mining_batch_size, num_workers=cfg.workers, device=dev,
-                                 amp=amp_dtype is not None and dev.type == "cuda", progress=progress)
+            tuples: Tuples | _Singles
+            if classes is not None:  # classification: query_size images of the epoch, no mining
+                picks = rng.permutation(classes.size)[: cfg.query_size]
+                tuples = _Singles(picks, classes[picks])
+            else:
+                tuples = mine_tuples(model, train_ds, query_size=cfg.query_size, pool_size=cfg.pool_size,
+                                     negatives=cfg.negatives, image_size=cfg.image_size, rng=rng,
+                                     batch_size=cfg.mining_batch_size, num_workers=cfg.workers, device=dev,
+                                     amp=amp_dtype is not None and dev.type == "cuda", progress=progress)
             t1 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             loss_sum, n_tuples, n_images = _train_epoch(net, model, tuples, train_paths, cfg, optimizer, scaler,
                                                          loss_fn, dev, amp_dtype, channels_last, world, rank,
-                                                         progress, epoch)
+                                                         progress, epoch, head)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t2 = time.perf_counter()
@@ -462,10 +512,10 @@ def _train(cfg: TrainConfig, dev: torch.device, resume: bool) -> Path:
     return export(model, cfg, out, best_path, main_rank, dev, data)
 
 
-def _train_epoch(net: nn.Module, model: LandmarkNet, tuples: Tuples, paths: Sequence[Path], cfg: TrainConfig,
-                 optimizer: torch.optim.Optimizer, scaler: Any, loss_fn: nn.Module, dev: torch.device,
-                 amp_dtype: torch.dtype | None, channels_last: bool, world: int, rank: int, progress: bool,
-                 epoch: int) -> tuple[float, int, int]:
+def _train_epoch(net: nn.Module, model: LandmarkNet, tuples: Tuples | _Singles, paths: Sequence[Path],
+                 cfg: TrainConfig, optimizer: torch.optim.Optimizer, scaler: Any, loss_fn: nn.Module | None,
+                 dev: torch.device, amp_dtype: torch.dtype | None, channels_last: bool, world: int, rank: int,
+                 progress: bool, epoch: int, head: nn.Module | None = None) -> tuple[float, int, int]:
     steps, dropped = _epoch_schedule(len(tuples), cfg, world, rank)
     if dropped:
         logger.info("epoch %d: the last %d tuples do not fill a step across %d process(es) x %d micro-batches; "
@@ -486,8 +536,9 @@ def _train_epoch(net: nn.Module, model: LandmarkNet, tuples: Tuples, paths: Sequ
         for s, step in enumerate(steps):
             micro = [[next(it) for _ in mb] for mb in step]
             n_images += sum(len(t) for mb in micro for t in mb)
+            labels = [[int(tuples.classes[t]) for t in mb] for mb in step] if isinstance(tuples, _Singles) else None
             loss = train_step(net, optimizer, micro, loss_fn, device=dev, amp_dtype=amp_dtype, scaler=scaler,
-                              channels_last=channels_last, world_size=world)
+                              channels_last=channels_last, world_size=world, labels=labels, head=head)
             loss_sum += loss
             bar.update(1)
             if cfg.log_every and (s + 1) % cfg.log_every == 0:
