@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -410,9 +411,9 @@ def describe(network: nn.Module, images: Sequence[Any], opts: ExtractOptions, *,
 def compute_whitening(model: nn.Module, images: Sequence[Any], kind: str = "lw", *, qidxs: Any = None,
                       pidxs: Any = None, image_size: float | None = 1024, scales: Sequence[float] = (1.0,),
                       batch_size: int = 16, num_workers: int = 0, device: Any = None, amp: bool | None = None,
-                      progress: bool = True) -> Any:
-    """Describes ``images`` with ``model`` without its whitening layer and learns a whitening
-    from them (:func:`~pylandmark.nn.whiten.learn_whitening` or
+                      progress: bool = True, strip: bool = True, on_error: str = "raise") -> Any:
+    """Describes ``images`` with ``model`` (without its whitening layer, unless ``strip=False``)
+    and learns a whitening from them (:func:`~pylandmark.nn.whiten.learn_whitening` or
     :func:`~pylandmark.nn.whiten.pca_whitening`); under torch.distributed every rank describes
     its share and every rank gets the same whitening.
 
@@ -421,9 +422,18 @@ def compute_whitening(model: nn.Module, images: Sequence[Any], kind: str = "lw",
         images: image paths (e.g. ``WhiteningPairs(root).images``).
         kind: "lw" (needs ``qidxs`` / ``pidxs``, the matching pairs) or "pca".
         image_size, scales, batch_size, num_workers, device, amp, progress: as :func:`extract`.
+        strip: True: the descriptors of the model without its whitening layer (the whitening
+            to install in that layer's place, :func:`~pylandmark.models.whitening.install_whitening`).
+            False: the model's descriptors as :func:`extract` gives them (a post-hoc whitening,
+            ``extract(model, ..., whitening=w)``; any nn.Module). The same without a layer.
+        on_error: "raise" (default) or "skip" (one process only): unreadable images are left
+            out with :func:`extract`'s warning, and so are the pairs that hold one; the result
+            becomes ``(whitening, skipped)``, ``skipped`` a list of
+            :class:`~pylandmark.data.LoadFailure`.
 
     Returns:
-        a :class:`~pylandmark.nn.whiten.Whitening` for the model's (D,) pooled descriptors.
+        a :class:`~pylandmark.nn.whiten.Whitening` for the (D,) descriptors described, or
+        ``(whitening, skipped)`` with ``on_error="skip"``.
     """
     from .models.whitening import strip_whitening
     from .nn.whiten import KINDS, learn_whitening, pca_whitening
@@ -432,9 +442,50 @@ def compute_whitening(model: nn.Module, images: Sequence[Any], kind: str = "lw",
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "lw" and (qidxs is None or pidxs is None):
         raise ValueError("kind='lw' needs qidxs and pidxs (the matching pairs); use kind='pca' without pairs")
-    base = strip_whitening(model).eval()
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if on_error == "skip" and runtime.world_size() > 1:
+        raise ValueError("compute_whitening: on_error='skip' works in one process only (every rank must "
+                         "know which images were left out)")
+    images = list(images)
+    if kind == "lw":  # checked before the long extraction
+        qidxs, pidxs = _pair_indices(qidxs, "qidxs", len(images)), _pair_indices(pidxs, "pidxs", len(images))
+        if qidxs.size != pidxs.size:
+            raise ValueError(f"qidxs ({qidxs.size}) and pidxs ({pidxs.size}) must have the same length")
+    base = strip_whitening(model).eval() if strip else model
+    kwargs = dict(image_size=image_size, scales=scales, batch_size=batch_size, num_workers=num_workers,
+                  device=device, amp=amp, progress=progress)
+    skipped: list[LoadFailure] = []
     with torch.random.fork_rng(devices=[]):
-        x = extract_shared(base, list(images), image_size=image_size, scales=scales, batch_size=batch_size,
-                           num_workers=num_workers, device=device, amp=amp, progress=progress)
+        if on_error == "skip":
+            x, skipped = extract(base, images, on_error="skip", **kwargs)
+        else:
+            x = extract_shared(base, images, **kwargs)
+    if skipped:
+        if x.shape[0] < 2:
+            raise ValueError(f"only {x.shape[0]} of the {len(images)} images could be read; a whitening needs "
+                             "at least 2")
+        bad = np.zeros(len(images), dtype=bool)
+        bad[[f.index for f in skipped]] = True
+        if kind == "lw":
+            kept = ~(bad[qidxs] | bad[pidxs])
+            if not kept.any():
+                raise ValueError(f"every matching pair holds one of the {len(skipped)} unreadable images: no pair "
+                                 "is left to learn from")
+            row = np.cumsum(~bad) - 1  # image index -> row of x
+            qidxs, pidxs = row[qidxs[kept]], row[pidxs[kept]]
     logger.info("learning %s whitening from %d descriptors", kind, x.shape[0])
-    return learn_whitening(x, qidxs, pidxs) if kind == "lw" else pca_whitening(x)
+    w = learn_whitening(x, qidxs, pidxs) if kind == "lw" else pca_whitening(x)
+    return (w, skipped) if on_error == "skip" else w
+
+
+def _pair_indices(idx: Any, name: str, n: int) -> np.ndarray:
+    """(P,) int64 image indices in [0, n) of one side of the matching pairs."""
+    a = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx)
+    if a.ndim != 1 or a.size == 0 or a.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be a non-empty 1-d array of ints (image indices), got dtype {a.dtype}, "
+                         f"shape {a.shape}")
+    a = a.astype(np.int64)
+    if a.min() < 0 or a.max() >= n:
+        raise ValueError(f"{name} holds indices outside [0, {n}) (the {n} images)")
+    return a

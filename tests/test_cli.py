@@ -172,11 +172,22 @@ def test_random_weights_warn(pnu, tmp_path, capsys):
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "pylandmark", "--help"], capture_output=True, text=True,
                          check=True, cwd="/").stdout
-    for name in ("extract", "index", "search", "recognize", "evaluate", "train", "bench"):
+    for name in ("extract", "index", "search", "recognize", "evaluate", "train", "bench", "whiten"):
         assert name in out
     sub = subprocess.run([sys.executable, "-m", "pylandmark", "recognize", "--help"], capture_output=True,
                          text=True, check=True, cwd="/").stdout
     assert "examples:" in sub and "--min-score" in sub
+
+
+def test_index_codes_runs_from_the_command_line(built, capsys, tmp_path):
+    """`index codes` (not a torchrun job) finds its job in this process like every command
+    (it failed with AttributeError: no args.jobs)."""
+    copy = tmp_path / "copy.plmi"
+    shutil.copyfile(built, copy)
+    capsys.readouterr()
+    code, out, err = run(capsys, "index", "codes", copy, "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"count": len(plm.Index.load(built)), "updated": False}
 
 
 def test_evaluate_on_a_revisited_layout_matches_the_api(weights, tmp_path, capsys):

@@ -22,22 +22,25 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     """The parser; `with_training=False` skips importing torch for the train options."""
     common = _Parser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
-    net = _Parser(add_help=False)
-    net.add_argument("--weights", help="network: a preset name (`pylandmark models` lists them), a directory from "
-                                       "`pylandmark train`, a checkpoint file or URL (cirtorch retrieval network "
-                                       "or backbone), or 'random' (smoke tests; results mean nothing). "
-                                       "Index commands default to the index's own")
-    net.add_argument("--device", default="cpu", help=f"{DEVICE_HELP} (default cpu)")
-    net.add_argument("--image-size", type=image_size, help="longer image side in pixels (default 1024, or the index's)")
-    net.add_argument("--multiscale", action="store_true", help="scales 1, 1/sqrt 2, 1/2 combined by GeM")
-    net.add_argument("--scales", help="image scales, comma-separated, e.g. 1,0.7071,0.5 or 1,sqrt(2),1/sqrt(2) "
-                                      "(combined by GeM with the network's p, or averaged with a whitening layer)")
+    network = _Parser(add_help=False)  # the network and how it describes images
+    network.add_argument("--weights", help="network: a preset name (`pylandmark models` lists them), a directory "
+                                           "from `pylandmark train`, a checkpoint file or URL (cirtorch retrieval "
+                                           "network or backbone), or 'random' (smoke tests; results mean nothing). "
+                                           "Index commands default to the index's own")
+    network.add_argument("--device", default="cpu", help=f"{DEVICE_HELP} (default cpu)")
+    network.add_argument("--image-size", type=image_size,
+                         help="longer image side in pixels (default 1024, or the index's)")
+    network.add_argument("--multiscale", action="store_true", help="scales 1, 1/sqrt 2, 1/2 combined by GeM")
+    network.add_argument("--scales", help="image scales, comma-separated, e.g. 1,0.7071,0.5 or 1,sqrt(2),1/sqrt(2) "
+                                          "(combined by GeM with the network's p, or averaged with a whitening "
+                                          "layer)")
+    network.add_argument("--batch-size", type=_count(1), default=16)
+    network.add_argument("--workers", type=_count(0), default=0, help="image decoding processes (default 0)")
+    net = _Parser(add_help=False, parents=[network])
     net.add_argument("--whitening", help="post-hoc whitening: the name of one the network holds (e.g. "
                                          "retrieval-SfM-120k for the cirtorch Lw; ss or ms by the number of scales), "
                                          "a file written by Whitening.save(), or 'none'. Index commands default "
                                          "to the index's own")
-    net.add_argument("--batch-size", type=_count(1), default=16)
-    net.add_argument("--workers", type=_count(0), default=0, help="image decoding processes (default 0)")
     js = _Parser(add_help=False)
     js.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -100,6 +103,33 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--plots", metavar="DIR", help="also write figures (per-query AP, precision-recall) and a page of "
                                                   "the worst queries here (needs pip install \"pylandmark[plots]\")")
+
+    p = add(sub, "whiten", "learn a whitening of a network's descriptors (Lw from matching pairs, or PCA)", c.whiten,
+            (network, js))
+    p.add_argument("images", nargs="*", metavar="IMAGES",
+                   help="image files and/or folders (searched recursively); with --pairs-from-folders one folder "
+                        "of landmark folders; none with --pairs")
+    p.add_argument("--out", required=True, help="the whitening file to write (e.g. lw.safetensors): what "
+                                                "--whitening FILE of extract, index, search, recognize and evaluate "
+                                                "applies with the same --weights")
+    pairs = p.add_mutually_exclusive_group()
+    pairs.add_argument("--pairs-from-folders", action="store_true",
+                       help="matching pairs from landmark folders: IMAGES is one folder, FOLDER/<landmark>/<image>; "
+                            "each image is paired with up to 5 others of its landmark")
+    pairs.add_argument("--pairs", metavar="DIR", help="SfM-120k matching pairs: DIR holds "
+                                                      "retrieval-SfM-120k-whiten.pkl (or -30k) and the ims/ it names")
+    p.add_argument("--kind", choices=("lw", "pca"), help="lw: learned whitening (Radenovic et al.) from the matching "
+                                                         "pairs, the default with pairs; pca: PCA whitening of the "
+                                                         "images, the default without")
+    p.add_argument("--dim", type=_count(1), help="keep this many whitened dimensions (default: all, the "
+                                                 "descriptor size)")
+    p.add_argument("--install", metavar="NEW_DIR",
+                   help="also write a new model directory: the --weights network with this whitening as its "
+                        "whitening layer (use it as --weights NEW_DIR, without --whitening). A whitening layer the "
+                        "network has is replaced, and the whitening is then learned from the descriptors before "
+                        "it. NEW_DIR must not exist (or be empty); --weights is never changed")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (and their pairs) instead of "
+                                                           "failing")
 
     p = add(sub, "train", "fine-tune on SfM-120k (contrastive loss, hard negatives)", c.train)
     if with_training:
@@ -177,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from ..pipelines import local as jobs  # type: ignore[no-redef]
         args.jobs = jobs
+    else:  # the other commands' jobs run in this process (imported on first use: bench needs no torch)
+        args.jobs = _LocalJobs()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -190,6 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if distributed:
             args.jobs.leave()
+
+
+class _LocalJobs:
+    """:mod:`pylandmark.pipelines.local`, imported when a job is first looked up."""
+
+    def __getattr__(self, name: str):
+        from ..pipelines import local
+
+        return getattr(local, name)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -72,6 +72,21 @@ def extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def whiten(args: argparse.Namespace) -> int:
+    images, qidxs, pidxs = args.jobs.whitening_inputs(args.images, pairs_from_folders=args.pairs_from_folders,
+                                                      pairs=args.pairs)
+    net, _ = _network(args)
+    res = args.jobs.whiten_to_file(net, images, _opts(args), args.out, qidxs=qidxs, pidxs=pidxs, kind=args.kind,
+                                   dim=args.dim, install=args.install, skip_bad=args.skip_bad)
+    pairs = "" if res["pairs"] is None else f" ({res['pairs']} pairs)"
+    skipped = f"; skipped {len(res['skipped'])} unreadable" if res["skipped"] else ""
+    kept = "all" if res["out_dim"] == res["dim"] else str(res["out_dim"])
+    installed = f"; installed as the whitening layer of {res['install']}" if res["install"] is not None else ""
+    _emit(args, res, f"learned {res['kind']} whitening of {res['dim']}-d descriptors from {res['descriptors']} "
+                     f"images{pairs}{skipped}, keeping {kept} dimensions: wrote {res['out']}{installed}")
+    return 0
+
+
 def index_build(args: argparse.Namespace) -> int:
     net, weights = _network(args)
     res = args.jobs.build_index_file(net, args.folder, _opts(args), args.out,

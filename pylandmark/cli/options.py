@@ -23,6 +23,13 @@ EXAMPLES = {
                 "  pylandmark evaluate roxford5k --weights model_dir/ --data-root data/ --multiscale --qe 2\n"
                 "  pylandmark evaluate roxford5k rparis6k --weights retrievalSfM120k-resnet101-gem "
                 "--data-root data/ --multiscale --whitening retrieval-SfM-120k",
+    "whiten": "examples:\n"
+              "  pylandmark whiten landmarks/ --pairs-from-folders --weights model_dir/ --out lw.safetensors\n"
+              "  pylandmark index build landmarks/ --labels-from-folders --weights model_dir/ "
+              "--whitening lw.safetensors --out landmarks.plmi\n"
+              "  pylandmark whiten --pairs sfm120k/ --weights retrievalSfM120k-resnet101-gem --out lw.safetensors "
+              "--install lw_model/\n"
+              "  pylandmark whiten photos/ --kind pca --dim 512 --weights model_dir/ --out pca512.safetensors",
     "train": "examples:\n  pylandmark train --data-root sfm120k/ --out runs/csp --preset cspdarknet53-gem\n"
              "  pylandmark train --data-root sfm120k/ --out runs/csp --resume",
     "bench": "examples:\n  pylandmark bench\n  pylandmark bench --n 1000000 --queries 1 64 --k 100 --json",

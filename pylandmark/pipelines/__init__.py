@@ -23,9 +23,12 @@ from .local import (
     recognize_images,
     search_images,
     search_results,
+    whiten_to_file,
+    whitening_inputs,
 )
 
 __all__ = ["ExtractOptions", "describe", "expand_images", "stored_paths", "descriptor_files", "save_descriptors",
            "build_index", "add_images", "index_options", "check_against_index", "search_images", "search_results",
            "recognize_images", "recognition_results", "folder_truth", "recognition_summary", "evaluate_revisited",
-           "open_index", "extract_to_file", "build_index_file", "add_to_index_file", "network_weights"]
+           "open_index", "extract_to_file", "build_index_file", "add_to_index_file", "network_weights",
+           "whitening_inputs", "whiten_to_file"]

@@ -4,6 +4,10 @@ arguments and results) for a torchrun launch; the CLI picks one of the two modul
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -287,3 +291,180 @@ def evaluate_revisited(network, names: Sequence[str], data_root: str | Path, opt
     from ..evaluate.protocol import evaluate_revisited as run
 
     return run(network, names, data_root, opts, **kwargs)
+
+
+# ---- pylandmark whiten (one process) -----------------------------------------------------------
+
+#: pairs per image drawn from landmark folders (:func:`pylandmark.data.labelled.same_label_pairs`)
+WHITEN_POSITIVES = 5
+
+
+def whitening_inputs(inputs: Sequence[str | Path], *, pairs_from_folders: bool = False,
+                     pairs: str | Path | None = None) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
+    """The images ``pylandmark whiten`` learns from, and their matching pairs.
+
+    Args:
+        inputs: image files and folders (searched recursively); with ``pairs_from_folders`` the
+            one folder of landmark folders (``<folder>/<landmark>/<image>``: each image paired
+            with up to :data:`WHITEN_POSITIVES` others of its landmark, seed 0); with ``pairs``
+            none.
+        pairs: a folder holding SfM-120k whitening pairs (``retrieval-SfM-120k-whiten.pkl`` or
+            ``retrieval-SfM-30k-whiten.pkl``, or in ``dbs/``) and the ``ims/`` they name.
+
+    Returns:
+        ``(images, qidxs, pidxs)``: at least 2 image paths, and (P,) int64 indices into them of
+        the matching pairs (None, None without pairs).
+    """
+    qidxs = pidxs = None
+    if pairs is not None:
+        from ..data.sfm120k import WHITEN_NAMES, WhiteningPairs
+
+        if inputs:
+            raise ValueError(f"--pairs: the images are the ones {WHITEN_NAMES[0]}.pkl names (under DIR/ims); "
+                             f"give no IMAGES (got {len(inputs)})")
+        root = Path(pairs).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"--pairs: {root} is not a folder; give the folder holding "
+                                    f"{WHITEN_NAMES[0]}.pkl and ims/")
+        for name in WHITEN_NAMES:
+            try:
+                found = WhiteningPairs(root, name)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise FileNotFoundError(f"--pairs: no {' or '.join(n + '.pkl' for n in WHITEN_NAMES)} in {root} "
+                                    f"(nor in {root / 'dbs'})")
+        images, qidxs, pidxs = found.images, found.qidxs, found.pidxs
+    elif pairs_from_folders:
+        from ..data.folders import LabelledFolder
+        from ..data.labelled import same_label_pairs
+
+        if len(inputs) != 1:
+            raise ValueError(f"--pairs-from-folders: give one folder of landmark folders (FOLDER/<landmark>/<image>), "
+                             f"got {len(inputs)} IMAGES")
+        ds = LabelledFolder(inputs[0])
+        images = [Path(p) for p in ds.paths]
+        qidxs, pidxs = same_label_pairs(np.asarray(ds.targets), positives=WHITEN_POSITIVES, seed=0)
+        if qidxs.size == 0:
+            raise ValueError(f"--pairs-from-folders: no landmark folder under {inputs[0]} holds 2 or more images, so "
+                             "there is no matching pair; add photos of the same landmarks, or use --kind pca")
+    else:
+        if not inputs:
+            raise ValueError("IMAGES: give image files or folders (or --pairs DIR)")
+        images = expand_images(inputs)
+    if len(images) < 2:
+        raise ValueError(f"IMAGES: a whitening is learned from at least 2 images, got {len(images)}")
+    return images, qidxs, pidxs
+
+
+def whiten_to_file(network, images: Sequence[Path], opts: ExtractOptions, out: str | Path, *,
+                   qidxs: Any = None, pidxs: Any = None, kind: str | None = None, dim: int | None = None,
+                   install: str | Path | None = None, skip_bad: bool = False) -> dict:
+    """``pylandmark whiten``: learns a whitening of ``network``'s descriptors of ``images``
+    (:func:`pylandmark.extraction.compute_whitening`) and writes it to ``out``
+    (:meth:`~pylandmark.nn.whiten.Whitening.save`): what ``--whitening FILE`` applies to the
+    descriptors of the same network.
+
+    Args:
+        qidxs, pidxs: the matching pairs (:func:`whitening_inputs`), or None.
+        kind: "lw" (needs the pairs), "pca", or None: "lw" with pairs, else "pca".
+        dim: output dimensions kept (the first rows of the projection; default all).
+        install: also write a new model directory there (it must not exist, or be an empty
+            folder): ``network`` with the whitening as its whitening layer. The whitening is then
+            learned from the descriptors before ``network``'s own whitening layer, which it
+            replaces (without one, those are its descriptors); the network's precomputed
+            post-hoc whitenings, made for its old descriptors, are left behind. ``network``'s
+            files are never touched.
+        skip_bad: leave unreadable images (and the pairs holding one) out instead of failing.
+
+    Returns:
+        ``{"out", "kind", "images", "descriptors", "pairs", "dim", "out_dim", "skipped",
+        "install"}``: ``descriptors`` the images described, ``pairs`` those learned from (None for
+        PCA), ``dim`` the descriptor size, ``out_dim`` the whitened size.
+    """
+    from ..data.images import ImageLoadError
+    from ..extraction import compute_whitening
+    from ..models.whitening import install_whitening
+    from ..nn.whiten import Whitening
+
+    images = list(images)
+    kind = kind or ("lw" if qidxs is not None else "pca")
+    if kind == "lw" and qidxs is None:
+        raise ValueError("--kind lw learns from matching pairs: pass --pairs-from-folders (a folder of landmark "
+                         "folders) or --pairs DIR (SfM-120k whitening pairs), or use --kind pca")
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; name the file to write, e.g. {out / 'lw.safetensors'}")
+    target = None if install is None else _new_model_dir(install)
+    strip = target is not None
+    size = int(network.backbone.num_features if strip else network.dim)
+    if dim is not None and dim > size:
+        raise ValueError(f"--dim {dim} is larger than the {size}-d descriptors; give at most {size}")
+    if kind == "lw":
+        images_in_pairs, groups = _pair_groups(qidxs, pidxs)
+        if images_in_pairs - groups < size:
+            warnings.warn(f"the matching pairs tie {images_in_pairs} images into {groups} groups: their differences "
+                          f"span at most {images_in_pairs - groups} of the {size} dimensions, so their covariance is "
+                          "singular and gets regularised (the whitening of the other directions means little); "
+                          "learn from more photos of each landmark", stacklevel=2)
+    pairs = (qidxs, pidxs) if kind == "lw" else (None, None)
+    try:
+        res = compute_whitening(network, images, kind, qidxs=pairs[0], pidxs=pairs[1], image_size=opts.image_size,
+                                scales=opts.scales, batch_size=opts.batch_size, num_workers=opts.num_workers,
+                                device=opts.device, amp=opts.amp, progress=opts.progress, strip=strip,
+                                on_error="skip" if skip_bad else "raise")
+    except (ImageLoadError, FileNotFoundError) as err:
+        raise type(err)(f"{err}; pass --skip-bad to leave unreadable images out") from err
+    w, failures = res if skip_bad else (res, [])
+    if dim is not None:
+        w = Whitening(w.mean, w.projection[:dim], w.kind)
+    w.save(out)
+    if target is not None:
+        _save_model_dir(install_whitening(network, w), target)
+    bad = np.zeros(len(images), dtype=bool)
+    bad[[f.index for f in failures]] = True
+    used = None if kind != "lw" else int((~(bad[np.asarray(qidxs)] | bad[np.asarray(pidxs)])).sum())
+    return {"out": out, "kind": kind, "images": len(images), "descriptors": int((~bad).sum()), "pairs": used,
+            "dim": size, "out_dim": int(w.projection.shape[0]),
+            "skipped": [f"{f.source}: {f.message}" for f in failures], "install": target}
+
+
+def _pair_groups(qidxs: Any, pidxs: Any) -> tuple[int, int]:
+    """(images in the pairs, connected groups they form): the pair differences span at most
+    images - groups dimensions, a bound on the rank of Lw's pair covariance."""
+    parent: dict[int, int] = {}
+
+    def root(a: int) -> int:
+        parent.setdefault(a, a)
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in zip(np.asarray(qidxs).tolist(), np.asarray(pidxs).tolist()):
+        parent[root(a)] = root(b)
+    return len(parent), sum(1 for a in parent if root(a) == a)
+
+
+def _new_model_dir(path: str | Path) -> Path:
+    """``--install``'s directory: a path that does not exist yet, or an empty folder."""
+    p = Path(path).expanduser()
+    if p.exists() and not (p.is_dir() and not any(p.iterdir())):
+        raise FileExistsError(f"--install {p} already exists; name a new directory (a model is never overwritten)")
+    return p
+
+
+def _save_model_dir(model: Any, target: Path) -> None:
+    """``model.save`` into a temporary folder next to ``target``, renamed to ``target`` when
+    complete: the directory appears whole or not at all."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        model.save(tmp)
+        if target.is_dir():
+            target.rmdir()  # the empty folder _new_model_dir accepted (not empty by now: an error)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
