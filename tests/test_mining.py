@@ -67,6 +67,48 @@ def test_deep_walk_beyond_the_first_search(rng):
     assert (pos >= 420).all()
 
 
+@pytest.mark.parametrize("n_clusters, n_neg", [(4, 3), (3, 5)])
+def test_few_large_landmarks(rng, n_clusters, n_neg):
+    # labelled photos of a few landmarks with many photos each: the first 256 of a query's
+    # ranking are mostly its own landmark's, so negatives come from further down (searched
+    # without its own photos); with fewer other landmarks than negatives wanted, a query ends
+    # short (3 clusters, 5 negatives: 2 each)
+    d = 12
+    centres = _unit(rng, n_clusters, d)
+    qc, pc = rng.integers(0, n_clusters, size=23), rng.integers(0, n_clusters, size=1500)
+    q = centres[qc] + 0.2 * rng.normal(size=(23, d)).astype(np.float32)
+    pool = centres[pc] + 0.2 * rng.normal(size=(1500, d)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    for framework in (np.asarray, torch.from_numpy):
+        pos, sims = mine_negatives(framework(q), framework(pool), qc, pc, n_neg)
+        np.testing.assert_array_equal(pos, brute_force(q, pool, qc, pc, n_neg))
+    assert ((pos >= 0).sum(axis=1) == min(n_neg, n_clusters - 1)).all()
+    found = pos >= 0
+    ref = np.take_along_axis(q @ pool.T, np.maximum(pos, 0), axis=1)
+    # |error| of a float32 dot of unit vectors: < D u (u = 2^-24) + the search's own, both tiny
+    np.testing.assert_allclose(sims[found], ref[found], atol=1e-5)
+    assert np.isnan(sims[~found]).all()
+
+
+def test_many_clusters_walk_then_take_the_best_of_each(rng):
+    # > 256 clusters: rankings are walked; the queries of the one big landmark (2100 photos near
+    # them) find no negative in their first 256, nor in their first 2048, and take the best
+    # image of every other cluster
+    d = 10
+    big = _unit(rng, 1, d)
+    q = np.concatenate([big + 0.05 * rng.normal(size=(9, d)), rng.normal(size=(8, d))]).astype(np.float32)
+    pool = np.concatenate([big + 0.05 * rng.normal(size=(2100, d)), rng.normal(size=(700, d))]).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    qc = np.concatenate([np.zeros(9, np.int64), rng.integers(1, 350, size=8)])
+    pc = np.concatenate([np.zeros(2100, np.int64), 1 + np.arange(700) % 349])
+    for framework in (np.asarray, torch.from_numpy):
+        pos, _ = mine_negatives(framework(q), framework(pool), qc, pc, 5)
+        np.testing.assert_array_equal(pos, brute_force(q, pool, qc, pc, 5))
+    assert (pos[:9] >= 2100).all()
+
+
 def test_short_rankings_are_padded(rng):
     q, pool = _unit(rng, 4, 6), _unit(rng, 30, 6)
     qc = np.array([0, 1, 2, 0])

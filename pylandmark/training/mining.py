@@ -7,7 +7,8 @@
 3. Rank the pool for every query with :func:`pylandmark.search` (cosine similarity of unit
    descriptors, i.e. increasing Euclidean distance).
 4. Walk down each ranking and keep an image as a hard negative only if its cluster differs from
-   the query's and from the clusters of the negatives already kept; stop at ``negatives``.
+   the query's and from the clusters of the negatives already kept; stop at ``negatives``
+   (computed without walking where that is cheaper: :func:`mine_negatives`).
 
 Under ``torch.distributed`` the description (the expensive part) is split across the ranks and
 the descriptors are all-gathered; every rank then runs the same selection on the same numbers.
@@ -116,6 +117,14 @@ def mine_negatives(query_desc: Any, pool_desc: Any, query_clusters: Any, pool_cl
                    negatives: int) -> tuple[np.ndarray, np.ndarray]:
     """Hard negatives by the cluster rule from descriptors.
 
+    With at most ``k = max(256, 16 negatives)`` clusters in the pool every query takes the best
+    image of each (:func:`_best_of_clusters`). Otherwise every query walks the ranking of the
+    pool's first k images, one short of negatives the first 8 k. A query
+    still short of negatives after them, which could gain (the pool holds clusters other than its
+    own that it has not met: where a landmark has many photos, its own fill the top of the
+    ranking), takes the same negatives from the best image of every cluster
+    (:func:`_best_of_clusters`) instead of ranking the whole pool.
+
     Args:
         query_desc: (Q, D) unit descriptors (numpy or torch, on any device search supports).
         pool_desc: (M, D) unit descriptors, same framework and device.
@@ -126,11 +135,13 @@ def mine_negatives(query_desc: Any, pool_desc: Any, query_clusters: Any, pool_cl
         ``(positions, scores)``: (Q, negatives) int64 pool positions (-1 where the pool holds too
         few other clusters) and their float32 cosine similarities (NaN for -1).
     """
-    from ..ops import SEARCH_CUDA_MAX_K, cuda_available, search
+    from ..ops import search
 
-    if isinstance(query_desc, torch.Tensor) and query_desc.is_cuda and not cuda_available():
-        # this build has no CUDA search kernels: rank on the CPU
-        query_desc, pool_desc = query_desc.cpu(), pool_desc.cpu()
+    if isinstance(query_desc, torch.Tensor) and query_desc.is_cuda:
+        from ..ops import cuda_available
+
+        if not cuda_available():  # this build has no CUDA search kernels: rank on the CPU
+            query_desc, pool_desc = query_desc.cpu(), pool_desc.cpu()
     m = int(pool_desc.shape[0])
     q = int(query_desc.shape[0])
     qc = _as_int_array(query_clusters, "query_clusters").reshape(-1)
@@ -139,31 +150,77 @@ def mine_negatives(query_desc: Any, pool_desc: Any, query_clusters: Any, pool_cl
         raise ValueError(f"query_clusters ({qc.size}) and pool_clusters ({pc.size}) must match the "
                          f"descriptors ({q} queries, {m} pool images)")
     k = min(m, max(_FIRST_K, 16 * int(negatives)))
-    scores, idx = search(query_desc, pool_desc, k=k, metric="cosine")
-    scores, idx = to_numpy(scores, "scores").astype(np.float32), to_numpy(idx, "indices")
-    pos = select_negatives(idx, qc, pc, negatives)
-    short = np.nonzero((pos < 0).any(axis=1))[0]
-    if short.size and k < m:
-        # not enough other clusters near these queries: rank the whole pool for them
-        sel: Any = torch.as_tensor(short, device=query_desc.device) if isinstance(query_desc, torch.Tensor) \
-            else short
-        sub, pool = query_desc[sel], pool_desc
-        if isinstance(pool, torch.Tensor) and pool.is_cuda and m > SEARCH_CUDA_MAX_K:
-            sub, pool = sub.cpu(), pool.cpu()  # the GPU search stops at k = 1024
-        s2, i2 = search(sub, pool, k=m, metric="cosine")
-        pos[short] = select_negatives(to_numpy(i2, "indices"), qc[short], pc, negatives)
-        full_scores = np.full((q, m), np.nan, dtype=np.float32)
-        full_idx = np.full((q, m), -1, dtype=np.int64)
-        full_scores[:, :k], full_idx[:, :k] = scores, idx
-        full_scores[short], full_idx[short] = to_numpy(s2, "scores"), to_numpy(i2, "indices")
-        scores, idx = full_scores, full_idx
-    # similarity of every chosen negative, looked up in the ranking
+    pool_set = np.unique(pc)
+    if pool_set.size <= k:  # few clusters (a few landmarks): one k = 1 search per cluster beats any walk
+        return _finish(query_desc, pool_desc, _best_of_clusters(query_desc, pool_desc, np.arange(q), qc, pc,
+                                                                negatives))
+    _, idx = search(query_desc, pool_desc, k=k, metric="cosine")
+    pos = select_negatives(to_numpy(idx, "indices"), qc, pc, negatives)
+    # clusters a query can still meet: the pool's, less its own
+    wanted = np.minimum(pool_set.size - np.isin(qc, pool_set), int(negatives))
+    deeper = np.flatnonzero((pos >= 0).sum(axis=1) < wanted)
+    if deeper.size and k < m:  # walk 8 times deeper, then take the best image of every cluster
+        k2 = min(m, 8 * k)
+        _, idx = search(_take(query_desc, deeper), pool_desc, k=k2, metric="cosine")
+        pos[deeper] = select_negatives(to_numpy(idx, "indices"), qc[deeper], pc, negatives)
+        deeper = deeper[(pos[deeper] >= 0).sum(axis=1) < wanted[deeper]]
+        if deeper.size and k2 < m:
+            pos[deeper] = _best_of_clusters(query_desc, pool_desc, deeper, qc, pc, negatives)
+    return _finish(query_desc, pool_desc, pos)
+
+
+def _take(x: Any, rows: np.ndarray) -> Any:
+    """Rows ``rows`` of a numpy array or torch tensor (on its device)."""
+    return x[torch.as_tensor(rows, device=x.device)] if isinstance(x, torch.Tensor) else x[rows]
+
+
+def _best_of_clusters(query_desc: Any, pool_desc: Any, members: np.ndarray, qc: np.ndarray, pc: np.ndarray,
+                      negatives: int) -> np.ndarray:
+    """The rule's negatives of queries ``members`` without walking their rankings: walking down
+    a ranking, the first image met of a cluster is its best-ranked one, and clusters are met in
+    the order of those images. So every query takes each other cluster's best image (a k = 1
+    search of the cluster's pool images: ties to the lower position, as in the ranking) and
+    keeps the ``negatives`` best of them (ties to the lower position). Every pool image is
+    scored once per query, whatever the number of clusters or how deep the walk would go.
+
+    Returns:
+        (len(members), negatives) int64 pool positions, -1 where fewer clusters remain.
+    """
+    from ..ops import search
+
+    order = np.argsort(pc, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, pc[order][1:] != pc[order][:-1], True])
+    clusters = pc[order[bounds[:-1]]]
+    best_s = np.full((members.size, clusters.size), -np.inf, dtype=np.float32)
+    best_i = np.full((members.size, clusters.size), -1, dtype=np.int64)
+    sub_q = _take(query_desc, members)
+    for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        rows = np.sort(order[a:b])
+        s, i = search(sub_q, _take(pool_desc, rows), k=1, metric="cosine")
+        best_s[:, j] = to_numpy(s, "scores")[:, 0]
+        best_i[:, j] = rows[to_numpy(i, "indices")[:, 0]]
+    own = qc[members][:, None] == clusters[None, :]
+    best_s[own], best_i[own] = -np.inf, -1
+    ranked = np.lexsort((best_i, -best_s), axis=1)[:, : int(negatives)]
+    pos = np.take_along_axis(best_i, ranked, axis=1)
+    pos[~np.isfinite(np.take_along_axis(best_s, ranked, axis=1))] = -1
+    out = np.full((members.size, int(negatives)), -1, dtype=np.int64)
+    out[:, : pos.shape[1]] = pos
+    return out
+
+
+def _finish(query_desc: Any, pool_desc: Any, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(pos, similarities)``: (Q, n) float32 cosine similarity of every query with its chosen
+    negatives (NaN for -1)."""
     sims = np.full(pos.shape, np.nan, dtype=np.float32)
-    for i in range(q):
-        lookup = dict(zip(idx[i].tolist(), scores[i].tolist()))
-        for j, p in enumerate(pos[i]):
-            if p >= 0:
-                sims[i, j] = lookup[int(p)]
+    qi, j = np.nonzero(pos >= 0)
+    if qi.size:
+        a, b = _take(query_desc, qi), _take(pool_desc, pos[qi, j])
+        if isinstance(a, torch.Tensor):  # bfloat16 has no numpy type
+            a, b = a.float(), b.float()
+        a = to_numpy(a, "queries").astype(np.float32, copy=False)
+        b = to_numpy(b, "pool").astype(np.float32, copy=False)
+        sims[qi, j] = np.einsum("ij,ij->i", a, b)
     return pos, sims
 
 
