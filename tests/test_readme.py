@@ -112,3 +112,17 @@ def test_readme_quickstart_commands(quickstart_dir):
     assert re.search(r"query\.jpg: (cse|wb) \(confidence", outputs[2])
     assert "now holds 7" in outputs[5]
     assert np.load(quickstart_dir / "descriptors.npy").shape == (1, 1024)
+
+
+def test_readme_training_commands_parse():
+    """The "Train on your own photos" commands name real options (tests/test_train_labelled.py
+    runs each source; these need the photos they name)."""
+    from pylandmark.cli import build_parser
+
+    lines = [ln.split("  #")[0].strip() for block in _blocks("bash", "Train on your own photos")
+             for ln in block.strip().splitlines()]
+    assert [shlex.split(ln)[1] for ln in lines] == ["train", "train", "train", "whiten"]
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        args = build_parser(with_training=argv[0] == "train").parse_args(argv)
+        assert args.command == argv[0]
