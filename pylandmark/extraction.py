@@ -436,7 +436,7 @@ def compute_whitening(model: nn.Module, images: Sequence[Any], kind: str = "lw",
         ``(whitening, skipped)`` with ``on_error="skip"``.
     """
     from .models.whitening import strip_whitening
-    from .nn.whiten import KINDS, learn_whitening, pca_whitening
+    from .nn.whiten import KINDS, as_indices, learn_whitening, pca_whitening
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -449,7 +449,7 @@ def compute_whitening(model: nn.Module, images: Sequence[Any], kind: str = "lw",
                          "know which images were left out)")
     images = list(images)
     if kind == "lw":  # checked before the long extraction
-        qidxs, pidxs = _pair_indices(qidxs, "qidxs", len(images)), _pair_indices(pidxs, "pidxs", len(images))
+        qidxs, pidxs = as_indices(qidxs, "qidxs", len(images)), as_indices(pidxs, "pidxs", len(images))
         if qidxs.size != pidxs.size:
             raise ValueError(f"qidxs ({qidxs.size}) and pidxs ({pidxs.size}) must have the same length")
     base = strip_whitening(model).eval() if strip else model
@@ -477,15 +477,3 @@ def compute_whitening(model: nn.Module, images: Sequence[Any], kind: str = "lw",
     logger.info("learning %s whitening from %d descriptors", kind, x.shape[0])
     w = learn_whitening(x, qidxs, pidxs) if kind == "lw" else pca_whitening(x)
     return (w, skipped) if on_error == "skip" else w
-
-
-def _pair_indices(idx: Any, name: str, n: int) -> np.ndarray:
-    """(P,) int64 image indices in [0, n) of one side of the matching pairs."""
-    a = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx)
-    if a.ndim != 1 or a.size == 0 or a.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be a non-empty 1-d array of ints (image indices), got dtype {a.dtype}, "
-                         f"shape {a.shape}")
-    a = a.astype(np.int64)
-    if a.min() < 0 or a.max() >= n:
-        raise ValueError(f"{name} holds indices outside [0, {n}) (the {n} images)")
-    return a

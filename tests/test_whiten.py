@@ -34,7 +34,9 @@ def _align_rows(a, b):
     return a * s
 
 
-def _reference_lw(x, q, p):
+def reference_lw(x, q, p):
+    """m, P, the pair differences' covariance S and the whitened covariance's eigenvalues
+    (decreasing), in float64."""
     # written independently of the library: S^(-1/2) via an eigen-decomposition instead of the
     # inverse Cholesky factor. Any whitening of S differs from L^-1 by a rotation R, which the
     # second eigen-decomposition absorbs: E'^T (R P1) = E^T P1. So P is the same up to row signs.
@@ -47,13 +49,13 @@ def _reference_lw(x, q, p):
     c = y.T @ y / len(x)
     w2, v2 = np.linalg.eigh(c)
     order = np.argsort(w2)[::-1]
-    return m, v2[:, order].T @ s_inv_sqrt, s
+    return m, v2[:, order].T @ s_inv_sqrt, s, w2[order]
 
 
 def test_learned_whitening_matches_reference(rng):
     x, q, p = _descriptors(rng, 300, 13, 120)
     w = learn_whitening(x, q, p)
-    m_ref, p_ref, s = _reference_lw(x, q, p)
+    m_ref, p_ref, s, _ = reference_lw(x, q, p)
     np.testing.assert_allclose(w.mean, m_ref, rtol=0, atol=1e-12)
     np.testing.assert_allclose(_align_rows(w.projection, p_ref), p_ref, rtol=1e-7, atol=1e-8)
     # P whitens the pair differences: P S P^T = I

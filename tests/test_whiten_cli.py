@@ -110,21 +110,13 @@ def rows(work) -> np.ndarray:
 # ---- references (float64, from the definitions) ----------------------------------------------
 
 def lw_reference(x: np.ndarray, q: np.ndarray, p: np.ndarray):
-    """Learned whitening as Radenovic et al. define it: m the mean of the query descriptors; the
-    pair differences' covariance S whitened by its symmetric inverse square root S^-1/2; then the
-    PCA rotation E (eigenvectors by decreasing eigenvalue) of the whitened descriptors:
-    P = E^T S^-1/2. (The library uses the inverse Cholesky factor L^-1 = R S^-1/2, R orthogonal,
-    which the rotation absorbs: the same P up to the sign of each row.)
-    Returns m, P, the eigenvalues of the whitened covariance and cond(S)."""
-    m = x[q].mean(axis=0)
-    diff = x[q] - x[p]
-    s = diff.T @ diff / len(q)
-    vals, vecs = np.linalg.eigh(s)
-    s_inv_sqrt = vecs @ np.diag(vals ** -0.5) @ vecs.T
-    y = (x - m) @ s_inv_sqrt.T
-    lam, e = np.linalg.eigh(y.T @ y / len(x))
-    order = np.argsort(lam)[::-1]
-    return m, e[:, order].T @ s_inv_sqrt, lam[order], vals.max() / vals.min()
+    """Learned whitening as Radenovic et al. define it (test_whiten.reference_lw: m the mean of
+    the query descriptors, P = E^T S^-1/2), with the whitened covariance's eigenvalues and cond(S)."""
+    from test_whiten import reference_lw
+
+    m, proj, s, lam = reference_lw(x, q, p)
+    vals = np.linalg.eigvalsh(s)
+    return m, proj, lam, vals.max() / vals.min()
 
 
 def pca_reference(x: np.ndarray):

@@ -51,7 +51,8 @@ def _as_f64(x: Any, name: str) -> np.ndarray:
     return a
 
 
-def _as_idx(x: Any, name: str, n: int) -> np.ndarray:
+def as_indices(x: Any, name: str, n: int) -> np.ndarray:
+    """(P,) int64 indices in [0, n) (one side of the matching pairs), checked."""
     a = to_numpy(x, name)
     if a.ndim != 1 or a.size == 0 or a.dtype.kind not in "iu":
         raise ValueError(f"{name} must be a non-empty 1-d array of ints (indices into X), got "
@@ -141,8 +142,8 @@ def learn_whitening(x: Any, qidxs: Any, pidxs: Any) -> Whitening:
         a :class:`Whitening` with ``kind="lw"``.
     """
     xs = _as_f64(x, "x")
-    q = _as_idx(qidxs, "qidxs", xs.shape[0])
-    p = _as_idx(pidxs, "pidxs", xs.shape[0])
+    q = as_indices(qidxs, "qidxs", xs.shape[0])
+    p = as_indices(pidxs, "pidxs", xs.shape[0])
     if q.size != p.size:
         raise ValueError(f"qidxs ({q.size}) and pidxs ({p.size}) must have the same length")
     m = xs[q].mean(axis=0)
