@@ -131,7 +131,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (and their pairs) instead of "
                                                            "failing")
 
-    p = add(sub, "train", "fine-tune on SfM-120k (contrastive loss, hard negatives)", c.train)
+    p = add(sub, "train", "fine-tune on SfM-120k, your labelled photos or a COLMAP model", c.train)
     if with_training:
         try:
             from ..training import cli as training

@@ -31,7 +31,12 @@ EXAMPLES = {
               "--install lw_model/\n"
               "  pylandmark whiten photos/ --kind pca --dim 512 --weights model_dir/ --out pca512.safetensors",
     "train": "examples:\n  pylandmark train --data-root sfm120k/ --out runs/csp --preset cspdarknet53-gem\n"
-             "  pylandmark train --data-root sfm120k/ --out runs/csp --resume",
+             "  pylandmark train --data-root sfm120k/ --out runs/csp --resume\n"
+             "  pylandmark train --data-root photos/ --out runs/campus --pretrained runs/csp/model_best  "
+             "# photos/<landmark>/<image>\n"
+             "  pylandmark train --data-root gldv2/train/ --data-csv gldv2/train.csv --out runs/gld "
+             "--preset cspdarknet53-gem-arcface\n"
+             "  pylandmark train --data-root images/ --colmap sparse/0 --out runs/city",
     "bench": "examples:\n  pylandmark bench\n  pylandmark bench --n 1000000 --queries 1 64 --k 100 --json",
     "models": "examples:\n  pylandmark models\n  pylandmark models --json\n"
               "  pylandmark evaluate roxford5k rparis6k --weights gl18-tl-resnet101-gem-w --data-root data/ "

@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m pylandmark.training`` (e.g. under torchrun)."""
     parser = argparse.ArgumentParser(prog="python -m pylandmark.training",
-                                     description="Fine-tune a LandmarkNet on SfM-120k.")
+                                     description="Fine-tune a LandmarkNet on SfM-120k, labelled photos or a "
+                                                 "COLMAP model.")
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

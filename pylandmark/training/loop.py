@@ -21,7 +21,8 @@ Every epoch:
    scheduler, loss scaler, RNG states, epoch, config, history), one log line (console,
    ``log.csv``, ``log.jsonl``, optionally TensorBoard), validation every ``validate_every``
    epochs (revisited Oxford / Paris when present under ``test_root``, otherwise mAP and
-   recall@k on the SfM-120k val split) keeping ``checkpoints/best.pt``.
+   recall@k on the SfM-120k val split, or accuracy and mAP of the held-out labelled photos)
+   keeping ``checkpoints/best.pt``.
 
 All the randomness of an epoch (pairs, pool) comes from ``numpy.random.default_rng([seed,
 epoch])``, and the torch / numpy / Python generators are checkpointed, so on the CPU a resumed
@@ -339,7 +340,8 @@ def _p_value(model: LandmarkNet) -> float:
 
 
 def train(config: TrainConfig | Mapping[str, Any] | None = None, **overrides: Any) -> Path:
-    """Fine-tunes a LandmarkNet on SfM-120k as :mod:`pylandmark.training.loop` describes.
+    """Fine-tunes a LandmarkNet on the data ``data_root`` (or ``data_csv``, ``colmap``) names
+    (:mod:`pylandmark.training.data`) as :mod:`pylandmark.training.loop` describes.
 
     Args:
         config: a :class:`TrainConfig`, a dict of its fields, or None (defaults); ``overrides``
