@@ -334,3 +334,16 @@ def test_training_on_a_colmap_model(tmp_path):
     db = SfM120k(tmp_path / "run" / "colmap-data", "train")
     val = SfM120k(tmp_path / "run" / "colmap-data", "val")
     assert db.n_pairs + val.n_pairs == pairs.qidxs.size
+
+
+def test_a_run_from_before_the_new_fields_resumes(folders, tmp_path):
+    """A checkpoint whose config predates this issue's fields (positives, val_fraction, loss
+    options, ...) resumes: an absent field had its default."""
+    from pylandmark.training.loop import _check_resume_config
+
+    cfg = _cfg(folders, tmp_path / "old", val_fraction=0.1)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("positives", "val_fraction", "data_csv", "colmap",
+                                                                   "arcface_scale", "bad_images")}
+    _check_resume_config(old, cfg)
+    with pytest.raises(ValueError, match="positives: checkpoint 5 vs now 2"):
+        _check_resume_config(old, _cfg(folders, tmp_path / "old", val_fraction=0.1, positives=2))

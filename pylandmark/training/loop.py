@@ -323,7 +323,10 @@ def _epoch_schedule(n_tuples: int, cfg: TrainConfig, world: int, rank: int) -> t
 
 
 def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig) -> None:
+    """Raises unless ``cfg``'s recipe is the checkpoint's. A field the checkpoint lacks (a run
+    started before the field existed) had the field's default."""
     now = cfg.to_dict()
+    saved = {**TrainConfig().to_dict(), **saved}
     diff = [k for k in now if k not in RUNTIME_FIELDS and saved.get(k) != now[k]]
     if diff:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff)
