@@ -58,6 +58,20 @@ WORKER = textwrap.dedent('''
         total = du.all_reduce_sum([loss])[0]
         results[accumulation] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, total)
 
+    # --loss arcface: the head inside the DDP module, one image per "tuple", image j on rank j % 2
+    from pylandmark.nn.losses import ArcFaceHead
+    images = [t[0] for t in tuples] + [t[1] for t in tuples]
+    classes = [0, 1, 2, 0, 1, 2, 0, 1]
+    torch.manual_seed(0)
+    model = LandmarkNet("cspdarknet53-gem", **tiny).double()
+    head = ArcFaceHead(model.dim, 3, scale=8.0, margin=0.3).double()
+    ddp = nn.parallel.DistributedDataParallel(_GroupForward(model, head), broadcast_buffers=False)
+    opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.5)
+    loss = train_step(ddp, opt, [[[x] for x in images[rank::2]]], None, world_size=world,
+                      labels=[classes[rank::2]])
+    results["arcface"] = ({**{k: v.detach().clone() for k, v in model.state_dict().items()},
+                           "head.weight": head.weight.detach().clone()}, du.all_reduce_sum([loss])[0])
+
     # uneven all-gather
     x = torch.arange(6, dtype=torch.float16).reshape(3, 2) + 10 * rank
     x = x[: 3 - 2 * rank]
@@ -114,6 +128,24 @@ def test_ddp_update_equals_one_process(tmp_path, data_root):
             assert torch.equal(state0[k], state1[k]), k  # the ranks stay in sync
             assert (state0[k] - v).abs().max().item() < 1e-10, k
         assert not torch.equal(state0["pool.p"], torch.full((1,), 3.0, dtype=torch.float64))
+
+    # arcface: the same update as one process on all 8 images, the head's gradients summed too
+    from pylandmark.nn.losses import ArcFaceHead
+
+    images = [t[0] for t in tuples] + [t[1] for t in tuples]
+    torch.manual_seed(0)
+    model = LandmarkNet("cspdarknet53-gem", **TINY).double()
+    head = ArcFaceHead(model.dim, 3, scale=8.0, margin=0.3).double()
+    opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.5)
+    initial = head.weight.detach().clone()
+    loss = train_step(model, opt, [[[x] for x in images]], None, labels=[[0, 1, 2, 0, 1, 2, 0, 1]], head=head)
+    reference = {**model.state_dict(), "head.weight": head.weight.detach()}
+    for r in (r0, r1):
+        state, total = r["results"]["arcface"]
+        assert total == pytest.approx(loss, rel=1e-12)
+        for k, v in reference.items():  # float64 sums in another order: far below 1e-10
+            assert (state[k] - v).abs().max().item() < 1e-10, k
+    assert not torch.equal(reference["head.weight"], initial)  # the head trained
 
     expected = torch.cat([torch.arange(6, dtype=torch.float16).reshape(3, 2),
                           torch.arange(6, dtype=torch.float16).reshape(3, 2)[:1] + 10])
