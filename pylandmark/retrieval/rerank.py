@@ -10,6 +10,9 @@ alpha-QE does this for queries against the database; DBA for every database vect
 rest of the database (the vector itself is not counted among its k neighbours). Neighbours come
 from :func:`pylandmark.search`. Inputs may be numpy arrays or torch tensors (CPU or CUDA);
 outputs have the framework, device and dtype of the input being expanded. Arithmetic is float32.
+
+:func:`superglobal` re-ranks a query's top M from the same descriptors (SuperGlobal, Shao et
+al., ICCV 2023): augmentation among the top M, then an expansion by their maximum.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from ..ops import METRICS, search
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["alpha_qe", "dba", "rerank"]
+__all__ = ["alpha_qe", "dba", "rerank", "superglobal"]
 
 _EPS = 1e-6  # as L2N elsewhere: x / (||x|| + 1e-6)
 _GATHER_ELEMENTS = 1 << 24  # float32 elements gathered per chunk (64 MiB)
@@ -277,3 +280,204 @@ def rerank(queries: Any, db: Any, *, qe_k: int = 0, qe_alpha: float = 3.0, dba_k
     if qe_k:
         queries = alpha_qe(queries, db, qe_k, qe_alpha, metric=metric)
     return queries, db
+
+
+def superglobal(queries: Any, db: Any, k: int = 100, *, m: int = 400, neighbours: int = 9, beta: float = 0.15,
+                ranks: Any = None, metric: str = "cosine") -> tuple[Any, Any]:
+    """SuperGlobal's re-ranking of the top ``m`` (Shao et al., ICCV 2023): from global
+    descriptors only, no extra search of the database.
+
+    For each query q with top-m database rows x_1..x_m (best first):
+
+    1. *Descriptor augmentation among the top m*: every x_i becomes
+       ``x~_i = (x_i + beta sum_{j=1..K-1} s_ij x_ij) / (1 + beta sum_j s_ij)`` over its
+       ``K - 1 = neighbours`` most similar other rows among the top m (s_ij = <x_i, x_ij>); not
+       normalised. (The reference takes the K most similar rows with weight 1 on the first,
+       which is the row itself except where a duplicate or a zero row ties with it: here it is
+       always itself, so a zero row stays zero rather than copying the best row.)
+    2. ``a_i = <q, x~_i>``.
+    3. *Query expansion by a maximum*: ``e`` = the element-wise maximum of the x~ of the K
+       largest a_i.
+    4. The top m are reordered by ``(a_i + <e, x~_i>) / 2``; rows ranked beyond m keep their
+       rank and score.
+
+    Ties (in the neighbours, the K largest a_i and the final order) go to the better-ranked row.
+    With metric "cosine" queries and rows are L2-normalised first. Arithmetic is float32.
+
+    Args:
+        queries: (Q, D) or (D,) descriptors (numpy or torch).
+        db: (N, D) database descriptors (numpy, a memory map, or torch on the queries' device).
+        k: results returned per query (>= 1; at most N).
+        m: rows re-ranked (400 in the reference); more than N: N.
+        neighbours: K - 1, the augmentation's and the expansion's neighbours (9).
+        beta: the neighbours' weight (0.15).
+        ranks: (Q, n) database indices best first (n >= min(max(k, m), N)), e.g. from an
+            earlier search; searched when None.
+        metric: "cosine" or "ip".
+
+    Returns:
+        ``(scores, idx)``: (Q, k) float32 and int64 (numpy, or torch on the queries' device), the
+        first ``min(m, N)`` columns re-ranked with their re-ranking scores, the rest the plain
+        ranking with its similarities ((D,) queries: (k,) each).
+    """
+    k = check_int(k, "k", minimum=1, hint=" (results per query)")
+    m = check_int(m, "m", minimum=1, hint=" (the rows re-ranked)")
+    neighbours = check_int(neighbours, "neighbours", minimum=0)
+    try:
+        beta = float(beta)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"beta must be a number, got {type(beta).__name__}") from err
+    if not np.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    _check_metric(metric)
+    fw = _framework(queries, "queries")
+    if _framework(db, "db") != fw:
+        raise TypeError("queries and db must both be numpy arrays or both torch tensors")
+    q = _as_f32(queries, fw, "queries", (1, 2))
+    one = q.ndim == 1
+    if one:
+        q = q[None, :]
+    n = int(db.shape[0])
+    if db.ndim != 2 or db.shape[1] != q.shape[1]:
+        raise ValueError(f"db must be (N, D) with the queries' D={q.shape[1]}, got shape {tuple(db.shape)}")
+    if n == 0:
+        raise ValueError("db is empty (N=0)")
+    if k > n:
+        raise ValueError(f"k={k} is more than the database's {n} rows")
+    plain_q = q
+    if metric == "cosine":
+        q = _l2n(q, fw)
+    m = min(m, n)
+    depth = max(k, m)
+    if ranks is None:  # the plain search's bits (beyond m they are the answer)
+        scores, idx = search(plain_q, db, k=depth, metric=metric)
+        idx = _to_index(idx, fw, q)
+    else:
+        idx = _to_index(ranks, fw, q)
+        if idx.ndim == 1 and one:
+            idx = idx[None, :]
+        if idx.ndim != 2 or idx.shape[0] != q.shape[0] or idx.shape[1] < depth:
+            raise ValueError(f"ranks must be (Q, n) with Q={q.shape[0]} and n >= {depth} (max(k, m)), got "
+                             f"shape {tuple(idx.shape)}")
+        idx = idx[:, :depth]
+        if int(idx.min()) < 0 or int(idx.max()) >= n:
+            raise ValueError(f"ranks holds indices outside [0, {n}) within its first {depth} columns")
+        scores = None
+    out_s, out_i = [], []
+    chunk = max(1, _GATHER_ELEMENTS // max(1, m * q.shape[1]))
+    for c0 in range(0, q.shape[0], chunk):
+        c1 = min(q.shape[0], c0 + chunk)
+        top = idx[c0:c1, :m]
+        s, order = _superglobal_scores(q[c0:c1], _rows(db, top, fw, metric), neighbours + 1, beta, fw)
+        new_top = _take_along(top, order, fw)
+        if depth > m:  # beyond the top m: the plain ranking and its similarities
+            rest = idx[c0:c1, m:]
+            rest_s = scores[c0:c1, m:] if scores is not None else \
+                _mul_sum(_rows(db, rest, fw, metric), q[c0:c1], fw)
+            s, new_top = _cat(fw, s, rest_s), _cat(fw, new_top, rest)
+        out_s.append(s[:, :k])
+        out_i.append(new_top[:, :k])
+    s_all, i_all = _cat(fw, *out_s, axis=0), _cat(fw, *out_i, axis=0)
+    if fw == "numpy":
+        s_all = np.asarray(s_all, dtype=np.float32)
+    return (s_all[0], i_all[0]) if one else (s_all, i_all)
+
+
+def _rows(db: Any, idx: Any, fw: str, metric: str) -> Any:
+    """db[idx] as float32, (c, n) indices -> (c, n, D), L2-normalised for "cosine" (a memory
+    map reads only these rows)."""
+    flat = idx.reshape(-1) if fw == "torch" else np.asarray(idx).reshape(-1)
+    x = _as_f32(db[flat], fw, "db", (2,)).reshape(*idx.shape, -1)
+    return _l2n(x, fw) if metric == "cosine" else x
+
+
+def _mul_sum(x: Any, q: Any, fw: str) -> Any:
+    """(c, n, D) rows and (c, D) queries -> (c, n) dot products."""
+    if fw == "torch":
+        import torch
+
+        return torch.einsum("cnd,cd->cn", x, q)
+    return np.einsum("cnd,cd->cn", x, q)
+
+
+def _cat(fw: str, *parts: Any, axis: int = 1) -> Any:
+    if fw == "torch":
+        import torch
+
+        return torch.cat([torch.as_tensor(p) for p in parts], dim=axis)
+    return np.concatenate([np.asarray(p) for p in parts], axis=axis)
+
+
+def _take_along(a: Any, order: Any, fw: str) -> Any:
+    if fw == "torch":
+        import torch
+
+        return torch.take_along_dim(a, order, dim=1)
+    return np.take_along_axis(a, order, axis=1)
+
+
+def _stable_desc(x: Any, fw: str) -> Any:
+    """Indices sorting the last axis by decreasing value, ties to the lower index."""
+    if fw == "torch":
+        import torch
+
+        return torch.sort(x, dim=-1, descending=True, stable=True)[1]
+    return np.argsort(-x, axis=-1, kind="stable")
+
+
+def _top_desc(v: np.ndarray, k: int) -> np.ndarray:
+    """The first k of ``_stable_desc(v)`` along the last axis (largest first, ties to the lower
+    index) without sorting whole rows: a partition, then rows where the k-th value ties with
+    values left out are sorted in full."""
+    n = v.shape[-1]
+    if k >= n:
+        return _stable_desc(v, "numpy")
+    part = np.argpartition(-v, k - 1, axis=-1)[..., :k]
+    vals = np.take_along_axis(v, part, axis=-1)
+    kth = vals.min(axis=-1, keepdims=True)
+    tied = (v >= kth).sum(axis=-1) > k  # more candidates than places: which go is by index
+    order = np.lexsort((part, -vals), axis=-1)
+    out = np.take_along_axis(part, order, axis=-1)
+    if tied.any():
+        out[tied] = _stable_desc(v[tied], "numpy")[..., :k]
+    return out
+
+
+def _superglobal_scores(q: Any, x: Any, big_k: int, beta: float, fw: str) -> tuple[Any, Any]:
+    """q (c, D), x (c, m, D) the top m of each query, best first -> (c, m) re-ranking scores in
+    the new order and that order (positions into the top m)."""
+    m = x.shape[1]
+    big_k = min(big_k, m)
+    # the augmentation as one (m, m) weight matrix per query: weight 1 on the row itself, beta
+    # s_ij on its K - 1 most similar others, 0 elsewhere
+    if fw == "torch":
+        import torch
+
+        sims = x @ x.transpose(1, 2)                                                  # (c, m, m)
+        eye = torch.eye(m, dtype=torch.bool, device=x.device)
+        nbr = _stable_desc(sims.masked_fill(eye, float("inf")), fw)[:, :, :big_k]    # (c, m, K): self first
+        w = torch.take_along_dim(sims, nbr, dim=2) * beta
+        w[:, :, 0] = 1.0
+        weights = torch.zeros_like(sims).scatter_(2, nbr, w)
+        denom = w.sum(dim=2, keepdim=True)
+        aug = (weights @ x) / torch.where(denom == 0, torch.ones_like(denom), denom)  # (c, m, D)
+        a = (aug @ q[:, :, None])[:, :, 0]
+        first = _stable_desc(a, fw)[:, :big_k]
+        e = torch.take_along_dim(aug, first[..., None], dim=1).amax(dim=1)           # (c, D)
+        final = (a + (aug @ e[:, :, None])[:, :, 0]) / 2
+    else:
+        sims = x @ x.transpose(0, 2, 1)
+        nbr = _top_desc(np.where(np.eye(m, dtype=bool), np.float32(np.inf), sims), big_k)
+        w = np.take_along_axis(sims, nbr, axis=2) * np.float32(beta)
+        w[:, :, 0] = 1.0
+        denom = w.sum(axis=2, keepdims=True)
+        aug = np.empty_like(x)
+        for c in range(x.shape[0]):  # the K rows of each, gathered: (m, K, D) per query
+            aug[c] = np.einsum("ik,ikd->id", w[c], x[c][nbr[c]])
+        aug /= np.where(denom == 0, np.float32(1), denom)
+        a = (aug @ q[:, :, None])[:, :, 0]
+        first = _stable_desc(a, fw)[:, :big_k]
+        e = np.take_along_axis(aug, first[..., None], axis=1).max(axis=1)
+        final = (a + (aug @ e[:, :, None])[:, :, 0]) / 2
+    order = _stable_desc(final, fw)
+    return _take_along(final, order, fw), order
