@@ -221,6 +221,19 @@ def test_evaluate_on_a_revisited_layout_matches_the_api(weights, tmp_path, capsy
     saved2 = json.loads(out.read_text())["roxford5k"]
     assert code == 0 and saved2["medium"]["map"] == pytest.approx(ref2["medium"]["map"], abs=1e-9)
 
+    # --rerank superglobal: the plain table and the re-ranked one, side by side
+    code, text, _ = run(capsys, "evaluate", "roxford5k", "--weights", weights, "--data-root", tmp_path,
+                        "--image-size", 64, "--rerank", "superglobal", "--rerank-m", 7, "--out", out, "--quiet")
+    from pylandmark.retrieval.rerank import superglobal
+
+    saved3 = json.loads(out.read_text())["roxford5k"]
+    plain = np.asarray(plm.search(q, db, k=len(db))[1])
+    ref3 = revisited(np.asarray(superglobal(q, db, k=len(db), m=7, ranks=plain)[1]), ds.gnd)
+    assert code == 0 and "SuperGlobal re-ranking of the top 7" in text and text.count("Medium") == 2
+    assert saved3["medium"]["map"] == pytest.approx(saved["medium"]["map"], abs=1e-9)  # the plain one
+    for proto in ("easy", "medium", "hard"):
+        assert saved3["superglobal"][proto]["map"] == pytest.approx(ref3[proto]["map"], abs=1e-9)
+
 
 # ---- one line, exit code 2, for every user mistake ------------------------------------------------
 

@@ -100,6 +100,10 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--qe-alpha", type=float, default=3.0)
     p.add_argument("--dba", type=_count(0), default=0, help="database-side augmentation with this many neighbours")
     p.add_argument("--dba-alpha", type=float, default=3.0)
+    p.add_argument("--rerank", choices=("none", "superglobal"), default="none",
+                   help="superglobal: also print the tables with SuperGlobal's re-ranking of the top --rerank-m "
+                        "(Shao et al., ICCV 2023; no retraining), beside the plain search's")
+    p.add_argument("--rerank-m", type=_count(1), default=400, help="rows re-ranked (default 400)")
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--plots", metavar="DIR", help="also write figures (per-query AP, precision-recall) and a page of "
                                                   "the worst queries here (needs pip install \"pylandmark[plots]\")")

@@ -212,6 +212,7 @@ def evaluate(args: argparse.Namespace) -> int:
     net, _ = _network(args)
     results = args.jobs.evaluate_revisited(net, args.datasets, args.data_root, _opts(args), qe_k=args.qe,
                                  qe_alpha=args.qe_alpha, dba_k=args.dba, dba_alpha=args.dba_alpha,
+                                 superglobal_m=args.rerank_m if args.rerank == "superglobal" else 0,
                                  keep_ranks=bool(args.plots))
     if args.plots:
         from ..data.revisited import RevisitedDataset
@@ -224,7 +225,9 @@ def evaluate(args: argparse.Namespace) -> int:
             del res["ranks"]
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, default=_jsonable))
-    text = "\n\n".join(format_table(res, title=name) for name, res in results.items())
+    text = "\n\n".join(format_table(res, title=name) + (
+        f"\n\n{format_table(res['superglobal'], title=f'{name}, SuperGlobal re-ranking of the top {args.rerank_m}')}"
+        if "superglobal" in res else "") for name, res in results.items())
     _emit(args, results, text)
     return 0
 

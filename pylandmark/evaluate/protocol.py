@@ -41,7 +41,8 @@ def rank_database(queries: np.ndarray, database: np.ndarray, *, gathered: bool) 
 
 def evaluate_revisited(network: Any, names: Sequence[str], data_root: str | Path, opts: ExtractOptions, *,
                        qe_k: int = 0, qe_alpha: float = 3.0, dba_k: int = 0, dba_alpha: float = 3.0,
-                       query_batch_size: int | None = None, keep_ranks: bool = False) -> dict:
+                       superglobal_m: int = 0, query_batch_size: int | None = None,
+                       keep_ranks: bool = False) -> dict:
     """mAP and mP@k (easy / medium / hard) per dataset.
 
     Args:
@@ -51,16 +52,20 @@ def evaluate_revisited(network: Any, names: Sequence[str], data_root: str | Path
         opts: how images are described (queries too).
         qe_k, qe_alpha, dba_k, dba_alpha: alpha query expansion / database augmentation
             (:func:`pylandmark.retrieval.rerank.rerank`); 0 = off.
+        superglobal_m: also evaluate SuperGlobal's re-ranking of the top ``superglobal_m``
+            (:func:`pylandmark.retrieval.rerank.superglobal`, its other defaults) of the same
+            ranking, as ``results[name]["superglobal"]``; 0 = off.
         query_batch_size: batch size for the queries (default ``opts.batch_size``; their crops
             differ in shape, so batches rarely fill).
         keep_ranks: also return "ranks", the (Q, N) int64 ranking (for plots).
 
     Returns:
-        ``{name: {"options": ..., "easy" | "medium" | "hard": {"map", "mp@k", ...}, ["ranks"]}}``
-        as :func:`pylandmark.evaluate.revisited` gives, on every rank.
+        ``{name: {"options": ..., "easy" | "medium" | "hard": {"map", "mp@k", ...}, ["ranks"],
+        ["superglobal": {"easy" | ...}]}}`` as :func:`pylandmark.evaluate.revisited` gives, on
+        every rank.
     """
     from ..data.revisited import RevisitedDataset
-    from ..retrieval.rerank import rerank
+    from ..retrieval.rerank import rerank, superglobal
 
     query_opts = opts if query_batch_size is None else dataclasses.replace(opts, batch_size=query_batch_size)
     results = {}
@@ -75,7 +80,13 @@ def evaluate_revisited(network: Any, names: Sequence[str], data_root: str | Path
             q, full = rerank(q, full, qe_k=qe_k, qe_alpha=qe_alpha, dba_k=dba_k, dba_alpha=dba_alpha)
             db, gathered = np.asarray(full), True
         ranks = rank_database(np.asarray(q), np.asarray(db), gathered=gathered)
-        results[name] = {"options": {**dataclasses.asdict(opts), "qe_k": qe_k, "dba_k": dba_k}, **ds.evaluate(ranks)}
+        results[name] = {"options": {**dataclasses.asdict(opts), "qe_k": qe_k, "dba_k": dba_k,
+                                     "superglobal_m": superglobal_m}, **ds.evaluate(ranks)}
+        if superglobal_m:  # the same ranking, its top M re-ranked (every rank holds all rows for it)
+            full = db if gathered else runtime.gather_shares(db, len(ds.images))
+            _, reranked = superglobal(np.asarray(q), np.asarray(full), k=ranks.shape[1], m=superglobal_m,
+                                      ranks=ranks)
+            results[name]["superglobal"] = ds.evaluate(np.asarray(reranked))
         if keep_ranks:
             results[name]["ranks"] = ranks
     return results
