@@ -1,4 +1,7 @@
-"""GeM for torch tensors: the native kernels (CPU, and CUDA when built) under torch autograd."""
+"""GeM for torch tensors: the native kernels (CPU, and CUDA when built) under torch autograd; and
+SuperGlobal's two other poolings (Shao et al., ICCV 2023) in plain torch: :func:`regional_gem`
+on the feature map before global pooling, :func:`scale_gem` over the descriptors of several
+image scales."""
 from __future__ import annotations
 
 from typing import Any
@@ -95,3 +98,62 @@ def gem_torch(x: torch.Tensor, p: Any = 3.0, eps: float = 1e-6) -> torch.Tensor:
     if x.is_cuda and x.dtype == torch.float64:
         return gem_reference(x, p_t, eps)  # the CUDA kernels take 16- and 32-bit floats
     return _GeMFunction.apply(x, p_t, eps)
+
+
+def regional_gem(x: torch.Tensor, p: float = 2.5, size: int = 5) -> torch.Tensor:
+    """SuperGlobal's regional GeM: each activation mixed half and half with the power mean of
+    the ``size`` x ``size`` window around it,
+    ``y = 0.5 * (mean_window x^p)^(1/p) + 0.5 * x`` (the window reflected at the borders; a map
+    smaller than the padding in a dimension repeats its edge there instead, where reflection is
+    undefined).
+
+    Args:
+        x: (B, C, H, W) non-negative activations (after a ReLU), floating point.
+        p: the window's power (2.5 in the reference).
+        size: the window's side, odd (5).
+
+    Returns:
+        (B, C, H, W) in x's dtype (half inputs computed in float32).
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+        raise TypeError("x must be a (B, C, H, W) floating-point torch tensor")
+    p = check_number(p, "p", minimum=0, above=True)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+        raise ValueError(f"size must be an odd int >= 1 (the window's side), got {size!r}")
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    pad = size // 2
+    powered = xf.clamp(min=0).pow(p)
+    if pad:  # the width, then the height, each reflected where it is longer than the padding
+        for widths, n in (((pad, pad, 0, 0), xf.shape[-1]), ((0, 0, pad, pad), xf.shape[-2])):
+            powered = torch.nn.functional.pad(powered, widths, mode="reflect" if n > pad else "replicate")
+    window = torch.nn.functional.avg_pool2d(powered, size, stride=1).pow(1.0 / p)
+    return (0.5 * window + 0.5 * xf).to(x.dtype)
+
+
+def scale_gem(descriptors: torch.Tensor, p: float = float("inf")) -> torch.Tensor:
+    """SuperGlobal's scale GeM: the descriptors of one image at S scales combined into one.
+
+    ``p = inf`` (the reference's default): the element-wise maximum of the L2-normalised
+    descriptors. Finite p: ``(mean_s (x_s - g)^p)^(1/p) + g`` with g the image's smallest value
+    over its scales (the reference takes the smallest of the whole batch, which makes an image's
+    result depend on the others in its batch; per image it does not).
+
+    Args:
+        descriptors: (S, B, D) or (S, D) descriptors of B images (or one) at S scales.
+        p: inf, or a power > 0 (10 in the reference's finite variant).
+
+    Returns:
+        (B, D) or (D,) descriptors, not normalised.
+    """
+    if not isinstance(descriptors, torch.Tensor) or not descriptors.is_floating_point() or \
+            descriptors.dim() not in (2, 3) or descriptors.shape[0] < 1:
+        raise TypeError("descriptors must be an (S, B, D) or (S, D) floating-point torch tensor with S >= 1")
+    if not (isinstance(p, float) and p == float("inf")):
+        p = check_number(p, "p", minimum=0, above=True, hint=" (or float('inf') for the maximum)")
+    x = descriptors.float() if descriptors.dtype in (torch.float16, torch.bfloat16) else descriptors
+    if p == float("inf"):
+        out = torch.nn.functional.normalize(x, dim=-1).amax(dim=0)
+    else:
+        g = x.amin(dim=(0, -1), keepdim=True)  # (1, B, 1): each image's smallest value
+        out = ((x - g).pow(p).mean(dim=0, keepdim=True).pow(1.0 / p) + g)[0]
+    return out.to(descriptors.dtype)
