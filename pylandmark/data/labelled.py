@@ -35,6 +35,7 @@ import numpy as np
 
 from .._files import inside
 from .folders import IMAGE_EXTENSIONS, LabelledFolder
+from .sfm120k import DB_NAME, db_file
 
 __all__ = ["LabelledTrainingSet", "HeldOut", "same_label_pairs", "held_out_split", "read_landmark_csv", "detect_layout",
            "readable_images", "LAYOUTS", "MAX_CSV_BYTES"]
@@ -317,13 +318,14 @@ def read_landmark_csv(csv_path: str | os.PathLike, image_root: str | os.PathLike
     return paths, labels
 
 
-def detect_layout(root: str | os.PathLike, db_name: str = "retrieval-SfM-120k") -> str:
+def detect_layout(root: str | os.PathLike, db_name: str = DB_NAME) -> str:
     """What ``root`` holds, one of :data:`LAYOUTS`: ``"sfm120k"`` (``<db_name>.pkl`` there or in
-    ``dbs/``) or ``"folders"`` (sub-folders holding images)."""
+    ``dbs/``: :func:`~pylandmark.data.sfm120k.db_file`) or ``"folders"`` (sub-folders holding
+    images)."""
     r = Path(root).expanduser()
     if not r.is_dir():
         raise FileNotFoundError(f"data root {r} is not a directory")
-    if (r / f"{db_name}.pkl").is_file() or (r / "dbs" / f"{db_name}.pkl").is_file():
+    if db_file(r, db_name) is not None:
         return "sfm120k"
     for sub in sorted(p for p in r.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if any(f.suffix.lower() in IMAGE_EXTENSIONS for f in sub.iterdir() if f.is_file()):

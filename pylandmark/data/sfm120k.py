@@ -30,7 +30,7 @@ from .._files import inside
 from . import safe_pickle
 from .download import download_url, extract_tar
 
-__all__ = ["SfM120k", "WhiteningPairs", "download_sfm120k", "load_sfm_pickle", "cid_to_path",
+__all__ = ["SfM120k", "WhiteningPairs", "download_sfm120k", "load_sfm_pickle", "cid_to_path", "db_file",
            "SFM_URL", "SPLITS", "EXPECTED_COUNTS"]
 
 logger = logging.getLogger(__name__)
@@ -86,9 +86,14 @@ def _image_ids(values: Any, root: Path, where: str) -> list[str]:
     return cids
 
 
+def db_file(root: str | os.PathLike, name: str = DB_NAME) -> Path | None:
+    """Where ``<name>.pkl`` is under ``root`` (there, or in ``dbs/``), or None."""
+    r = Path(root)
+    return next((p for p in (r / f"{name}.pkl", r / "dbs" / f"{name}.pkl") if p.is_file()), None)
+
+
 def _find_db(root: Path, name: str) -> Path:
-    candidates = [root / f"{name}.pkl", root / "dbs" / f"{name}.pkl"]
-    found = next((p for p in candidates if p.is_file()), None)
+    found = db_file(root, name)
     if found is None:
         raise FileNotFoundError(f"{name}.pkl not found in {root} (nor in {root / 'dbs'}); run "
                                 f"pylandmark.data.download_sfm120k({str(root)!r}) or put the file there")

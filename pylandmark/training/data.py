@@ -54,19 +54,15 @@ class TrainingData:
         if self.root is None:  # labelled photos: the training photos and their landmark pairs
             pairs = (self.train.qidxs, self.train.pidxs) if kind == "lw" else (None, None)
             return list(self.train.images), *pairs
-        from ..data.sfm120k import WhiteningPairs
+        from ..data.sfm120k import WHITEN_NAMES, WhiteningPairs
 
         try:
-            wp = WhiteningPairs(self.root, cfg.whiten_name if self.layout == "sfm120k" else _WHITEN_NAME)
+            wp = WhiteningPairs(self.root, cfg.whiten_name if self.layout == "sfm120k" else WHITEN_NAMES[0])
         except FileNotFoundError:
             if kind == "lw":
                 raise
             return list(self.train.images), None, None
         return wp.images, *((wp.qidxs, wp.pidxs) if kind == "lw" else (None, None))
-
-
-_DB_NAME = "retrieval-SfM-120k"
-_WHITEN_NAME = f"{_DB_NAME}-whiten"
 
 
 def load_training_data(cfg: TrainConfig) -> TrainingData:
@@ -100,7 +96,9 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:
 def _colmap_data(cfg: TrainConfig, image_root: Path) -> Path:
     """``<out>/colmap-data``, written from the COLMAP model by rank 0 unless already there."""
     out = Path(cfg.out_dir) / COLMAP_DATA
-    if dist_utils.rank() == 0 and not (out / f"{_DB_NAME}.pkl").is_file():  # written last: complete
+    from ..data.sfm120k import DB_NAME
+
+    if dist_utils.rank() == 0 and not (out / f"{DB_NAME}.pkl").is_file():  # written last: complete
         from ..data.colmap import colmap_to_sfm
 
         logger.info("making SfM-120k-format pairs of the COLMAP model %s in %s", cfg.colmap, out)
