@@ -141,8 +141,14 @@ class _GroupForward(nn.Module):
         outs = [self.model(x) for x in groups]
         if self.head is None or labels is None or order is None:
             return outs
-        desc = torch.cat([o.float() if o.dtype in (torch.float16, torch.bfloat16) else o for o in outs])
-        return self.head(desc[torch.argsort(order)], labels) * labels.numel()
+        return self.head(_in_image_order(outs, order), labels) * labels.numel()
+
+
+def _in_image_order(outs: Sequence[torch.Tensor], order: torch.Tensor) -> torch.Tensor:
+    """The (B, D) descriptors of the shape groups' outputs, concatenated (``order[r]``: the image
+    of row r), back in image order, half precision widened to float32."""
+    desc = torch.cat([o.float() if o.dtype in (torch.float16, torch.bfloat16) else o for o in outs])
+    return desc[torch.argsort(order)]
 
 
 # ------------------------------------------------------------------------------------ one step
@@ -172,8 +178,7 @@ def _micro_loss(net: nn.Module, tuples: Sequence[Sequence[torch.Tensor]], loss_f
             return net(batches, perm, torch.as_tensor(labels, dtype=torch.int64, device=dev))
         outs = net(batches)
     assert loss_fn is not None
-    desc = torch.cat([o.float() if o.dtype in (torch.float16, torch.bfloat16) else o for o in outs])
-    desc = desc[torch.argsort(perm)]
+    desc = _in_image_order(outs, perm)
     dim = desc.shape[1]
     starts = np.cumsum([0] + [len(t) for t in tuples])
     n_max = max(len(t) - 2 for t in tuples)
