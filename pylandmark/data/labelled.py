@@ -69,18 +69,13 @@ def same_label_pairs(targets: Any, positives: int = 5, seed: int = 0) -> tuple[n
     if isinstance(positives, bool) or not isinstance(positives, (int, np.integer)) or positives < 1:
         raise ValueError(f"positives must be an integer >= 1, got {positives!r}")
     rng = np.random.default_rng(seed)
-    order = np.argsort(t, kind="stable")
-    starts = np.flatnonzero(np.r_[True, t[order][1:] != t[order][:-1]]) if t.size else np.zeros(0, np.int64)
-    members = np.split(order, starts[1:]) if t.size else []
     q_parts, p_parts = [], []
-    for group in members:
+    for group in _label_groups(t):
         n = group.size
         if n < 2:
             continue
         m = min(int(positives), n - 1)
-        # for each member, m distinct others: a random permutation of the other n - 1 positions
-        offsets = np.argsort(rng.random((n, n - 1)), axis=1)[:, :m] + 1 if n - 1 > m else \
-            np.tile(np.arange(1, n), (n, 1))
+        offsets = _draw_offsets(rng, n, m) if n - 1 > m else np.tile(np.arange(1, n), (n, 1))
         others = (np.arange(n)[:, None] + offsets) % n
         q_parts.append(np.repeat(group, m))
         p_parts.append(group[others].reshape(-1))
@@ -89,6 +84,34 @@ def same_label_pairs(targets: Any, positives: int = 5, seed: int = 0) -> tuple[n
     q, p = np.concatenate(q_parts), np.concatenate(p_parts)
     by_query = np.argsort(q, kind="stable")
     return q[by_query].astype(np.int64), p[by_query].astype(np.int64)
+
+
+def _label_groups(t: np.ndarray) -> list[np.ndarray]:
+    """The image indices of each label (ascending), labels in sorted order: one sort, not a scan
+    of every image per label."""
+    if not t.size:
+        return []
+    order = np.argsort(t, kind="stable")
+    starts = np.flatnonzero(np.r_[True, t[order][1:] != t[order][:-1]])
+    return np.split(order, starts[1:])
+
+
+#: random draws held at once by _draw_offsets (32 MiB of float64)
+_DRAW_CELLS = 1 << 22
+
+
+def _draw_offsets(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
+    """(n, m) distinct offsets in [1, n) per row: the first m of a random permutation of the
+    n - 1 other members (the positions of the m smallest of n - 1 uniform draws), drawn a block
+    of rows at a time so that a landmark with many photos needs no (n, n - 1) array."""
+    rows = max(1, _DRAW_CELLS // (n - 1))
+    out = np.empty((n, m), dtype=np.int64)
+    for r0 in range(0, n, rows):
+        u = rng.random((min(rows, n - r0), n - 1))
+        first = np.argpartition(u, m - 1, axis=1)[:, :m]
+        out[r0:r0 + u.shape[0]] = np.take_along_axis(first, np.argsort(np.take_along_axis(u, first, axis=1),
+                                                                       axis=1), axis=1) + 1
+    return out
 
 
 def held_out_split(targets: Any, fraction: float, seed: int = 0, min_train: int = 2) -> np.ndarray:
@@ -105,8 +128,7 @@ def held_out_split(targets: Any, fraction: float, seed: int = 0, min_train: int 
     if fraction == 0:
         return held
     rng = np.random.default_rng(seed)
-    for label in np.unique(t):
-        group = np.flatnonzero(t == label)
+    for group in _label_groups(t):
         k = max(1, int(round(group.size * float(fraction))))
         if group.size - k >= min_train:
             held[rng.choice(group, size=k, replace=False)] = True
