@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .._checks import check_int, framework_of
+from .._checks import check_int, check_number, framework_of
 from ..ops import METRICS, search
 
 logger = logging.getLogger(__name__)
@@ -119,11 +119,15 @@ def _restore(y: Any, like: Any, fw: str) -> Any:
 
 def _gather_sims(x: Any, db: Any, idx: Any, fw: str) -> Any:
     """sims[c, j] = <x[c], db[idx[c, j]]> (0 where idx < 0)."""
+    nb = db[idx.clamp(min=0)] if fw == "torch" else db[np.where(idx >= 0, idx, 0)]
+    return _mul_sum(nb, x, fw) * (idx >= 0)
+
+
+def _mul_sum(x: Any, q: Any, fw: str) -> Any:
+    """(c, n, D) rows and (c, D) queries -> (c, n) dot products."""
     if fw == "torch":
-        nb = db[idx.clamp(min=0)]
-        return (nb * x[:, None, :]).sum(-1) * (idx >= 0)
-    nb = db[np.where(idx >= 0, idx, 0)]
-    return np.einsum("ckd,cd->ck", nb, x) * (idx >= 0)
+        return (x * q[:, None, :]).sum(-1)
+    return np.einsum("cnd,cd->cn", x, q)
 
 
 def alpha_qe(queries: Any, db: Any, k: int = 10, alpha: float = 3.0, *, ranks: Any = None,
@@ -323,12 +327,7 @@ def superglobal(queries: Any, db: Any, k: int = 100, *, m: int = 400, neighbours
     k = check_int(k, "k", minimum=1, hint=" (results per query)")
     m = check_int(m, "m", minimum=1, hint=" (the rows re-ranked)")
     neighbours = check_int(neighbours, "neighbours", minimum=0)
-    try:
-        beta = float(beta)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"beta must be a number, got {type(beta).__name__}") from err
-    if not np.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    beta = check_number(beta, "beta", minimum=0, hint=" (the neighbours' weight)")
     _check_metric(metric)
     fw = _framework(queries, "queries")
     if _framework(db, "db") != fw:
@@ -364,7 +363,8 @@ def superglobal(queries: Any, db: Any, k: int = 100, *, m: int = 400, neighbours
             raise ValueError(f"ranks holds indices outside [0, {n}) within its first {depth} columns")
         scores = None
     out_s, out_i = [], []
-    chunk = max(1, _GATHER_ELEMENTS // max(1, m * q.shape[1]))
+    gathered = m if scores is not None else depth  # rows read per query (given ranks: their scores too)
+    chunk = max(1, _GATHER_ELEMENTS // max(1, gathered * q.shape[1]))
     for c0 in range(0, q.shape[0], chunk):
         c1 = min(q.shape[0], c0 + chunk)
         top = idx[c0:c1, :m]
@@ -389,15 +389,6 @@ def _rows(db: Any, idx: Any, fw: str, metric: str) -> Any:
     flat = idx.reshape(-1) if fw == "torch" else np.asarray(idx).reshape(-1)
     x = _as_f32(db[flat], fw, "db", (2,)).reshape(*idx.shape, -1)
     return _l2n(x, fw) if metric == "cosine" else x
-
-
-def _mul_sum(x: Any, q: Any, fw: str) -> Any:
-    """(c, n, D) rows and (c, D) queries -> (c, n) dot products."""
-    if fw == "torch":
-        import torch
-
-        return torch.einsum("cnd,cd->cn", x, q)
-    return np.einsum("cnd,cd->cn", x, q)
 
 
 def _cat(fw: str, *parts: Any, axis: int = 1) -> Any:
