@@ -67,7 +67,7 @@ from .._checks import check_int, check_number
 from .._files import inside, replaced_atomically
 from .sfm120k import DB_NAME, WHITEN_NAMES, cid_to_path
 
-__all__ = ["ColmapPairs", "colmap_pairs", "write_sfm_database", "colmap_to_sfm", "image_id",
+__all__ = ["ColmapPairs", "colmap_pairs", "write_sfm_database", "colmap_to_sfm", "image_id", "connected_components",
            "MIN_SHARED", "MIN_OVERLAP", "MAX_SCALE_CHANGE", "LINKS"]
 
 logger = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def _covisibility(n: int, img: np.ndarray, pt: np.ndarray, u: np.ndarray, v: np.
     return merged[0], merged[1], points
 
 
-def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(n,) int64 connected component of every node of the graph with edges a[k] - b[k],
     numbered 0, 1, ... in the order of their smallest node."""
     label = np.arange(n, dtype=np.int64)
@@ -312,7 +312,7 @@ def colmap_pairs(model_dir: str | os.PathLike, *, min_shared: int = MIN_SHARED, 
     lead[1:] = a[pick][1:] != a[pick][:-1]
     pick = pick[lead]
     edges = joined & (a < b)
-    clusters = _components(n, a[edges], b[edges])
+    clusters = connected_components(n, a[edges], b[edges])
     pairs = ColmapPairs(names=names, clusters=clusters, qidxs=a[pick].astype(np.int64),
                         pidxs=b[pick].astype(np.int64), shared=shared[pick], points=points, source=str(model))
     if pairs.qidxs.size == 0:

@@ -433,18 +433,13 @@ def whiten_to_file(network, images: Sequence[Path], opts: ExtractOptions, out: s
 def _pair_groups(qidxs: Any, pidxs: Any) -> tuple[int, int]:
     """(images in the pairs, connected groups they form): the pair differences span at most
     images - groups dimensions, a bound on the rank of Lw's pair covariance."""
-    parent: dict[int, int] = {}
+    from ..data.colmap import connected_components
 
-    def root(a: int) -> int:
-        parent.setdefault(a, a)
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in zip(np.asarray(qidxs).tolist(), np.asarray(pidxs).tolist()):
-        parent[root(a)] = root(b)
-    return len(parent), sum(1 for a in parent if root(a) == a)
+    ends = np.concatenate([np.asarray(qidxs), np.asarray(pidxs)]).astype(np.int64)
+    nodes, edges = np.unique(ends, return_inverse=True)
+    a, b = np.split(edges.ravel(), 2)
+    groups = connected_components(nodes.size, a, b)
+    return int(nodes.size), int(groups.max()) + 1 if groups.size else 0
 
 
 def _new_model_dir(path: str | Path) -> Path:
