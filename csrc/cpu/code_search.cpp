@@ -18,9 +18,6 @@
 #include "cpu/threads.h"
 #include "cpu/topk.h"
 
-#if defined(PLM_HAVE_AVX2) || defined(PLM_HAVE_AVX512)
-#include <cpuid.h>
-#endif
 #if defined(PLM_HAVE_NEONDOT)
 #include <sys/auxv.h>
 #endif
@@ -55,28 +52,10 @@ float down(double x) {
 // rounding is at most D * 2^-52 relative, far below 2^-30.
 double widen(double x) { return x * (1.0 + 0x1p-30); }
 
-#if defined(PLM_HAVE_AVX2)
-// AVX-VNNI: CPUID.(EAX=7, ECX=1):EAX bit 4 (the VEX vpdpbusd; the AVX2 ISA's own check covers
-// the OS saving ymm state).
-bool has_avx_vnni() {
-  unsigned a, b, c, d;
-  if (__get_cpuid_max(0, nullptr) < 7) return false;
-  __cpuid_count(7, 1, a, b, c, d);
-  return a & (1u << 4);
-}
-#endif
 #if defined(PLM_HAVE_NEONDOT)
 bool has_dotprod() {
   constexpr unsigned long kHwcapAsimdDp = 1ul << 20;  // HWCAP_ASIMDDP (asm/hwcap.h)
   return getauxval(AT_HWCAP) & kHwcapAsimdDp;
-}
-#endif
-#if defined(PLM_HAVE_AVX512)
-bool has_vnni() {
-  unsigned a, b, c, d;
-  if (__get_cpuid_max(0, nullptr) < 7) return false;
-  __cpuid_count(7, 0, a, b, c, d);
-  return c & (1u << 11);
 }
 #endif
 
@@ -89,7 +68,7 @@ bool always() { return true; }
 
 const CodeIsa kCodeIsas[] = {  // best first
 #if defined(PLM_HAVE_AVX512)
-    {"avx512", &code_kernels_isa_avx512vnni, has_vnni},
+    {"avx512", &code_kernels_isa_avx512vnni, has_avx512_vnni},
     {"avx512", &code_kernels_isa_avx512, always},
 #endif
 #if defined(PLM_HAVE_AVX2)

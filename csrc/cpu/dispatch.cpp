@@ -30,6 +30,8 @@ bool always() { return true; }
 struct X86Features {
   bool avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512vnni = false;  // EVEX vpdpbusd (the avx512 code kernels)
+  bool avx_vnni = false;    // VEX vpdpbusd on ymm (Alder Lake and later clients, Zen 5, Sierra Forest)
 };
 
 X86Features detect_x86() {
@@ -51,6 +53,9 @@ X86Features detect_x86() {
   f.avx512dq = zmm && (b & (1u << 17));
   f.avx512bw = zmm && (b & (1u << 30));
   f.avx512vl = zmm && (b & (1u << 31));
+  f.avx512vnni = zmm && (c & (1u << 11));
+  __cpuid_count(7, 1, a, b, c, d);
+  f.avx_vnni = ymm && (a & (1u << 4));
   return f;
 }
 
@@ -131,6 +136,13 @@ const KernelTable* initial_table() {
 std::atomic<const KernelTable*> g_active{nullptr};
 
 }  // namespace
+
+#if defined(PLM_HAVE_AVX2)
+bool has_avx_vnni() { return x86().avx_vnni; }
+#endif
+#if defined(PLM_HAVE_AVX512)
+bool has_avx512_vnni() { return x86().avx512vnni; }
+#endif
 
 const KernelTable& active_kernels() {
   const KernelTable* t = g_active.load(std::memory_order_acquire);

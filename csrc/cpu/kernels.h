@@ -110,6 +110,15 @@ extern const KernelTable kernels_isa_avx2;
 extern const KernelTable kernels_isa_avx512;
 #endif
 
+// CPU features beyond a table's own (CPUID, with the OS saving the vector state): the code
+// kernels' VNNI variants.
+#if defined(PLM_HAVE_AVX2)
+bool has_avx_vnni();
+#endif
+#if defined(PLM_HAVE_AVX512)
+bool has_avx512_vnni();
+#endif
+
 // The table in use (best supported, or as set by set_isa / PYLANDMARK_CPU_ISA).
 const KernelTable& active_kernels();
 // Names of the tables this CPU can run, best first.
