@@ -27,10 +27,13 @@ from . import runtime
 from ._checks import check_int, check_number, check_scales
 from .data.images import IMAGENET_MEAN, IMAGENET_STD, ImageList, LoadFailure, list_images, prepare_image, to_rgb
 from .models.layers import fold_batchnorm, l2n
+from .models.pooling import Pooling
+from .nn.functional import scale_gem
 from .runtime import resolve_device
 
 __all__ = ["extract", "extract_shared", "describe", "describe_batch", "ExtractOptions", "compute_whitening",
-           "LoadFailure", "SkippedImages", "multiscale_combine", "prepare_inference_model", "DEFAULT_SCALES_MS"]
+           "LoadFailure", "SkippedImages", "multiscale_combine", "prepare_inference_model", "DEFAULT_SCALES_MS",
+           "check_pooling", "multiscale_p_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +55,11 @@ class ExtractOptions:
     progress: bool = True
     whitening: str | None = None  # a whitening the network holds, or a Whitening.save() file
     amp: bool | None = None  # autocast; None: on for CUDA, off for the CPU
+    pooling: str = "gem"  # a models.pooling.Pooling spec ("gem": the network's own GeM)
 
     def metadata(self) -> dict:
-        return {"image_size": self.image_size, "scales": list(self.scales), "whitening": self.whitening}
+        return {"image_size": self.image_size, "scales": list(self.scales), "whitening": self.whitening,
+                "pooling": str(Pooling.parse(self.pooling))}
 
 
 class _DatasetAdapter(torch.utils.data.Dataset):
@@ -122,8 +127,33 @@ def multiscale_combine(descriptors: torch.Tensor, p: float) -> torch.Tensor:
     return l2n(v)
 
 
+def multiscale_p_of(model: nn.Module, pooling: Pooling | None = None) -> float:
+    """The power of the mean over scales for ``model`` with ``pooling`` (when its ``scale_p`` is
+    None): the GeM p in use, or 1 after a whitening layer (cirtorch's rule); any other module:
+    its ``multiscale_p`` attribute, else 1."""
+    if pooling is None or pooling.is_default or not hasattr(model, "pool"):
+        return float(getattr(model, "multiscale_p", 1.0))
+    pool: Any = model.pool
+    whitened = getattr(model, "whiten", None) is not None
+    return pooling.multiscale_p(float(pool.p.detach().reshape(-1)[0]), whitened)
+
+
+def check_pooling(model: nn.Module, pooling: Any, name: str = "pooling") -> Pooling | None:
+    """``pooling`` parsed, or None for the network's own; a pooling other than the network's own
+    needs a :class:`~pylandmark.models.LandmarkNet` (its feature map and GeM)."""
+    spec = Pooling.parse(pooling, name)
+    if spec.is_default:
+        return None
+    from .models.landmarknet import LandmarkNet
+
+    if not isinstance(model, LandmarkNet):
+        raise TypeError(f"{name}={str(spec)!r} re-pools a LandmarkNet's feature map; got a "
+                        f"{type(model).__name__}: pass a LandmarkNet or pooling='gem'")
+    return spec
+
+
 def describe_batch(net: nn.Module, x: torch.Tensor, scales: Sequence[float], *, multiscale_p: float = 1.0,
-                   whitening: Any = None, amp: bool = False) -> torch.Tensor:
+                   whitening: Any = None, amp: bool = False, pooling: Pooling | None = None) -> torch.Tensor:
     """One batch through the network: the forward pass of :func:`extract`, of the service and
     of anything else that describes prepared images.
 
@@ -132,10 +162,13 @@ def describe_batch(net: nn.Module, x: torch.Tensor, scales: Sequence[float], *, 
             (B, D).
         x: (B, 3, H, W) prepared images (one shape), on the network's device.
         scales: image scales; with several, the per-scale descriptors are combined as
-            ``L2N((mean_s v_s^p)^(1/p))`` with ``p = multiscale_p``.
+            ``L2N((mean_s v_s^p)^(1/p))`` with ``p = multiscale_p``, or by the scale GeM of
+            ``pooling``.
         whitening: a :class:`~pylandmark.nn.whiten.Whitening` applied last, in float64 (the
             projection can amplify float32 rounding), or None.
         amp: autocast (float16 on CUDA, bfloat16 on the CPU).
+        pooling: a :class:`~pylandmark.models.pooling.Pooling` other than the network's own
+            (:func:`check_pooling`), passed to a LandmarkNet's forward; None: ``net(x)``.
 
     Returns:
         (B, D) unit descriptors on ``x``'s device: float32, or float64 when whitened.
@@ -146,11 +179,14 @@ def describe_batch(net: nn.Module, x: torch.Tensor, scales: Sequence[float], *, 
     with torch.inference_mode():
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp):
             for s in scales:
-                v = net(_scaled(x, s))
+                v = net(_scaled(x, s)) if pooling is None else net(_scaled(x, s), pooling)
                 if v.dim() != 2 or v.shape[0] != x.shape[0]:
                     raise ValueError(f"model must return (B, D) descriptors, got shape {tuple(v.shape)}")
                 per_scale.append(v.float())
-        v = multiscale_combine(torch.stack(per_scale), multiscale_p if len(scales) > 1 else 1.0)
+        if pooling is not None and pooling.scale_p is not None:
+            v = l2n(scale_gem(torch.stack(per_scale), pooling.scale_p))
+        else:
+            v = multiscale_combine(torch.stack(per_scale), multiscale_p if len(scales) > 1 else 1.0)
         return v if whitening is None else whitening.apply(v.double())
 
 
@@ -207,7 +243,7 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
             scales: Sequence[float] = (1.0,), bboxes: Sequence[Any] | None = None, batch_size: int = 16,
             num_workers: int = 0, device: str | torch.device | None = None, amp: bool | None = None,
             output: str = "numpy", on_error: str = "raise", progress: bool = True,
-            max_buffered: int | None = None, whitening: Any = None) -> Any:
+            max_buffered: int | None = None, whitening: Any = None, pooling: Any = None) -> Any:
     """Global descriptors of a set of images, (N, D) float16, unit L2 norm.
 
     Args:
@@ -243,6 +279,10 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
             descriptors: the name of one the model holds (``model.whitenings``, e.g. the Lw of a
             cirtorch network; its multi-scale variant when there are several scales), a
             :class:`~pylandmark.nn.whiten.Whitening`, or a file written by ``Whitening.save``.
+        pooling: how a LandmarkNet pools: a :class:`~pylandmark.models.pooling.Pooling` or its
+            spec, e.g. ``"superglobal"`` (regional GeM, GeM+ and, over several scales, scale
+            GeM's maximum; the reference uses scales ``(1/sqrt(2), 1, sqrt(2))``); None or
+            ``"gem"``: the network's own GeM.
 
     Returns:
         (N, D) float16 descriptors, or ``(descriptors, skipped)`` with ``on_error="skip"``.
@@ -270,7 +310,8 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
     n = len(dataset)  # type: ignore[arg-type]  # every dataset _as_dataset returns has a length
     if n == 0:
         raise ValueError("images is empty: nothing to extract")
-    ms_p = float(getattr(model, "multiscale_p", 1.0))
+    spec = check_pooling(model, pooling)
+    ms_p = multiscale_p_of(model, spec)
     from .models.whitening import select_whitening
 
     lw = select_whitening(model, whitening, multiscale=len(scales) > 1)
@@ -290,7 +331,7 @@ def extract(model: nn.Module, images: Any, *, image_size: float | None = 1024,
         items = buckets.pop(shape)
         buffered -= len(items)
         x = torch.stack([t for _, t in items]).to(dev, non_blocking=True)
-        v = describe_batch(net, x, scales, multiscale_p=ms_p, whitening=lw, amp=use_amp)
+        v = describe_batch(net, x, scales, multiscale_p=ms_p, whitening=lw, amp=use_amp, pooling=spec)
         for (i, _), row in zip(items, v):
             results[i] = row
         bar.update(len(items))
@@ -395,7 +436,7 @@ def describe(network: nn.Module, images: Sequence[Any], opts: ExtractOptions, *,
                             image_size=opts.image_size, scales=opts.scales, batch_size=opts.batch_size,
                             num_workers=opts.num_workers, device=opts.device, amp=opts.amp,
                             progress=opts.progress, on_error="skip" if skip_bad else "raise",
-                            whitening=opts.whitening)
+                            whitening=opts.whitening, pooling=opts.pooling)
     mine = images if gather else images[slice(*runtime.share_range(len(images)))]
     if not skip_bad:
         return result, mine, []
@@ -411,7 +452,7 @@ def describe(network: nn.Module, images: Sequence[Any], opts: ExtractOptions, *,
 def compute_whitening(model: nn.Module, images: Sequence[Any], kind: str = "lw", *, qidxs: Any = None,
                       pidxs: Any = None, image_size: float | None = 1024, scales: Sequence[float] = (1.0,),
                       batch_size: int = 16, num_workers: int = 0, device: Any = None, amp: bool | None = None,
-                      progress: bool = True, strip: bool = True, on_error: str = "raise") -> Any:
+                      progress: bool = True, strip: bool = True, on_error: str = "raise", pooling: Any = None) -> Any:
     """Describes ``images`` with ``model`` (without its whitening layer, unless ``strip=False``)
     and learns a whitening from them (:func:`~pylandmark.nn.whiten.learn_whitening` or
     :func:`~pylandmark.nn.whiten.pca_whitening`); under torch.distributed every rank describes
@@ -421,7 +462,8 @@ def compute_whitening(model: nn.Module, images: Sequence[Any], kind: str = "lw",
         model: a LandmarkNet.
         images: image paths (e.g. ``WhiteningPairs(root).images``).
         kind: "lw" (needs ``qidxs`` / ``pidxs``, the matching pairs) or "pca".
-        image_size, scales, batch_size, num_workers, device, amp, progress: as :func:`extract`.
+        image_size, scales, batch_size, num_workers, device, amp, progress, pooling: as
+            :func:`extract` (a whitening learned with one pooling fits descriptors of that one).
         strip: True: the descriptors of the model without its whitening layer (the whitening
             to install in that layer's place, :func:`~pylandmark.models.whitening.install_whitening`).
             False: the model's descriptors as :func:`extract` gives them (a post-hoc whitening,
@@ -454,7 +496,7 @@ def compute_whitening(model: nn.Module, images: Sequence[Any], kind: str = "lw",
             raise ValueError(f"qidxs ({qidxs.size}) and pidxs ({pidxs.size}) must have the same length")
     base = strip_whitening(model).eval() if strip else model
     kwargs = dict(image_size=image_size, scales=scales, batch_size=batch_size, num_workers=num_workers,
-                  device=device, amp=amp, progress=progress)
+                  device=device, amp=amp, progress=progress, pooling=pooling)
     skipped: list[LoadFailure] = []
     with torch.random.fork_rng(devices=[]):
         if on_error == "skip":

@@ -10,7 +10,7 @@
 # that sees the machine's torch / timm / cupy (--system-site-packages), writes nvidia-smi, driver,
 # torch and CUDA versions to $OUT/device.txt, runs the CUDA tests (tests/test_search_cuda.py and
 # test_gem_cuda.py into $OUT/pytest.log; the other tests that take a GPU path, extraction in
-# float16 and the chunked multi-GPU ring, into $OUT/pytest_more.log), then benchmarks/gpu_bench.py
+# float16 and with SuperGlobal's pooling, the chunked multi-GPU ring, into $OUT/pytest_more.log), then benchmarks/gpu_bench.py
 # --json $OUT/gpu.json into $OUT/gpu_bench.log, and prints the bench's tables last. Each step has its own time limit (STEP_S, default 240 s)
 # and a failed step does not stop the next; the exit status is the first failure's.
 # Env: OUT (default ./device-out), PYTHON (default python3), STEP_S, BENCH_ARGS (extra arguments
@@ -83,7 +83,7 @@ run_step "CUDA tests" pytest.log "$venv/bin/python" -m pytest -q -p no:cacheprov
   -o addopts="-ra --durations=15" tests/test_search_cuda.py tests/test_gem_cuda.py
 grep -E "passed|failed|error|skipped|no tests ran" "$out/pytest.log" | tail -n 1 >>"$out/summary.txt"
 run_step "other GPU tests" pytest_more.log "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-  -o addopts="-ra" tests/test_extraction.py tests/test_chunked_search.py -k cuda
+  -o addopts="-ra" tests/test_extraction.py tests/test_pooling.py tests/test_chunked_search.py -k cuda
 grep -E "passed|failed|error|skipped|no tests ran" "$out/pytest_more.log" | tail -n 1 >>"$out/summary.txt"
 # shellcheck disable=SC2086
 run_step "gpu_bench" gpu_bench.log "$venv/bin/python" benchmarks/gpu_bench.py --json "$out/gpu.json" ${BENCH_ARGS:-}

@@ -34,6 +34,11 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     network.add_argument("--scales", help="image scales, comma-separated, e.g. 1,0.7071,0.5 or 1,sqrt(2),1/sqrt(2) "
                                           "(combined by GeM with the network's p, or averaged with a whitening "
                                           "layer)")
+    network.add_argument("--pooling", help="how the network pools its feature map: gem (its own GeM, the default), "
+                                           "superglobal (regional GeM, GeM+ p=4.6 and the maximum over scales: "
+                                           "SuperGlobal's, no retraining), or parts of it: gem+, rgem, sgem, "
+                                           "comma-separated, each name[:value] (e.g. gem+:5,rgem:2.5:5). Index "
+                                           "commands default to the index's own")
     network.add_argument("--batch-size", type=_count(1), default=16)
     network.add_argument("--workers", type=_count(0), default=0, help="image decoding processes (default 0)")
     net = _Parser(add_help=False, parents=[network])

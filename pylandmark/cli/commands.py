@@ -34,6 +34,7 @@ def _network(args: argparse.Namespace, index=None):
 
 def _opts(args: argparse.Namespace, index=None):
     from ..extraction import DEFAULT_SCALES_MS, ExtractOptions
+    from ..models.pooling import Pooling
     from ..pipelines import index_options
 
     scales = None
@@ -48,6 +49,9 @@ def _opts(args: argparse.Namespace, index=None):
     if whitening is not None and whitening.lower() == "none":
         whitening = ""  # explicitly none, also over an index's recorded whitening
     common = dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device, progress=not args.quiet)
+    pooling = getattr(args, "pooling", None)
+    if pooling is not None:
+        common["pooling"] = str(Pooling.parse(pooling, "--pooling"))
     if index is not None:
         opts = index_options(index, image_size=args.image_size, scales=scales, whitening=whitening, **common)
     else:

@@ -25,9 +25,11 @@ from .._checks import check_int
 from ..config import JsonConfig, check_values
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from ..nn import GeM
+from ..nn.functional import gem_torch, regional_gem
 from ..nn.whiten import Whitening
 from .cspdarknet import CSPDarknet, CspDarknetCfg
 from .layers import l2n
+from .pooling import Pooling
 from .resnet import ResNet, ResNetCfg
 from .serialization import _named_tensors, read_state_dict
 from .vgg import VGG, VggCfg
@@ -236,15 +238,26 @@ class LandmarkNet(nn.Module):
         h = ceil(H/32) for CSPDarknet and ResNet; stride 16, h = floor(H/16) for VGG16)."""
         return self.backbone.forward_features(x)
 
-    def pool_features(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) feature map -> (B, D) unit-norm descriptors (float32 for half inputs)."""
-        v = l2n(_no_half(self.pool(features)), self.norm_eps)
+    def pool_features(self, features: torch.Tensor, pooling: Pooling | None = None) -> torch.Tensor:
+        """(B, C, h, w) feature map -> (B, D) unit-norm descriptors (float32 for half inputs).
+
+        ``pooling``: an extraction-time :class:`~pylandmark.models.pooling.Pooling` (regional
+        GeM on the map, GeM+'s fixed p); None: the network's own GeM. Its ``scale_p`` concerns
+        several scales, combined by the caller."""
+        if pooling is None or pooling.is_default:
+            pooled = self.pool(features)
+        else:
+            if pooling.regional_p is not None:
+                features = regional_gem(features, pooling.regional_p, pooling.regional_size)
+            pooled = gem_torch(features, self.pool.p if pooling.gem_p is None else pooling.gem_p, self.pool.eps)
+        v = l2n(_no_half(pooled), self.norm_eps)
         if self.whiten is not None:
             v = l2n(_no_half(self.whiten(v)), self.norm_eps)
         return v
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, D) unit-norm descriptors (float32 for half)."""
+    def forward(self, x: torch.Tensor, pooling: Pooling | None = None) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, D) unit-norm descriptors (float32 for half);
+        ``pooling`` as :meth:`pool_features`."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"x must be (B, 3, H, W) images, got shape {tuple(x.shape)}")
         least = int(getattr(self.backbone, "min_input_size", 1))
@@ -252,7 +265,7 @@ class LandmarkNet(nn.Module):
             raise ValueError(f"x is {tuple(x.shape[-2:])} pixels, too small for the {self.config.backbone} "
                              f"backbone (at least {least} per side, after scaling): use larger images "
                              "or scales")
-        return self.pool_features(self.forward_features(x))
+        return self.pool_features(self.forward_features(x), pooling)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path, *, format: str = "safetensors") -> Path:

@@ -108,7 +108,9 @@ def regional_gem(x: torch.Tensor, p: float = 2.5, size: int = 5) -> torch.Tensor
     undefined).
 
     Args:
-        x: (B, C, H, W) non-negative activations (after a ReLU), floating point.
+        x: (B, C, H, W) activations, floating point: after a ReLU in the reference; negative
+            ones (a Mish, as CSPDarknet ends in) count as 0 in the window's power mean, where a
+            fractional power of them is undefined, and keep their value in the mix.
         p: the window's power (2.5 in the reference).
         size: the window's side, odd (5).
 

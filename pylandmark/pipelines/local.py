@@ -17,6 +17,7 @@ import numpy as np
 from .._checks import check_image_size, check_scales
 from .._files import writer_lock
 from ..extraction import ExtractOptions, describe
+from ..models.pooling import Pooling
 from ..retrieval.index import Index, IndexChangedError, IndexLike
 from .files import expand_images, save_descriptors, stored_paths
 
@@ -101,6 +102,8 @@ def index_options(index: Index, **overrides: Any) -> ExtractOptions:
         if whitening is not None and (not isinstance(whitening, str) or len(whitening) > 200):
             raise ValueError(f"the index records whitening {whitening!r:.60}, expected a name; pass --whitening")
         opts.whitening = whitening or None
+    if overrides.get("pooling") is None:
+        opts.pooling = str(Pooling.parse(meta.get("pooling", "gem"), "the index's pooling"))
     for key, value in overrides.items():
         if value is not None:
             setattr(opts, key, tuple(value) if key == "scales" else value)
@@ -122,6 +125,9 @@ def check_against_index(index: Index, weights: str | None, opts: ExtractOptions)
         found.append(f"--image-size {opts.image_size} differs from the index's {meta['image_size']}")
     if "scales" in meta and tuple(float(s) for s in meta["scales"]) != tuple(float(s) for s in opts.scales):
         found.append(f"scales {list(opts.scales)} differ from the index's {list(meta['scales'])}")
+    recorded = Pooling.parse(meta.get("pooling", "gem"), "the index's pooling")
+    if recorded != Pooling.parse(opts.pooling):
+        found.append(f"--pooling {Pooling.parse(opts.pooling)} differs from the index's {recorded}")
     for message in found:
         warnings.warn(message, stacklevel=2)
     return found
@@ -413,7 +419,7 @@ def whiten_to_file(network, images: Sequence[Path], opts: ExtractOptions, out: s
         res = compute_whitening(network, images, kind, qidxs=pairs[0], pidxs=pairs[1], image_size=opts.image_size,
                                 scales=opts.scales, batch_size=opts.batch_size, num_workers=opts.num_workers,
                                 device=opts.device, amp=opts.amp, progress=opts.progress, strip=strip,
-                                on_error="skip" if skip_bad else "raise")
+                                on_error="skip" if skip_bad else "raise", pooling=opts.pooling)
     except (ImageLoadError, FileNotFoundError) as err:
         raise type(err)(f"{err}; pass --skip-bad to leave unreadable images out") from err
     w, failures = res if skip_bad else (res, [])

@@ -39,7 +39,7 @@ class Engine:
     def __init__(self, config: ServeConfig, *, verify: bool = True, on_step=None):
         import torch
 
-        from ..extraction import DEFAULT_SCALES_MS, prepare_inference_model
+        from ..extraction import DEFAULT_SCALES_MS, check_pooling, multiscale_p_of, prepare_inference_model
         from ..models.pretrained import RANDOM, load_network
         from ..models.whitening import select_whitening
         from ..ops import set_num_threads
@@ -70,7 +70,8 @@ class Engine:
 
         self.mean = tuple(getattr(cfg, "mean", IMAGENET_MEAN))
         self.std = tuple(getattr(cfg, "std", IMAGENET_STD))
-        self.multiscale_p = float(getattr(network, "multiscale_p", 1.0))
+        self.pooling = check_pooling(network, self.opts.pooling, "the index's pooling")
+        self.multiscale_p = multiscale_p_of(network, self.pooling)
         self.dim = int(getattr(network, "dim", self.index.dim))
         if self.dim != self.index.dim:
             raise ValueError(f"the network makes {self.dim}-d descriptors but the index holds {self.index.dim}-d "
@@ -96,7 +97,8 @@ class Engine:
         self.started = time.time()
         self.summary = (f"worker {os.getpid()} ready in {time.perf_counter() - t0:.1f} s: {len(self.index)} images "
                         f"({self.index_path.name}), network {_name(weights)} on {dev}, image size "
-                        f"{self.opts.image_size}, scales {list(self.opts.scales)}")
+                        f"{self.opts.image_size}, scales {list(self.opts.scales)}"
+                        + ("" if self.pooling is None else f", pooling {self.pooling}"))
 
     # ---- the network ------------------------------------------------------------------------
 
@@ -119,7 +121,7 @@ class Engine:
 
         x = torch.stack(images).to(self.device, non_blocking=True)
         v = describe_batch(self.net, x, self.opts.scales, multiscale_p=self.multiscale_p, whitening=self.whitening,
-                           amp=self.use_amp)
+                           amp=self.use_amp, pooling=self.pooling)
         return list(v.to(torch.float16).cpu().numpy())
 
     def describe(self, images: Sequence) -> np.ndarray:
@@ -185,7 +187,7 @@ class Engine:
                           "has_paths": self.has_paths},
                 "network": {"weights": _name(self.weights),
                             "device": str(self.device), "dim": self.dim, "image_size": self.opts.image_size,
-                            "scales": list(self.opts.scales)},
+                            "scales": list(self.opts.scales), "pooling": str(self.pooling or "gem")},
                 "limits": {"max_upload_bytes": c.max_upload_bytes, "max_pixels": c.max_pixels,
                            "max_images": c.max_images, "max_k": c.max_k},
                 "worker": {"pid": os.getpid(), "workers": c.workers, "threads": c.torch_threads(),
