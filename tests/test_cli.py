@@ -229,7 +229,13 @@ def test_evaluate_on_a_revisited_layout_matches_the_api(weights, tmp_path, capsy
     saved3 = json.loads(out.read_text())["roxford5k"]
     plain = np.asarray(plm.search(q, db, k=len(db))[1])
     ref3 = revisited(np.asarray(superglobal(q, db, k=len(db), m=7, ranks=plain)[1]), ds.gnd)
-    assert code == 0 and "SuperGlobal re-ranking of the top 7" in text and text.count("Medium") == 2
+    assert code == 0 and "SuperGlobal re-ranking of the top 7" in text and text.count("\nMedium") == 2
+    # and the mAPs side by side: plain search's row and the re-ranking's, E / M / H in percent
+    side = text[text.index("roxford5k: mAP"):].splitlines()
+    assert side[1].split() == ["mAP", "Easy", "mAP", "Medium", "mAP", "Hard"]
+    for line, res in ((side[2], saved3), (side[3], ref3)):
+        assert line.split()[-3:] == [f"{100 * res[p]['map']:.2f}" for p in ("easy", "medium", "hard")]
+    assert side[2].startswith("plain search") and side[3].startswith("SuperGlobal M=7")
     assert saved3["medium"]["map"] == pytest.approx(saved["medium"]["map"], abs=1e-9)  # the plain one
     for proto in ("easy", "medium", "hard"):
         assert saved3["superglobal"][proto]["map"] == pytest.approx(ref3[proto]["map"], abs=1e-9)

@@ -207,7 +207,6 @@ def recognize(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from ..evaluate import format_table
 
     if args.plots:
         from ..report.plots import require_matplotlib
@@ -229,11 +228,21 @@ def evaluate(args: argparse.Namespace) -> int:
             del res["ranks"]
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, default=_jsonable))
-    text = "\n\n".join(format_table(res, title=name) + (
-        f"\n\n{format_table(res['superglobal'], title=f'{name}, SuperGlobal re-ranking of the top {args.rerank_m}')}"
-        if "superglobal" in res else "") for name, res in results.items())
+    text = "\n\n".join(_evaluation_text(name, res, args.rerank_m) for name, res in results.items())
     _emit(args, results, text)
     return 0
+
+
+def _evaluation_text(name: str, res: dict, m: int) -> str:
+    """A dataset's E/M/H table; with a re-ranking, its table and the two side by side."""
+    from ..evaluate import format_comparison, format_table
+
+    text = format_table(res, title=name)
+    if "superglobal" in res:
+        sg = res["superglobal"]
+        text += (f"\n\n{format_table(sg, title=f'{name}, SuperGlobal re-ranking of the top {m}')}"
+                 f"\n\n{format_comparison({'plain search': res, f'SuperGlobal M={m}': sg}, title=f'{name}: mAP')}")
+    return text
 
 
 def _jsonable(v):

@@ -11,6 +11,7 @@ from .metrics import (
     compute_ap,
     confusion,
     confusion_summary,
+    format_comparison,
     format_confused_pairs,
     format_confusion,
     format_table,
@@ -19,7 +20,7 @@ from .metrics import (
     revisited,
 )
 
-__all__ = ["PROTOCOLS", "revisited", "compute_ap", "format_table", "gap", "accuracy", "confusion",
+__all__ = ["PROTOCOLS", "revisited", "compute_ap", "format_table", "format_comparison", "gap", "accuracy", "confusion",
            "format_confusion", "confusion_summary", "format_confused_pairs", "CONFUSION_TABLE_MAX",
            "recognition_metrics", "evaluate_revisited"]
 

@@ -5,7 +5,8 @@
 - :func:`compute_ap`: the trapezoid-rule average precision of one query.
 - :func:`gap`, :func:`accuracy`, :func:`recognition_metrics`: landmark recognition scores
   (GAP as in the Google Landmark Recognition challenge).
-- :func:`format_table`: the usual E / M / H table of mAP and mP@k, in percent.
+- :func:`format_table`: the usual E / M / H table of mAP and mP@k, in percent;
+  :func:`format_comparison`: the mAP of several settings side by side.
 
 Only numpy is needed; torch tensors are accepted where arrays are.
 """
@@ -23,7 +24,8 @@ from .._checks import check_int, framework_of, to_numpy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PROTOCOLS", "revisited", "compute_ap", "format_table", "gap", "accuracy", "confusion", "format_confusion",
+__all__ = ["PROTOCOLS", "revisited", "compute_ap", "format_table", "format_comparison",
+           "gap", "accuracy", "confusion", "format_confusion",
            "confusion_summary", "format_confused_pairs", "CONFUSION_TABLE_MAX",
            "recognition_metrics"]
 
@@ -288,12 +290,36 @@ def format_table(results: Mapping[str, Mapping[str, Any]], *, title: str | None 
         cells = [_pct(res["map"], digits)] + [_pct(res.get("mp", {}).get(k, math.nan), digits)
                                               for k in ks]
         rows.append([p.capitalize()] + cells)
-    width = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    return _grid([header] + rows, title)
+
+
+def _grid(rows: list[list[str]], title: str | None) -> str:
+    """Rows of cells as aligned text: the first column left-aligned, the others right."""
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [title] if title else []
-    for r in [header] + rows:
-        lines.append("  ".join([r[0].ljust(width[0])] + [c.rjust(w) for c, w in
-                                                         zip(r[1:], width[1:])]).rstrip())
+    lines += ["  ".join([r[0].ljust(width[0])] + [c.rjust(w) for c, w in zip(r[1:], width[1:])]).rstrip()
+              for r in rows]
     return "\n".join(lines)
+
+
+def format_comparison(settings: Mapping[str, Mapping[str, Any]], *, title: str | None = None,
+                      digits: int = 2) -> str:
+    """Several :func:`revisited` results side by side: one row per setting (e.g. plain search and
+    a re-ranking), columns the mAP of each protocol (E, M, H), in percent.
+
+    Args:
+        settings: ``{name: the dict revisited() returns}``, in the order to print.
+        title: optional first line.
+        digits: decimals of the percentages.
+    """
+    if not isinstance(settings, Mapping) or not settings:
+        raise ValueError("settings must be a non-empty {name: revisited() result} dict")
+    protos = [p for p in PROTOCOLS if all(p in r for r in settings.values())]
+    if not protos:
+        raise ValueError("the settings share none of the protocols 'easy', 'medium', 'hard'")
+    rows = [["", *(f"mAP {p.capitalize()}" for p in protos)]]
+    rows += [[str(name), *(_pct(res[p]["map"], digits) for p in protos)] for name, res in settings.items()]
+    return _grid(rows, title)
 
 
 def _pct(value: Any, digits: int) -> str:
