@@ -34,7 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .._checks import check_int
+from .._checks import check_int, framework_of
 from .._files import remove_stale_temps, replaced_atomically, writer_lock
 from .._version import __version__
 from ..ops import CODE_BLOCK, CODE_FIELDS, METRICS, PreparedDatabase, build_codes, search
@@ -227,8 +227,7 @@ class Index:
         return values
 
     def remove(self, ids: Sequence[int]) -> int:
-        """Removes the rows with these ids; returns how many were removed. Unknown ids are an
-        error, and then nothing is removed."""
+        """Removes the rows with these ids; returns how many. Unknown ids are an error, and then nothing is removed."""
         wanted = _id_array(ids, "ids").reshape(-1)
         missing = wanted[~np.isin(wanted, self._ids)]
         if len(missing):
@@ -265,16 +264,13 @@ class Index:
                 self._codes = entry
         return entry
 
+    def row_vectors(self, rows: Any) -> np.ndarray:
+        """The stored float16 rows at positions in [0, N): rows' shape + (D,) (a memory map reads only those)."""
+        return np.asarray(self._matrix[_id_array(rows, "rows", below=len(self))])
+
     def search(self, queries: Any, k: int = 5) -> tuple[Any, Any]:
         """queries (Q, D) or (D,) -> scores (Q, k) float32 and ids (Q, k) int64 (-1: none)."""
-        scores, rows = self.search_rows(queries, k)
-        if type(rows).__module__.split(".")[0] == "torch":
-            import torch
-
-            table = torch.as_tensor(self._ids, device=rows.device)
-            return scores, torch.where(rows >= 0, table[rows.clamp(min=0)], rows)
-        rows = np.asarray(rows)
-        return scores, np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
+        return with_ids(self._ids, *self.search_rows(queries, k))
 
     def to(self, device: str) -> Index:
         """Keeps the matrix on a torch device ("cuda", "cuda:1") for searches; "cpu" drops it."""
@@ -488,6 +484,13 @@ class IndexLike(Protocol):
     def search_rows(self, queries: Any, k: int = 5) -> tuple[Any, Any]: ...
 
 
+def with_ids(ids: np.ndarray, scores: Any, rows: Any) -> tuple[Any, Any]:
+    """A search's (scores, rows) as (scores, ids[rows]), -1 kept; torch rows give ids on their device."""
+    r = np.asarray(rows.cpu() if framework_of(rows) == "torch" else rows)
+    out = np.where(r >= 0, ids[np.maximum(r, 0)], -1)
+    return scores, (rows.new_tensor(out) if framework_of(rows) == "torch" else out)
+
+
 def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
@@ -508,8 +511,8 @@ def _path_value(v: Any, name: str) -> str:
     return v
 
 
-def _id_array(ids: Any, name: str) -> np.ndarray:
-    """int64 array of ids; floats, strings and other non-integers are an error (never truncated)."""
+def _id_array(ids: Any, name: str, below: int | None = None) -> np.ndarray:
+    """int64 ids (each in [0, below) if given); floats, strings, other non-integers are an error (never truncated)."""
     arr = np.asarray(ids)
     if arr.size == 0:
         return arr.astype(np.int64).reshape(arr.shape)
@@ -517,6 +520,8 @@ def _id_array(ids: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
     if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} must fit in int64")
+    if below is not None and not 0 <= arr.min() <= arr.max() < below:
+        raise ValueError(f"{name} must lie in [0, {below}), got values in [{arr.min()}, {arr.max()}]")
     return arr.astype(np.int64)
 
 

@@ -47,7 +47,7 @@ from .format import (
     read_prefix,
     register_format,
 )
-from .index import MAGIC, Index, IndexLike, ReadOnlyList
+from .index import MAGIC, Index, IndexLike, ReadOnlyList, _id_array, with_ids
 from .topk import merge_topk, merge_topk_torch
 
 __all__ = ["ShardedIndex", "ShardEntry", "write_manifest", "read_manifest", "load_manifest", "load_shard", "shard_dir",
@@ -318,15 +318,19 @@ class ShardedIndex:
 
     def search(self, queries: Any, k: int = 5) -> tuple[Any, Any]:
         """queries (Q, D) or (D,) -> scores (Q, k) float32 and global ids (Q, k) int64 (-1: none)."""
-        scores, rows = self.search_rows(queries, k)
-        ids = self.ids
-        if framework_of(rows) == "torch":
-            import torch
+        return with_ids(self.ids, *self.search_rows(queries, k))
 
-            table = torch.tensor(ids, device=rows.device)  # a copy: the column is read-only
-            return scores, torch.where(rows >= 0, table[rows.clamp(min=0)], rows)
-        rows = np.asarray(rows)
-        return scores, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+    def row_vectors(self, rows: Any) -> np.ndarray:
+        """The stored float16 rows at global positions in [0, N), from the shards holding them:
+        rows' shape + (D,) (memory-mapped shards read only those rows)."""
+        rows = _id_array(rows, "rows", below=len(self))
+        flat = rows.reshape(-1)
+        shard = np.searchsorted(self.row_offsets, flat, side="right") - 1  # empty shards are skipped
+        out = np.empty((len(flat), self.dim), np.float16)
+        for s in np.unique(shard):
+            sel = shard == s
+            out[sel] = self.shards[s].row_vectors(flat[sel] - self.row_offsets[s])
+        return out.reshape(*rows.shape, self.dim)
 
     def to(self, device: str) -> ShardedIndex:
         """Keeps every shard's matrix on a torch device (see :meth:`Index.to`)."""

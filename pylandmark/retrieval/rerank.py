@@ -12,7 +12,9 @@ from :func:`pylandmark.search`. Inputs may be numpy arrays or torch tensors (CPU
 outputs have the framework, device and dtype of the input being expanded. Arithmetic is float32.
 
 :func:`superglobal` re-ranks a query's top M from the same descriptors (SuperGlobal, Shao et
-al., ICCV 2023): augmentation among the top M, then an expansion by their maximum.
+al., ICCV 2023): augmentation among the top M, then an expansion by their maximum; over an array
+or an index (in-memory, memory-mapped, sharded or distributed), and :class:`SuperGlobalView`
+searches an index that way wherever an index is searched.
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ from tqdm.auto import tqdm
 
 from .._checks import check_int, check_number, framework_of
 from ..ops import METRICS, search
+from .index import with_ids
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["alpha_qe", "dba", "rerank", "superglobal"]
+__all__ = ["alpha_qe", "dba", "rerank", "superglobal", "SuperGlobalView"]
 
 _EPS = 1e-6  # as L2N elsewhere: x / (||x|| + 1e-6)
 _GATHER_ELEMENTS = 1 << 24  # float32 elements gathered per chunk (64 MiB)
@@ -287,7 +290,7 @@ def rerank(queries: Any, db: Any, *, qe_k: int = 0, qe_alpha: float = 3.0, dba_k
 
 
 def superglobal(queries: Any, db: Any, k: int = 100, *, m: int = 400, neighbours: int = 9, beta: float = 0.15,
-                ranks: Any = None, metric: str = "cosine") -> tuple[Any, Any]:
+                ranks: Any = None, metric: str | None = None) -> tuple[Any, Any]:
     """SuperGlobal's re-ranking of the top ``m`` (Shao et al., ICCV 2023): from global
     descriptors only, no extra search of the database.
 
@@ -310,46 +313,48 @@ def superglobal(queries: Any, db: Any, k: int = 100, *, m: int = 400, neighbours
 
     Args:
         queries: (Q, D) or (D,) descriptors (numpy or torch).
-        db: (N, D) database descriptors (numpy, a memory map, or torch on the queries' device).
-        k: results returned per query (>= 1; at most N).
+        db: (N, D) database descriptors (numpy, a memory map, or torch on the queries' device),
+            or an index (``metric``, ``dim``, ``len``, ``search_rows(queries, k)``,
+            ``row_vectors(rows)``): an :class:`~pylandmark.Index` (memory-mapped or not, with
+            compact codes or not), a :class:`~pylandmark.retrieval.manifest.ShardedIndex` or a
+            :class:`~pylandmark.retrieval.sharded.DistributedIndex`. An index is searched by its
+            own ``search_rows`` and only the top rows' stored descriptors are read
+            (``row_vectors``), so the answer is that on its (N, D) float16 matrix. With a
+            DistributedIndex the call is collective: every rank passes the same queries (rank
+            0's are searched, as ``search_rows``' default ``src=0``) and gets the same answer.
+        k: results per query (>= 1); an array: at most N; an index: beyond N padded with row -1
+            and score -inf, as its ``search_rows``.
         m: rows re-ranked (400 in the reference); more than N: N.
         neighbours: K - 1, the augmentation's and the expansion's neighbours (9).
         beta: the neighbours' weight (0.15).
-        ranks: (Q, n) database indices best first (n >= min(max(k, m), N)), e.g. from an
-            earlier search; searched when None.
-        metric: "cosine" or "ip".
+        ranks: (Q, n) database rows best first (n >= min(max(k, m), N)), e.g. from an earlier
+            search; searched when None.
+        metric: "cosine" or "ip" for an array (None: "cosine"); an index uses its own.
 
     Returns:
         ``(scores, idx)``: (Q, k) float32 and int64 (numpy, or torch on the queries' device), the
         first ``min(m, N)`` columns re-ranked with their re-ranking scores, the rest the plain
-        ranking with its similarities ((D,) queries: (k,) each).
+        ranking with its similarities ((D,) queries: (k,) each). ``idx`` are rows of ``db``
+        (of an index: row positions, as its ``search_rows``; ids through ``index.ids``).
     """
     k = check_int(k, "k", minimum=1, hint=" (results per query)")
-    m = check_int(m, "m", minimum=1, hint=" (the rows re-ranked)")
-    neighbours = check_int(neighbours, "neighbours", minimum=0)
-    beta = check_number(beta, "beta", minimum=0, hint=" (the neighbours' weight)")
-    _check_metric(metric)
+    m, neighbours, beta = _check_superglobal(m, neighbours, beta)
     fw = _framework(queries, "queries")
-    if _framework(db, "db") != fw:
-        raise TypeError("queries and db must both be numpy arrays or both torch tensors")
     q = _as_f32(queries, fw, "queries", (1, 2))
     one = q.ndim == 1
     if one:
         q = q[None, :]
-    n = int(db.shape[0])
-    if db.ndim != 2 or db.shape[1] != q.shape[1]:
-        raise ValueError(f"db must be (N, D) with the queries' D={q.shape[1]}, got shape {tuple(db.shape)}")
-    if n == 0:
-        raise ValueError("db is empty (N=0)")
-    if k > n:
+    metric, n, indexed = _database(db, fw, q.shape[1], metric)
+    if k > n and not indexed:
         raise ValueError(f"k={k} is more than the database's {n} rows")
+    wanted, k = k, min(k, n)  # an index pads past N, as its search does
     plain_q = q
     if metric == "cosine":
         q = _l2n(q, fw)
     m = min(m, n)
     depth = max(k, m)
     if ranks is None:  # the plain search's bits (beyond m they are the answer)
-        scores, idx = search(plain_q, db, k=depth, metric=metric)
+        scores, idx = db.search_rows(plain_q, depth) if indexed else search(plain_q, db, k=depth, metric=metric)
         idx = _to_index(idx, fw, q)
     else:
         idx = _to_index(ranks, fw, q)
@@ -365,7 +370,7 @@ def superglobal(queries: Any, db: Any, k: int = 100, *, m: int = 400, neighbours
     out_s, out_i = [], []
     gathered = m if scores is not None else depth  # rows read per query (given ranks: their scores too)
     chunk = max(1, _GATHER_ELEMENTS // max(1, gathered * q.shape[1]))
-    for c0 in range(0, q.shape[0], chunk):
+    for c0 in range(0, max(1, q.shape[0]), chunk):  # no queries: one empty chunk
         c1 = min(q.shape[0], c0 + chunk)
         top = idx[c0:c1, :m]
         s, order = _superglobal_scores(q[c0:c1], _rows(db, top, fw, metric), neighbours + 1, beta, fw)
@@ -377,18 +382,128 @@ def superglobal(queries: Any, db: Any, k: int = 100, *, m: int = 400, neighbours
             s, new_top = _cat(fw, s, rest_s), _cat(fw, new_top, rest)
         out_s.append(s[:, :k])
         out_i.append(new_top[:, :k])
-    s_all, i_all = _cat(fw, *out_s, axis=0), _cat(fw, *out_i, axis=0)
+    s_all, i_all = _padded(_cat(fw, *out_s, axis=0), _cat(fw, *out_i, axis=0), wanted, fw)
     if fw == "numpy":
         s_all = np.asarray(s_all, dtype=np.float32)
     return (s_all[0], i_all[0]) if one else (s_all, i_all)
 
 
+class SuperGlobalView:
+    """An index searched with :func:`superglobal`'s re-ranking of its top ``m``, as an
+    :class:`~pylandmark.retrieval.index.IndexLike` (``ids``, ``labels``, ``paths``, ``metric``,
+    ``len``, ``search_rows``, ``search``): recognition, the CLI's listings and the service use it
+    in place of the index.
+
+    ``search_rows(queries, k)`` gives (Q, k) scores and row positions: the first min(m, N)
+    columns re-ranked (their scores are re-ranking scores, not similarities), the rest the
+    index's plain ranking; past N, row -1 and score -inf, as the index's own search.
+
+    Args:
+        index: an :class:`~pylandmark.Index` or a :class:`~pylandmark.retrieval.manifest.ShardedIndex`
+            (a :class:`~pylandmark.retrieval.sharded.DistributedIndex` re-ranks collectively
+            through its own methods' ``rerank=``).
+        m, neighbours, beta: as :func:`superglobal`.
+    """
+
+    def __init__(self, index: Any, m: int = 400, neighbours: int = 9, beta: float = 0.15):
+        if not all(callable(getattr(index, a, None)) for a in ("search_rows", "row_vectors")) or \
+                not hasattr(index, "ids"):
+            raise TypeError(f"index must be an Index or a ShardedIndex, got {type(index).__name__} (a "
+                            "DistributedIndex re-ranks through its methods' rerank=superglobal)")
+        self.index = index
+        self.m, self.neighbours, self.beta = _check_superglobal(m, neighbours, beta)
+        self.metric, self.dim = index.metric, index.dim
+
+    def __repr__(self) -> str:
+        return f"SuperGlobalView({self.index!r}, m={self.m}, neighbours={self.neighbours}, beta={self.beta})"
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.index.ids
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.index.labels
+
+    @property
+    def paths(self) -> list | None:
+        return self.index.paths
+
+    @property
+    def descriptors(self) -> np.ndarray:
+        """The index's stored rows (what the re-ranking reads)."""
+        return self.index.descriptors
+
+    def search_rows(self, queries: Any, k: int = 5) -> tuple[Any, Any]:
+        """queries (Q, D) or (D,) -> re-ranked scores (Q, k) float32 and rows (Q, k) int64."""
+        return superglobal(queries, self.index, k, m=self.m, neighbours=self.neighbours, beta=self.beta)
+
+    def search(self, queries: Any, k: int = 5) -> tuple[Any, Any]:
+        """Like :meth:`search_rows`, with ids instead of rows (-1 for padding)."""
+        return with_ids(self.index.ids, *self.search_rows(queries, k))
+
+
+def _check_superglobal(m: Any, neighbours: Any, beta: Any) -> tuple[int, int, float]:
+    return (check_int(m, "m", minimum=1, hint=" (the rows re-ranked)"), check_int(neighbours, "neighbours", minimum=0),
+            check_number(beta, "beta", minimum=0, hint=" (the neighbours' weight)"))
+
+
+def _database(db: Any, fw: str, dim: int, metric: str | None) -> tuple[str, int, bool]:
+    """superglobal's ``db`` checked against queries of ``fw`` and ``dim``: (metric, N, is an index)."""
+    if framework_of(db) == "other":
+        if not all(callable(getattr(db, a, None)) for a in ("search_rows", "row_vectors")):
+            raise TypeError("db must be a numpy array, a torch tensor or an index (Index, ShardedIndex, "
+                            f"DistributedIndex), got {type(db).__name__}")
+        if metric is not None and metric != db.metric:
+            raise ValueError(f"metric={metric!r} but the index's metric is {db.metric!r}; leave metric out")
+        if db.dim != dim:
+            raise ValueError(f"queries have D={dim} but the index has D={db.dim}")
+        if len(db) == 0:
+            raise ValueError("the index is empty; add descriptors before searching")
+        return db.metric, len(db), True
+    metric = "cosine" if metric is None else metric
+    _check_metric(metric)
+    if _framework(db, "db") != fw:
+        raise TypeError("queries and db must both be numpy arrays or both torch tensors")
+    if db.ndim != 2 or db.shape[1] != dim:
+        raise ValueError(f"db must be (N, D) with the queries' D={dim}, got shape {tuple(db.shape)}")
+    if db.shape[0] == 0:
+        raise ValueError("db is empty (N=0)")
+    return metric, int(db.shape[0]), False
+
+
 def _rows(db: Any, idx: Any, fw: str, metric: str) -> Any:
     """db[idx] as float32, (c, n) indices -> (c, n, D), L2-normalised for "cosine" (a memory
-    map reads only these rows)."""
-    flat = idx.reshape(-1) if fw == "torch" else np.asarray(idx).reshape(-1)
-    x = _as_f32(db[flat], fw, "db", (2,)).reshape(*idx.shape, -1)
+    map reads only these rows; an index: its ``row_vectors``, in the queries' framework)."""
+    flat: Any = idx.reshape(-1) if fw == "torch" else np.asarray(idx).reshape(-1)
+    if framework_of(db) != "other":
+        got = db[flat]
+    elif fw == "torch":
+        import torch
+
+        got = torch.from_numpy(db.row_vectors(flat.cpu().numpy())).to(idx.device)
+    else:
+        got = db.row_vectors(flat)
+    x = _as_f32(got, fw, "db", (2,))
+    x = x.reshape(*idx.shape, x.shape[-1])
     return _l2n(x, fw) if metric == "cosine" else x
+
+
+def _padded(s: Any, i: Any, k: int, fw: str) -> tuple[Any, Any]:
+    """(Q, k') scores and rows widened to k columns with -inf and -1 (an index's search past N)."""
+    extra = k - s.shape[1]
+    if extra <= 0:
+        return s, i
+    if fw == "torch":
+        import torch
+
+        return (torch.nn.functional.pad(s, (0, extra), value=-torch.inf),
+                torch.nn.functional.pad(i, (0, extra), value=-1))
+    return (np.pad(s, ((0, 0), (0, extra)), constant_values=-np.inf),
+            np.pad(i, ((0, 0), (0, extra)), constant_values=-1))
 
 
 def _cat(fw: str, *parts: Any, axis: int = 1) -> Any:

@@ -16,12 +16,18 @@ or are streamed through it from host memory when they do not fit (``resident=Fal
 
 Traffic per search: the queries (Q x D values) from the source rank, and (Q x k) float32 scores
 plus int64 rows from every rank to every rank: 12 Q k W bytes received per rank.
+
+A re-ranking (``rerank=``, e.g. SuperGlobal's,
+:func:`~pylandmark.retrieval.rerank.superglobal`) runs on every rank over the same search and
+reads the top rows' descriptors from the ranks that hold them (:meth:`DistributedIndex.row_vectors`:
+each distinct row's float16 bits once, about 2 D bytes per row received per rank), so the
+re-ranked answer too equals the single-process one.
 """
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +41,15 @@ from .._checks import check_int
 from ..ops import CODE_BLOCK, METRICS, PreparedDatabase, build_codes
 from ..ops import search as _search
 from .format import is_manifest
-from .index import Index
+from .index import Index, _id_array
 from .manifest import ShardedIndex, load_shard, read_manifest
 from .topk import merge_topk_torch
 
 __all__ = ["DistributedIndex", "search", "recognize", "rank_rows"]
 
 log = logging.getLogger(__name__)
+
+Rerank = Callable[..., tuple[Any, Any]]  # rerank(queries, index, k) -> (scores, rows): superglobal's signature
 
 
 @dataclass
@@ -89,6 +97,8 @@ class DistributedIndex:
         dim, metric, metadata: of the whole index.
         bounds: (W + 1,) global row bounds; this rank holds ``[bounds[rank], bounds[rank + 1])``.
         labelled: whether the rows carry labels.
+        row_dtype: what :meth:`row_vectors` returns: float16 (the stored bits), or float32 where
+            some rank's rows (:meth:`from_rows`) are of another dtype.
     """
 
     def __init__(self, segments: Sequence[_Segment], bounds: Sequence[int], dim: int, metric: str,
@@ -109,8 +119,11 @@ class DistributedIndex:
         if self.device.type == "cuda" and self.resident:
             for s in self.segments:
                 s.matrix = torch.from_numpy(np.ascontiguousarray(s.matrix)).to(self.device)
-        flags = du.all_gather_objects(self._local_flags())
-        seen = {f for f in flags if f is not None}
+        flags = du.all_gather_objects((self._local_flags(), self._local_half()))
+        seen = {f for f, _ in flags if f is not None}
+        # what row_vectors returns: the stored float16 bits, or float32 (exact) where some rank's
+        # rows (from_rows) are of another dtype
+        self.row_dtype = np.dtype(np.float16 if all(half for _, half in flags) else np.float32)
         if len(seen) > 1:
             raise ValueError(f"the ranks' rows disagree on labels/paths/dim ({sorted(seen)}); "
                              "every shard must come from the same index")
@@ -127,6 +140,9 @@ class DistributedIndex:
         if len(got) > 1:
             raise ValueError(f"this rank's shards disagree on labels/paths/dim: {sorted(got)}")
         return got.pop()
+
+    def _local_half(self) -> bool:
+        return all(str(s.matrix.dtype).replace("torch.", "") == "float16" for s in self.segments)
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -232,7 +248,8 @@ class DistributedIndex:
 
     # ---- search -----------------------------------------------------------------------------
 
-    def search_rows(self, queries: Any, k: int = 5, *, src: int | None = 0) -> tuple[Any, Any]:
+    def search_rows(self, queries: Any, k: int = 5, *, src: int | None = 0,
+                    rerank: Rerank | None = None) -> tuple[Any, Any]:
         """Collective exact search of the whole index.
 
         Args:
@@ -241,6 +258,12 @@ class DistributedIndex:
                 and nothing is broadcast.
             k: neighbours (>= 1).
             src: the rank whose queries are searched, or None.
+            rerank: None, or a re-ranking ``rerank(queries, index, k) -> (scores, rows)`` that
+                every rank runs on the (broadcast) queries as float32 numpy, with ``index`` this
+                index's collective, exact search and rows (``search_rows``, ``row_vectors``):
+                :func:`~pylandmark.retrieval.rerank.superglobal` or a ``functools.partial`` of
+                it. Every rank computes the same bits: ``superglobal`` of the numpy queries in
+                one process.
 
         Returns:
             scores (Q, k) float32, best first, and global rows (Q, k) int64 (-1 / -inf padding
@@ -257,14 +280,11 @@ class DistributedIndex:
             q = q[None]
         if q.dim() != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be (Q, {self.dim}) or ({self.dim},), got shape {tuple(q.shape)}")
-        scores, rows = self._local_topk(q, k)
-        if du.world_size() > 1 and q.shape[0]:
-            dev = du.comm_device()
-            s_all = [torch.empty_like(scores, device=dev) for _ in range(du.world_size())]
-            r_all = [torch.empty_like(rows, device=dev) for _ in range(du.world_size())]
-            torch.distributed.all_gather(s_all, scores.to(dev).contiguous())
-            torch.distributed.all_gather(r_all, rows.to(dev).contiguous())
-            scores, rows = merge_topk_torch(torch.cat(s_all, 1), torch.cat(r_all, 1), k)
+        if rerank is None:
+            scores, rows = self._global_topk(q, k)
+        else:
+            s, r = rerank(q.float().cpu().numpy(), _Replicated(self), k)
+            scores, rows = torch.as_tensor(np.asarray(s)), torch.as_tensor(np.asarray(r))
         if one:
             scores, rows = scores[0], rows[0]
         if fw == "torch":
@@ -272,9 +292,10 @@ class DistributedIndex:
             return scores.to(out_dev), rows.to(out_dev)
         return scores.cpu().numpy(), rows.cpu().numpy()
 
-    def search(self, queries: Any, k: int = 5, *, src: int | None = 0) -> tuple[Any, Any]:
+    def search(self, queries: Any, k: int = 5, *, src: int | None = 0,
+               rerank: Rerank | None = None) -> tuple[Any, Any]:
         """Like :meth:`search_rows`, with ids instead of rows (-1 for padding)."""
-        scores, rows = self.search_rows(queries, k, src=src)
+        scores, rows = self.search_rows(queries, k, src=src, rerank=rerank)
         r = rows.cpu().numpy() if framework_of(rows) == "torch" else rows
         ids = self.lookup_ids(r)
         if framework_of(rows) == "torch":
@@ -295,6 +316,18 @@ class DistributedIndex:
         if src is None or du.world_size() == 1:
             return as_tensor(queries)
         return du.broadcast_tensor(as_tensor(queries) if du.rank() == src else None, src)
+
+    def _global_topk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, k) float32 scores and global rows of the whole index: every rank's top k, merged."""
+        scores, rows = self._local_topk(q, k)
+        if du.world_size() > 1 and q.shape[0]:
+            dev = du.comm_device()
+            s_all = [torch.empty_like(scores, device=dev) for _ in range(du.world_size())]
+            r_all = [torch.empty_like(rows, device=dev) for _ in range(du.world_size())]
+            torch.distributed.all_gather(s_all, scores.to(dev).contiguous())
+            torch.distributed.all_gather(r_all, rows.to(dev).contiguous())
+            scores, rows = merge_topk_torch(torch.cat(s_all, 1), torch.cat(r_all, 1), k)
+        return scores, rows
 
     def _local_topk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q, k) float32 scores and global rows of this rank's rows, on the search device."""
@@ -326,6 +359,35 @@ class DistributedIndex:
         for seg in self.segments:
             sel = np.flatnonzero((flat >= seg.start) & (flat < seg.start + len(seg)))
             out += [(int(i), seg, int(flat[i] - seg.start)) for i in sel]
+        return out
+
+    def row_vectors(self, rows: Any) -> np.ndarray:
+        """The stored rows at global positions in [0, N), from the ranks holding them (collective:
+        every rank passes the same rows and gets the same array): rows' shape + (D,), of
+        :attr:`row_dtype` (float16: the stored bits).
+
+        Each distinct row travels once, from the rank holding it, as raw bytes: one all-gather
+        of every rank's share of the distinct rows, padded to the largest share (bit-exact on
+        gloo and NCCL, which lack some half-precision collectives). For U distinct rows spread
+        evenly that is about U x D x 2 bytes received per rank (at worst, all on one rank,
+        W x U x D x 2)."""
+        rows = _id_array(rows, "rows", below=len(self))
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        cuts = np.searchsorted(uniq, self.bounds)  # rank r holds uniq[cuts[r]:cuts[r + 1]]
+        mine = self._stored_rows(uniq[cuts[self.rank]:cuts[self.rank + 1]])
+        got = du.all_gather_rows(torch.from_numpy(mine.view(np.uint8)).to(du.comm_device()), np.diff(cuts).tolist())
+        return got.cpu().numpy().view(self.row_dtype)[inverse.reshape(-1)].reshape(*rows.shape, self.dim)
+
+    def _stored_rows(self, rows: np.ndarray) -> np.ndarray:
+        """(c, D) rows of :attr:`row_dtype` for global ``rows`` that this rank holds."""
+        out = np.empty((len(rows), self.dim), self.row_dtype)
+        for seg in self.segments:
+            sel = (rows >= seg.start) & (rows < seg.start + len(seg))
+            local = rows[sel] - seg.start
+            if isinstance(seg.matrix, torch.Tensor):
+                out[sel] = seg.matrix[torch.from_numpy(local).to(seg.matrix.device)].float().cpu().numpy()
+            elif sel.any():
+                out[sel] = seg.matrix[local]
         return out
 
     def lookup_ids(self, rows: Any) -> np.ndarray:
@@ -377,9 +439,10 @@ class DistributedIndex:
         return list(self._label_set)
 
     def recognize(self, queries: Any, k: int = 5, vote: str = "majority", min_score: float | None = None, *,
-                  src: int | None = 0, unknown: Any = "unknown"):
-        """Collective :func:`pylandmark.recognize` over the whole index: the sharded top-k, then
-        the vote (see :mod:`pylandmark.retrieval.recognition`) on every rank.
+                  src: int | None = 0, unknown: Any = "unknown", rerank: Rerank | None = None):
+        """Collective :func:`pylandmark.recognize` over the whole index: the sharded top-k
+        (re-ranked by ``rerank``, see :meth:`search_rows`), then the vote (see
+        :mod:`pylandmark.retrieval.recognition`) on every rank.
 
         Returns a :class:`~pylandmark.retrieval.recognition.Recognition` whose ``neighbors``
         are global rows and ``neighbor_ids`` their ids, identical on every rank."""
@@ -393,7 +456,7 @@ class DistributedIndex:
         table[:] = labels
         if np.any(_equal_to(table, unknown)):
             raise ValueError(f"unknown={unknown!r} is also a database label; pass another unknown=")
-        scores, rows = self.search_rows(queries, k, src=src)
+        scores, rows = self.search_rows(queries, k, src=src, rerank=rerank)
         scores = np.atleast_2d(np.asarray(scores.cpu() if framework_of(scores) == "torch" else scores))
         rows = np.atleast_2d(np.asarray(rows.cpu() if framework_of(rows) == "torch" else rows))
         uniq = np.unique(rows[rows >= 0])
@@ -403,6 +466,23 @@ class DistributedIndex:
                          min_score=min_score, unknown=unknown)
         res.neighbors = rows
         return res
+
+
+class _Replicated:
+    """A DistributedIndex as a re-ranking sees it once every rank holds the same queries: its
+    searches broadcast nothing (``src=None``); its rows and length are the index's."""
+
+    def __init__(self, index: DistributedIndex):
+        self._index, self.metric, self.dim = index, index.metric, index.dim
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def search_rows(self, queries: Any, k: int) -> tuple[Any, Any]:
+        return self._index.search_rows(queries, k, src=None)
+
+    def row_vectors(self, rows: Any) -> np.ndarray:
+        return self._index.row_vectors(rows)
 
 
 class _Found:
@@ -435,12 +515,14 @@ def _slice(index: Index, a: int, b: int, start: int, id_offset: int) -> _Segment
                     cols["labels"], cols["paths"], codes)
 
 
-def search(index: DistributedIndex, queries: Any, k: int = 5, *, src: int | None = 0) -> tuple[Any, Any]:
-    """``index.search(queries, k, src=src)``: (Q, k) scores and ids on every rank (collective)."""
-    return index.search(queries, k, src=src)
+def search(index: DistributedIndex, queries: Any, k: int = 5, *, src: int | None = 0,
+           rerank: Rerank | None = None) -> tuple[Any, Any]:
+    """``index.search(queries, k, src=src, rerank=rerank)``: (Q, k) scores and ids on every rank
+    (collective)."""
+    return index.search(queries, k, src=src, rerank=rerank)
 
 
 def recognize(index: DistributedIndex, queries: Any, k: int = 5, vote: str = "majority",
-              min_score: float | None = None, *, src: int | None = 0):
+              min_score: float | None = None, *, src: int | None = 0, rerank: Rerank | None = None):
     """``index.recognize(...)``: a Recognition of the queries on every rank (collective)."""
-    return index.recognize(queries, k, vote, min_score, src=src)
+    return index.recognize(queries, k, vote, min_score, src=src, rerank=rerank)
