@@ -109,6 +109,35 @@ def test_recognize_json_is_the_majority_of_the_top5(built, weights, pnu, capsys)
     assert code == 0 and text.splitlines()[0].startswith(f"{queries[0]}: ")
 
 
+def test_search_and_recognize_rerank_superglobal(built, weights, pnu, capsys):
+    from pylandmark.retrieval.rerank import superglobal
+
+    queries = sorted((pnu / "test").rglob("*.png"))
+    rr = ("--rerank", "superglobal", "--rerank-m", 12, "--rerank-neighbours", 3, "--rerank-beta", 0.5)
+    code, out, _ = run(capsys, "search", built, pnu / "test", "-k", 15, "--json", "--quiet", *rr)
+    assert code == 0
+    index = plm.Index.load(built)
+    paths = list(index.paths)
+    q = plm.extract(LandmarkNet.from_pretrained(weights), [str(p) for p in queries], image_size=int(SIZE),
+                    progress=False)
+    # the reference: the re-ranking of the stored float16 matrix (tested against float64 loops)
+    scores, rows = superglobal(q, np.asarray(index.descriptors), k=15, m=12, neighbours=3, beta=0.5)
+    plain = plm.search(q, np.asarray(index.descriptors), k=15)[1]
+    assert (rows[:, :12] != plain[:, :12]).any()  # it re-ranked
+    for r, srow, rrow in zip(json.loads(out), scores, rows):
+        assert [paths.index(h["path"]) for h in r["neighbours"]] == rrow.tolist()
+        assert [h["score"] for h in r["neighbours"]] == pytest.approx(srow.tolist(), abs=0, rel=0)
+    code, out, _ = run(capsys, "recognize", built, *queries, "--json", "--quiet", *rr)
+    for r, rrow in zip(json.loads(out), rows):  # the vote is over the re-ranked top 5
+        assert [paths.index(h["path"]) for h in r["neighbours"]] == rrow[:5].tolist()
+        counts = Counter(Path(paths[i]).parent.name for i in rrow[:5])
+        if list(counts.values()).count(max(counts.values())) == 1:
+            assert r["label"] == counts.most_common(1)[0][0]
+    for bad, words in (("--rerank-m=0", "--rerank-m"), ("--rerank-beta=-1", "--rerank-beta must be")):
+        err = one_line_error(capsys, "search", built, queries[0], "--rerank", "superglobal", bad)
+        assert words in err
+
+
 def test_index_add_grows_the_file(built, pnu, tmp_path, capsys):
     path = tmp_path / "grow.plmi"
     shutil.copy(built, path)

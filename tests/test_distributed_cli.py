@@ -210,6 +210,29 @@ def test_search_and_recognize_under_torchrun(built, reference, plain_reference, 
 
 
 @pytest.mark.slow
+def test_rerank_superglobal_under_torchrun(built, reference, work, capsys):
+    out, _ = built
+    rr = ("--rerank", "superglobal", "--rerank-m", "9", "--rerank-neighbours", "3")
+    # 3 ranks: the top 9 spread over every rank's rows; the re-ranked answer is the one process's
+    proc = torchrun(3, "-m", "pylandmark", "search", out, "q", "db/class1", "-k", "12", "--json", *rr, *NET_ARGS,
+                    cwd=work)
+    single = json.loads(one_process(capsys, work, "search", reference, "q", "db/class1", "-k", "12", "--json", *rr,
+                                    *NET_ARGS))
+    plain = json.loads(one_process(capsys, work, "search", reference, "q", "db/class1", "-k", "12", "--json",
+                                   *NET_ARGS))
+    assert json.loads(proc.stdout) == single
+    assert [[h["id"] for h in r["neighbours"]] for r in single] != [[h["id"] for h in r["neighbours"]] for r in plain]
+    for r, p in zip(single, plain):  # beyond the top 9: the plain ranking and its scores
+        assert r["neighbours"][9:] == p["neighbours"][9:]
+        assert sorted(h["id"] for h in r["neighbours"][:9]) == sorted(h["id"] for h in p["neighbours"][:9])
+    proc = torchrun(2, "-m", "pylandmark", "recognize", out, "db/class1", "db/class2", "--json", *rr, *NET_ARGS,
+                    cwd=work)
+    single = json.loads(one_process(capsys, work, "recognize", reference, "db/class1", "db/class2", "--json", *rr,
+                                    *NET_ARGS))
+    assert json.loads(proc.stdout) == single
+
+
+@pytest.mark.slow
 def test_add_and_extract_under_torchrun(built, reference, work, capsys, tmp_path):
     out, _ = built
     single_add = shutil.copy(reference, tmp_path / "single_add.plmi")

@@ -252,3 +252,36 @@ def test_engine_never_fetches_a_url_the_index_names(shared_data, tmp_path, monke
         eng.close()
         set_num_threads(0)  # the engine set this process's threads, as a server worker's own
         torch.set_num_threads(threads_before)
+
+
+def test_engine_with_rerank_answers_superglobals_top_k(shared_data, tmp_path):
+    """`pylandmark serve --rerank superglobal`: the engine's search and recognize answer from the
+    re-ranked top k, equal to superglobal() on the stored float16 matrix (itself tested against
+    float64 loops) for the same descriptors."""
+    from serve_util import build_index, tiny_weights
+
+    from pylandmark.retrieval.rerank import superglobal
+    from pylandmark.serve.config import ServeConfig
+    from pylandmark.serve.engine import Engine
+
+    weights = tiny_weights(tmp_path)
+    index = build_index(shared_data / "pnu_landmarks", weights, tmp_path / "pnu.plmi")
+    with pytest.raises(ValueError, match="rerank must be 'none' or 'superglobal'"):
+        ServeConfig(index=str(index), rerank="qe")
+    with pytest.raises(ValueError, match="rerank_beta must be"):
+        ServeConfig(index=str(index), rerank="superglobal", rerank_beta=-0.1)
+    eng = Engine(ServeConfig(index=str(index), threads=1, rerank="superglobal", rerank_m=11, rerank_neighbours=4))
+    try:
+        photos = sorted((shared_data / "pnu_landmarks" / "test").rglob("*.png"))[:6]
+        desc = eng.describe([eng.prepare(p.read_bytes(), p.name) for p in photos])
+        db = np.asarray(eng.index.descriptors)
+        scores, rows = superglobal(desc, db, k=13, m=11, neighbours=4)
+        ids = eng.index.ids
+        for r, srow, rrow in zip(eng.search(desc, [p.name for p in photos], k=13), scores, rows):
+            assert [h["id"] for h in r["neighbours"]] == ids[rrow].tolist()
+            assert [h["score"] for h in r["neighbours"]] == srow.tolist()
+        for r, rrow in zip(eng.recognize(desc, [p.name for p in photos], k=5), rows):
+            assert [h["id"] for h in r["neighbours"]] == ids[rrow[:5]].tolist()
+        assert eng.info()["network"]["rerank"] == {"m": 11, "neighbours": 4, "beta": 0.15}
+    finally:
+        eng.close()

@@ -48,6 +48,15 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
                                          "to the index's own")
     js = _Parser(add_help=False)
     js.add_argument("--json", action="store_true", help="print JSON instead of text")
+    rr = _Parser(add_help=False)  # SuperGlobal's re-ranking of the top M (search, recognize, evaluate, serve)
+    rr.add_argument("--rerank", choices=("none", "superglobal"), default="none",
+                    help="superglobal: re-rank each query's top --rerank-m from their descriptors alone "
+                         "(Shao et al., ICCV 2023; no retraining); results beyond them keep their order")
+    rr.add_argument("--rerank-m", type=_count(1), default=400, help="rows re-ranked per query (default 400)")
+    rr.add_argument("--rerank-neighbours", type=_count(0), default=9,
+                    help="neighbours of each re-ranked row, and rows of the query expansion, besides itself "
+                         "(default 9)")
+    rr.add_argument("--rerank-beta", type=float, default=0.15, help="the neighbours' weight (default 0.15)")
 
     parser = _Parser(prog="pylandmark", description="Landmark recognition by image search.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,7 +89,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
             (js,), "index codes")
     p.add_argument("index")
 
-    p = add(sub, "search", "the k most similar indexed images for each query image", c.search, (net, js))
+    p = add(sub, "search", "the k most similar indexed images for each query image", c.search, (net, js, rr))
     p.add_argument("index")
     p.add_argument("images", nargs="+")
     p.add_argument("-k", type=_count(1), default=5)
@@ -88,7 +97,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--truth-from-folders", action="store_true",
                    help="with --html: each query's true label is its folder's name (green/red frames, accuracy)")
 
-    p = add(sub, "recognize", "name the landmark in each query image (top-k vote)", c.recognize, (net, js))
+    p = add(sub, "recognize", "name the landmark in each query image (top-k vote)", c.recognize, (net, js, rr))
     p.add_argument("index")
     p.add_argument("images", nargs="+")
     p.add_argument("-k", type=_count(1), default=5)
@@ -98,17 +107,14 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--truth-from-folders", action="store_true",
                    help="with --html: each query's true label is its folder's name (green/red frames, accuracy)")
 
-    p = add(sub, "evaluate", "mAP on revisited Oxford / Paris (Easy, Medium, Hard)", c.evaluate, (net, js))
+    p = add(sub, "evaluate", "mAP on revisited Oxford / Paris (Easy, Medium, Hard; with --rerank, plain and "
+            "re-ranked side by side)", c.evaluate, (net, js, rr))
     p.add_argument("datasets", nargs="+", choices=("roxford5k", "rparis6k"))
     p.add_argument("--data-root", required=True, help="folder holding <dataset>/gnd_<dataset>.pkl and jpg/")
     p.add_argument("--qe", type=_count(0), default=0, help="alpha query expansion with this many neighbours")
     p.add_argument("--qe-alpha", type=float, default=3.0)
     p.add_argument("--dba", type=_count(0), default=0, help="database-side augmentation with this many neighbours")
     p.add_argument("--dba-alpha", type=float, default=3.0)
-    p.add_argument("--rerank", choices=("none", "superglobal"), default="none",
-                   help="superglobal: also print the tables with SuperGlobal's re-ranking of the top --rerank-m "
-                        "(Shao et al., ICCV 2023; no retraining), beside the plain search's")
-    p.add_argument("--rerank-m", type=_count(1), default=400, help="rows re-ranked (default 400)")
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--plots", metavar="DIR", help="also write figures (per-query AP, precision-recall) and a page of "
                                                   "the worst queries here (needs pip install \"pylandmark[plots]\")")
@@ -151,7 +157,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
 
     add(sub, "models", "list the pretrained networks (architecture, accuracy, cache, URL)", c.models, (js,))
 
-    p = add(sub, "serve", "answer recognition and search requests over HTTP, with a web page", c.serve)
+    p = add(sub, "serve", "answer recognition and search requests over HTTP, with a web page", c.serve, (rr,))
     p.add_argument("index", help="the index file to serve (memory-mapped, shared by the workers)")
     p.add_argument("--weights", help="the network (default: the one the index was built with)")
     p.add_argument("--device", default="cpu", help="cpu or cuda for the network (default cpu)")

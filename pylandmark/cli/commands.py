@@ -142,7 +142,8 @@ def search(args: argparse.Namespace) -> int:
     net, _ = _network(args, index)
     opts = _opts(args, index)
     check_against_index(index, args.weights, opts)
-    results = args.jobs.search_images(index, net, expand_images(args.images), opts, k=args.k)
+    results = args.jobs.search_images(index, net, expand_images(args.images), opts, k=args.k,
+                                      superglobal=_superglobal(args))
     lines = []
     for r in results:
         lines.append(r["query"])
@@ -151,6 +152,16 @@ def search(args: argparse.Namespace) -> int:
     _emit(args, results, "\n".join(lines))
     _html(args, results)
     return 0
+
+
+def _superglobal(args: argparse.Namespace) -> dict | None:
+    """SuperGlobal's settings from --rerank and its options (None without it)."""
+    from .._checks import check_number
+
+    if args.rerank != "superglobal":
+        return None
+    return {"m": args.rerank_m, "neighbours": args.rerank_neighbours,
+            "beta": check_number(args.rerank_beta, "--rerank-beta", minimum=0)}
 
 
 def _truth(args: argparse.Namespace, results: list) -> list | None:
@@ -184,7 +195,7 @@ def recognize(args: argparse.Namespace) -> int:
     opts = _opts(args, index)
     check_against_index(index, args.weights, opts)
     results = args.jobs.recognize_images(index, net, expand_images(args.images), opts, k=args.k,
-                               vote=args.vote, min_score=args.min_score)
+                                         vote=args.vote, min_score=args.min_score, superglobal=_superglobal(args))
     lines = []
     for r in results:
         verdict = "" if "truth" not in r else ("  [right]" if r["label"] == r["truth"] else f"  [wrong: {r['truth']}]")
@@ -215,7 +226,7 @@ def evaluate(args: argparse.Namespace) -> int:
     net, _ = _network(args)
     results = args.jobs.evaluate_revisited(net, args.datasets, args.data_root, _opts(args), qe_k=args.qe,
                                  qe_alpha=args.qe_alpha, dba_k=args.dba, dba_alpha=args.dba_alpha,
-                                 superglobal_m=args.rerank_m if args.rerank == "superglobal" else 0,
+                                 superglobal=_superglobal(args),
                                  keep_ranks=bool(args.plots))
     if args.plots:
         from ..data.revisited import RevisitedDataset
@@ -299,7 +310,9 @@ def serve(args: argparse.Namespace) -> int:
                          multiscale=args.multiscale, host=args.host, port=args.port, workers=args.workers,
                          threads=args.threads, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                          max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_images=args.max_images,
-                         max_k=args.max_k, quiet=args.quiet, allowed_hosts=tuple(args.allowed_host))
+                         max_k=args.max_k, quiet=args.quiet, allowed_hosts=tuple(args.allowed_host),
+                         rerank=args.rerank, rerank_m=args.rerank_m, rerank_neighbours=args.rerank_neighbours,
+                         rerank_beta=args.rerank_beta)
     return serve(config)
 
 

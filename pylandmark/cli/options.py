@@ -12,17 +12,23 @@ EXAMPLES = {
     "extract": "examples:\n  pylandmark extract photos/ --out descriptors.npy --weights model_dir/\n"
                "  pylandmark extract a.jpg b.jpg --out d.npy --weights random --image-size 512",
     "index build": "examples:\n  pylandmark index build landmarks/ --labels-from-folders --out landmarks.plmi "
-                   "--weights model_dir/",
+                   "--weights model_dir/\n"
+                   "  pylandmark index build landmarks/ --labels-from-folders --out landmarks.plmi "
+                   "--weights model_dir/ --pooling superglobal   # SuperGlobal's pooling; queries follow",
     "index add": "examples:\n  pylandmark index add landmarks.plmi new/*.jpg --label city_hall",
     "index info": "examples:\n  pylandmark index info landmarks.plmi --json",
     "index codes": "examples:\n  pylandmark index codes landmarks.plmi   # once, for a file of index format version 1",
-    "search": "examples:\n  pylandmark search landmarks.plmi query.jpg -k 10",
+    "search": "examples:\n  pylandmark search landmarks.plmi query.jpg -k 10\n"
+              "  pylandmark search landmarks.plmi query.jpg -k 100 --rerank superglobal   # re-rank the top 400",
     "recognize": "examples:\n  pylandmark recognize landmarks.plmi photos/*.jpg --json\n"
-                 "  pylandmark recognize landmarks.plmi q.jpg --vote weighted --min-score 0.5",
+                 "  pylandmark recognize landmarks.plmi q.jpg --vote weighted --min-score 0.5\n"
+                 "  pylandmark recognize landmarks.plmi q.jpg --rerank superglobal",
     "evaluate": "examples:\n  pylandmark evaluate roxford5k rparis6k --weights model_dir/ --data-root data/\n"
                 "  pylandmark evaluate roxford5k --weights model_dir/ --data-root data/ --multiscale --qe 2\n"
                 "  pylandmark evaluate roxford5k rparis6k --weights retrievalSfM120k-resnet101-gem "
-                "--data-root data/ --multiscale --whitening retrieval-SfM-120k",
+                "--data-root data/ --multiscale --whitening retrieval-SfM-120k\n"
+                "  pylandmark evaluate roxford5k rparis6k --weights gl18-tl-resnet101-gem-w --data-root data/ "
+                "--pooling superglobal --scales '1/sqrt(2),1,sqrt(2)' --rerank superglobal",
     "whiten": "examples:\n"
               "  pylandmark whiten landmarks/ --pairs-from-folders --weights model_dir/ --out lw.safetensors\n"
               "  pylandmark index build landmarks/ --labels-from-folders --weights model_dir/ "
@@ -43,6 +49,7 @@ EXAMPLES = {
               "--scales '1,sqrt(2),1/sqrt(2)'",
     "serve": "examples:\n  pylandmark serve landmarks.plmi                      # http://127.0.0.1:8000/\n"
              "  pylandmark serve landmarks.plmi --port 9000 --workers 2\n"
+             "  pylandmark serve landmarks.plmi --rerank superglobal --rerank-m 200\n"
              "  curl -F image=@query.jpg 'http://127.0.0.1:8000/recognize?k=5'",
     "report": "examples:\n  pylandmark recognize landmarks.plmi test/ --json > results.json\n"
               "  pylandmark report results.json --out report.html --truth-from-folders",

@@ -9,7 +9,7 @@ DBA, which need every row, the database is gathered first). Every rank gets the 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ def rank_database(queries: np.ndarray, database: np.ndarray, *, gathered: bool) 
 
 def evaluate_revisited(network: Any, names: Sequence[str], data_root: str | Path, opts: ExtractOptions, *,
                        qe_k: int = 0, qe_alpha: float = 3.0, dba_k: int = 0, dba_alpha: float = 3.0,
-                       superglobal_m: int = 0, query_batch_size: int | None = None,
+                       superglobal: Mapping[str, Any] | None = None, query_batch_size: int | None = None,
                        keep_ranks: bool = False) -> dict:
     """mAP and mP@k (easy / medium / hard) per dataset.
 
@@ -52,9 +52,10 @@ def evaluate_revisited(network: Any, names: Sequence[str], data_root: str | Path
         opts: how images are described (queries too).
         qe_k, qe_alpha, dba_k, dba_alpha: alpha query expansion / database augmentation
             (:func:`pylandmark.retrieval.rerank.rerank`); 0 = off.
-        superglobal_m: also evaluate SuperGlobal's re-ranking of the top ``superglobal_m``
-            (:func:`pylandmark.retrieval.rerank.superglobal`, its other defaults) of the same
-            ranking, as ``results[name]["superglobal"]``; 0 = off.
+        superglobal: also evaluate SuperGlobal's re-ranking of the same ranking
+            (:func:`pylandmark.retrieval.rerank.superglobal` with these keyword arguments, e.g.
+            ``{"m": 400}``; its defaults for the others), as ``results[name]["superglobal"]``;
+            None = off.
         query_batch_size: batch size for the queries (default ``opts.batch_size``; their crops
             differ in shape, so batches rarely fill).
         keep_ranks: also return "ranks", the (Q, N) int64 ranking (for plots).
@@ -65,7 +66,8 @@ def evaluate_revisited(network: Any, names: Sequence[str], data_root: str | Path
         every rank.
     """
     from ..data.revisited import RevisitedDataset
-    from ..retrieval.rerank import rerank, superglobal
+    from ..retrieval.rerank import rerank
+    from ..retrieval.rerank import superglobal as superglobal_rerank
 
     query_opts = opts if query_batch_size is None else dataclasses.replace(opts, batch_size=query_batch_size)
     results = {}
@@ -81,11 +83,12 @@ def evaluate_revisited(network: Any, names: Sequence[str], data_root: str | Path
             db, gathered = np.asarray(full), True
         ranks = rank_database(np.asarray(q), np.asarray(db), gathered=gathered)
         results[name] = {"options": {**dataclasses.asdict(opts), "qe_k": qe_k, "dba_k": dba_k,
-                                     "superglobal_m": superglobal_m}, **ds.evaluate(ranks)}
-        if superglobal_m:  # the same ranking, its top M re-ranked (every rank holds all rows for it)
+                                     "superglobal": None if superglobal is None else dict(superglobal)},
+                         **ds.evaluate(ranks)}
+        if superglobal is not None:  # the same ranking, its top M re-ranked (every rank holds all rows for it)
             full = db if gathered else runtime.gather_shares(db, len(ds.images))
-            _, reranked = superglobal(np.asarray(q), np.asarray(full), k=ranks.shape[1], m=superglobal_m,
-                                      ranks=ranks)
+            _, reranked = superglobal_rerank(np.asarray(q), np.asarray(full), k=ranks.shape[1], ranks=ranks,
+                                             **superglobal)
             results[name]["superglobal"] = ds.evaluate(np.asarray(reranked))
         if keep_ranks:
             results[name]["ranks"] = ranks

@@ -21,6 +21,7 @@ from .local import (
     recognition_results,
     recognition_summary,
     recognize_images,
+    reranked,
     search_images,
     search_results,
     whiten_to_file,
@@ -31,4 +32,4 @@ __all__ = ["ExtractOptions", "describe", "expand_images", "stored_paths", "descr
            "build_index", "add_images", "index_options", "check_against_index", "search_images", "search_results",
            "recognize_images", "recognition_results", "folder_truth", "recognition_summary", "evaluate_revisited",
            "open_index", "extract_to_file", "build_index_file", "add_to_index_file", "network_weights",
-           "whitening_inputs", "whiten_to_file"]
+           "whitening_inputs", "whiten_to_file", "reranked"]

@@ -8,7 +8,7 @@ import os
 import secrets
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,10 +133,23 @@ def check_against_index(index: Index, weights: str | None, opts: ExtractOptions)
     return found
 
 
-def search_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5) -> list[dict]:
-    """For each query image: its top-k neighbours (score, id, label, path)."""
+def search_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5,
+                  superglobal: Mapping[str, Any] | None = None) -> list[dict]:
+    """For each query image: its top-k neighbours (score, id, label, path); with
+    ``superglobal`` (:func:`reranked`) its top M re-ranked first."""
     desc, _, _ = describe(network, images, opts)
-    return search_results(index, desc, [str(p) for p in images], k=k)
+    return search_results(reranked(index, superglobal), desc, [str(p) for p in images], k=k)
+
+
+def reranked(index: Any, superglobal: Mapping[str, Any] | None) -> Any:
+    """``index``, or with ``superglobal`` (keyword arguments of
+    :class:`~pylandmark.retrieval.rerank.SuperGlobalView`: m, neighbours, beta) the view of it
+    whose searches re-rank their top M."""
+    if superglobal is None:
+        return index
+    from ..retrieval.rerank import SuperGlobalView
+
+    return SuperGlobalView(index, **superglobal)
 
 
 def search_results(index: IndexLike, desc: np.ndarray, queries: Sequence[str], k: int = 5) -> list[dict]:
@@ -155,12 +168,15 @@ def search_results(index: IndexLike, desc: np.ndarray, queries: Sequence[str], k
 
 
 def recognize_images(index: Index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5,
-                     vote: str = "majority", min_score: float | None = None) -> list[dict]:
-    """For each query image: the recognised label, its confidence and the neighbours that voted."""
+                     vote: str = "majority", min_score: float | None = None,
+                     superglobal: Mapping[str, Any] | None = None) -> list[dict]:
+    """For each query image: the recognised label, its confidence and the neighbours that voted
+    (with ``superglobal``, the top k after the re-ranking, :func:`reranked`)."""
     if index.labels is None:
         raise ValueError("this index has no labels; build it with --labels-from-folders or add labels")
     desc, _, _ = describe(network, images, opts)
-    out = recognition_results(index, desc, [str(p) for p in images], k=k, vote=vote, min_score=min_score)
+    out = recognition_results(reranked(index, superglobal), desc, [str(p) for p in images], k=k, vote=vote,
+                              min_score=min_score)
     truth = folder_truth(images, index.labels)
     if truth is not None:
         for r, label in zip(out, truth):

@@ -8,7 +8,8 @@ its own device: ``--device cuda`` means cuda:LOCAL_RANK).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,12 @@ def open_index(path: str | Path, device: Any = None) -> DistributedIndex:
     return DistributedIndex.open(path, device=device)
 
 
-def search_images(index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5) -> list[dict]:
+def search_images(index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5,
+                  superglobal: Mapping[str, Any] | None = None) -> list[dict]:
     """``pylandmark search`` over a :class:`~pylandmark.retrieval.sharded.DistributedIndex`:
     the same list of dicts as :func:`.local.search_images`, on every rank."""
     desc, _, _ = describe(network, images, opts)
-    scores, rows = index.search_rows(desc, k=k, src=None)
+    scores, rows = index.search_rows(desc, k=k, src=None, rerank=_rerank(superglobal))
     found = index.lookup(rows)
     out = []
     for q, img in enumerate(images):
@@ -63,13 +65,14 @@ def search_images(index, network, images: Sequence[Path], opts: ExtractOptions, 
 
 
 def recognize_images(index, network, images: Sequence[Path], opts: ExtractOptions, k: int = 5,
-                     vote: str = "majority", min_score: float | None = None) -> list[dict]:
+                     vote: str = "majority", min_score: float | None = None,
+                     superglobal: Mapping[str, Any] | None = None) -> list[dict]:
     """``pylandmark recognize`` over a DistributedIndex: the same list of dicts as
     :func:`.local.recognize_images`, on every rank."""
     if not index.labelled:
         raise ValueError("this index has no labels; build it with --labels-from-folders or add labels")
     desc, _, _ = describe(network, images, opts)
-    res = index.recognize(desc, k=k, vote=vote, min_score=min_score, src=None)
+    res = index.recognize(desc, k=k, vote=vote, min_score=min_score, src=None, rerank=_rerank(superglobal))
     found = index.lookup(res.neighbors)
     out = []
     for q, img in enumerate(images):
@@ -83,6 +86,15 @@ def recognize_images(index, network, images: Sequence[Path], opts: ExtractOption
         for r, lab in zip(out, truth):
             r["truth"] = lab
     return out
+
+
+def _rerank(superglobal: Mapping[str, Any] | None) -> Any:
+    """The ``rerank=`` of a DistributedIndex's search for :func:`.local.reranked`'s settings."""
+    if superglobal is None:
+        return None
+    from ..retrieval.rerank import superglobal as superglobal_rerank
+
+    return functools.partial(superglobal_rerank, **superglobal)
 
 
 def evaluate_revisited(network: Any, names: Sequence[str], data_root: str | Path, opts: ExtractOptions,

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from .._checks import check_image_size
+from .._checks import check_image_size, check_number
 from ..config import JsonConfig
 from ..data.decode import DEFAULT_MAX_PIXELS
 
@@ -39,6 +39,9 @@ class ServeConfig(JsonConfig):
         quiet: no progress bars, warnings and errors only in the log.
         allowed_hosts: Host header names answered besides the bound address and this machine's
             loopback names (``*``: any; see :mod:`pylandmark.serve.hosts`).
+        rerank: "none", or "superglobal": every answer's top ``rerank_m`` re-ranked
+            (:func:`pylandmark.retrieval.rerank.superglobal` with ``rerank_neighbours`` and
+            ``rerank_beta``).
     """
 
     index: str = ""
@@ -59,13 +62,17 @@ class ServeConfig(JsonConfig):
     thumb_size: int = 256
     quiet: bool = False
     allowed_hosts: tuple[str, ...] = ()
+    rerank: str = "none"
+    rerank_m: int = 400
+    rerank_neighbours: int = 9
+    rerank_beta: float = 0.15
 
     def __post_init__(self) -> None:
         if not self.index:
             raise ValueError("index is required: the .plmi file to serve")
         for name, lo, hi in (("port", 1, 65535), ("workers", 1, 64), ("max_batch", 1, 1024),
                              ("max_images", 1, 1024), ("max_k", 1, 100_000), ("thumb_size", 32, 1024),
-                             ("max_pixels", 1, 1 << 31)):
+                             ("max_pixels", 1, 1 << 31), ("rerank_m", 1, 100_000), ("rerank_neighbours", 0, 100_000)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
@@ -77,6 +84,16 @@ class ServeConfig(JsonConfig):
             raise ValueError(f"max_upload_mb must be a number > 0, got {self.max_upload_mb!r}")
         if self.batch_wait_ms is not None and not 0 <= self.batch_wait_ms <= 1000:
             raise ValueError(f"batch_wait_ms must be in [0, 1000], got {self.batch_wait_ms!r}")
+        if self.rerank not in ("none", "superglobal"):
+            raise ValueError(f"rerank must be 'none' or 'superglobal', got {self.rerank!r}")
+        check_number(self.rerank_beta, "rerank_beta", minimum=0)
+
+    @property
+    def superglobal(self) -> dict | None:
+        """The re-ranking's settings (:func:`pylandmark.pipelines.reranked`), or None."""
+        if self.rerank != "superglobal":
+            return None
+        return {"m": self.rerank_m, "neighbours": self.rerank_neighbours, "beta": float(self.rerank_beta)}
 
     @property
     def max_upload_bytes(self) -> int:

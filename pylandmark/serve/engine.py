@@ -86,7 +86,7 @@ class Engine:
         step("network warmed up")
         self.batcher = Batcher(self._forward, max_batch=config.max_batch, max_wait=config.batch_wait,
                                key=lambda x: tuple(x.shape), name="pylandmark-network")
-        self.view: IndexLike = _ServedIndex(self.index)
+        self.view: IndexLike = _ServedIndex(self.index, config.superglobal)
         self._row_of = {int(i): r for r, i in enumerate(self.view.ids)}
         self._paths = self.view.paths
         self._thumbs: OrderedDict[tuple[int, int], bytes | None] = OrderedDict()
@@ -98,7 +98,8 @@ class Engine:
         self.summary = (f"worker {os.getpid()} ready in {time.perf_counter() - t0:.1f} s: {len(self.index)} images "
                         f"({self.index_path.name}), network {_name(weights)} on {dev}, image size "
                         f"{self.opts.image_size}, scales {list(self.opts.scales)}"
-                        + ("" if self.pooling is None else f", pooling {self.pooling}"))
+                        + ("" if self.pooling is None else f", pooling {self.pooling}")
+                        + ("" if config.superglobal is None else f", re-ranking the top {config.rerank_m}"))
 
     # ---- the network ------------------------------------------------------------------------
 
@@ -187,7 +188,8 @@ class Engine:
                           "has_paths": self.has_paths},
                 "network": {"weights": _name(self.weights),
                             "device": str(self.device), "dim": self.dim, "image_size": self.opts.image_size,
-                            "scales": list(self.opts.scales), "pooling": str(self.pooling or "gem")},
+                            "scales": list(self.opts.scales), "pooling": str(self.pooling or "gem"),
+                            "rerank": c.superglobal},
                 "limits": {"max_upload_bytes": c.max_upload_bytes, "max_pixels": c.max_pixels,
                            "max_images": c.max_images, "max_k": c.max_k},
                 "worker": {"pid": os.getpid(), "workers": c.workers, "threads": c.torch_threads(),
@@ -201,12 +203,14 @@ class Engine:
 class _ServedIndex:
     """The index as the service answers from it (an :class:`~pylandmark.retrieval.index.IndexLike`):
     string labels held once as a numpy str array, for vectorised comparisons in recognize.
-    Read-only; searches go to the index."""
+    Read-only; searches go to the index (with ``superglobal``, its re-ranking view)."""
 
-    def __init__(self, index):
-        self._index = index
+    def __init__(self, index, superglobal: dict | None = None):
+        from ..pipelines import reranked
+
         if callable(getattr(index, "prepared", None)) and len(index):
             index.prepared()  # the compact codes now (an older file lacks them), not in the first request
+        self._index = reranked(index, superglobal)  # searches re-rank their top M with superglobal
         labels = index.labels
         if labels is not None and len(labels) and all(isinstance(v, str) for v in labels):
             labels = np.asarray(labels.tolist(), dtype=str)  # vectorised comparisons in recognize
