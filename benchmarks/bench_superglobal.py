@@ -16,6 +16,7 @@ loaded memory-mapped (after one warm-up search, so its pages are cached): its ow
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -57,6 +58,8 @@ def main() -> None:
     p, r = float(np.median(plain)), float(np.median(rerank))
     print(f"machine: {cpu_name()} ({platform.machine()}), ISA {_C.cpu_isa()}, N {args.n}, D {args.dim}, "
           f"Q {args.queries}, M {args.m}, median of {args.repeat}")
+    env = ", ".join(f"{v}={os.environ.get(v, 'unset')}" for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"))
+    print(f"threads: native search {_C.get_num_threads()}, {os.cpu_count()} CPUs, {env}")
     print("| db | search k=M s | re-ranking s | search + re-ranking / search |")
     print("|---|---:|---:|---:|")
     print(f"| array, N {args.n} | {p:.3f} | {r:.3f} | {(p + r) / p:.2f} |")

@@ -150,3 +150,52 @@ def test_top_of_rows_ties_go_to_the_lower_index(rng):
     for v in (rng.integers(0, 4, size=(2, 30, 41)).astype(np.float32), rng.normal(size=(3, 17)).astype(np.float32)):
         for k in (1, 5, 16, v.shape[-1]):
             np.testing.assert_array_equal(_top_desc(v, k), np.argsort(-v, axis=-1, kind="stable")[..., :k])
+
+
+@pytest.mark.parametrize("fw", ["numpy", "torch"])
+def test_top_of_rows_in_blocks_and_with_non_finite_values(rng, monkeypatch, fw):
+    """The argmax passes run over blocks of rows (here 3 rows and a shorter last block); rows holding
+    -inf or NaN among their picks are sorted instead. Both as the framework's stable sort."""
+    from pylandmark.retrieval import superglobal as sg
+
+    monkeypatch.setattr(sg, "_SELECT_ELEMENTS", 3 * 23)
+    v = rng.integers(0, 5, size=(4, 5, 23)).astype(np.float32)
+    v[0, 1, :20] = -np.inf  # only 3 finite values: picks beyond them are -inf
+    v[1, 2, 7] = np.nan
+    v[2, 3, [4, 9]] = np.inf
+    t = torch.from_numpy(v.copy()) if fw == "torch" else v.copy()
+    for k in (1, 4, 10):
+        idx, vals = sg._top_values(t, k, fw)
+        want = np.asarray(sg._stable_desc(t, fw)[..., :k])
+        np.testing.assert_array_equal(np.asarray(idx), want)
+        np.testing.assert_array_equal(np.asarray(vals), np.take_along_axis(v, want, axis=-1))
+    np.testing.assert_array_equal(np.asarray(t), v)  # the picks were struck out of a scratch copy only
+
+
+def test_chunks_do_not_change_the_answer(rng, monkeypatch):
+    """One query per chunk gives the same bits as the default chunks (numpy and torch, searched and
+    given ranks)."""
+    from pylandmark.retrieval import rerank
+
+    db = rng.normal(size=(80, 9)).astype(np.float32)
+    q = rng.normal(size=(5, 9)).astype(np.float32)
+    ranks = np.argsort(-q @ db.T, axis=1, kind="stable")
+    calls = [lambda: superglobal(q, db, 30, m=20, neighbours=4),
+             lambda: superglobal(q, db, 30, m=20, neighbours=4, ranks=ranks),
+             lambda: superglobal(torch.from_numpy(q), torch.from_numpy(db), 30, m=20, neighbours=4)]
+    default = [call() for call in calls]
+    monkeypatch.setattr(rerank, "_SUPERGLOBAL_ELEMENTS", 1)
+    for call, (s, i) in zip(calls, default):
+        s1, i1 = call()
+        np.testing.assert_array_equal(np.asarray(s1), np.asarray(s))
+        np.testing.assert_array_equal(np.asarray(i1), np.asarray(i))
+
+
+def test_no_queries_with_their_empty_ranks(rng):
+    # zero queries and the (0, n) ranking an earlier search of them gives: an empty answer, not a
+    # reduction error on the empty ranks (the bug: ranks.min() of an empty array)
+    db = rng.normal(size=(10, 6)).astype(np.float32)
+    for q, ranks in ((np.zeros((0, 6), np.float32), np.zeros((0, 5), np.int64)),
+                     (torch.zeros((0, 6)), torch.zeros((0, 5), dtype=torch.int64))):
+        s, i = superglobal(q, db if isinstance(q, np.ndarray) else torch.from_numpy(db), k=3, m=5, ranks=ranks)
+        assert tuple(s.shape) == tuple(i.shape) == (0, 3)

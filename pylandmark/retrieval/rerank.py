@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .._checks import check_int, check_number, framework_of
 from ..ops import METRICS, search
 from .index import with_ids
+from .superglobal import _superglobal_scores, _take_along, _top_desc  # noqa: F401 (_top_desc: tests import it here)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ __all__ = ["alpha_qe", "dba", "rerank", "superglobal", "SuperGlobalView"]
 
 _EPS = 1e-6  # as L2N elsewhere: x / (||x|| + 1e-6)
 _GATHER_ELEMENTS = 1 << 24  # float32 elements gathered per chunk (64 MiB)
+_SUPERGLOBAL_ELEMENTS = 1 << 22  # float32 row elements re-ranked per chunk (16 MiB: ~10 queries of M 400, D 1024)
 
 
 def _framework(x: Any, name: str) -> str:
@@ -364,12 +366,12 @@ def superglobal(queries: Any, db: Any, k: int = 100, *, m: int = 400, neighbours
             raise ValueError(f"ranks must be (Q, n) with Q={q.shape[0]} and n >= {depth} (max(k, m)), got "
                              f"shape {tuple(idx.shape)}")
         idx = idx[:, :depth]
-        if int(idx.min()) < 0 or int(idx.max()) >= n:
+        if idx.shape[0] and (int(idx.min()) < 0 or int(idx.max()) >= n):  # (no queries: nothing to check)
             raise ValueError(f"ranks holds indices outside [0, {n}) within its first {depth} columns")
         scores = None
     out_s, out_i = [], []
     gathered = m if scores is not None else depth  # rows read per query (given ranks: their scores too)
-    chunk = max(1, _GATHER_ELEMENTS // max(1, gathered * q.shape[1]))
+    chunk = max(1, _SUPERGLOBAL_ELEMENTS // max(1, gathered * q.shape[1]))
     for c0 in range(0, max(1, q.shape[0]), chunk):  # no queries: one empty chunk
         c1 = min(q.shape[0], c0 + chunk)
         top = idx[c0:c1, :m]
@@ -488,8 +490,15 @@ def _rows(db: Any, idx: Any, fw: str, metric: str) -> Any:
     else:
         got = db.row_vectors(flat)
     x = _as_f32(got, fw, "db", (2,))
+    own = x is not got or framework_of(db) != "other"  # a copy of ours (indexing copies; row_vectors may not)
     x = x.reshape(*idx.shape, x.shape[-1])
-    return _l2n(x, fw) if metric == "cosine" else x
+    if metric != "cosine":
+        return x
+    if fw == "torch":
+        return _l2n(x, fw)
+    norm = np.sqrt(np.einsum("...d,...d->...", x, x))  # _l2n's, without its pass for the squares
+    norm += np.float32(_EPS)
+    return np.divide(x, norm[..., None], out=x if own else None)
 
 
 def _padded(s: Any, i: Any, k: int, fw: str) -> tuple[Any, Any]:
@@ -512,78 +521,3 @@ def _cat(fw: str, *parts: Any, axis: int = 1) -> Any:
 
         return torch.cat([torch.as_tensor(p) for p in parts], dim=axis)
     return np.concatenate([np.asarray(p) for p in parts], axis=axis)
-
-
-def _take_along(a: Any, order: Any, fw: str) -> Any:
-    if fw == "torch":
-        import torch
-
-        return torch.take_along_dim(a, order, dim=1)
-    return np.take_along_axis(a, order, axis=1)
-
-
-def _stable_desc(x: Any, fw: str) -> Any:
-    """Indices sorting the last axis by decreasing value, ties to the lower index."""
-    if fw == "torch":
-        import torch
-
-        return torch.sort(x, dim=-1, descending=True, stable=True)[1]
-    return np.argsort(-x, axis=-1, kind="stable")
-
-
-def _top_desc(v: np.ndarray, k: int) -> np.ndarray:
-    """The first k of ``_stable_desc(v)`` along the last axis (largest first, ties to the lower
-    index) without sorting whole rows: a partition, then rows where the k-th value ties with
-    values left out are sorted in full."""
-    n = v.shape[-1]
-    if k >= n:
-        return _stable_desc(v, "numpy")
-    part = np.argpartition(-v, k - 1, axis=-1)[..., :k]
-    vals = np.take_along_axis(v, part, axis=-1)
-    kth = vals.min(axis=-1, keepdims=True)
-    tied = (v >= kth).sum(axis=-1) > k  # more candidates than places: which go is by index
-    order = np.lexsort((part, -vals), axis=-1)
-    out = np.take_along_axis(part, order, axis=-1)
-    if tied.any():
-        out[tied] = _stable_desc(v[tied], "numpy")[..., :k]
-    return out
-
-
-def _superglobal_scores(q: Any, x: Any, big_k: int, beta: float, fw: str) -> tuple[Any, Any]:
-    """q (c, D), x (c, m, D) the top m of each query, best first -> (c, m) re-ranking scores in
-    the new order and that order (positions into the top m)."""
-    m = x.shape[1]
-    big_k = min(big_k, m)
-    # the augmentation as one (m, m) weight matrix per query: weight 1 on the row itself, beta
-    # s_ij on its K - 1 most similar others, 0 elsewhere
-    if fw == "torch":
-        import torch
-
-        sims = x @ x.transpose(1, 2)                                                  # (c, m, m)
-        eye = torch.eye(m, dtype=torch.bool, device=x.device)
-        nbr = _stable_desc(sims.masked_fill(eye, float("inf")), fw)[:, :, :big_k]    # (c, m, K): self first
-        w = torch.take_along_dim(sims, nbr, dim=2) * beta
-        w[:, :, 0] = 1.0
-        weights = torch.zeros_like(sims).scatter_(2, nbr, w)
-        denom = w.sum(dim=2, keepdim=True)
-        aug = (weights @ x) / torch.where(denom == 0, torch.ones_like(denom), denom)  # (c, m, D)
-        a = (aug @ q[:, :, None])[:, :, 0]
-        first = _stable_desc(a, fw)[:, :big_k]
-        e = torch.take_along_dim(aug, first[..., None], dim=1).amax(dim=1)           # (c, D)
-        final = (a + (aug @ e[:, :, None])[:, :, 0]) / 2
-    else:
-        sims = x @ x.transpose(0, 2, 1)
-        nbr = _top_desc(np.where(np.eye(m, dtype=bool), np.float32(np.inf), sims), big_k)
-        w = np.take_along_axis(sims, nbr, axis=2) * np.float32(beta)
-        w[:, :, 0] = 1.0
-        denom = w.sum(axis=2, keepdims=True)
-        aug = np.empty_like(x)
-        for c in range(x.shape[0]):  # the K rows of each, gathered: (m, K, D) per query
-            aug[c] = np.einsum("ik,ikd->id", w[c], x[c][nbr[c]])
-        aug /= np.where(denom == 0, np.float32(1), denom)
-        a = (aug @ q[:, :, None])[:, :, 0]
-        first = _stable_desc(a, fw)[:, :big_k]
-        e = np.take_along_axis(aug, first[..., None], axis=1).max(axis=1)
-        final = (a + (aug @ e[:, :, None])[:, :, 0]) / 2
-    order = _stable_desc(final, fw)
-    return _take_along(final, order, fw), order
