@@ -78,19 +78,24 @@ def assert_float16_agree(a, b) -> None:
     assert (err <= bound).all(), f"max difference {err.max():.3g}; excess {(err - bound).max():.3g} over the bound"
 
 
+def scale_descriptors(net: LandmarkNet, x: torch.Tensor, scales, pooling=None) -> np.ndarray:
+    """(S, D) float64: the eval-mode model's descriptor of one (3, H, W) image at each scale
+    (bilinear, align_corners=False), pooled as ``pooling`` says (None: its own GeM)."""
+    vs = []
+    with torch.no_grad():
+        for s in scales:
+            xs = x[None] if s == 1 else F.interpolate(x[None], scale_factor=s, mode="bilinear", align_corners=False)
+            vs.append((net(xs) if pooling is None else net(xs, pooling))[0].double().numpy())
+    return np.array(vs)
+
+
 def direct(net: LandmarkNet, tensors: list[torch.Tensor], scales=(1.0,), p: float = 1.0) -> np.ndarray:
     """One image at a time through the eval-mode model, multi-scale combined in float64."""
     net = net.eval()
     out = []
-    with torch.no_grad():
-        for x in tensors:
-            vs = []
-            for s in scales:
-                xs = x[None] if s == 1 else F.interpolate(x[None], scale_factor=s, mode="bilinear",
-                                                          align_corners=False)
-                vs.append(net(xs)[0].double().numpy())
-            v = (np.mean(np.power(np.array(vs), p), axis=0)) ** (1.0 / p)
-            out.append(v / (np.linalg.norm(v) + 1e-6))  # L2N as extract defines it
+    for x in tensors:
+        v = (np.mean(np.power(scale_descriptors(net, x, scales), p), axis=0)) ** (1.0 / p)
+        out.append(v / (np.linalg.norm(v) + 1e-6))  # L2N as extract defines it
     return np.array(out)
 
 

@@ -10,8 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from test_extraction import F32_ROW, TINY_CSP, assert_float16_of, tiny_net
+from test_extraction import F32_ROW, TINY_CSP, assert_float16_of, scale_descriptors, tiny_net
 from test_superglobal_pooling import regional_reference
 
 import pylandmark as plm
@@ -95,20 +94,14 @@ def direct_pooled(net: LandmarkNet, tensors, scales, pooling: Pooling) -> np.nda
     float64 by scale GeM's maximum of the unit per-scale descriptors, or the power mean."""
     net = net.eval()
     out = []
-    with torch.no_grad():
-        for x in tensors:
-            vs = []
-            for s in scales:
-                xs = x[None] if s == 1 else F.interpolate(x[None], scale_factor=s, mode="bilinear",
-                                                          align_corners=False)
-                vs.append(net(xs, pooling)[0].double().numpy())
-            vs = np.array(vs)
-            if pooling.scale_p == math.inf:
-                v = np.max(vs / np.linalg.norm(vs, axis=1, keepdims=True), axis=0)
-            else:
-                p = pooling.multiscale_p(float(net.pool.p), net.whiten is not None)
-                v = np.mean(np.maximum(vs, 0) ** p, axis=0) ** (1 / p)
-            out.append(v / (np.linalg.norm(v) + 1e-6))
+    for x in tensors:
+        vs = scale_descriptors(net, x, scales, pooling)
+        if pooling.scale_p == math.inf:
+            v = np.max(vs / np.linalg.norm(vs, axis=1, keepdims=True), axis=0)
+        else:
+            p = pooling.multiscale_p(float(net.pool.p), net.whiten is not None)
+            v = np.mean(np.maximum(vs, 0) ** p, axis=0) ** (1 / p)
+        out.append(v / (np.linalg.norm(v) + 1e-6))
     return np.array(out)
 
 
