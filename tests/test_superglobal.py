@@ -145,7 +145,7 @@ def test_bad_arguments(rng, kw, match):
 
 
 def test_top_of_rows_ties_go_to_the_lower_index(rng):
-    from pylandmark.retrieval.rerank import _top_desc
+    from pylandmark.retrieval.superglobal import _top_desc
 
     for v in (rng.integers(0, 4, size=(2, 30, 41)).astype(np.float32), rng.normal(size=(3, 17)).astype(np.float32)):
         for k in (1, 5, 16, v.shape[-1]):

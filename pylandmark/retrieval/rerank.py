@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .._checks import check_int, check_number, framework_of
 from ..ops import METRICS, search
 from .index import with_ids
-from .superglobal import _superglobal_scores, _take_along, _top_desc  # noqa: F401 (_top_desc: tests import it here)
+from .superglobal import _superglobal_scores, _take_along
 
 logger = logging.getLogger(__name__)
 
