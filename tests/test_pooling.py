@@ -89,6 +89,20 @@ def test_the_networks_pooling_is_the_formula(spec, whitening):
             assert np.abs(net(x).numpy() - ref).max() > 1e-3
 
 
+@pytest.mark.parametrize("backbone", ["resnet50", "vgg16"])
+def test_any_backbone_pools_by_the_formula(backbone):
+    # ReLU maps (ResNet, VGG: the reference's kind) as well as CSPDarknet's Mish maps above
+    torch.manual_seed(5)
+    net = LandmarkNet(backbone=backbone, whitening=True).eval().double()
+    x = torch.randn(1, 3, 161, 129, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    pooling = Pooling.parse("superglobal")
+    with torch.no_grad():
+        features = net.forward_features(x)
+        assert features.min() >= 0  # after a ReLU
+        np.testing.assert_allclose(net(x, pooling).numpy(), pooled_reference(net, features.numpy(), pooling),
+                                   rtol=0, atol=1e-12)
+
+
 def direct_pooled(net: LandmarkNet, tensors, scales, pooling: Pooling) -> np.ndarray:
     """One image at a time through the eval-mode model with ``pooling``, the scales combined in
     float64 by scale GeM's maximum of the unit per-scale descriptors, or the power mean."""
