@@ -195,16 +195,27 @@ class _Thumbnail(torch.nn.Module):
         return v / v.norm(dim=1, keepdim=True)
 
 
-def test_held_out_validation_against_brute_force(folders):
+@pytest.mark.parametrize("rank_pairs, val_queries", [(None, None), (7, None), (None, 3), (5, 4)])
+def test_held_out_validation_against_brute_force(folders, monkeypatch, rank_pairs, val_queries):
     from pylandmark.extraction import extract
+    from pylandmark.training import validation
 
+    if rank_pairs is not None:  # rankings of one or two queries at a time: the same numbers
+        monkeypatch.setattr(validation, "_RANK_PAIRS", rank_pairs)
     _, val = LabelledTrainingSet.from_folders(folders).split(0.2, seed=0)
-    metrics = validate(_Thumbnail(), _cfg(folders, "unused"), val, device="cpu")
-    q = extract(_Thumbnail(), val.query_images, image_size=48, progress=False).astype(np.float64)
+    cfg = _cfg(folders, "unused", val_queries=val_queries)
+    metrics = validate(_Thumbnail(), cfg, val, device="cpu")
+    chosen = validation.held_out_sample(len(val.query_images), len(val.db_images), val_queries, cfg.seed)
+    if val_queries is None:
+        assert chosen.tolist() == list(range(len(val.query_images)))
+    else:  # a seeded sample of that many distinct photos
+        assert len(set(chosen.tolist())) == val_queries < len(val.query_images)
+        assert chosen.tolist() == sorted(chosen.tolist())
+    q = extract(_Thumbnail(), [val.query_images[i] for i in chosen], image_size=48, progress=False).astype(np.float64)
     db = extract(_Thumbnail(), val.db_images, image_size=48, progress=False).astype(np.float64)
     sims = q @ db.T
     correct, aps = [], []
-    for i, truth in enumerate(val.query_labels):
+    for i, truth in enumerate(val.query_labels[j] for j in chosen):
         order = np.argsort(-sims[i], kind="stable")
         votes: dict[str, list[float]] = {}
         for j in order[:5]:  # majority of the 5 nearest; a tie goes to the larger summed similarity
@@ -216,6 +227,19 @@ def test_held_out_validation_against_brute_force(folders):
     assert metrics["val_accuracy"] == pytest.approx(np.mean(correct))
     assert metrics["val_map"] == pytest.approx(np.mean(aps), abs=1e-9)
     assert metrics["score"] == metrics["val_map"] and 0.2 < metrics["val_map"] < 1
+
+
+def test_held_out_validation_samples_when_the_rankings_would_be_huge(monkeypatch, caplog):
+    from pylandmark.training import validation
+
+    monkeypatch.setattr(validation, "_DEFAULT_PAIRS", 1000)
+    with caplog.at_level("WARNING", logger="pylandmark.training.validation"):
+        chosen = validation.held_out_sample(50, 100, None, seed=3)  # 5,000 pairs: 10 queries fit
+    assert len(chosen) == 10 and "sample of 10 of the 50 held-out photos" in caplog.text
+    assert np.array_equal(chosen, validation.held_out_sample(50, 100, None, seed=3))
+    assert not np.array_equal(chosen, validation.held_out_sample(50, 100, None, seed=4))
+    assert len(validation.held_out_sample(50, 100, 30, seed=3)) == 30  # an explicit cap wins
+    assert len(validation.held_out_sample(8, 100, None, seed=3)) == 8
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -348,7 +348,12 @@ class _Thumbnail(torch.nn.Module):
         return v / v.norm(dim=1, keepdim=True)
 
 
-def test_validate_sfm_metrics_against_brute_force(small_root):
+@pytest.mark.parametrize("rank_pairs", [None, 5])
+def test_validate_sfm_metrics_against_brute_force(small_root, monkeypatch, rank_pairs):
+    from pylandmark.training import validation
+
+    if rank_pairs is not None:  # the rankings of one query at a time: the same numbers
+        monkeypatch.setattr(validation, "_RANK_PAIRS", rank_pairs)
     model = _Thumbnail()
     cfg = _small_cfg(small_root, "unused")
     val = SfM120k(small_root, "val")

@@ -116,8 +116,9 @@ class TrainConfig(JsonConfig):
                                "validate on (recognition accuracy by top-5 vote and mAP against the rest); "
                                "landmarks too small to keep two photos stay whole", "validation", minimum=0)
     validate_initial: bool = _opt(False, "also validate before the first epoch", "validation", runtime=True)
-    val_queries: int | None = _opt(None, "cap on the SfM val queries (default: all)", "validation",
-                                   runtime=True, minimum=1)
+    val_queries: int | None = _opt(None, "cap on the validation queries: SfM val pairs, or held-out photos (a "
+                                   "seeded sample; default: all, or as many as rank 2^32 (query, photo) pairs)",
+                                   "validation", runtime=True, minimum=1)
     val_image_size: int | None = _opt(None, "size of the SfM val images (default: image_size)", "validation",
                                       runtime=True, minimum=1)
     recall_ks: tuple[int, ...] = _opt((1, 5, 10), "k of the SfM val recall@k", "validation", runtime=True,
