@@ -130,8 +130,9 @@ def multiscale_combine(descriptors: torch.Tensor, p: float) -> torch.Tensor:
 def multiscale_p_of(model: nn.Module, pooling: Pooling | None = None) -> float:
     """The power of the mean over scales for ``model`` with ``pooling`` (when its ``scale_p`` is
     None): the GeM p in use, or 1 after a whitening layer (cirtorch's rule); any other module:
-    its ``multiscale_p`` attribute, else 1."""
-    if pooling is None or pooling.is_default or not hasattr(model, "pool"):
+    its ``multiscale_p`` attribute, else 1 (a pooling of its own is for a LandmarkNet only,
+    :func:`check_pooling`)."""
+    if pooling is None or pooling.is_default:
         return float(getattr(model, "multiscale_p", 1.0))
     pool: Any = model.pool
     whitened = getattr(model, "whiten", None) is not None

@@ -125,9 +125,9 @@ def check_against_index(index: Index, weights: str | None, opts: ExtractOptions)
         found.append(f"--image-size {opts.image_size} differs from the index's {meta['image_size']}")
     if "scales" in meta and tuple(float(s) for s in meta["scales"]) != tuple(float(s) for s in opts.scales):
         found.append(f"scales {list(opts.scales)} differ from the index's {list(meta['scales'])}")
-    recorded = Pooling.parse(meta.get("pooling", "gem"), "the index's pooling")
-    if recorded != Pooling.parse(opts.pooling):
-        found.append(f"--pooling {Pooling.parse(opts.pooling)} differs from the index's {recorded}")
+    recorded, pooling = Pooling.parse(meta.get("pooling", "gem"), "the index's pooling"), Pooling.parse(opts.pooling)
+    if recorded != pooling:
+        found.append(f"--pooling {pooling} differs from the index's {recorded}")
     for message in found:
         warnings.warn(message, stacklevel=2)
     return found

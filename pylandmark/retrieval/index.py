@@ -202,7 +202,7 @@ class Index:
         if ids is None:
             start = int(self._ids.max()) + 1 if len(self._ids) else 0
             return np.arange(start, start + n, dtype=np.int64)
-        arr = _id_array(ids, "ids")
+        arr = int64_array(ids, "ids")
         if arr.shape != (n,):
             raise ValueError(f"ids must be {n} integers, got shape {arr.shape}")
         if (arr < 0).any():
@@ -228,7 +228,7 @@ class Index:
 
     def remove(self, ids: Sequence[int]) -> int:
         """Removes the rows with these ids; returns how many. Unknown ids are an error, and then nothing is removed."""
-        wanted = _id_array(ids, "ids").reshape(-1)
+        wanted = int64_array(ids, "ids").reshape(-1)
         missing = wanted[~np.isin(wanted, self._ids)]
         if len(missing):
             raise KeyError(f"ids not in the index: {missing[:10].tolist()}")
@@ -266,7 +266,7 @@ class Index:
 
     def row_vectors(self, rows: Any) -> np.ndarray:
         """The stored float16 rows at positions in [0, N): rows' shape + (D,) (a memory map reads only those)."""
-        return np.asarray(self._matrix[_id_array(rows, "rows", below=len(self))])
+        return np.asarray(self._matrix[int64_array(rows, "rows", below=len(self))])
 
     def search(self, queries: Any, k: int = 5) -> tuple[Any, Any]:
         """queries (Q, D) or (D,) -> scores (Q, k) float32 and ids (Q, k) int64 (-1: none)."""
@@ -511,7 +511,7 @@ def _path_value(v: Any, name: str) -> str:
     return v
 
 
-def _id_array(ids: Any, name: str, below: int | None = None) -> np.ndarray:
+def int64_array(ids: Any, name: str, below: int | None = None) -> np.ndarray:
     """int64 ids (each in [0, below) if given); floats, strings, other non-integers are an error (never truncated)."""
     arr = np.asarray(ids)
     if arr.size == 0:

@@ -47,7 +47,7 @@ from .format import (
     read_prefix,
     register_format,
 )
-from .index import MAGIC, Index, IndexLike, ReadOnlyList, _id_array, with_ids
+from .index import MAGIC, Index, IndexLike, ReadOnlyList, int64_array, with_ids
 from .topk import merge_topk, merge_topk_torch
 
 __all__ = ["ShardedIndex", "ShardEntry", "write_manifest", "read_manifest", "load_manifest", "load_shard", "shard_dir",
@@ -323,7 +323,7 @@ class ShardedIndex:
     def row_vectors(self, rows: Any) -> np.ndarray:
         """The stored float16 rows at global positions in [0, N), from the shards holding them:
         rows' shape + (D,) (memory-mapped shards read only those rows)."""
-        rows = _id_array(rows, "rows", below=len(self))
+        rows = int64_array(rows, "rows", below=len(self))
         flat = rows.reshape(-1)
         shard = np.searchsorted(self.row_offsets, flat, side="right") - 1  # empty shards are skipped
         out = np.empty((len(flat), self.dim), np.float16)

@@ -61,10 +61,14 @@ def _as_f32(x: Any, fw: str, name: str, ndim: tuple[int, ...]) -> Any:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _l2n(x: Any, fw: str) -> Any:
+def _l2n(x: Any, fw: str, *, inplace: bool = False) -> Any:
+    """x / (||x|| + 1e-6) along the last axis; ``inplace`` (numpy): into x itself, which the
+    caller owns."""
     if fw == "torch":
         return x / (x.norm(dim=-1, keepdim=True) + _EPS)
-    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + _EPS)
+    norm = np.sqrt(np.einsum("...d,...d->...", x, x))  # no array of the squares
+    norm += np.float32(_EPS)
+    return np.divide(x, norm[..., None], out=x if inplace else None)
 
 
 def _check_k_alpha(k: Any, alpha: Any, k_name: str = "k", alpha_name: str = "alpha") -> tuple[int, float]:
@@ -492,13 +496,7 @@ def _rows(db: Any, idx: Any, fw: str, metric: str) -> Any:
     x = _as_f32(got, fw, "db", (2,))
     own = x is not got or framework_of(db) != "other"  # a copy of ours (indexing copies; row_vectors may not)
     x = x.reshape(*idx.shape, x.shape[-1])
-    if metric != "cosine":
-        return x
-    if fw == "torch":
-        return _l2n(x, fw)
-    norm = np.sqrt(np.einsum("...d,...d->...", x, x))  # _l2n's, without its pass for the squares
-    norm += np.float32(_EPS)
-    return np.divide(x, norm[..., None], out=x if own else None)
+    return _l2n(x, fw, inplace=own) if metric == "cosine" else x
 
 
 def _padded(s: Any, i: Any, k: int, fw: str) -> tuple[Any, Any]:

@@ -41,7 +41,7 @@ from .._checks import check_int
 from ..ops import CODE_BLOCK, METRICS, PreparedDatabase, build_codes
 from ..ops import search as _search
 from .format import is_manifest
-from .index import Index, _id_array
+from .index import Index, int64_array
 from .manifest import ShardedIndex, load_shard, read_manifest
 from .topk import merge_topk_torch
 
@@ -371,7 +371,7 @@ class DistributedIndex:
         gloo and NCCL, which lack some half-precision collectives). For U distinct rows spread
         evenly that is about U x D x 2 bytes received per rank (at worst, all on one rank,
         W x U x D x 2)."""
-        rows = _id_array(rows, "rows", below=len(self))
+        rows = int64_array(rows, "rows", below=len(self))
         uniq, inverse = np.unique(rows, return_inverse=True)
         cuts = np.searchsorted(uniq, self.bounds)  # rank r holds uniq[cuts[r]:cuts[r + 1]]
         mine = self._stored_rows(uniq[cuts[self.rank]:cuts[self.rank + 1]])
